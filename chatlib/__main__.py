@@ -1,0 +1,46 @@
+"""``python -m chatlib serve --port 8765``: the same server, outside Jupyter."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from .limits import Limits
+from .server import ChatServer
+from .store import MemoryLog, SQLiteLog
+
+
+async def serve(args: argparse.Namespace) -> None:
+    log = SQLiteLog(args.db) if args.db else MemoryLog()
+    limits = Limits(allowed_origins=set(args.allow_origin))
+    server = ChatServer(args.host, args.port, log=log, limits=limits,
+                        compression=args.compression)
+    await server.start()
+    print(f"chatlib serving on {server.url}  (Ctrl+C to stop)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+    await log.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="chatlib", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the chat server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--db", help="SQLite file for a history that survives restarts")
+    p.add_argument("--allow-origin", action="append", default=[],
+                   help="another browser origin allowed to connect (repeatable)")
+    p.add_argument("--compression", action="store_true",
+                   help="offer permessage-deflate to WebSocket clients")
+    args = parser.parse_args(argv)
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""The chat server's web application: one Starlette route table for every transport.
+
+Read the route table at the bottom first. Each handler validates what the client sent
+(:func:`json_object`, :func:`nickname`, :func:`message_text`), talks to the :class:`Hub`,
+and answers. Bad input is answered with ``{"error": ...}`` and a status code for that
+request only; a WebSocket gets an error frame and stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .hub import Hub, Outbox, dumps, sse_event, ws_frame
+from .limits import Limits, RateLimit, RateLimits
+
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+POLICY_VIOLATION = 1008
+
+
+class ChatError(Exception):
+    """Bad input from one client: an HTTP status (or an error frame) and a message."""
+
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+# -- validation -------------------------------------------------------------------------
+
+
+def origin_allowed(headers, limits: Limits) -> bool:
+    """Is a browser on ``Origin`` allowed to use this server?
+
+    Browsers send ``Origin`` with every WebSocket handshake and POST. Checking it stops
+    cross-site WebSocket hijacking: a page on another site could otherwise open a
+    WebSocket to 127.0.0.1 from the learner's own browser. Clients that are not browsers
+    send no ``Origin`` and are allowed. Same origin means the Origin's host:port is the
+    ``Host`` the browser asked for (or, behind a proxy, ``X-Forwarded-Host``, which a page
+    cannot set on a WebSocket handshake nor on a POST without a CORS preflight).
+    """
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    if origin in limits.allowed_origins or "*" in limits.allowed_origins:
+        return True
+    netloc = urlsplit(origin).netloc
+    hosts = {headers.get("host")}
+    hosts.update(h.strip() for h in headers.get("x-forwarded-host", "").split(",") if h.strip())
+    return bool(netloc) and netloc in hosts
+
+
+def json_object(raw: str | bytes) -> dict:
+    """Parse a JSON object from UTF-8 bytes or text, or raise a 400 ChatError."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ChatError(400, "body is not valid UTF-8") from None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ChatError(400, "invalid JSON") from None
+    if not isinstance(data, dict):
+        raise ChatError(400, "expected a JSON object")
+    return data
+
+
+def _string(data: dict, field: str, limit: int) -> str:
+    value = data.get(field)
+    if value is None:
+        raise ChatError(400, f"missing field: {field}")
+    if not isinstance(value, str):
+        raise ChatError(400, f"{field} must be a string")
+    try:
+        value.encode("utf-8")  # JSON can smuggle lone surrogates ("\ud800") past decoding
+    except UnicodeEncodeError:
+        raise ChatError(400, f"{field} is not valid Unicode") from None
+    if not value.strip():
+        raise ChatError(400, f"{field} is empty")
+    if len(value) > limit:
+        raise ChatError(413, f"{field} is longer than {limit} characters")
+    return value
+
+
+def nickname(data: dict, limits: Limits) -> str:
+    user = _string(data, "user", limits.max_user).strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in user):
+        raise ChatError(400, "user contains control characters")
+    return user
+
+
+def message_text(data: dict, limits: Limits) -> str:
+    return _string(data, "text", limits.max_text)
+
+
+def int_param(request: Request, name: str, default: int) -> int:
+    try:
+        return int(request.query_params.get(name, default))
+    except ValueError:
+        raise ChatError(400, f"{name} must be an integer") from None
+
+
+def float_param(request: Request, name: str, default: float) -> float:
+    try:
+        value = float(request.query_params.get(name, default))
+    except ValueError:
+        raise ChatError(400, f"{name} must be a number") from None
+    if value != value:  # NaN
+        raise ChatError(400, f"{name} must be a number")
+    return value
+
+
+def optional_user(request: Request, limits: Limits) -> str:
+    if "user" not in request.query_params:
+        return ""
+    return nickname({"user": request.query_params["user"]}, limits)
+
+
+async def read_json(request: Request, limits: Limits) -> dict:
+    """The request body as a JSON object, read with a size limit."""
+    if not origin_allowed(request.headers, limits):
+        raise ChatError(403, "origin not allowed")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limits.max_body:
+        raise ChatError(413, f"body is larger than {limits.max_body} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limits.max_body:
+            raise ChatError(413, f"body is larger than {limits.max_body} bytes")
+    return json_object(bytes(body))
+
+
+def rate_check(request: Request, user: str) -> None:
+    host = request.client.host if request.client else ""
+    if not request.app.state.http_rates.allow((host, user)):
+        raise ChatError(429, "too many messages: slow down")
+
+
+# -- HTTP handlers ----------------------------------------------------------------------
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def messages(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    if request.method == "POST":
+        return await post_message(request, hub)
+    limits = hub.limits
+    after = int_param(request, "after", 0)
+    wait = min(max(float_param(request, "wait", 0.0), 0.0), limits.max_wait)
+    user = optional_user(request, limits)
+    if user:
+        hub.touch(user)
+    cursor, reset = await hub.resolve_cursor(after)
+    found = await hub.wait_after(cursor, wait)
+    body = {"messages": [m.to_dict() for m in found], "last_id": await hub.log.last_id()}
+    if reset:
+        body["reset"] = True
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+async def post_message(request: Request, hub: Hub) -> Response:
+    data = await read_json(request, hub.limits)
+    user = nickname(data, hub.limits)
+    text = message_text(data, hub.limits)
+    rate_check(request, user)
+    hub.touch(user)
+    message = await hub.post(user, text)
+    return JSONResponse(message.to_dict(), status_code=201)
+
+
+async def typing(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    user = nickname(await read_json(request, hub.limits), hub.limits)
+    rate_check(request, user)
+    hub.typing(user)
+    return Response(status_code=204)
+
+
+async def presence(request: Request) -> Response:
+    return JSONResponse({"users": request.app.state.hub.presence()})
+
+
+async def events(request: Request) -> Response:
+    """Server-Sent Events: history after the cursor, then live events, heartbeats between."""
+    hub: Hub = request.app.state.hub
+    if hub.closing.is_set():
+        raise ChatError(503, "server is stopping")
+    after = int_param(request, "after", 0)
+    last_event_id = request.headers.get("last-event-id", "")
+    if last_event_id.isdigit():
+        after = int(last_event_id)  # a reconnecting EventSource knows best
+    user = optional_user(request, hub.limits)
+    cursor, reset = await hub.resolve_cursor(after)
+    outbox = hub.subscribe("sse", user)
+
+    async def stream():
+        try:
+            yield "retry: 1000\n\n" + ("event: reset\ndata: {}\n\n" if reset else "")
+            sent = cursor
+            async for page in history(hub, cursor):
+                yield "".join(sse_event(m) for m in page)
+                sent = page[-1].id
+            while not outbox.closed:
+                items = await outbox.get(timeout=hub.limits.heartbeat)
+                if not items:
+                    if not outbox.closed:
+                        yield ": ping\n\n"
+                    continue
+                chunk = []
+                for message_id, payload in items:
+                    if message_id == 0 or message_id > sent:
+                        chunk.append(payload)
+                        sent = max(sent, message_id)
+                yield "".join(chunk)
+        finally:
+            hub.unsubscribe(outbox)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+async def history(hub: Hub, cursor: int):
+    """Pages of the log after ``cursor`` until caught up."""
+    while True:
+        page = await hub.log.after(cursor, hub.limits.history)
+        if not page:
+            return
+        yield page
+        cursor = page[-1].id
+        if len(page) < hub.limits.history:
+            return
+
+
+# -- WebSocket --------------------------------------------------------------------------
+
+
+async def websocket(ws: WebSocket) -> None:
+    hub: Hub = ws.app.state.hub
+    limits = hub.limits
+    if not origin_allowed(ws.headers, limits):
+        # Refuse the handshake itself: the browser sees the upgrade fail with 403.
+        await ws.send_denial_response(JSONResponse({"error": "origin not allowed"}, 403))
+        return
+    if hub.closing.is_set():
+        await ws.send_denial_response(JSONResponse({"error": "server is stopping"}, 503))
+        return
+    await ws.accept()
+    try:
+        user, after = await receive_hello(ws, limits)
+    except ChatError as exc:
+        await ws.send_text(dumps({"type": "error", "error": exc.error}))
+        await ws.close(POLICY_VIOLATION, exc.error[:120])
+        return
+    except (WebSocketDisconnect, asyncio.TimeoutError):
+        return
+    cursor, reset = await hub.resolve_cursor(after)
+    outbox = hub.subscribe("ws", user)
+    writer = asyncio.create_task(write_frames(ws, hub, outbox, cursor, reset))
+    rate = RateLimit(limits.rate, limits.burst)
+    try:
+        while True:
+            event = await ws.receive()
+            if event["type"] == "websocket.disconnect":
+                break
+            try:
+                await handle_frame(hub, user, rate, event)
+            except ChatError as exc:
+                outbox.put(0, dumps({"type": "error", "error": exc.error}))
+    finally:
+        hub.unsubscribe(outbox)
+        writer.cancel()
+
+
+async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
+    event = await asyncio.wait_for(ws.receive(), limits.hello_timeout)
+    if event["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(event.get("code", 1000))
+    if event.get("text") is None:
+        raise ChatError(400, "expected a text frame")
+    data = json_object(event["text"])
+    if data.get("type") != "hello":
+        raise ChatError(400, 'the first frame must be {"type": "hello", "user": ...}')
+    after = data.get("after", 0)
+    if not isinstance(after, int) or isinstance(after, bool):
+        raise ChatError(400, "after must be an integer")
+    return nickname(data, limits), after
+
+
+async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict) -> None:
+    text = event.get("text")
+    if text is None:
+        raise ChatError(400, "binary frames are not supported: send JSON text")
+    if len(text) > 2 * hub.limits.max_text + 200:  # don't parse what can't be valid
+        raise ChatError(413, f"text is longer than {hub.limits.max_text} characters")
+    data = json_object(text)
+    kind = data.get("type")
+    if kind not in ("message", "typing"):
+        raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
+    if not rate.allow():
+        raise ChatError(429, "too many messages: slow down")
+    if kind == "message":
+        await hub.post(user, message_text(data, hub.limits))
+    else:
+        hub.typing(user)
+
+
+async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, cursor: int, reset: bool):
+    """This connection's writer: history, then whatever the hub queues for it."""
+    try:
+        if reset:
+            await ws.send_text('{"type":"reset"}')
+        sent = cursor
+        async for page in history(hub, cursor):
+            for message in page:
+                await ws.send_text(ws_frame(message))
+            sent = page[-1].id
+        while True:
+            items = await outbox.get()
+            if outbox.closed:
+                await ws.close(outbox.close_code)
+                return
+            for message_id, payload in items:
+                if message_id and message_id <= sent:
+                    continue  # already sent as history
+                await ws.send_text(payload)
+                if message_id:
+                    sent = message_id
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the client is gone; the reader sees the disconnect and cleans up
+
+
+# -- the application --------------------------------------------------------------------
+
+
+async def chat_error(request: Request, exc: ChatError) -> Response:
+    return JSONResponse({"error": exc.error}, status_code=exc.status)
+
+
+async def http_error(request: Request, exc: HTTPException) -> Response:
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def create_app(hub: Hub) -> Starlette:
+    routes = [
+        Route("/", index),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        Route("/api/messages", messages, methods=["GET", "POST"]),
+        Route("/api/typing", typing, methods=["POST"]),
+        Route("/api/events", events),
+        Route("/api/presence", presence),
+        WebSocketRoute("/ws", websocket),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={ChatError: chat_error, HTTPException: http_error},
+    )
+    app.state.hub = hub
+    app.state.http_rates = RateLimits(hub.limits.rate, hub.limits.burst)
+    return app

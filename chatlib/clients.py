@@ -1,0 +1,327 @@
+"""Python chat clients, one per transport, all with the same small async interface.
+
+>>> async with WebSocketClient(server.url, "ada") as ada:     # doctest: +SKIP
+...     await ada.send("hello")
+...     message = await ada.receive(timeout=5)
+
+Every client keeps ``last_id``, the cursor of the newest message it has received, and can
+``reconnect()`` (or be created with ``after=``) to resume exactly after it. Each one counts
+what it costs in ``stats``: requests made and bytes on the wire (HTTP bytes are counted from
+the request and response as sent; WebSocket bytes by RFC 6455 framing rules, uncompressed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import urlencode, urljoin
+
+import httpx
+from websockets.asyncio.client import connect as ws_connect
+
+from .store import Message
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages: int = 0
+
+
+def _message(data: dict) -> Message:
+    return Message(data["id"], data["ts"], data["user"], data["text"])
+
+
+class Client:
+    """What every client does; subclasses implement ``_fetch`` (and ``send``)."""
+
+    transport = "?"
+
+    def __init__(self, url: str, user: str, *, after: int = 0) -> None:
+        self.url = url if url.endswith("/") else url + "/"
+        self.user = user
+        self.last_id = after
+        self.stats = Stats()
+        self.presence: list[str] = []
+        self.typing: list[str] = []  # who said they were typing, newest last
+        self.errors: list[str] = []
+        self.resets = 0
+        self._pending: deque[Message] = deque()
+
+    async def __aenter__(self):
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def reconnect(self) -> None:
+        """Drop the connection and open a new one that resumes after ``last_id``."""
+        await self.close()
+        await self.connect()
+
+    async def send(self, text: str) -> None:
+        raise NotImplementedError
+
+    async def receive(self, timeout: float | None = None) -> Message:
+        """The next message after ``last_id``; ``TimeoutError`` if none within ``timeout``."""
+        async with asyncio.timeout(timeout):
+            while not self._pending:  # each round waits on the network, bounded by timeout
+                await self._fetch()
+        return self._pending.popleft()
+
+    async def receive_many(self, count: int, timeout: float) -> list[Message]:
+        """Exactly ``count`` messages, or ``TimeoutError`` after ``timeout`` seconds in all."""
+        async with asyncio.timeout(timeout):
+            return [await self.receive() for _ in range(count)]
+
+    async def _fetch(self) -> None:
+        raise NotImplementedError
+
+    def _accept(self, data: dict) -> None:
+        message = _message(data)
+        if message.id > self.last_id:  # never deliver one twice
+            self.last_id = message.id
+            self.stats.messages += 1
+            self._pending.append(message)
+
+    def _reset(self) -> None:
+        """The server's log was replaced (it restarted without a database): start over."""
+        self.resets += 1
+        self.last_id = 0
+        self._pending.clear()
+
+
+def _head_size(headers: httpx.Headers) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in headers.raw) + 2
+
+
+class HTTPClient(Client):
+    """Shared by the HTTP transports: an httpx client, POST to send, byte accounting."""
+
+    def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None):
+        super().__init__(url, user, after=after)
+        self.origin = origin
+        self._http: httpx.AsyncClient | None = None
+
+    async def connect(self) -> None:
+        headers = {"Origin": self.origin} if self.origin else {}
+        self._http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(10.0, read=40.0))
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def _count(self, response: httpx.Response) -> None:
+        request = response.request
+        self.stats.requests += 1
+        self.stats.bytes_sent += (len(request.method) + len(request.url.raw_path) + 12
+                                  + _head_size(request.headers) + len(request.content))
+        self.stats.bytes_received += 17 + _head_size(response.headers) + len(response.content)
+
+    async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        if self._http is None:
+            await self.connect()
+        response = await self._http.request(method, urljoin(self.url, path), **kwargs)
+        self._count(response)
+        return response
+
+    async def send(self, text: str) -> Message:
+        """POST the message; returns it as stored (with its id)."""
+        response = await self._request("POST", "api/messages",
+                                       json={"user": self.user, "text": text})
+        if response.status_code != 201:
+            raise ChatRefused(response.status_code, response.json().get("error", ""))
+        return _message(response.json())
+
+    async def send_typing(self) -> None:
+        await self._request("POST", "api/typing", json={"user": self.user})
+
+    async def _poll(self, wait: float) -> int:
+        """One GET of the messages after our cursor; returns how many arrived."""
+        params = {"after": self.last_id, "user": self.user}
+        if wait:
+            params["wait"] = wait
+        response = await self._request("GET", "api/messages?" + urlencode(params))
+        response.raise_for_status()
+        body = response.json()
+        if body.get("reset"):
+            self._reset()
+        before = len(self._pending)
+        for data in body["messages"]:
+            self._accept(data)
+        return len(self._pending) - before
+
+
+class ChatRefused(Exception):
+    """The server refused what we sent (status code and its error message)."""
+
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(f"{status}: {error}")
+        self.status, self.error = status, error
+
+
+class PollingClient(HTTPClient):
+    """Short polling: ask "anything new?" every ``interval`` seconds."""
+
+    transport = "poll"
+
+    def __init__(self, url: str, user: str, *, after: int = 0, interval: float = 1.0,
+                 origin: str | None = None):
+        super().__init__(url, user, after=after, origin=origin)
+        self.interval = interval
+        self._next_poll = 0.0
+
+    async def _fetch(self) -> None:
+        delay = self._next_poll - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self._next_poll = time.monotonic() + self.interval
+        await self._poll(wait=0)
+
+
+class LongPollClient(HTTPClient):
+    """Long polling: the server holds each request until there is news (or ``wait`` s)."""
+
+    transport = "longpoll"
+
+    def __init__(self, url: str, user: str, *, after: int = 0, wait: float = 25.0,
+                 origin: str | None = None):
+        super().__init__(url, user, after=after, origin=origin)
+        self.wait = wait
+
+    async def _fetch(self) -> None:
+        await self._poll(wait=self.wait)
+
+
+class SSEClient(HTTPClient):
+    """Server-Sent Events: one long response the server keeps writing events into."""
+
+    transport = "sse"
+
+    def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None):
+        super().__init__(url, user, after=after, origin=origin)
+        self._stream = None
+        self._lines = None
+
+    async def connect(self) -> None:
+        await super().connect()
+        query = urlencode({"after": self.last_id, "user": self.user})
+        request = self._http.build_request("GET", urljoin(self.url, "api/events?" + query))
+        self._stream = await self._http.send(request, stream=True)
+        self._stream.raise_for_status()
+        self.stats.requests += 1
+        self.stats.bytes_sent += len(request.url.raw_path) + 15 + _head_size(request.headers)
+        self.stats.bytes_received += 17 + _head_size(self._stream.headers)
+        self._lines = self._stream.aiter_lines()
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = None
+        await super().close()
+
+    async def _fetch(self) -> None:
+        """Read one event (lines up to a blank line) and handle it."""
+        if self._lines is None:
+            await self.connect()
+        event, data = "message", []
+        async for line in self._lines:
+            self.stats.bytes_received += len(line.encode()) + 1
+            if line == "":
+                break
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+        else:
+            raise ConnectionError("the server ended the event stream")
+        if not data:
+            return  # a comment (heartbeat) or the retry: line
+        payload = json.loads("\n".join(data))
+        if event == "message":
+            self._accept(payload)
+        elif event == "presence":
+            self.presence = payload["users"]
+        elif event == "typing":
+            self.typing.append(payload["user"])
+        elif event == "reset":
+            self._reset()
+
+
+def _frame_size(payload: bytes, masked: bool) -> int:
+    n = len(payload)
+    return 2 + (0 if n < 126 else 2 if n < 65536 else 8) + (4 if masked else 0) + n
+
+
+class WebSocketClient(Client):
+    """WebSocket: one full-duplex connection; JSON text frames both ways."""
+
+    transport = "ws"
+
+    def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None,
+                 max_size: int | None = 2**20):
+        super().__init__(url, user, after=after)
+        self.origin = origin
+        self.max_size = max_size
+        self.ws = None
+
+    @property
+    def ws_url(self) -> str:
+        return urljoin(self.url, "ws").replace("http", "ws", 1)
+
+    async def connect(self) -> None:
+        self.ws = await ws_connect(self.ws_url, origin=self.origin, max_size=self.max_size,
+                                   compression=None, open_timeout=10)
+        self.stats.requests += 1
+        await self._send_json({"type": "hello", "user": self.user, "after": self.last_id})
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+            self.ws = None
+
+    async def _send_json(self, obj: dict) -> None:
+        text = json.dumps(obj)
+        self.stats.bytes_sent += _frame_size(text.encode(), masked=True)
+        await self.ws.send(text)
+
+    async def send(self, text: str) -> None:
+        """Send a message; it comes back to us (and everyone) with its id."""
+        await self._send_json({"type": "message", "text": text})
+
+    async def send_typing(self) -> None:
+        await self._send_json({"type": "typing"})
+
+    async def _fetch(self) -> None:
+        if self.ws is None:
+            await self.connect()
+        raw = await self.ws.recv()
+        self.stats.bytes_received += _frame_size(
+            raw.encode() if isinstance(raw, str) else raw, masked=False)
+        event = json.loads(raw)
+        kind = event.get("type")
+        if kind == "message":
+            self._accept(event)
+        elif kind == "presence":
+            self.presence = event["users"]
+        elif kind == "typing":
+            self.typing.append(event["user"])
+        elif kind == "error":
+            self.errors.append(event["error"])
+        elif kind == "reset":
+            self._reset()

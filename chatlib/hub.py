@@ -1,0 +1,207 @@
+"""Fan-out: one published message reaches every connected client, whatever its transport.
+
+Push transports (WebSocket, SSE) each get an :class:`Outbox`, a bounded queue drained by
+that connection's own writer. Publishing never waits for a client: it appends to every
+outbox and returns. A client that stops reading fills its outbox and is closed (1013,
+"try again later"); it can resume from its last id, and nobody else was slowed down.
+
+Pull transports (polling, long polling) need no outbox: they read the log after their
+cursor; long polls sleep on an :class:`asyncio.Event` that every publish sets.
+
+Each message is encoded once per transport, not once per client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter, deque
+
+from .limits import Limits
+from .store import Message, MessageLog
+
+GOING_AWAY = 1001
+TRY_AGAIN_LATER = 1013
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def ws_frame(message: Message) -> str:
+    """The WebSocket text frame for a message: ``{"type": "message", ...message}``."""
+    return dumps({"type": "message", **message.to_dict()})
+
+
+def sse_event(message: Message) -> str:
+    """The SSE event for a message; its ``id:`` is what ``Last-Event-ID`` resumes from."""
+    return f"id: {message.id}\nevent: message\ndata: {dumps(message.to_dict())}\n\n"
+
+
+class Outbox:
+    """A bounded queue of ``(message_id, payload)`` for one push client.
+
+    ``message_id`` is 0 for events that are not messages (presence, typing); writers use
+    it to skip messages they already sent as history.
+    """
+
+    __slots__ = ("kind", "user", "limit", "closed", "close_code", "_items", "_ready")
+
+    def __init__(self, kind: str, user: str, limit: int) -> None:
+        self.kind = kind
+        self.user = user
+        self.limit = limit
+        self.closed = False
+        self.close_code = 0
+        self._items: deque[tuple[int, str]] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, message_id: int, payload: str) -> None:
+        if self.closed:
+            return
+        if len(self._items) >= self.limit:
+            self.close(TRY_AGAIN_LATER)
+            return
+        self._items.append((message_id, payload))
+        self._ready.set()
+
+    def close(self, code: int) -> None:
+        if not self.closed:
+            self.closed, self.close_code = True, code
+            self._items.clear()
+            self._ready.set()
+
+    async def get(self, timeout: float | None = None) -> list[tuple[int, str]]:
+        """Everything queued (waiting up to ``timeout`` for something); [] on timeout/close."""
+        if not self._items and not self.closed:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                return []
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+class Hub:
+    """The log, who is connected, and the fan-out between them."""
+
+    def __init__(self, log: MessageLog, limits: Limits) -> None:
+        self.log = log
+        self.limits = limits
+        self._outboxes: dict[str, set[Outbox]] = {"ws": set(), "sse": set()}
+        self._new_message = asyncio.Event()
+        self._connected: Counter[str] = Counter()  # WebSocket and SSE users
+        self._polled: dict[str, float] = {}  # HTTP users -> last request (monotonic)
+        self._presence_sent: list[str] = []
+        self.closing = asyncio.Event()
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def post(self, user: str, text: str) -> Message:
+        """Append to the log and fan out. Returns the stored message."""
+        message = await self.log.append(user, text)
+        self._publish(message)
+        return message
+
+    def _publish(self, message: Message) -> None:
+        ws, sse = self._outboxes["ws"], self._outboxes["sse"]
+        if ws:
+            payload = ws_frame(message)
+            for outbox in ws:
+                outbox.put(message.id, payload)
+        if sse:
+            payload = sse_event(message)
+            for outbox in sse:
+                outbox.put(message.id, payload)
+        # Wake every long poll, then arm a fresh event for the next message.
+        self._new_message.set()
+        self._new_message = asyncio.Event()
+
+    async def resolve_cursor(self, after: int) -> tuple[int, bool]:
+        """``(cursor, reset)``: a cursor past the end means the log was replaced."""
+        if after > 0 and after > await self.log.last_id():
+            return 0, True
+        return max(after, 0), False
+
+    async def wait_after(self, after: int, timeout: float) -> list[Message]:
+        """Messages after ``after``, waiting up to ``timeout`` s for the first (long poll)."""
+        # Take the event *before* reading the log: a message appended while we read sets
+        # this very event, so it cannot slip between the read and the wait.
+        new_message = self._new_message
+        messages = await self.log.after(after, self.limits.history)
+        if messages or timeout <= 0 or self.closing.is_set():
+            return messages
+        closing = asyncio.ensure_future(self.closing.wait())
+        arrived = asyncio.ensure_future(new_message.wait())
+        try:
+            await asyncio.wait({closing, arrived}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            arrived.cancel()
+        return await self.log.after(after, self.limits.history)
+
+    # -- events that are not messages ----------------------------------------------------
+
+    def _broadcast(self, event: str, data: dict) -> None:
+        ws_payload = dumps({"type": event, **data})
+        sse_payload = f"event: {event}\ndata: {dumps(data)}\n\n"
+        for outbox in self._outboxes["ws"]:
+            outbox.put(0, ws_payload)
+        for outbox in self._outboxes["sse"]:
+            outbox.put(0, sse_payload)
+
+    def typing(self, user: str) -> None:
+        self._broadcast("typing", {"user": user})
+
+    # -- presence ------------------------------------------------------------------------
+
+    def subscribe(self, kind: str, user: str) -> Outbox:
+        """A new push client; ``user`` may be "" for a reader that is not in the chat."""
+        outbox = Outbox(kind, user, self.limits.max_queue)
+        self._outboxes[kind].add(outbox)
+        if user:
+            self._connected[user] += 1
+            self.presence_changed()
+        return outbox
+
+    def unsubscribe(self, outbox: Outbox) -> None:
+        if outbox in self._outboxes[outbox.kind]:
+            self._outboxes[outbox.kind].discard(outbox)
+            if outbox.user:
+                self._connected[outbox.user] -= 1
+                if self._connected[outbox.user] <= 0:
+                    del self._connected[outbox.user]
+                self.presence_changed()
+
+    def touch(self, user: str) -> None:
+        """An HTTP (polling) client named ``user`` just made a request."""
+        is_new = user not in self._polled
+        self._polled[user] = time.monotonic()
+        if is_new:
+            self.presence_changed()
+
+    def presence(self) -> list[str]:
+        expired = time.monotonic() - self.limits.presence_ttl
+        for user in [u for u, seen in self._polled.items() if seen < expired]:
+            del self._polled[user]
+        return sorted(set(self._connected) | set(self._polled))
+
+    def presence_changed(self) -> None:
+        """Tell everyone who is here, if that changed since we last told them."""
+        users = self.presence()
+        if users != self._presence_sent:
+            self._presence_sent = users
+            self._broadcast("presence", {"users": users})
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """The server is stopping: end long polls and SSE streams, close WebSockets (1001)."""
+        self.closing.set()
+        for outboxes in self._outboxes.values():
+            for outbox in outboxes:
+                outbox.close(GOING_AWAY)

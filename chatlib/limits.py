@@ -1,0 +1,78 @@
+"""Every limit the server enforces, in one place, with the reason for each.
+
+A chat server accepts text from strangers. Without explicit limits one client can exhaust
+memory (huge frames, a reader that never reads), CPU (a flood of messages) or the patience
+of everyone else. Each limit here fails *that client only*, with a clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Limits:
+    max_text: int = 2000
+    """Characters in one message's text (longer: 413 / error frame)."""
+    max_user: int = 32
+    """Characters in a nickname."""
+    max_frame: int = 64 * 1024
+    """Bytes in one WebSocket message; bigger ones are closed with 1009 by the protocol."""
+    max_body: int = 64 * 1024
+    """Bytes in one HTTP request body (POST); bigger: 413."""
+    rate: float = 5.0
+    """Messages (and typing notices) per second a connection may send, on average ..."""
+    burst: int = 20
+    """... with bursts of up to this many."""
+    max_queue: int = 1024
+    """Frames waiting for one slow client before it is closed (1013) to protect the others."""
+    max_wait: float = 25.0
+    """Longest a long poll hangs (seconds); below common proxy idle timeouts."""
+    history: int = 500
+    """Messages replayed to a client that joins or resumes, per request."""
+    heartbeat: float = 15.0
+    """Seconds between SSE comment lines that keep idle proxies from closing the stream."""
+    presence_ttl: float = 30.0
+    """Seconds an HTTP polling user stays in the presence list after its last request."""
+    hello_timeout: float = 10.0
+    """Seconds a new WebSocket has to say hello before it is closed."""
+    allowed_origins: set[str] = field(default_factory=set)
+    """Extra browser origins allowed besides the server's own (e.g. a JupyterLab origin)."""
+
+
+class RateLimit:
+    """A token bucket: ``rate`` tokens per second, at most ``burst`` saved up."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_stamp")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class RateLimits:
+    """Token buckets per key (an HTTP client's address and nickname), bounded in number."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
+        self.rate, self.burst, self.max_keys = rate, burst, max_keys
+        self._buckets: dict[tuple, RateLimit] = {}
+
+    def allow(self, key: tuple) -> bool:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._buckets.clear()  # forgetting everyone is safe: buckets start full anyway
+            bucket = self._buckets[key] = RateLimit(self.rate, self.burst)
+        return bucket.allow()
