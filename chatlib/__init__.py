@@ -7,11 +7,12 @@
 
 from .clients import LongPollClient, PollingClient, SSEClient, WebSocketClient
 from .limits import Limits
+from .panel import ChatPanel
 from .server import ChatServer, start_server, stop_server
 from .store import MemoryLog, Message, MessageLog, SQLiteLog
 
 __all__ = [
-    "ChatServer", "Limits", "LongPollClient", "MemoryLog", "Message", "MessageLog",
+    "ChatPanel", "ChatServer", "Limits", "LongPollClient", "MemoryLog", "Message", "MessageLog",
     "PollingClient", "SQLiteLog", "SSEClient", "WebSocketClient", "start_server",
     "stop_server",
 ]

@@ -16,6 +16,7 @@ import asyncio
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode, urljoin
 
@@ -48,9 +49,11 @@ class Client:
         self.last_id = after
         self.stats = Stats()
         self.presence: list[str] = []
-        self.typing: list[str] = []  # who said they were typing, newest last
-        self.errors: list[str] = []
+        self.typing: deque[str] = deque(maxlen=100)  # who said they were typing, newest last
+        self.errors: deque[str] = deque(maxlen=100)  # error events the server sent us
         self.resets = 0
+        self.on_event: Callable[[str, dict], None] | None = None
+        """Called with ``(type, data)`` for every event that is not a message."""
         self._pending: deque[Message] = deque()
 
     async def __aenter__(self):
@@ -101,6 +104,22 @@ class Client:
         self.resets += 1
         self.last_id = 0
         self._pending.clear()
+
+    def _handle(self, kind: str, data: dict) -> None:
+        """One event from the server, whatever the transport."""
+        if kind == "message":
+            self._accept(data)
+            return
+        if kind == "presence":
+            self.presence = data["users"]
+        elif kind == "typing":
+            self.typing.append(data["user"])
+        elif kind == "error":
+            self.errors.append(data["error"])
+        elif kind == "reset":
+            self._reset()
+        if self.on_event is not None:
+            self.on_event(kind, data)
 
 
 def _head_size(headers: httpx.Headers) -> int:
@@ -158,7 +177,7 @@ class HTTPClient(Client):
         response.raise_for_status()
         body = response.json()
         if body.get("reset"):
-            self._reset()
+            self._handle("reset", {})
         before = len(self._pending)
         for data in body["messages"]:
             self._accept(data)
@@ -252,15 +271,7 @@ class SSEClient(HTTPClient):
             raise ConnectionError("the server ended the event stream")
         if not data:
             return  # a comment (heartbeat) or the retry: line
-        payload = json.loads("\n".join(data))
-        if event == "message":
-            self._accept(payload)
-        elif event == "presence":
-            self.presence = payload["users"]
-        elif event == "typing":
-            self.typing.append(payload["user"])
-        elif event == "reset":
-            self._reset()
+        self._handle(event, json.loads("\n".join(data)))
 
 
 def _frame_size(payload: bytes, masked: bool) -> int:
@@ -314,14 +325,4 @@ class WebSocketClient(Client):
         self.stats.bytes_received += _frame_size(
             raw.encode() if isinstance(raw, str) else raw, masked=False)
         event = json.loads(raw)
-        kind = event.get("type")
-        if kind == "message":
-            self._accept(event)
-        elif kind == "presence":
-            self.presence = event["users"]
-        elif kind == "typing":
-            self.typing.append(event["user"])
-        elif kind == "error":
-            self.errors.append(event["error"])
-        elif kind == "reset":
-            self._reset()
+        self._handle(event.pop("type", ""), event)
