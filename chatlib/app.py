@@ -267,7 +267,7 @@ async def websocket(ws: WebSocket) -> None:
         await ws.send_text(dumps({"type": "error", "error": exc.error}))
         await ws.close(POLICY_VIOLATION, exc.error[:120])
         return
-    except (WebSocketDisconnect, asyncio.TimeoutError):
+    except (TimeoutError, WebSocketDisconnect):
         return
     cursor, reset = await hub.resolve_cursor(after)
     outbox = hub.subscribe("ws", user)

@@ -78,7 +78,7 @@ class Outbox:
             self._ready.clear()
             try:
                 await asyncio.wait_for(self._ready.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return []
         items = list(self._items)
         self._items.clear()
