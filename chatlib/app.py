@@ -179,7 +179,6 @@ async def post_message(request: Request, hub: Hub) -> Response:
     user = nickname(data, hub.limits)
     text = message_text(data, hub.limits)
     rate_check(request, user)
-    hub.touch(user)
     message = await hub.post(user, text)
     return JSONResponse(message.to_dict(), status_code=201)
 

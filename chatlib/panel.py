@@ -44,7 +44,9 @@ class ChatPanel(widgets.VBox):
         self.messages: dict[int, Message] = {}
         self.last_id = 0
         self.state = "connecting"
+        self.connections = 0  # successful (re)connections so far
         self.presence: list[str] = []
+        self.typing: str | None = None  # who is typing right now (not us), if anyone
         self._client = None
         self._changed = asyncio.Event()
         self._last_typing_sent = 0.0
@@ -86,6 +88,7 @@ class ChatPanel(widgets.VBox):
             try:
                 await client.connect()
                 self._client = client
+                self.connections += 1
                 self._set_state("connected")
                 delay = 0.2
                 while True:  # ends when the connection does
@@ -113,6 +116,7 @@ class ChatPanel(widgets.VBox):
             self._who.value = "<small>here: " + ", ".join(
                 f"<b>{html.escape(u)}</b>" for u in self.presence) + "</small>"
         elif kind == "typing" and data["user"] != self.user:
+            self.typing = data["user"]
             self._typing.value = f"<i><small>{html.escape(data['user'])} is typing…</small></i>"
             if self._typing_timer:
                 self._typing_timer.cancel()
@@ -125,7 +129,15 @@ class ChatPanel(widgets.VBox):
             self._status.value = self._status_html() + (
                 f' <span style="color:#b00">{html.escape(data["error"])}</span>')
 
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake everyone in :meth:`wait_for`, then arm a fresh event for the next change."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     def _clear_typing(self) -> None:
+        self.typing = None
         self._typing.value = ""
 
     def _add(self, message: Message) -> None:
@@ -136,14 +148,12 @@ class ChatPanel(widgets.VBox):
         if message.user != self.user:
             self._clear_typing()
         self._render_log()
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._notify()
 
     def _set_state(self, state: str) -> None:
         self.state = state
         self._render_status()
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._notify()
 
     # -- rendering (everything users typed goes through html.escape) ----------------------
 

@@ -1,0 +1,598 @@
+// Browser client for the chatlib chat server (see README.md, "The chat protocol").
+//
+// One page, four transports, one message log:
+//   ws        WebSocket at `ws`, JSON text frames both ways
+//   sse       EventSource on `api/events`, sends with POST
+//   longpoll  GET `api/messages?after=ID&wait=25`, sends with POST
+//   poll      GET `api/messages?after=ID` once a second, sends with POST
+//
+// Whatever the transport, the client keeps a cursor (`lastId`, the newest id it
+// has shown) and a set of shown ids, so any reconnect resumes "after lastId"
+// without gaps, and a message delivered twice is drawn once.
+//
+// Security: nicknames and texts are data, never markup. The DOM is built with
+// createElement + textContent only; there is no innerHTML anywhere in this file.
+'use strict';
+
+(() => {
+  // ---- settings ---------------------------------------------------------------
+  const AUTO_ORDER = ['ws', 'sse', 'longpoll', 'poll']; // best first
+  const TRANSPORTS = new Set(AUTO_ORDER);
+  const POLL_INTERVAL_MS = 1000;    // short polling period
+  const LONG_POLL_WAIT_S = 25;      // server caps wait at 25 s
+  const CONNECT_TIMEOUT_MS = 5000;  // a transport that has not opened by then counts as failed
+  const BACKOFF_MIN_MS = 500;
+  const BACKOFF_MAX_MS = 10000;
+  const TYPING_SEND_EVERY_MS = 2000;
+  const TYPING_SHOW_MS = 3000;
+  const PRESENCE_REFRESH_MS = 5000; // HTTP polling transports get no presence push
+  const PENDING_MAX_AGE_MS = 60000; // forget own sends that never came back
+  const LATENCY_SAMPLES = 200;      // the running median covers the last N messages
+  const NICK_KEY = 'chat.nick';
+
+  // ---- DOM --------------------------------------------------------------------
+  const $ = (id) => document.getElementById(id);
+  const els = {
+    joinForm: $('join-form'), nick: $('nick'), transportSelect: $('transport-select'),
+    transport: $('transport'), status: $('status'), latency: $('latency'),
+    notice: $('notice'), noticeText: $('notice-text'), noticeClose: $('notice-close'),
+    messages: $('messages'), presence: $('presence'), presenceCount: $('presence-count'),
+    typing: $('typing'), composer: $('composer'), input: $('message-input'), send: $('send'),
+  };
+
+  // ---- state ------------------------------------------------------------------
+  const state = {
+    nick: '',
+    mode: 'auto',          // what the user asked for: 'auto' or one transport
+    joined: false,
+    joinedAt: 0,           // Date.now() at join; older messages are history
+    conn: null,            // the live connection object (see connect())
+    autoIndex: 0,          // auto mode: which entry of AUTO_ORDER we are trying
+    autoLocked: false,     // auto mode: a transport worked, so stick with it
+    attempt: 0,            // failed attempts since the last success (backoff exponent)
+    reconnectTimer: null,
+    lastId: 0,             // cursor: newest message id shown
+    shown: new Set(),      // ids on screen, so redeliveries are ignored
+    pending: [],           // own sends awaiting their echo: {text, t0}
+    latencies: [],
+    typers: new Map(),     // user -> time (ms) at which to stop showing "typing"
+    typingTimer: null,
+    lastTypingSent: 0,
+  };
+
+  // ---- small helpers ----------------------------------------------------------
+  const enc = encodeURIComponent;
+  const randomGuest = () => `guest-${1000 + Math.floor(Math.random() * 9000)}`;
+
+  function setStatus(text) {
+    els.status.textContent = text;
+    els.status.dataset.state = text; // CSS colours the badge from this
+  }
+
+  function showNotice(text) {
+    els.noticeText.textContent = text;
+    els.notice.hidden = false;
+  }
+
+  // An error raised for a non-2xx HTTP answer; keeps the status so callers can
+  // tell "retry later" (429, 5xx) from "retrying will not help" (400, 403, 413).
+  class HttpError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  // The server answers errors with {"error": "..."}; fall back to the status line.
+  async function errorFrom(res) {
+    let message = `${res.status} ${res.statusText}`;
+    try {
+      const body = await res.json();
+      if (body && typeof body.error === 'string') message = `${res.status}: ${body.error}`;
+    } catch { /* not JSON: keep the status line */ }
+    return new HttpError(res.status, message);
+  }
+
+  async function getJson(url, timeoutMs, signal) {
+    // A request that hangs forever would freeze the transport, so every GET
+    // has a deadline (AbortSignal.any lets stop() abort it early too).
+    const timeout = AbortSignal.timeout(timeoutMs);
+    const res = await fetch(url, {
+      cache: 'no-store',
+      signal: signal ? AbortSignal.any([signal, timeout]) : timeout,
+    });
+    if (!res.ok) throw await errorFrom(res);
+    return res.json();
+  }
+
+  async function postJson(url, body) {
+    const res = await fetch(url, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(10000),
+    });
+    if (!res.ok) throw await errorFrom(res);
+    return res.status === 204 ? null : res.json(); // api/typing answers 204, no body
+  }
+
+  // ---- messages ---------------------------------------------------------------
+  const isMessage = (m) => m && Number.isInteger(m.id) && typeof m.user === 'string'
+    && typeof m.text === 'string' && typeof m.ts === 'number';
+
+  // Called by every transport for every message it receives.
+  function handleMessage(m) {
+    if (!isMessage(m) || state.shown.has(m.id)) return; // duplicate (e.g. replay after reconnect)
+    state.shown.add(m.id);
+    if (m.id > state.lastId) state.lastId = m.id;
+    renderMessage(m, measureLatency(m));
+    // Someone who just sent a message has stopped typing.
+    if (state.typers.delete(m.user)) renderTyping();
+  }
+
+  // The server replaced its log (restart of an in-memory server): our ids mean
+  // nothing any more. Clear the screen and the cursor; the replay follows.
+  function resetLog() {
+    els.messages.replaceChildren();
+    state.shown.clear();
+    state.lastId = 0;
+  }
+
+  function renderMessage(m, latencyMs) {
+    const li = document.createElement('li');
+    li.className = m.user === state.nick ? 'message mine' : 'message';
+    li.dataset.id = String(m.id);
+
+    const meta = document.createElement('div');
+    meta.className = 'meta';
+    const user = document.createElement('span');
+    user.className = 'user';
+    user.textContent = m.user;
+    const when = new Date(m.ts * 1000);
+    const time = document.createElement('time');
+    time.className = 'time';
+    time.dateTime = when.toISOString();
+    time.textContent = when.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    meta.append(user, ' ', time);
+    if (latencyMs !== null) {
+      const lat = document.createElement('span');
+      lat.className = 'latency';
+      lat.dataset.ms = String(latencyMs);
+      lat.textContent = `${latencyMs} ms`;
+      lat.title = 'delivery latency';
+      meta.append(' ', lat);
+    }
+
+    const text = document.createElement('div');
+    text.className = 'text';
+    text.textContent = m.text; // literal text, even if it looks like <script>
+
+    li.append(meta, text);
+
+    // Render strictly by id: walk back from the end (almost always zero steps,
+    // since ids normally arrive in order) to find where this one belongs.
+    const list = els.messages;
+    let before = null;
+    for (let el = list.lastElementChild; el && Number(el.dataset.id) > m.id;
+      el = el.previousElementSibling) {
+      before = el;
+    }
+    list.insertBefore(li, before);
+    if (pinned) list.scrollTop = list.scrollHeight;
+  }
+
+  // Follow new messages only while the reader is at the bottom, so scrolling up
+  // to read history is not yanked away. The list also shrinks (a notice, the
+  // presence panel growing, a narrow side panel resized): stay pinned then too.
+  // Only a scroll *up* unpins: our own scrollTop writes and layout changes can
+  // fire scroll events that look "not at the bottom" for a moment.
+  let pinned = true;
+  let lastTop = 0;
+  els.messages.addEventListener('scroll', () => {
+    const log = els.messages;
+    if (log.scrollHeight - log.scrollTop - log.clientHeight < 40) pinned = true;
+    else if (log.scrollTop < lastTop) pinned = false;
+    lastTop = log.scrollTop;
+  });
+  new ResizeObserver(() => {
+    if (pinned) els.messages.scrollTop = els.messages.scrollHeight;
+  }).observe(els.messages);
+
+  // ---- latency ----------------------------------------------------------------
+  // Own messages: time from pressing Send to seeing the message come back (a
+  // monotonic clock, so it is exact). Others': now - ts, which assumes the
+  // browser's and the server's clocks agree (true when both are this machine).
+  function measureLatency(m) {
+    const now = performance.now();
+    state.pending = state.pending.filter((p) => now - p.t0 < PENDING_MAX_AGE_MS);
+    let ms = null;
+    if (m.user === state.nick) {
+      const i = state.pending.findIndex((p) => p.text === m.text);
+      if (i >= 0) ms = now - state.pending.splice(i, 1)[0].t0;
+    }
+    if (ms === null) {
+      // Messages written before we joined are history, not a delivery.
+      if (m.ts * 1000 < state.joinedAt) return null;
+      ms = Date.now() - m.ts * 1000;
+    }
+    ms = Math.max(0, Math.round(ms)); // clamp small clock skew
+    recordLatency(ms);
+    return ms;
+  }
+
+  function recordLatency(ms) {
+    state.latencies.push(ms);
+    if (state.latencies.length > LATENCY_SAMPLES) state.latencies.shift();
+    const sorted = [...state.latencies].sort((a, b) => a - b);
+    const mid = sorted.length >> 1;
+    const median = sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+    els.latency.textContent = `${Math.round(median)} ms`;
+    els.latency.dataset.ms = String(Math.round(median));
+    els.latency.title = `median of the last ${sorted.length} messages`;
+  }
+
+  // ---- presence and typing ----------------------------------------------------
+  function renderPresence(users) {
+    if (!Array.isArray(users)) return;
+    const names = [...new Set(users.filter((u) => typeof u === 'string'))]
+      .sort((a, b) => a.localeCompare(b));
+    els.presence.replaceChildren(...names.map((name) => {
+      const li = document.createElement('li');
+      li.textContent = name;
+      if (name === state.nick) li.className = 'me'; // "(you)" is added by CSS
+      return li;
+    }));
+    els.presenceCount.textContent = `(${names.length})`;
+  }
+
+  function onTyping(user) {
+    if (typeof user !== 'string' || user === state.nick) return; // the server may echo ours
+    state.typers.set(user, Date.now() + TYPING_SHOW_MS);
+    renderTyping();
+  }
+
+  // Shows who typed in the last 3 s and schedules itself for the next expiry.
+  function renderTyping() {
+    const now = Date.now();
+    for (const [user, until] of state.typers) if (until <= now) state.typers.delete(user);
+    const names = [...state.typers.keys()];
+    let text = '';
+    if (names.length === 1) text = `${names[0]} is typing…`;
+    else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+    else if (names.length > 2) text = `${names.length} people are typing…`;
+    els.typing.textContent = text;
+    els.typing.hidden = !text;
+    clearTimeout(state.typingTimer);
+    if (names.length) {
+      state.typingTimer = setTimeout(renderTyping, Math.min(...state.typers.values()) - now + 50);
+    }
+  }
+
+  async function refreshPresence(conn) {
+    try {
+      const data = await getJson('api/presence', 10000);
+      if (!conn.closed) renderPresence(data.users);
+    } catch { /* presence is decoration; the next refresh will try again */ }
+  }
+
+  // ---- connection management --------------------------------------------------
+  // A connection object is created per attempt. Transports call conn.opened()
+  // once they work and conn.failed() when they break; after failed() or a
+  // stop, `closed` is true and every late callback of that attempt is ignored
+  // (so a slow fetch of an old connection cannot touch the page).
+  function connect() {
+    stopConnection();
+    const transport = state.mode === 'auto' ? AUTO_ORDER[state.autoIndex] : state.mode;
+    els.transport.textContent = transport;
+    setStatus(state.attempt === 0 && !state.autoLocked ? 'connecting' : 'reconnecting');
+
+    const conn = {
+      transport,
+      closed: false,
+      everOpened: false,
+      sendFrame: null, // set by the WebSocket transport while its socket is open
+      stop() {},       // set by each transport: release sockets, timers, requests
+      opened() {
+        if (conn.closed) return;
+        conn.everOpened = true;
+        state.attempt = 0;
+        if (state.mode === 'auto') state.autoLocked = true;
+        setStatus('connected');
+      },
+      failed({ retry = true } = {}) {
+        if (conn.closed) return;
+        conn.closed = true;
+        conn.stop();
+        onConnectionFailed(conn, retry);
+      },
+    };
+    state.conn = conn;
+    const start = { ws: connectWs, sse: connectSse, longpoll: connectPolling, poll: connectPolling };
+    try {
+      start[transport](conn);
+    } catch (err) { // e.g. no WebSocket/EventSource in this browser, or a blocked URL
+      console.warn(`${transport} unavailable:`, err);
+      conn.failed();
+    }
+  }
+
+  function stopConnection() {
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = null;
+    if (state.conn && !state.conn.closed) {
+      state.conn.closed = true;
+      state.conn.stop();
+    }
+    state.conn = null;
+  }
+
+  function onConnectionFailed(conn, retry) {
+    if (!retry) { // e.g. a nickname the server refuses: retrying cannot help
+      setStatus('disconnected');
+      return;
+    }
+    // Auto mode, nothing has worked yet: fall back to the next transport at
+    // once. After the last one, start over from WebSocket, with backoff (the
+    // server may simply be down, in which case every transport fails).
+    if (state.mode === 'auto' && !state.autoLocked && !conn.everOpened) {
+      state.autoIndex += 1;
+      if (state.autoIndex < AUTO_ORDER.length) {
+        connect();
+        return;
+      }
+      state.autoIndex = 0;
+    }
+    scheduleReconnect();
+  }
+
+  // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... capped at 10 s, each
+  // randomised to 50–100 % so that many clients of a restarted server do not
+  // all come back in the same millisecond.
+  function scheduleReconnect() {
+    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** state.attempt);
+    const delay = base / 2 + Math.random() * base / 2;
+    state.attempt += 1;
+    setStatus('reconnecting');
+    clearTimeout(state.reconnectTimer);
+    state.reconnectTimer = setTimeout(connect, delay);
+  }
+
+  // ---- transport: WebSocket ---------------------------------------------------
+  function connectWs(conn) {
+    // Relative to the page, so a proxy path prefix is kept; only the scheme changes.
+    const url = new URL('ws', location.href);
+    url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+    const ws = new WebSocket(url);
+    const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
+    conn.stop = () => {
+      clearTimeout(openTimer);
+      conn.sendFrame = null;
+      ws.close(1000);
+    };
+
+    ws.onopen = () => {
+      clearTimeout(openTimer);
+      // hello must be the first frame; `after` makes the server replay what we missed.
+      ws.send(JSON.stringify({ type: 'hello', user: state.nick, after: state.lastId }));
+      conn.sendFrame = (frame) => ws.send(JSON.stringify(frame));
+      conn.opened();
+    };
+
+    ws.onmessage = (event) => {
+      if (conn.closed) return;
+      let frame;
+      try { frame = JSON.parse(event.data); } catch { return; }
+      switch (frame && frame.type) {
+        case 'message': handleMessage(frame); break;
+        case 'presence': renderPresence(frame.users); break;
+        case 'typing': onTyping(frame.user); break;
+        case 'reset': resetLog(); break;
+        case 'error': showNotice(`Server: ${frame.error}`); break;
+        default: break; // unknown frame types are ignored, for forward compatibility
+      }
+    };
+
+    ws.onclose = (event) => {
+      if (conn.closed) return;
+      switch (event.code) {
+        case 1008: // foreign origin / policy: the same hello would be refused again
+          showNotice(`Connection refused by the server (1008${event.reason ? `: ${event.reason}` : ''}).`);
+          conn.failed({ retry: false });
+          return;
+        case 1009:
+          showNotice('That message was too large for the server.');
+          break;
+        default: // 1001/1012 restarting, 1013 too slow, 1006 network: resume after lastId
+          break;
+      }
+      conn.failed();
+    };
+    // onerror is always followed by onclose, which does the work.
+  }
+
+  // ---- transport: Server-Sent Events ------------------------------------------
+  function connectSse(conn) {
+    const es = new EventSource(`api/events?after=${state.lastId}&user=${enc(state.nick)}`);
+    const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
+    conn.stop = () => {
+      clearTimeout(openTimer);
+      es.close();
+    };
+
+    es.onopen = () => {
+      clearTimeout(openTimer);
+      conn.opened();
+    };
+    const on = (name, handler) => es.addEventListener(name, (event) => {
+      if (conn.closed) return;
+      let data;
+      try { data = JSON.parse(event.data); } catch { return; }
+      handler(data);
+    });
+    on('message', handleMessage);
+    on('presence', (data) => renderPresence(data.users));
+    on('typing', (data) => onTyping(data.user));
+    es.addEventListener('reset', () => { if (!conn.closed) resetLog(); });
+
+    // EventSource would retry on its own, but at a fixed interval and never
+    // after an HTTP error; closing it and using our own backoff keeps one
+    // reconnect policy for every transport and lets auto mode fall back.
+    es.onerror = () => conn.failed();
+  }
+
+  // ---- transports: long polling and short polling ------------------------------
+  function connectPolling(conn) {
+    const long = conn.transport === 'longpoll';
+    const abort = new AbortController();
+    let timer = null;
+    let presenceTimer = null;
+    conn.stop = () => {
+      abort.abort();
+      clearTimeout(timer);
+      clearInterval(presenceTimer);
+    };
+
+    // One request. The first request of a connection never waits, so history
+    // shows at once (and "connected" is known at once) even in long-poll mode.
+    async function step(first) {
+      const wait = long && !first ? LONG_POLL_WAIT_S : 0;
+      const url = `api/messages?after=${state.lastId}&user=${enc(state.nick)}`
+        + (wait ? `&wait=${wait}` : '');
+      const started = Date.now();
+      let data;
+      try {
+        data = await getJson(url, (wait + 10) * 1000, abort.signal);
+      } catch (err) {
+        if (conn.closed) return;
+        if (err instanceof HttpError && err.status !== 429 && err.status < 500) {
+          showNotice(err.message);           // 400/403/413: asking again will not help
+          conn.failed({ retry: false });
+        } else {
+          if (err instanceof HttpError) showNotice(err.message);
+          conn.failed();                     // network error, 429 or 5xx: back off
+        }
+        return;
+      }
+      if (conn.closed) return;
+      if (first) {
+        conn.opened();
+        refreshPresence(conn);
+        presenceTimer = setInterval(() => refreshPresence(conn), PRESENCE_REFRESH_MS);
+      }
+      const messages = Array.isArray(data.messages) ? data.messages : [];
+      if (data.reset) resetLog(); // the messages in this answer are the replay from the start
+      messages.forEach(handleMessage);
+
+      // If the server sent only part of what it has, ask again at once.
+      // Otherwise a short poll waits its interval; a long poll asks again at
+      // once, unless it came back empty suspiciously fast (never spin).
+      const more = messages.length > 0 && Number.isInteger(data.last_id) && state.lastId < data.last_id;
+      let delay = POLL_INTERVAL_MS;
+      if (more) delay = 0;
+      else if (long) delay = messages.length || Date.now() - started > 1000 ? 0 : POLL_INTERVAL_MS;
+      timer = setTimeout(() => step(false), delay);
+    }
+    step(true);
+  }
+
+  // ---- sending ----------------------------------------------------------------
+  function sendMessage() {
+    const text = els.input.value;
+    if (!state.joined || !text.trim()) return;
+    state.pending.push({ text, t0: performance.now() });
+    els.input.value = '';
+    state.lastTypingSent = 0; // the next keystroke is a new "typing" burst
+
+    const conn = state.conn;
+    if (conn && conn.sendFrame) {
+      conn.sendFrame({ type: 'message', text });
+      return;
+    }
+    // HTTP transports send with POST. So does a WebSocket client that is
+    // between sockets: every transport writes the same log, so nothing is lost.
+    postJson('api/messages', { user: state.nick, text }).catch((err) => {
+      showNotice(`Not sent: ${err.message}`);
+      state.pending = state.pending.filter((p) => p.text !== text);
+      if (!els.input.value) els.input.value = text; // give the text back to retry
+    });
+  }
+
+  // Tell the others we are typing, at most once every 2 s. Best effort: a lost
+  // or rate-limited typing notice is not worth bothering the user about.
+  function sendTyping() {
+    if (!state.joined || !els.input.value) return;
+    const now = Date.now();
+    if (now - state.lastTypingSent < TYPING_SEND_EVERY_MS) return;
+    state.lastTypingSent = now;
+    const conn = state.conn;
+    if (conn && conn.sendFrame) conn.sendFrame({ type: 'typing' });
+    else postJson('api/typing', { user: state.nick }).catch(() => {});
+  }
+
+  // ---- joining ----------------------------------------------------------------
+  function join() {
+    const nick = els.nick.value.trim() || randomGuest();
+    els.nick.value = nick;
+    state.nick = nick;
+    state.mode = els.transportSelect.value;
+    if (!state.joined) state.joinedAt = Date.now();
+    state.joined = true;
+    // A fresh start for the transport choice; the message cursor is kept, so
+    // rejoining (new nick or transport) resumes without reloading history.
+    state.autoIndex = 0;
+    state.autoLocked = false;
+    state.attempt = 0;
+    els.input.disabled = false;
+    els.send.disabled = false;
+    els.input.placeholder = 'Write a message…';
+    // Repaint own-message highlighting and the "(you)" marker for the new nick.
+    for (const li of els.messages.children) {
+      li.classList.toggle('mine', li.querySelector('.user').textContent === nick);
+    }
+    for (const li of els.presence.children) li.classList.toggle('me', li.textContent === nick);
+    connect();
+  }
+
+  function saveNick(nick) {
+    try { localStorage.setItem(NICK_KEY, nick); } catch { /* storage disabled: fine */ }
+  }
+
+  function loadNick() {
+    try { return localStorage.getItem(NICK_KEY); } catch { return null; }
+  }
+
+  // ---- wiring -----------------------------------------------------------------
+  els.joinForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    join();
+    saveNick(state.nick); // remembered only when a person joins, not from ?user=
+  });
+
+  // Switching transport while joined reconnects over the new one.
+  els.transportSelect.addEventListener('change', () => {
+    if (state.joined) join();
+  });
+
+  els.composer.addEventListener('submit', (event) => {
+    event.preventDefault(); // Enter in the input or the Send button
+    sendMessage();
+    els.input.focus();
+  });
+  els.input.addEventListener('input', sendTyping);
+
+  els.noticeClose.addEventListener('click', () => { els.notice.hidden = true; });
+
+  // Back online: skip the rest of the backoff wait.
+  window.addEventListener('online', () => {
+    if (state.reconnectTimer) connect();
+  });
+
+  // Start-up: ?transport= and ?user= (tests use them), else the remembered nick.
+  const params = new URLSearchParams(location.search);
+  const wanted = params.get('transport');
+  if (TRANSPORTS.has(wanted)) els.transportSelect.value = wanted;
+  const userParam = params.get('user');
+  els.nick.value = userParam || loadNick() || randomGuest();
+  if (userParam) join();
+  else els.nick.focus();
+})();
