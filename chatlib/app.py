@@ -70,7 +70,7 @@ def json_object(raw: str | bytes) -> dict:
             raise ChatError(400, "body is not valid UTF-8") from None
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise ChatError(400, "invalid JSON") from None
     if not isinstance(data, dict):
         raise ChatError(400, "expected a JSON object")
@@ -167,11 +167,37 @@ async def messages(request: Request) -> Response:
     if user:
         hub.touch(user)
     cursor, reset = await hub.resolve_cursor(after)
-    found = await hub.wait_after(cursor, wait)
+    if wait > 0:
+        found = await until_disconnected(request, hub.wait_after(cursor, wait))
+        if found is None:
+            return Response(status_code=499)  # nobody is listening any more
+    else:
+        found = await hub.wait_after(cursor, 0)
     body = {"messages": [m.to_dict() for m in found], "last_id": await hub.log.last_id()}
     if reset:
         body["reset"] = True
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+async def until_disconnected(request: Request, work):
+    """Await ``work``, or give up (``None``) if the client hangs up first.
+
+    A long poll parks a handler for up to ``max_wait`` seconds; a client that gives up
+    should free it at once rather than hold it until the timeout.
+    """
+    async def hang_up() -> None:
+        for _ in range(1000):  # the body was read already: only http.disconnect can come
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+
+    waiting, watching = asyncio.ensure_future(work), asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not waiting.done():
+            waiting.cancel()
+    return waiting.result() if waiting.done() and not waiting.cancelled() else None
 
 
 async def post_message(request: Request, hub: Hub) -> Response:
@@ -202,7 +228,7 @@ async def events(request: Request) -> Response:
         raise ChatError(503, "server is stopping")
     after = int_param(request, "after", 0)
     last_event_id = request.headers.get("last-event-id", "")
-    if last_event_id.isdigit():
+    if last_event_id.isascii() and last_event_id.isdigit():  # "²".isdigit() is True
         after = int(last_event_id)  # a reconnecting EventSource knows best
     user = optional_user(request, hub.limits)
     cursor, reset = await hub.resolve_cursor(after)

@@ -126,6 +126,10 @@ def _head_size(headers: httpx.Headers) -> int:
     return sum(len(k) + len(v) + 4 for k, v in headers.raw) + 2
 
 
+def _status_line_size(response: httpx.Response) -> int:
+    return len(f"HTTP/1.1 {response.status_code} {response.reason_phrase}\r\n")
+
+
 class HTTPClient(Client):
     """Shared by the HTTP transports: an httpx client, POST to send, byte accounting."""
 
@@ -148,7 +152,8 @@ class HTTPClient(Client):
         self.stats.requests += 1
         self.stats.bytes_sent += (len(request.method) + len(request.url.raw_path) + 12
                                   + _head_size(request.headers) + len(request.content))
-        self.stats.bytes_received += 17 + _head_size(response.headers) + len(response.content)
+        self.stats.bytes_received += (_status_line_size(response) + _head_size(response.headers)
+                                      + len(response.content))
 
     async def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         if self._http is None:
@@ -238,12 +243,16 @@ class SSEClient(HTTPClient):
     async def connect(self) -> None:
         await super().connect()
         query = urlencode({"after": self.last_id, "user": self.user})
-        request = self._http.build_request("GET", urljoin(self.url, "api/events?" + query))
+        # Say what we want, as EventSource does: jupyter-server-proxy streams a response
+        # only to a request with exactly this Accept (it buffers any other until it ends).
+        request = self._http.build_request("GET", urljoin(self.url, "api/events?" + query),
+                                           headers={"Accept": "text/event-stream"})
         self._stream = await self._http.send(request, stream=True)
         self._stream.raise_for_status()
         self.stats.requests += 1
         self.stats.bytes_sent += len(request.url.raw_path) + 15 + _head_size(request.headers)
-        self.stats.bytes_received += 17 + _head_size(self._stream.headers)
+        self.stats.bytes_received += (_status_line_size(self._stream)
+                                      + _head_size(self._stream.headers))
         self._lines = self._stream.aiter_lines()
 
     async def close(self) -> None:
@@ -303,6 +312,10 @@ class WebSocketClient(Client):
 
     async def close(self) -> None:
         if self.ws is not None:
+            # More than max_queue (16) unread frames pause reading (websockets' flow
+            # control), and then the server's CLOSE reply is never read: close() would hang
+            # for close_timeout (10 s). Read on: the closing handshake needs that frame.
+            self.ws.transport.resume_reading()
             await self.ws.close()
             self.ws = None
 
