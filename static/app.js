@@ -106,9 +106,14 @@
   }
 
   async function postJson(url, body) {
+    const headers = { 'Content-Type': 'application/json' };
+    // Behind jupyter-server-proxy the Jupyter server may want its XSRF token on POSTs
+    // (JupyterHub 4.1.0 did); send it back the way JupyterLab does, if there is one.
+    const xsrf = document.cookie.match(/(?:^|;\s*)_xsrf=([^;]*)/);
+    if (xsrf) headers['X-XSRFToken'] = decodeURIComponent(xsrf[1]);
     const res = await fetch(url, {
       method: 'POST',
-      headers: { 'Content-Type': 'application/json' },
+      headers,
       body: JSON.stringify(body),
       signal: AbortSignal.timeout(10000),
     });
