@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 
 import uvicorn
@@ -28,6 +29,28 @@ from .app import create_app
 from .hub import Hub
 from .limits import Limits
 from .store import MemoryLog, MessageLog
+
+
+class ClientMistakes(logging.Filter):
+    """Drop uvicorn log records that report a *client's* mistake as a server error.
+
+    In a notebook, uvicorn's log lands on the kernel's stderr, in the middle of a learner's
+    output. These two say nothing the client wasn't already told (a 403, a close 1007):
+    uvicorn 0.54 logs a refused handshake (``send_denial_response``) as an incomplete one,
+    and a text frame with invalid UTF-8 with a full traceback.
+    """
+
+    NOISE = ("ASGI callable returned without completing handshake",
+             "Invalid UTF-8 sequence received from client")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(noise in str(record.msg) for noise in self.NOISE)
+
+
+def quiet_client_mistakes() -> None:
+    logger = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, ClientMistakes) for f in logger.filters):
+        logger.addFilter(ClientMistakes())
 
 
 class KernelFriendlyServer(uvicorn.Server):
@@ -131,6 +154,7 @@ class ChatServer:
             access_log=False,
             timeout_graceful_shutdown=self.shutdown_timeout,
         )
+        quiet_client_mistakes()
         self._server = KernelFriendlyServer(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[self._socket]))
         loop = asyncio.get_running_loop()
