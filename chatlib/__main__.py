@@ -13,7 +13,8 @@ from .store import MemoryLog, SQLiteLog
 
 async def serve(args: argparse.Namespace) -> None:
     log = SQLiteLog(args.db) if args.db else MemoryLog()
-    limits = Limits(allowed_origins=set(args.allow_origin))
+    limits = Limits(allowed_origins=set(args.allow_origin), rate=args.rate, burst=args.burst,
+                    max_queue=args.max_queue)
     server = ChatServer(args.host, args.port, log=log, limits=limits,
                         compression=args.compression)
     await server.start()
@@ -38,6 +39,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="another browser origin allowed to connect (repeatable)")
     p.add_argument("--compression", action="store_true",
                    help="offer permessage-deflate to WebSocket clients")
+    defaults = Limits()
+    p.add_argument("--rate", type=float, default=defaults.rate,
+                   help=f"messages per second one client may send (default {defaults.rate:g})")
+    p.add_argument("--burst", type=int, default=defaults.burst,
+                   help=f"... with bursts of up to this many (default {defaults.burst})")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="frames queued for one slow push client before it is closed with 1013"
+                        f" (default {defaults.max_queue})")
     args = parser.parse_args(argv)
     asyncio.run(serve(args))
 

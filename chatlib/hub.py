@@ -25,8 +25,13 @@ GOING_AWAY = 1001
 TRY_AGAIN_LATER = 1013
 
 
+# One encoder for every call: json.dumps() with options builds a new JSONEncoder each time
+# (~1 µs of the ~2.5 µs it takes to encode a message frame).
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _encoder.encode(obj)
 
 
 def ws_frame(message: Message) -> str:
@@ -64,7 +69,10 @@ class Outbox:
             self.close(TRY_AGAIN_LATER)
             return
         self._items.append((message_id, payload))
-        self._ready.set()
+        if len(self._items) == 1:
+            # Only the first item can find the writer asleep (it sleeps only when the queue
+            # is empty): a fan-out burst skips an Event.set() call per item.
+            self._ready.set()
 
     def close(self, code: int) -> None:
         if not self.closed:
@@ -76,10 +84,13 @@ class Outbox:
         """Everything queued (waiting up to ``timeout`` for something); [] on timeout/close."""
         if not self._items and not self.closed:
             self._ready.clear()
-            try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
-            except TimeoutError:
-                return []
+            if timeout is None:  # the WebSocket writer's case: no wait_for() per wake-up
+                await self._ready.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._ready.wait(), timeout)
+                except TimeoutError:
+                    return []
         items = list(self._items)
         self._items.clear()
         return items

@@ -53,8 +53,12 @@ class ChatPanel(widgets.VBox):
         self._typing_timer: asyncio.TimerHandle | None = None
 
         self._status = widgets.HTML()
+        # ipywidgets 8 has no ``overflow_y`` (it was silently ignored: the log spilled out of
+        # its box over the input row). ``column-reverse`` starts the scroll at the bottom and
+        # keeps it there, so the newest message is in view, as in any chat window.
         self._log = widgets.HTML(layout=widgets.Layout(
-            height="260px", overflow_y="auto", border="1px solid #ddd", padding="4px 8px"))
+            height="260px", overflow="auto", flex_flow="column-reverse",
+            border="1px solid #ddd", padding="4px 8px"))
         self._who = widgets.HTML()
         self._typing = widgets.HTML(layout=widgets.Layout(height="1.6em"))
         self._input = widgets.Text(placeholder="Type a message, press Enter",

@@ -1,0 +1,352 @@
+"""The hub: bounded outboxes, fan-out, long-poll wake-ups and presence (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from chatlib import Limits, MemoryLog, Message, SQLiteLog
+from chatlib.hub import Hub, Outbox
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def log(request, tmp_path):
+    store = MemoryLog() if request.param == "memory" else SQLiteLog(tmp_path / "hub.db")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def hub_limits() -> Limits:
+    return Limits()
+
+
+@pytest.fixture
+def hub(log, hub_limits) -> Hub:
+    return Hub(log, hub_limits)
+
+
+def ws_events(items):
+    return [json.loads(payload) for _, payload in items]
+
+
+def sse_fields(payload: str) -> dict:
+    """The fields of one SSE event (``data`` joined), e.g. {"event": ..., "data": ...}."""
+    assert payload.endswith("\n\n"), payload
+    fields: dict[str, str] = {}
+    for line in payload[:-2].split("\n"):
+        name, _, value = line.partition(": ")
+        fields[name] = fields[name] + "\n" + value if name in fields else value
+    return fields
+
+
+async def drain(outbox: Outbox):
+    """Everything already queued in ``outbox``, without waiting."""
+    return await outbox.get(timeout=0)
+
+
+# -- Outbox -----------------------------------------------------------------------------
+
+
+async def test_outbox_keeps_order_and_gets_everything_queued():
+    outbox = Outbox("ws", "ada", limit=10)
+    for i in range(1, 6):
+        outbox.put(i, f"p{i}")
+    assert await outbox.get(timeout=1) == [(i, f"p{i}") for i in range(1, 6)]
+    assert await outbox.get(timeout=0.01) == []  # empty now: times out with []
+    assert not outbox.closed
+
+
+async def test_outbox_get_waits_for_a_put():
+    outbox = Outbox("sse", "", limit=10)
+    getter = asyncio.create_task(outbox.get(timeout=30))
+    await asyncio.sleep(0)  # let the getter start waiting
+    assert not getter.done()
+    outbox.put(7, "seven")
+    async with asyncio.timeout(5):
+        assert await getter == [(7, "seven")]
+
+
+async def test_outbox_overflow_closes_with_1013():
+    outbox = Outbox("ws", "slow", limit=3)
+    for i in range(1, 4):
+        outbox.put(i, str(i))
+    assert not outbox.closed
+    outbox.put(4, "4")  # one more than the limit
+    assert outbox.closed
+    assert outbox.close_code == 1013
+    async with asyncio.timeout(5):
+        assert await outbox.get() == []  # a closed outbox answers at once
+    outbox.put(5, "5")  # ignored once closed
+    assert await outbox.get(timeout=0) == []
+    outbox.close(1001)  # the first close code wins
+    assert outbox.close_code == 1013
+
+
+async def test_outbox_close_wakes_a_waiting_getter():
+    outbox = Outbox("ws", "ada", limit=3)
+    getter = asyncio.create_task(outbox.get())
+    await asyncio.sleep(0)
+    outbox.close(1001)
+    async with asyncio.timeout(5):
+        assert await getter == []
+    assert outbox.close_code == 1001
+
+
+# -- fan-out ----------------------------------------------------------------------------
+
+
+async def test_publish_reaches_every_push_client(hub):
+    ws = [hub.subscribe("ws", f"w{i}") for i in range(3)]
+    sse = [hub.subscribe("sse", f"s{i}") for i in range(2)] + [hub.subscribe("sse", "")]
+    for outbox in ws + sse:
+        await drain(outbox)  # presence notices
+    message = await hub.post("ada", "hello")
+    assert isinstance(message, Message)
+    for outbox in ws:
+        assert ws_events(await drain(outbox)) == [{"type": "message", **message.to_dict()}]
+    for outbox in sse:
+        [(message_id, payload)] = await drain(outbox)
+        assert message_id == message.id
+        fields = sse_fields(payload)
+        assert fields["id"] == str(message.id)
+        assert fields["event"] == "message"
+        assert json.loads(fields["data"]) == message.to_dict()
+
+
+async def test_publish_encodes_once_per_transport(hub, monkeypatch):
+    calls = []
+    original = Message.to_dict
+    monkeypatch.setattr(Message, "to_dict", lambda self: calls.append(self.id) or original(self))
+    ws = [hub.subscribe("ws", "") for _ in range(20)]
+    sse = [hub.subscribe("sse", "") for _ in range(20)]
+    message = await hub.post("ada", "once")
+    calls_for_message = calls.count(message.id)
+    assert 1 <= calls_for_message <= 2  # once per transport at most, not once per client
+    ws_payloads = [(await drain(o))[0][1] for o in ws]
+    sse_payloads = [(await drain(o))[0][1] for o in sse]
+    assert all(p is ws_payloads[0] for p in ws_payloads)  # the very same encoded object
+    assert all(p is sse_payloads[0] for p in sse_payloads)
+
+
+async def test_slow_outbox_is_closed_and_others_get_everything():
+    hub = Hub(MemoryLog(), Limits(max_queue=5))
+    slow = hub.subscribe("ws", "slow")
+    fast = hub.subscribe("ws", "fast")
+    sse = hub.subscribe("sse", "reader")
+    received = {"fast": [], "sse": []}
+    for i in range(20):
+        await hub.post("ada", str(i))
+        for name, outbox in (("fast", fast), ("sse", sse)):
+            received[name] += [mid for mid, _ in await drain(outbox) if mid]
+    assert slow.closed and slow.close_code == 1013
+    assert not fast.closed and not sse.closed
+    assert received["fast"] == received["sse"] == list(range(1, 21))
+    # The slow client can resume from the log after the last id it got.
+    assert [m.text for m in await hub.log.after(3)] == [str(i) for i in range(3, 20)]
+
+
+async def test_typing_is_broadcast_to_both_push_transports(hub):
+    ws = hub.subscribe("ws", "")
+    sse = hub.subscribe("sse", "")
+    hub.typing("ada")
+    assert ws_events(await drain(ws)) == [{"type": "typing", "user": "ada"}]
+    [(message_id, payload)] = await drain(sse)
+    assert message_id == 0
+    fields = sse_fields(payload)
+    assert fields["event"] == "typing"
+    assert json.loads(fields["data"]) == {"user": "ada"}
+
+
+async def test_typing_is_not_stored(hub):
+    hub.typing("ada")
+    assert await hub.log.last_id() == 0
+
+
+# -- long polling -----------------------------------------------------------------------
+
+
+async def test_wait_after_returns_at_once_when_messages_exist(hub):
+    first = await hub.post("ada", "one")
+    second = await hub.post("bob", "two")
+    async with asyncio.timeout(5):  # would hang for 60 s if it waited
+        assert await hub.wait_after(0, timeout=60) == [first, second]
+        assert await hub.wait_after(first.id, timeout=60) == [second]
+
+
+async def test_wait_after_waits_for_the_next_post(hub):
+    await hub.post("ada", "old")
+    waiter = asyncio.create_task(hub.wait_after(1, timeout=60))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiter.done()
+    message = await hub.post("bob", "new")
+    async with asyncio.timeout(5):
+        assert await waiter == [message]
+
+
+async def test_wait_after_times_out_with_nothing(hub):
+    async with asyncio.timeout(10):
+        assert await hub.wait_after(0, timeout=0.2) == []
+        assert await hub.wait_after(0, timeout=0) == []
+
+
+async def test_wait_after_ends_when_the_hub_closes(hub):
+    waiter = asyncio.create_task(hub.wait_after(0, timeout=60))
+    await asyncio.sleep(0)
+    hub.close()
+    async with asyncio.timeout(5):
+        assert await waiter == []
+    async with asyncio.timeout(5):  # and a new long poll does not wait at all
+        assert await hub.wait_after(0, timeout=60) == []
+
+
+class GatedLog:
+    """A log whose first ``after()`` pauses after reading, so a post can slip in."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.read_done = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.reads = 0
+
+    async def append(self, user, text):
+        return await self.inner.append(user, text)
+
+    async def after(self, after_id, limit=1000):
+        result = await self.inner.after(after_id, limit)
+        self.reads += 1
+        if self.reads == 1:
+            self.read_done.set()
+            await self.gate.wait()
+        return result
+
+    async def last_id(self):
+        return await self.inner.last_id()
+
+    async def close(self):
+        await self.inner.close()
+
+
+async def test_no_message_lost_when_a_post_races_a_long_poll(log):
+    gated = GatedLog(log)
+    hub = Hub(gated, Limits())
+    waiter = asyncio.create_task(hub.wait_after(0, timeout=60))
+    async with asyncio.timeout(5):
+        await gated.read_done.wait()  # the long poll read the (empty) log ...
+        message = await hub.post("ada", "in the gap")  # ... a post lands before it waits
+        gated.gate.set()
+        # It must not sleep through the post (60 s here, a hang guard of 5 s above).
+        assert await waiter == [message]
+
+
+async def test_many_long_polls_and_posts_interleaved_lose_nothing(hub):
+    count = 30
+
+    async def follower():
+        cursor, got = 0, []
+        while len(got) < count:
+            page = await hub.wait_after(cursor, timeout=60)
+            got += page
+            cursor = page[-1].id if page else cursor
+        return [m.text for m in got]
+
+    async def poster():
+        for i in range(count):
+            await hub.post("ada", str(i))
+            if i % 3 == 0:
+                await asyncio.sleep(0)
+
+    async with asyncio.timeout(20):
+        results = await asyncio.gather(*(follower() for _ in range(5)), poster())
+    for texts in results[:5]:
+        assert texts == [str(i) for i in range(count)]
+
+
+async def test_resolve_cursor(hub):
+    assert await hub.resolve_cursor(0) == (0, False)
+    assert await hub.resolve_cursor(-3) == (0, False)
+    assert await hub.resolve_cursor(5) == (0, True)  # past the end of an empty log
+    for i in range(3):
+        await hub.post("ada", str(i))
+    assert await hub.resolve_cursor(2) == (2, False)
+    assert await hub.resolve_cursor(3) == (3, False)
+    assert await hub.resolve_cursor(4) == (0, True)
+
+
+# -- presence ---------------------------------------------------------------------------
+
+
+async def test_presence_from_every_transport(hub):
+    ws = hub.subscribe("ws", "ada")
+    sse = hub.subscribe("sse", "bob")
+    reader = hub.subscribe("sse", "")  # an anonymous reader is not in the chat
+    hub.touch("carol")  # an HTTP (polling) user
+    assert hub.presence() == ["ada", "bob", "carol"]
+    hub.unsubscribe(ws)
+    hub.unsubscribe(sse)
+    hub.unsubscribe(reader)
+    assert hub.presence() == ["carol"]
+    hub.unsubscribe(ws)  # twice is harmless
+    assert hub.presence() == ["carol"]
+
+
+async def test_presence_counts_connections_per_user(hub):
+    first = hub.subscribe("ws", "ada")
+    second = hub.subscribe("sse", "ada")
+    assert hub.presence() == ["ada"]
+    hub.unsubscribe(first)
+    assert hub.presence() == ["ada"]  # still connected over SSE
+    hub.unsubscribe(second)
+    assert hub.presence() == []
+
+
+async def test_presence_changes_are_broadcast_once(hub):
+    watcher = hub.subscribe("ws", "")
+    sse_watcher = hub.subscribe("sse", "")
+    ada = hub.subscribe("ws", "ada")
+    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada"]}]
+    [(_, payload)] = await drain(sse_watcher)
+    assert sse_fields(payload)["event"] == "presence"
+    assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"]}
+    again = hub.subscribe("sse", "ada")  # same set of users: nothing to tell
+    assert await drain(watcher) == []
+    hub.touch("bob")
+    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada", "bob"]}]
+    hub.touch("bob")  # already present
+    assert await drain(watcher) == []
+    hub.unsubscribe(ada)
+    assert await drain(watcher) == []  # ada is still connected over SSE
+    hub.unsubscribe(again)
+    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["bob"]}]
+
+
+async def test_polling_users_expire_after_the_ttl():
+    hub = Hub(MemoryLog(), Limits(presence_ttl=0.05))
+    watcher = hub.subscribe("ws", "")
+    hub.touch("carol")
+    hub.subscribe("ws", "ada")
+    assert hub.presence() == ["ada", "carol"]
+    await drain(watcher)
+    async with asyncio.timeout(5):
+        while "carol" in hub.presence():  # bounded by the timeout
+            await asyncio.sleep(0.01)
+    assert hub.presence() == ["ada"]  # push users never expire while connected
+    hub.presence_changed()  # what the server's sweeper calls
+    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada"]}]
+    hub.touch("carol")  # back again
+    assert hub.presence() == ["ada", "carol"]
+
+
+async def test_close_closes_every_outbox_with_1001(hub):
+    outboxes = [hub.subscribe("ws", "ada"), hub.subscribe("sse", "bob")]
+    hub.close()
+    assert hub.closing.is_set()
+    for outbox in outboxes:
+        assert outbox.closed and outbox.close_code == 1001

@@ -1,0 +1,163 @@
+"""The message log: MemoryLog and SQLiteLog honour the same contract."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatlib import MemoryLog, Message, SQLiteLog
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def log(request, tmp_path):
+    store = MemoryLog() if request.param == "memory" else SQLiteLog(tmp_path / "chat.db")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_empty_log(log):
+    assert await log.last_id() == 0
+    assert await log.after(0) == []
+
+
+async def test_append_returns_the_stored_message(log):
+    message = await log.append("ada", "hello")
+    assert isinstance(message, Message)
+    assert (message.user, message.text) == ("ada", "hello")
+    assert message.id >= 1
+    assert isinstance(message.ts, float)
+    assert message.to_dict() == {"id": message.id, "ts": message.ts, "user": "ada",
+                                 "text": "hello"}
+    assert await log.after(0) == [message]
+
+
+async def test_ids_strictly_increase(log):
+    messages = [await log.append("ada", f"m{i}") for i in range(20)]
+    ids = [m.id for m in messages]
+    assert all(a < b for a, b in zip(ids, ids[1:], strict=False))
+    assert [m.text for m in await log.after(0)] == [f"m{i}" for i in range(20)]
+    assert all(a.ts <= b.ts for a, b in zip(messages, messages[1:], strict=False))
+
+
+async def test_concurrent_appends_get_distinct_increasing_ids(log):
+    messages = await asyncio.gather(*(log.append(f"u{i}", f"t{i}") for i in range(50)))
+    ids = [m.id for m in messages]
+    assert len(set(ids)) == 50
+    stored = await log.after(0)
+    assert [m.id for m in stored] == sorted(ids)
+    assert {m.text for m in stored} == {f"t{i}" for i in range(50)}
+
+
+async def test_after_and_limit(log):
+    messages = [await log.append("ada", str(i)) for i in range(10)]
+    ids = [m.id for m in messages]
+    assert await log.after(ids[4]) == messages[5:]
+    assert await log.after(ids[4], limit=3) == messages[5:8]
+    assert await log.after(0, limit=1) == messages[:1]
+    assert await log.after(ids[-1]) == []
+    assert await log.after(ids[-1] + 100) == []
+    assert await log.after(-5) == messages
+    # Paging with the limit visits every message exactly once.
+    seen, cursor = [], 0
+    while page := await log.after(cursor, limit=4):
+        seen += page
+        cursor = page[-1].id
+    assert seen == messages
+
+
+async def test_last_id(log):
+    assert await log.last_id() == 0
+    first = await log.append("ada", "one")
+    assert await log.last_id() == first.id
+    second = await log.append("bob", "two")
+    assert await log.last_id() == second.id > first.id
+
+
+async def test_text_is_stored_verbatim(log):
+    texts = ["<script>alert(1)</script>", "a\nb\r\nc\t", "naïve ☃ 🎉", "'; DROP TABLE x; --",
+             "\u0000nul", " padded  "]
+    for text in texts:
+        await log.append("ada", text)
+    assert [m.text for m in await log.after(0)] == texts
+
+
+async def test_sqlite_log_persists_across_reopen(tmp_path):
+    path = tmp_path / "history.db"
+    first = SQLiteLog(path)
+    try:
+        written = [await first.append("ada", f"m{i}") for i in range(5)]
+    finally:
+        await first.close()
+
+    second = SQLiteLog(path)
+    try:
+        assert await second.last_id() == written[-1].id
+        assert await second.after(0) == written
+        assert await second.after(written[1].id, limit=2) == written[2:4]
+        newer = await second.append("bob", "after restart")
+        assert newer.id > written[-1].id
+    finally:
+        await second.close()
+
+    third = SQLiteLog(path)
+    try:
+        assert [m.text for m in await third.after(0)] == [f"m{i}" for i in range(5)] + [
+            "after restart"]
+    finally:
+        await third.close()
+
+
+async def test_sqlite_ids_are_never_reused(tmp_path):
+    path = tmp_path / "ids.db"
+    log = SQLiteLog(path)
+    try:
+        ids = [(await log.append("ada", str(i))).id for i in range(3)]
+        await log._run(log._db.execute, "DELETE FROM messages WHERE id = ?", (ids[-1],))
+        again = await log.append("ada", "x")
+        assert again.id > ids[-1]
+    finally:
+        await log.close()
+
+
+async def test_memory_log_trims_oldest_and_keeps_ids():
+    log = MemoryLog(max_messages=10)
+    messages = [await log.append("ada", str(i)) for i in range(25)]
+    kept = await log.after(0)
+    assert 0 < len(kept) <= 10
+    assert kept == messages[-len(kept):]  # a suffix: the newest survive
+    assert await log.last_id() == messages[-1].id  # trimming never changes ids
+    # A client resuming from before the window gets what is left, in order.
+    assert await log.after(messages[2].id) == kept
+    assert await log.after(messages[-3].id) == messages[-2:]
+    nxt = await log.append("ada", "next")
+    assert nxt.id == messages[-1].id + 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    max_messages=st.integers(min_value=1, max_value=30),
+    count=st.integers(min_value=0, max_value=80),
+    cursor=st.integers(min_value=-2, max_value=90),
+    limit=st.integers(min_value=1, max_value=40),
+)
+def test_memory_log_matches_a_simple_model(max_messages, count, cursor, limit):
+    async def scenario():
+        log = MemoryLog(max_messages=max_messages)
+        appended = [await log.append("u", str(i)) for i in range(count)]
+        kept = await log.after(0, limit=10**9)
+        assert len(kept) <= max_messages
+        assert kept == appended[len(appended) - len(kept):]
+        if appended:
+            assert kept, "the newest message is always kept"
+        assert await log.last_id() == count
+        expected = [m for m in kept if m.id > cursor][:limit]
+        assert await log.after(cursor, limit) == expected
+
+    asyncio.run(scenario())
