@@ -29,8 +29,9 @@ chromium:
 lint: setup
 	$(BIN)/ruff check .
 
+# tests/ (unit, integration, kernel, browser, proxy, JupyterLab) and every notebook under nbval.
 test: setup chromium lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 tests notebooks
 
 bench: setup
 	$(BIN)/python bench/fanout.py
