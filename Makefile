@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup lab test lint chromium bench clean
+.PHONY: setup lab test lint chromium bench notebooks clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ lint: setup
 # tests/ (unit, integration, kernel, browser, proxy, JupyterLab) and every notebook under nbval.
 test: setup chromium lint
 	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 tests notebooks
+
+# Re-execute every notebook in place, so the outputs committed to git come from a clean run.
+notebooks: setup
+	cd notebooks && for nb in 0*.ipynb; do \
+	  ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.record_timing=False "$$nb" || exit 1; done
 
 bench: setup
 	$(BIN)/python bench/fanout.py

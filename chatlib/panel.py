@@ -25,6 +25,8 @@ CLIENTS = {"ws": WebSocketClient, "sse": SSEClient, "longpoll": LongPollClient,
            "poll": PollingClient}
 STATE_COLOURS = {"connecting": "#a60", "connected": "#080", "reconnecting": "#a60",
                  "closed": "#888"}
+SETTLE_S = 0.3
+"""Enter sends what the box holds once no edit of it has arrived for this long (see _submit)."""
 
 
 class ChatPanel(widgets.VBox):
@@ -51,6 +53,8 @@ class ChatPanel(widgets.VBox):
         self._changed = asyncio.Event()
         self._last_typing_sent = 0.0
         self._typing_timer: asyncio.TimerHandle | None = None
+        self._last_edit = 0.0  # time.monotonic() of the input box's latest value change
+        self._submits: set[asyncio.Task] = set()  # referenced until done
 
         self._status = widgets.HTML()
         # ipywidgets 8 has no ``overflow_y`` (it was silently ignored: the log spilled out of
@@ -185,10 +189,24 @@ class ChatPanel(widgets.VBox):
     # -- sending -------------------------------------------------------------------------
 
     def _submit(self) -> None:
+        # Enter (or Send) reaches the kernel at once, but ipywidgets holds the box's newest
+        # value back in the browser until the kernel has acknowledged the previous keystroke's
+        # update. Reading the box now could send a message without its last characters (seen
+        # in tests: "...noteboo"). A held-back value arrives within a round trip of the
+        # previous edit, so read the box once no edit has arrived for SETTLE_S.
+        task = asyncio.get_event_loop().create_task(self._submit_when_settled())
+        self._submits.add(task)
+        task.add_done_callback(self._submits.discard)
+
+    async def _submit_when_settled(self) -> None:
+        give_up = time.monotonic() + 4 * SETTLE_S  # someone typing on and on: send anyway
+        while (quiet := time.monotonic() - self._last_edit) < SETTLE_S \
+                and time.monotonic() < give_up:
+            await asyncio.sleep(SETTLE_S - quiet)
         text = self._input.value
         if text.strip():
             self._input.value = ""
-            asyncio.get_event_loop().create_task(self._send_or_restore(text))
+            await self._send_or_restore(text)
 
     async def _send_or_restore(self, text: str) -> None:
         try:
@@ -200,6 +218,7 @@ class ChatPanel(widgets.VBox):
 
     def _on_keystroke(self, change) -> None:
         now = time.monotonic()
+        self._last_edit = now
         if change["new"] and self._client is not None and now - self._last_typing_sent > 2:
             self._last_typing_sent = now
             asyncio.get_event_loop().create_task(self._client.send_typing())
