@@ -1,0 +1,86 @@
+"""Compare chatlib checkouts (before/after an optimisation) and the baseline on one load.
+
+    .venv/bin/python bench/compare.py /tmp/chatlib-before . baseline -n 100 -m 1000 --reps 7
+
+Each positional argument is a directory holding a ``chatlib/`` package (and ``static/``), run as
+``python -m chatlib serve`` from there so that that copy is imported, or ``baseline``. Runs
+alternate between them (A B C, C B A, ...), same pinning and load as ``fanout.py``; prints the
+median deliveries/s and server CPU µs/delivery of each, and the ratio to the last one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import fanout
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+
+
+def start(where: str, port: int) -> subprocess.Popen:
+    if where == "baseline":
+        return fanout.start_server("baseline", port, False)
+    cmd = [fanout.PY, "-m", "chatlib", "serve", "--port", str(port), *fanout.RATE_ARGS]
+    proc = subprocess.Popen(fanout.taskset(0) + cmd, cwd=where, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # "chatlib serving on ..." (or EOF if it died)
+    if "serving on" not in line:
+        fanout.stop_server(proc)
+        raise RuntimeError(f"chatlib in {where} did not start")
+    return proc
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stacks", nargs="+", help="chatlib checkout directories, or 'baseline'")
+    p.add_argument("-n", type=int, default=100)
+    p.add_argument("-m", type=int, default=1000)
+    p.add_argument("--mode", choices=["burst", "closed"], default="burst")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--port", type=int, default=19100)
+    a = p.parse_args()
+    stacks = [s if s == "baseline" else os.path.abspath(s) for s in a.stacks]
+    results: dict[str, list[dict]] = {s: [] for s in stacks}
+    port = a.port
+    for rep in range(a.reps):
+        for where in stacks if rep % 2 == 0 else stacks[::-1]:
+            port = fanout.free_port(port + 1)
+            proc = start(where, port)
+            try:
+                time.sleep(0.3)
+                done = subprocess.run(
+                    fanout.taskset(1) + [fanout.PY, "load_client.py", "--port", str(port),
+                                         "-n", str(a.n), "-m", str(a.m), "--mode", a.mode,
+                                         "--server-pid", str(proc.pid)],
+                    cwd=BENCH, capture_output=True, text=True, timeout=300)
+            finally:
+                fanout.stop_server(proc)
+            if done.returncode != 0:
+                print(f"{where}: load failed: {done.stderr[-300:]}", file=sys.stderr)
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            results[where].append(r)
+            print(f"rep {rep} {where[-32:]:>32}: {r['deliveries_per_s']:>9,.0f} del/s "
+                  f"{r['server_cpu_us_per_delivery']:.2f} µs/delivery "
+                  f"other_cpu={r['other_cpu_s']:.2f}s", flush=True)
+    med = statistics.median
+    last = results[stacks[-1]]
+    base_cpu = med([r["server_cpu_us_per_delivery"] for r in last]) if last else float("nan")
+    print(f"\nN={a.n} M={a.m} {a.mode}, medians of {a.reps}:")
+    print("| server | deliveries/s | server CPU µs/delivery | × last |\n|---|---:|---:|---:|")
+    for where, rr in results.items():
+        if rr:
+            cpu = med([r["server_cpu_us_per_delivery"] for r in rr])
+            print(f"| {where} | {med([r['deliveries_per_s'] for r in rr]):,.0f} | {cpu:.2f} "
+                  f"| {cpu / base_cpu:.2f} |")
+
+
+if __name__ == "__main__":
+    fanout.PIN = os.cpu_count() >= 2
+    main()

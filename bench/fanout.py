@@ -1,0 +1,475 @@
+"""chatlib's fan-out benchmark: ``make bench`` (= ``.venv/bin/python bench/fanout.py``).
+
+Every run starts a fresh server process pinned to CPU 0 (``taskset -c 0``), runs one load process
+pinned to CPU 1 (``taskset -c 1``), reads the server's CPU time and memory from /proc, and stops
+the server by PID. Sections (see bench/README.md for the method and the results):
+
+* ``ws-burst``   WebSocket fan-out, N=100 (M=1000) and N=1000 (M=100), chatlib vs a raw
+                 ``websockets`` broadcast server, alternating runs (A B A B ...), medians;
+* ``ws-closed``  the same, closed loop (next message once everyone got the previous one);
+* ``http``       long-poll and SSE fan-out at N=100 (chatlib only; a WebSocket run in between);
+* ``rss``        server memory with 1000 WebSocket clients, with and without permessage-deflate;
+* ``join``       1000 clients with distinct nicknames: the cost of presence broadcasts.
+
+chatlib is started with ``--rate 1000000 --burst 1000000``: its default limit (5 messages/s per
+client, bursts of 20) would throttle the one benchmark sender. Everything else is the default
+(``--max-queue 1024``, no compression unless the section says so).
+
+    .venv/bin/python bench/fanout.py              # everything, ~4 min on 2 cores
+    .venv/bin/python bench/fanout.py --quick      # 3 reps of ws-burst, 1 of http and rss, <1 min
+    .venv/bin/python bench/fanout.py --sections ws-burst --reps 7
+    .venv/bin/python bench/fanout.py --summarize bench/results/fanout-*.jsonl
+
+Results: one JSON line per run in ``bench/results/fanout-<date>.jsonl`` (git-ignored), markdown
+tables on stdout and in ``bench/results/fanout-<date>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+PY = sys.executable
+RATE_ARGS = ["--rate", "1000000", "--burst", "1000000"]
+LABEL = {"chatlib": "chatlib (Starlette + uvicorn websockets-sansio)",
+         "baseline": "baseline: raw websockets + broadcast()"}
+SECTIONS = ["ws-burst", "ws-closed", "http", "rss", "join"]
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def status_kb(pid: int, key: str) -> int | None:
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    return None
+
+
+def free_port(start: int) -> int:
+    for port in range(start, start + 200):  # bounded
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {start}..{start + 199}")
+
+
+def taskset(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if PIN else []
+
+
+def start_server(stack: str, port: int, compression: bool) -> subprocess.Popen:
+    if stack == "chatlib":
+        cmd = [PY, "-m", "chatlib", "serve", "--port", str(port), *RATE_ARGS]
+        cmd += ["--compression"] if compression else []
+    else:
+        cmd = [PY, os.path.join(BENCH, "baseline_server.py"), str(port)]
+    proc = subprocess.Popen(taskset(0) + cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:  # ready when it prints its "serving on" line (bounded: 20 s)
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout=20) or "serving on" not in proc.stdout.readline():
+                raise RuntimeError(f"{stack} did not start: {proc.stderr.read()[-500:]!r}"
+                                   if proc.poll() is not None else f"{stack} did not start")
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    """SIGTERM, then SIGKILL after 10 s; returns the tail of its stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    try:
+        return proc.stderr.read()[-800:]
+    except (OSError, ValueError):
+        return ""
+
+
+def one_run(stack: str, load: list[str], port: int, compression: bool, timeout: float) -> dict:
+    proc = start_server(stack, port, compression)
+    try:
+        time.sleep(0.3)
+        rss_idle = status_kb(proc.pid, "VmRSS")
+        cmd = [PY, *load, "--port", str(port), "--server-pid", str(proc.pid),
+               "--timeout", str(timeout)]
+        done = subprocess.run(taskset(1) + cmd, cwd=BENCH, capture_output=True, text=True,
+                              timeout=timeout + 90)
+        hwm = status_kb(proc.pid, "VmHWM")
+        if done.returncode != 0:
+            result = {"error": done.stderr[-1500:]}
+        else:
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+        result.update(stack=stack, server_VmRSS_idle_kB=rss_idle, server_VmHWM_kB=hwm,
+                      loadavg=open("/proc/loadavg").read().split()[0])
+        return result
+    except subprocess.TimeoutExpired:
+        return {"stack": stack, "error": "load process timed out"}
+    finally:
+        err = stop_server(proc)
+        if err.strip() and "Traceback" in err:
+            sys.stderr.write(f"[{stack} server stderr] {err}\n")
+
+
+# -- sections -----------------------------------------------------------------------------
+
+
+def plan(section: str, quick: bool, reps: int | None) -> list[dict]:
+    """The runs of one section, in the order they run (stacks alternate within a rep)."""
+    runs = []
+    if section in ("ws-burst", "ws-closed"):
+        mode = section.split("-")[1]
+        configs = [(100, 1000), (1000, 100)] if mode == "burst" else [(100, 200), (1000, 50)]
+        k = reps or (3 if quick else 9 if mode == "burst" else 5)
+        for n, m in configs:
+            for rep in range(k):
+                order = ["chatlib", "baseline"] if rep % 2 == 0 else ["baseline", "chatlib"]
+                for stack in order:
+                    runs.append(dict(section=section, stack=stack, rep=rep, compression=False,
+                                     load=["load_client.py", "-n", str(n), "-m", str(m),
+                                           "--mode", mode]))
+    elif section == "http":
+        k = reps or (1 if quick else 5)
+        for rep in range(k):
+            for transport in ("longpoll", "sse", "ws"):
+                load = (["load_client.py", "-n", "100", "-m", "300"] if transport == "ws" else
+                        ["http_fanout.py", "--transport", transport, "-n", "100", "-m", "300"])
+                runs.append(dict(section=section, stack="chatlib", rep=rep, compression=False,
+                                 transport=transport, load=load))
+    elif section == "rss":
+        k = reps or (1 if quick else 3)
+        for rep in range(k):
+            for compression in (False, True):
+                for stack in ("chatlib", "baseline"):
+                    runs.append(dict(section=section, stack=stack, rep=rep,
+                                     compression=compression,
+                                     load=["load_client.py", "-n", "1000", "-m", "20",
+                                           "--compression",
+                                           "deflate" if compression else "none"]))
+    elif section == "join":
+        k = reps or 1
+        for rep in range(k):
+            for stack in ("chatlib", "baseline"):
+                runs.append(dict(section=section, stack=stack, rep=rep, compression=False,
+                                 load=["load_client.py", "-n", "1000", "-m", "20",
+                                       "--users", "distinct"]))
+    return runs
+
+
+def disturbed(r: dict, max_other: float) -> bool:
+    """Did other processes on the machine use more than ``max_other`` of a core meanwhile?"""
+    return "error" not in r and r["other_cpu_s"] > max_other * max(r["total_s"], 0.1)
+
+
+def describe(r: dict) -> str:
+    if "error" in r:
+        return f"ERROR {r['error'][-400:]}"
+    return (f"{r['deliveries_per_s']:>9,.0f} del/s p50={r['lat_p50_ms']:.1f}ms "
+            f"p99={r['lat_p99_ms']:.1f}ms cpu={r['server_cpu_us_per_delivery']:.2f}us/del "
+            f"(u{r['server_utime_s']:.2f}/s{r['server_stime_s']:.2f}s) "
+            f"conn={r['connect_s']:.2f}s rss={(r['server_VmRSS_connected_kB'] or 0) / 1024:.1f}MiB "
+            f"ok={r['delivered'] == r['expected']} other_cpu={r['other_cpu_s']:.2f}s"
+            + (" TIMEOUT" if r.get("timed_out") else "")
+            + (f" CLOSED{r['early_close_codes']}" if r.get("early_closes") else ""))
+
+
+def environment() -> dict:
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    return dict(
+        date=time.strftime("%Y-%m-%d %H:%M %Z"), cpus=os.cpu_count(), cpu=cpu,
+        kernel=platform.release(), python=platform.python_version(), chatlib_commit=commit,
+        **{pkg: version(pkg) for pkg in
+           ("websockets", "uvicorn", "starlette", "h11", "httptools", "uvloop")},
+        pinned=PIN,
+    )
+
+
+# -- tables -------------------------------------------------------------------------------
+
+
+def usable(r: dict) -> bool:
+    """Runs that failed, or that other processes disturbed on every attempt, are left out."""
+    return "error" not in r and not r.get("disturbed")
+
+
+def med(values: list) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: list, fmt: str) -> str:
+    return f"{format(med(values), fmt)} [{format(min(values), fmt)}–{format(max(values), fmt)}]"
+
+
+def mib(kb) -> float:
+    return kb / 1024 if kb else float("nan")
+
+
+def ws_tables(results: list[dict], section: str) -> list[str]:
+    out = []
+    rows = [r for r in results if r.get("section") == section and usable(r)]
+    for n in sorted({r["N"] for r in rows}):
+        at_n = [r for r in rows if r["N"] == n]
+        m = at_n[0]["M"]
+        by = {s: [r for r in at_n if r["stack"] == s] for s in ("chatlib", "baseline")}
+        if not by["baseline"] or not by["chatlib"]:
+            continue
+        base_dps = med([r["deliveries_per_s"] for r in by["baseline"]])
+        base_cpu = med([r["server_cpu_us_per_delivery"] for r in by["baseline"]])
+        out += [f"\n**{section}, N={n} clients, M={m} messages** — median of "
+                f"{len(by['chatlib'])}/{len(by['baseline'])} runs [min–max]\n",
+                "| server | deliveries/s | × baseline | p50 ms | p99 ms "
+                "| server CPU µs/delivery (user+sys) | × baseline | server RSS MiB idle / "
+                "connected / VmHWM | all delivered |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for stack, rr in by.items():
+            dps = [r["deliveries_per_s"] for r in rr]
+            cpu = [r["server_cpu_us_per_delivery"] for r in rr]
+            user = med([r["server_user_us_per_delivery"] for r in rr])
+            sys_ = med([r["server_sys_us_per_delivery"] for r in rr])
+            ok = all(r["delivered"] == r["expected"] and not r.get("early_closes") for r in rr)
+            out.append(
+                f"| {LABEL[stack]} | {spread(dps, ',.0f')} | {med(dps) / base_dps:.2f} "
+                f"| {med([r['lat_p50_ms'] for r in rr]):.1f} "
+                f"| {med([r['lat_p99_ms'] for r in rr]):.1f} "
+                f"| {spread(cpu, '.2f')} ({user:.1f}+{sys_:.1f}) | {med(cpu) / base_cpu:.2f} "
+                f"| {mib(med([r['server_VmRSS_idle_kB'] for r in rr])):.1f} / "
+                f"{mib(med([r['server_VmRSS_connected_kB'] for r in rr])):.1f} / "
+                f"{mib(med([r['server_VmHWM_kB'] for r in rr])):.1f} | {ok} |")
+        pairs = paired(by["chatlib"], by["baseline"])
+        if pairs:
+            out.append(f"\nPaired ratios chatlib/baseline (run i vs run i): deliveries/s "
+                       f"{spread([p[0] for p in pairs], '.2f')}, CPU/delivery "
+                       f"{spread([p[1] for p in pairs], '.2f')}. Load process busy "
+                       f"{med([r['client_busy'] for r in at_n]):.0%} (median); CPU used by "
+                       f"other processes during the timed phase: median "
+                       f"{med([r['other_cpu_s'] for r in at_n]):.2f} s, max "
+                       f"{max(r['other_cpu_s'] for r in at_n):.2f} s.")
+    return out
+
+
+def paired(a: list[dict], b: list[dict]) -> list[tuple[float, float]]:
+    by_rep = {r["rep"]: r for r in b}
+    return [(r["deliveries_per_s"] / by_rep[r["rep"]]["deliveries_per_s"],
+             r["server_cpu_us_per_delivery"] / by_rep[r["rep"]]["server_cpu_us_per_delivery"])
+            for r in a if r["rep"] in by_rep]
+
+
+def http_table(results: list[dict]) -> list[str]:
+    rows = [r for r in results if r.get("section") == "http" and usable(r)]
+    if not rows:
+        return []
+    out = [f"\n**http: chatlib fan-out by transport, N=100 receivers, M={rows[0]['M']} messages "
+           f"in a burst** — median of {len(rows) // 3 or 1} runs [min–max]\n",
+           "| transport | sender | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery "
+           "(user+sys) | responses per client | all delivered |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
+    names = {"longpoll": "long poll (`GET /api/messages?after=&wait=25`)",
+             "sse": "SSE (`GET /api/events`)", "ws": "WebSocket (`/ws`)"}
+    for transport in ("longpoll", "sse", "ws"):
+        rr = [r for r in rows if r.get("transport", "ws") == transport]
+        if not rr:
+            continue
+        sender = "WebSocket frames" if transport == "ws" else "`POST /api/messages`, one at a time"
+        polls = med([r.get("responses_per_client") for r in rr])
+        dps = spread([r["deliveries_per_s"] for r in rr], ",.0f")
+        p50, p99 = med([r["lat_p50_ms"] for r in rr]), med([r["lat_p99_ms"] for r in rr])
+        out.append(
+            f"| {names[transport]} | {sender} | {dps} | {p50:.1f} | {p99:.1f} "
+            f"| {spread([r['server_cpu_us_per_delivery'] for r in rr], '.1f')} "
+            f"({med([r['server_user_us_per_delivery'] for r in rr]):.1f}"
+            f"+{med([r['server_sys_us_per_delivery'] for r in rr]):.1f}) "
+            f"| {'-' if polls != polls else f'{polls:.0f}'} "
+            f"| {all(r['delivered'] == r['expected'] for r in rr)} |")
+    return out
+
+
+def rss_table(results: list[dict]) -> list[str]:
+    rows = [r for r in results if r.get("section") == "rss" and usable(r)]
+    if not rows:
+        return []
+    out = [f"\n**rss: server memory, N=1000 WebSocket clients** — median of "
+           f"{max(1, len(rows) // 4)} runs (MiB; VmRSS from /proc/PID/status)\n",
+           "| server | permessage-deflate | idle | 1000 connected | after fan-out of 20 "
+           "messages | VmHWM | KiB per connection | negotiated |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
+    for stack in ("chatlib", "baseline"):
+        for compression in ("none", "deflate"):
+            rr = [r for r in rows if r["stack"] == stack and r["compression"] == compression]
+            if not rr:
+                continue
+            idle = med([r["server_VmRSS_idle_kB"] for r in rr])
+            conn = med([r["server_VmRSS_connected_kB"] for r in rr])
+            after = med([r["server_VmRSS_after_kB"] for r in rr])
+            ext = (rr[0].get("negotiated_ext") or "-").split(";")[0]
+            out.append(f"| {LABEL[stack]} | {compression} | {mib(idle):.1f} | {mib(conn):.1f} "
+                       f"| {mib(after):.1f} | {mib(med([r['server_VmHWM_kB'] for r in rr])):.1f} "
+                       f"| {(after - idle) / 1000:.1f} | {ext} |")
+    return out
+
+
+def join_table(results: list[dict]) -> list[str]:
+    rows = [r for r in results if r.get("section") == "join" and usable(r)]
+    shared = [r for r in results if r.get("section") == "rss" and usable(r)
+              and r["compression"] == "none"]
+    if not rows:
+        return []
+    out = ["\n**join: 1000 WebSocket clients connect and say hello** — connect: all handshakes "
+           "and hellos sent; ready: every client has seen a message sent after that\n",
+           "| server | nicknames | connect s | ready s | presence frames received by clients "
+           "| server VmRSS connected MiB | VmHWM MiB |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for users, rr_all in (("shared (`load`)", shared), ("distinct (`load1`…`load999`)", rows)):
+        for stack in ("chatlib", "baseline"):
+            rr = [r for r in rr_all if r["stack"] == stack]
+            if rr:
+                out.append(f"| {LABEL[stack]} | {users} | {med([r['connect_s'] for r in rr]):.2f} "
+                           f"| {med([r.get('ready_s') for r in rr]):.2f} "
+                           f"| {med([r['other_frames'] for r in rr]):,.0f} "
+                           f"| {mib(med([r['server_VmRSS_connected_kB'] for r in rr])):.1f} "
+                           f"| {mib(med([r['server_VmHWM_kB'] for r in rr])):.1f} |")
+    return out
+
+
+def tables(results: list[dict], env: dict | None) -> str:
+    out = []
+    if env:
+        out.append(
+            f"Run {env['date']} on {env['cpus']} CPUs ({env['cpu']}), Linux {env['kernel']}, "
+            f"Python {env['python']}, websockets {env['websockets']}, uvicorn {env['uvicorn']}, "
+            f"starlette {env['starlette']}, h11 {env['h11']} (httptools {env['httptools']}, "
+            f"uvloop {env['uvloop']}); chatlib {env['chatlib_commit']}; server on CPU 0, load "
+            f"on CPU 1: {env['pinned']}.")
+    out += ws_tables(results, "ws-burst") + ws_tables(results, "ws-closed")
+    out += http_table(results) + rss_table(results) + join_table(results)
+    errors = [r for r in results if "error" in r]
+    if errors:
+        out.append(f"\n{len(errors)} run(s) failed: "
+                   + "; ".join(f"{r.get('section')}/{r.get('stack')}" for r in errors))
+    left_out = [r for r in results if r.get("disturbed")]
+    retried = [r for r in results if r.get("attempt", 1) > 1 and not r.get("disturbed")]
+    out.append(f"\nOther processes on the machine: {len(retried)} run(s) were repeated because "
+               f"something else used CPU meanwhile; {len(left_out)} left out (disturbed on "
+               f"every attempt: "
+               + (", ".join(f"{r.get('section')}/{r.get('stack')}/N={r.get('N')}"
+                            for r in left_out) or "none") + ").")
+    return "\n".join(out) + "\n"
+
+
+# -- main -----------------------------------------------------------------------------------
+
+PIN = True
+
+
+def main() -> None:
+    global PIN
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer repetitions, no closed loop")
+    p.add_argument("--sections", default=None,
+                   help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--reps", type=int, default=None, help="repetitions per configuration")
+    p.add_argument("--port", type=int, default=18800, help="first port to try (127.0.0.1)")
+    p.add_argument("--timeout", type=float, default=120, help="per load process, seconds")
+    p.add_argument("--no-pin", action="store_true", help="don't use taskset")
+    p.add_argument("--max-other", type=float, default=0.2,
+                   help="a run during which other processes used more than this fraction of a "
+                        "core is repeated (default 0.2)")
+    p.add_argument("--retries", type=int, default=2, help="... at most this many times")
+    p.add_argument("--summarize", nargs="+", metavar="JSONL", help="print tables of old runs")
+    a = p.parse_args()
+    if a.summarize:
+        results, env = [], None
+        for path in a.summarize:
+            for line in open(path):
+                record = json.loads(line)
+                if record.get("section") == "environment":
+                    env = record
+                else:
+                    results.append(record)
+        print(tables(results, env))
+        return
+    PIN = not a.no_pin and os.cpu_count() >= 2 and bool(
+        subprocess.run(["which", "taskset"], capture_output=True).stdout)
+    sections = a.sections.split(",") if a.sections else (
+        ["ws-burst", "http", "rss"] if a.quick else SECTIONS)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections: {sorted(unknown)}")
+    runs = [r for s in sections for r in plan(s, a.quick, a.reps)]
+    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(BENCH, "results", f"fanout-{stamp}.jsonl")
+    env = environment()
+    results = []
+    started = time.monotonic()
+    print(f"{len(runs)} runs; results in {os.path.relpath(path, ROOT)}", flush=True)
+    port = a.port
+    with open(path, "w") as f:
+        f.write(json.dumps({"section": "environment", **env}) + "\n")
+        for i, run in enumerate(runs):
+            for attempt in range(1, a.retries + 2):  # bounded: retries + 1 attempts
+                port = free_port(port + 1)
+                result = one_run(run["stack"], run["load"], port, run["compression"],
+                                 a.timeout)
+                result["attempt"] = attempt
+                result["disturbed"] = disturbed(result, a.max_other)
+                if not result["disturbed"]:
+                    break
+                print(f"    (disturbed: other processes used {result['other_cpu_s']:.2f} s of "
+                      f"CPU in {result['total_s']:.2f} s; again)", flush=True)
+            result.update({k: v for k, v in run.items() if k != "load"})
+            result["compression"] = "deflate" if run["compression"] else "none"
+            results.append(result)
+            f.write(json.dumps(result) + "\n")
+            f.flush()
+            what = (f"{run['section']:9s} {run.get('transport', '')[:8]:8s} {run['stack']:8s} "
+                    f"N={result.get('N', '?')} rep={run['rep']}")
+            print(f"[{i + 1}/{len(runs)} {time.monotonic() - started:5.0f}s] {what}: "
+                  f"{describe(result)}", flush=True)
+    report = tables(results, env)
+    with open(path.replace(".jsonl", ".md"), "w") as f:
+        f.write(report)
+    print("\n" + report)
+    print(f"wrote {os.path.relpath(path, ROOT)} and .md ({time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
