@@ -118,6 +118,8 @@ class Hub:
         self._connected: Counter[str] = Counter()  # WebSocket and SSE users
         self._polled: dict[str, float] = {}  # HTTP users -> last request (monotonic)
         self._presence_sent: list[str] = []
+        self._presence_sent_at = float("-inf")  # loop time of the last presence broadcast
+        self._presence_due: asyncio.TimerHandle | None = None
         self.closing = asyncio.Event()
 
     # -- messages ------------------------------------------------------------------------
@@ -164,11 +166,16 @@ class Hub:
 
     # -- events that are not messages ----------------------------------------------------
 
+    @staticmethod
+    def _payloads(event: str, data: dict) -> dict[str, str]:
+        """An event that is not a message, encoded for each push transport."""
+        return {"ws": dumps({"type": event, **data}),
+                "sse": f"event: {event}\ndata: {dumps(data)}\n\n"}
+
     def _broadcast(self, event: str, data: dict) -> None:
-        ws_payload = dumps({"type": event, **data})
-        sse_payload = f"event: {event}\ndata: {dumps(data)}\n\n"
-        put_all(self._outboxes["ws"], (0, ws_payload))
-        put_all(self._outboxes["sse"], (0, sse_payload))
+        payloads = self._payloads(event, data)
+        for kind, outboxes in self._outboxes.items():
+            put_all(outboxes, (0, payloads[kind]))
 
     def typing(self, user: str) -> None:
         self._broadcast("typing", {"user": user})
@@ -180,6 +187,8 @@ class Hub:
         outbox = Outbox(kind, user, self.limits.max_queue)
         self._outboxes[kind].add(outbox)
         if user:
+            if user in self._presence_sent:  # a second tab: the list won't change; tell it
+                outbox.put(0, self._payloads("presence", {"users": self._presence_sent})[kind])
             self._connected[user] += 1
             self.presence_changed()
         return outbox
@@ -207,10 +216,26 @@ class Hub:
         return sorted(set(self._connected) | set(self._polled))
 
     def presence_changed(self) -> None:
-        """Tell everyone who is here, if that changed since we last told them."""
+        """Tell everyone who is here, if that changed: now, or with the next broadcast.
+
+        Broadcasts are at least ``presence_interval`` apart; changes in between are told
+        together when it has passed.
+        """
+        if self._presence_due is not None:
+            return  # a broadcast is already scheduled: it will say what is true then
+        loop = asyncio.get_running_loop()
+        wait = self._presence_sent_at + self.limits.presence_interval - loop.time()
+        if wait > 0:
+            self._presence_due = loop.call_later(wait, self._broadcast_presence)
+        else:
+            self._broadcast_presence()
+
+    def _broadcast_presence(self) -> None:
+        self._presence_due = None
         users = self.presence()
         if users != self._presence_sent:
             self._presence_sent = users
+            self._presence_sent_at = asyncio.get_running_loop().time()
             self._broadcast("presence", {"users": users})
 
     # -- shutdown ------------------------------------------------------------------------
@@ -218,6 +243,8 @@ class Hub:
     def close(self) -> None:
         """The server is stopping: end long polls and SSE streams, close WebSockets (1001)."""
         self.closing.set()
+        if self._presence_due is not None:
+            self._presence_due.cancel()
         for outboxes in self._outboxes.values():
             for outbox in outboxes:
                 outbox.close(GOING_AWAY)

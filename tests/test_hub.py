@@ -24,7 +24,8 @@ async def log(request, tmp_path):
 
 @pytest.fixture
 def hub_limits() -> Limits:
-    return Limits()
+    # Presence broadcasts at once (coalescing is tested on its own below).
+    return Limits(presence_interval=0)
 
 
 @pytest.fixture
@@ -328,7 +329,7 @@ async def test_presence_changes_are_broadcast_once(hub):
 
 
 async def test_polling_users_expire_after_the_ttl():
-    hub = Hub(MemoryLog(), Limits(presence_ttl=0.05))
+    hub = Hub(MemoryLog(), Limits(presence_ttl=0.05, presence_interval=0))
     watcher = hub.subscribe("ws", "")
     hub.touch("carol")
     hub.subscribe("ws", "ada")
@@ -350,3 +351,27 @@ async def test_close_closes_every_outbox_with_1001(hub):
     assert hub.closing.is_set()
     for outbox in outboxes:
         assert outbox.closed and outbox.close_code == 1001
+
+
+async def test_presence_broadcasts_are_coalesced_when_many_join_at_once():
+    hub = Hub(MemoryLog(), Limits(presence_interval=0.2))
+    watcher = hub.subscribe("ws", "watcher")
+    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["watcher"]}]
+    joined = [hub.subscribe("ws", f"user{i:03}") for i in range(300)]
+    assert await drain(watcher) == []  # within the interval: told together, later
+    async with asyncio.timeout(5):
+        events = ws_events(await watcher.get())
+    everyone = sorted(["watcher"] + [f"user{i:03}" for i in range(300)])
+    assert events == [{"type": "presence", "users": everyone}]
+    # Each newcomer got that one list, not up to 300 of them.
+    for outbox in joined:
+        assert ws_events(await drain(outbox)) == [{"type": "presence", "users": everyone}]
+
+
+async def test_a_second_tab_of_a_present_user_is_told_who_is_here(hub):
+    first = hub.subscribe("ws", "ada")
+    assert ws_events(await drain(first)) == [{"type": "presence", "users": ["ada"]}]
+    second = hub.subscribe("sse", "ada")  # nobody new: no broadcast, yet it must know
+    [(_, payload)] = await drain(second)
+    assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"]}
+    assert await drain(first) == []
