@@ -120,15 +120,46 @@ class Hub:
         self._presence_sent: list[str] = []
         self._presence_sent_at = float("-inf")  # loop time of the last presence broadcast
         self._presence_due: asyncio.TimerHandle | None = None
+        self._published = 0  # every message up to this id has been fanned out
+        self._publishing = asyncio.Lock()
+        self._follower: asyncio.Task | None = None
         self.closing = asyncio.Event()
+
+    async def start(self) -> None:
+        """Begin after what the log already holds; follow other writers if it has any."""
+        self._published = await self.log.last_id()
+        if getattr(self.log, "poll_interval", None):
+            self._follower = asyncio.ensure_future(self._follow(self.log.poll_interval))
 
     # -- messages ------------------------------------------------------------------------
 
     async def post(self, user: str, text: str) -> Message:
         """Append to the log and fan out. Returns the stored message."""
         message = await self.log.append(user, text)
-        self._publish(message)
+        await self.catch_up()
         return message
+
+    async def catch_up(self) -> None:
+        """Fan out, in id order, every message in the log not fanned out yet.
+
+        Usually that is just the message this process appended; with a log that other
+        processes write to, it also picks up theirs, in the order of the log's ids (which
+        is what writers' dedupe-by-id relies on).
+        """
+        async with self._publishing:
+            for _ in range(1_000_000):  # pages; ends when caught up
+                page = await self.log.after(self._published, self.limits.history)
+                for message in page:
+                    self._publish(message)
+                if page:
+                    self._published = page[-1].id
+                if len(page) < self.limits.history:
+                    return
+
+    async def _follow(self, interval: float) -> None:
+        while not self.closing.is_set():
+            await asyncio.sleep(interval)
+            await self.catch_up()
 
     def _publish(self, message: Message) -> None:
         ws, sse = self._outboxes["ws"], self._outboxes["sse"]
@@ -243,6 +274,8 @@ class Hub:
     def close(self) -> None:
         """The server is stopping: end long polls and SSE streams, close WebSockets (1001)."""
         self.closing.set()
+        if self._follower is not None:
+            self._follower.cancel()
         if self._presence_due is not None:
             self._presence_due.cancel()
         for outboxes in self._outboxes.values():

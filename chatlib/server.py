@@ -136,9 +136,14 @@ class ChatServer:
     async def start(self, timeout: float = 10.0) -> ChatServer:
         if self.running:
             return self
-        self._socket = bind_socket(self.host, self.requested_port)
-        self.port = self._socket.getsockname()[1]
         self.hub = Hub(self.log, self.limits)
+        await self.hub.start()
+        try:
+            self._socket = bind_socket(self.host, self.requested_port)
+        except OSError:
+            self.hub.close()
+            raise
+        self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(
             create_app(self.hub),
             ws="websockets-sansio",

@@ -10,7 +10,8 @@ Two stores implement :class:`MessageLog`:
 * :class:`MemoryLog` (the default): a list in the server's process; history lives as long
   as the process (a re-run of the start cell in a notebook keeps it).
 * :class:`SQLiteLog`: the same interface on an SQLite database file, for history that
-  survives restarts and for several server processes sharing one history.
+  survives restarts and for several server processes sharing one history (each server
+  looks for the others' messages every ``poll_interval`` seconds and fans them out).
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class Message:
 class MessageLog(Protocol):
     """What every store offers. All methods are coroutines so a store may do I/O."""
 
+    poll_interval: float | None
+    """For a store that other processes append to as well: how often (seconds) a server
+    should look for their messages, to fan them out to its own clients. None: only this
+    process writes."""
+
     async def append(self, user: str, text: str) -> Message:
         """Store a message, give it the next id and a timestamp, and return it."""
 
@@ -68,6 +74,7 @@ class MemoryLog:
         self._ids: list[int] = []
         self._next_id = 1
         self.max_messages = max_messages
+        self.poll_interval = None
 
     async def append(self, user: str, text: str) -> Message:
         message = Message(self._next_id, time.time(), user, text)
@@ -99,8 +106,9 @@ class SQLiteLog:
     handed out in the order messages are published.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, poll_interval: float = 0.1) -> None:
         self.path = str(path)
+        self.poll_interval = poll_interval  # several server processes may share the file
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
