@@ -2,7 +2,7 @@
 
 Learners install with pip (``make``) or conda (Binder, ``environment.yml``); both must get
 the same dependencies. Names are compared normalised (PEP 503: case, ``-``/``_``/``.``);
-``python`` and ``pip`` themselves, and pip options such as ``--no-deps -e .``, are not
+``python`` and ``pip`` themselves, and pip options such as ``-e .``, are not
 packages to compare.
 """
 
@@ -107,7 +107,7 @@ def environment_specs() -> tuple[list[str], list[str]]:
 def environment_requirements() -> dict[str, SpecifierSet]:
     conda, pip = environment_specs()
     specs = [s for s in conda if parse_spec(s)[0] not in IGNORED]
-    specs += [s for s in pip if not s.startswith("-")]  # pip options, e.g. "--no-deps -e ."
+    specs += [s for s in pip if not s.startswith("-")]  # pip options, e.g. "-e ."
     return as_mapping(specs, "environment.yml")
 
 
