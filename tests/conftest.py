@@ -27,6 +27,7 @@ import contextlib
 
 import httpx
 import pytest
+from helpers import shut_down
 
 from chatlib import (
     ChatServer,
@@ -77,9 +78,7 @@ async def start_chat():
     try:
         yield start
     finally:
-        for server in reversed(servers):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.stop(), 20)
+        await shut_down(servers, "stop", 20)
 
 
 @pytest.fixture
@@ -107,9 +106,7 @@ async def make_client():
     try:
         yield make
     finally:
-        for client in reversed(clients):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), 5)
+        await shut_down(clients, "close", 5)
 
 
 async def wait_present(url: str, user: str, timeout: float = 10.0) -> None:

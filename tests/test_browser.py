@@ -21,13 +21,13 @@ What is checked:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
+from helpers import shut_down
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from chatlib import ChatServer, MemoryLog, WebSocketClient
@@ -80,9 +80,7 @@ async def start_server():
     try:
         yield start
     finally:
-        for server in reversed(servers):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.stop(), 15)
+        await shut_down(servers, "stop", 15)
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -104,9 +102,7 @@ async def python_client():
     try:
         yield make
     finally:
-        for client in reversed(clients):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), 5)
+        await shut_down(clients, "close", 5)
 
 
 class ChatPage:

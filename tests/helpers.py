@@ -1,0 +1,13 @@
+"""Small helpers shared by test modules (tests/ is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+async def shut_down(things, method: str, timeout: float) -> None:
+    """Call ``thing.<method>()`` on each, newest first; one failure never stops the rest."""
+    for thing in reversed(things):
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(getattr(thing, method)(), timeout)
