@@ -26,7 +26,7 @@ import asyncio
 import json
 import time
 
-from load_client import PAD, proc_cpu, status_kb, summary, system_busy_s
+from load_client import PAD, proc_cpu, status_kb, summary, system_busy_s, timed_phase
 
 
 class Http:
@@ -175,21 +175,13 @@ async def run(a: argparse.Namespace) -> dict:
 
         cpu0, my0, sys0 = proc_cpu(a.server_pid), time.process_time(), system_busy_s()
         t0 = time.monotonic_ns()
-        timed_out = False
 
         async def send_all() -> None:
             for seq in range(m):
                 await post(f"m {seq} {time.monotonic_ns()} {PAD}")
 
-        sending = asyncio.create_task(send_all())
-        try:
-            await asyncio.wait_for(all_done.wait(), max(1.0, deadline - loop.time()))
-            await sending
-        except TimeoutError:
-            timed_out = True
-            sending.cancel()
-        t_stop = time.monotonic_ns()
-        cpu1, my1, sys1 = proc_cpu(a.server_pid), time.process_time(), system_busy_s()
+        timed_out, t_stop, (cpu1, my1, sys1) = await timed_phase(
+            send_all, all_done, deadline - loop.time(), a.server_pid)
         t_end = max(last_recv) if any(last_recv) else t_stop
         res = summary(n, m, sum(got), lat, t0, t_end, cpu0, cpu1, my0, my1, sys0, sys1)
         res.update(mode="burst", transport=a.transport, connect_s=round(connect_s, 3),

@@ -111,6 +111,23 @@ def summary(n, m, delivered, lat_ns, t0, t_end, cpu0, cpu1, my0, my1, sys0, sys1
     )
 
 
+async def timed_phase(send_all, all_done: asyncio.Event, timeout: float, server_pid: int):
+    """Run ``send_all()`` until every delivery is in (``all_done``) or ``timeout`` passes.
+
+    Returns ``(timed_out, t_stop_ns, (server_cpu, own_cpu, system_busy))`` read at the end.
+    """
+    sending = asyncio.create_task(send_all())
+    timed_out = False
+    try:
+        await asyncio.wait_for(all_done.wait(), max(1.0, timeout))
+        await sending
+    except TimeoutError:
+        timed_out = True
+        sending.cancel()
+    t_stop = time.monotonic_ns()
+    return timed_out, t_stop, (proc_cpu(server_pid), time.process_time(), system_busy_s())
+
+
 async def run(a: argparse.Namespace) -> dict:
     url = f"ws://127.0.0.1:{a.port}/ws"
     compression = "deflate" if a.compression == "deflate" else None
@@ -201,7 +218,6 @@ async def run(a: argparse.Namespace) -> dict:
 
         cpu0, my0, sys0 = proc_cpu(a.server_pid), time.process_time(), system_busy_s()
         t0 = time.monotonic_ns()
-        timed_out = False
 
         async def send_all() -> None:
             for seq in range(m):
@@ -213,15 +229,8 @@ async def run(a: argparse.Namespace) -> dict:
                 if a.mode == "closed":
                     await seq_done.wait()
 
-        sending = asyncio.create_task(send_all())
-        try:
-            await asyncio.wait_for(all_done.wait(), max(1.0, deadline - loop.time()))
-            await sending
-        except TimeoutError:
-            timed_out = True
-            sending.cancel()
-        t_stop = time.monotonic_ns()
-        cpu1, my1, sys1 = proc_cpu(a.server_pid), time.process_time(), system_busy_s()
+        timed_out, t_stop, (cpu1, my1, sys1) = await timed_phase(
+            send_all, all_done, deadline - loop.time(), a.server_pid)
         t_end = max(last_recv) if any(last_recv) else t_stop
         rss_after = status_kb(a.server_pid)
         res = summary(n, m, sum(got), lat, t0, t_end, cpu0, cpu1, my0, my1, sys0, sys1)
