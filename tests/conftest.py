@@ -33,7 +33,9 @@ from chatlib import (
     ChatServer,
     Limits,
     LongPollClient,
+    MemoryLog,
     PollingClient,
+    SQLiteLog,
     SSEClient,
     WebSocketClient,
 )
@@ -79,6 +81,16 @@ async def start_chat():
         yield start
     finally:
         await shut_down(servers, "stop", 20)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def log(request, tmp_path):
+    """Each message store in turn: the same tests run against both."""
+    store = MemoryLog() if request.param == "memory" else SQLiteLog(tmp_path / "chat.db")
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 @pytest.fixture

@@ -7,19 +7,10 @@ import json
 
 import pytest
 
-from chatlib import Limits, MemoryLog, Message, SQLiteLog
+from chatlib import Limits, MemoryLog, Message
 from chatlib.hub import Hub, Outbox
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def log(request, tmp_path):
-    store = MemoryLog() if request.param == "memory" else SQLiteLog(tmp_path / "hub.db")
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 @pytest.fixture

@@ -13,15 +13,6 @@ from chatlib import MemoryLog, Message, SQLiteLog
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def log(request, tmp_path):
-    store = MemoryLog() if request.param == "memory" else SQLiteLog(tmp_path / "chat.db")
-    try:
-        yield store
-    finally:
-        await store.close()
-
-
 async def test_empty_log(log):
     assert await log.last_id() == 0
     assert await log.after(0) == []
