@@ -22,6 +22,7 @@ from .limits import Limits
 from .store import Message, MessageLog
 
 GOING_AWAY = 1001
+SERVICE_RESTART = 1012  # RFC 6455 7.4.1 (IANA registry): "come back in a moment"
 TRY_AGAIN_LATER = 1013
 
 
@@ -271,8 +272,8 @@ class Hub:
 
     # -- shutdown ------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """The server is stopping: end long polls and SSE streams, close WebSockets (1001)."""
+    def close(self, code: int = GOING_AWAY) -> None:
+        """The server is stopping: end long polls and SSE streams, close WebSockets (``code``)."""
         self.closing.set()
         if self._follower is not None:
             self._follower.cancel()
@@ -280,4 +281,4 @@ class Hub:
             self._presence_due.cancel()
         for outboxes in self._outboxes.values():
             for outbox in outboxes:
-                outbox.close(GOING_AWAY)
+                outbox.close(code)

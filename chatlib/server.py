@@ -26,7 +26,7 @@ import socket
 import uvicorn
 
 from .app import create_app
-from .hub import Hub
+from .hub import GOING_AWAY, SERVICE_RESTART, Hub
 from .limits import Limits
 from .store import MemoryLog, MessageLog
 
@@ -181,12 +181,16 @@ class ChatServer:
             await asyncio.sleep(min(5.0, self.limits.presence_ttl / 3))
             self.hub.presence_changed()
 
-    async def stop(self) -> None:
-        """Stop serving and free the port; every client is told (1001 / end of stream)."""
+    async def stop(self, code: int = GOING_AWAY) -> None:
+        """Stop serving and free the port; every client is told (``code`` / end of stream).
+
+        WebSockets get 1001 (going away) by default; :func:`start_server` restarting a server
+        passes 1012 (service restart), so clients know to come back.
+        """
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.hub is not None:
-            self.hub.close()
+            self.hub.close(code)
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             try:
@@ -229,7 +233,7 @@ async def start_server(port: int = 0, host: str = "127.0.0.1", **options) -> Cha
     global _current
     previous = _current
     if previous is not None:
-        await previous.stop()
+        await previous.stop(SERVICE_RESTART)
         options.setdefault("log", previous.log)
         if port == 0 and previous.port:
             port = previous.port  # same URL for open browser tabs, when it is still free

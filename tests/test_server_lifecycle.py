@@ -182,6 +182,25 @@ async def test_start_server_twice_keeps_port_and_history(current_server, make_cl
     assert await refuses_connections(second.port)
 
 
+async def test_restart_closes_websockets_with_1012_and_stop_with_1001(current_server):
+    """RFC 6455 7.4.1: 1012 "service restart" tells a client to come back; a stop is 1001."""
+
+    async def close_code_of(server, action) -> int:
+        ws = await ws_connect(server.ws_url)
+        await ws.send(json.dumps({"type": "hello", "user": "ada", "after": 0}))
+        await asyncio.wait_for(ws.recv(), T)  # the hello was handled: presence arrived
+        await action()
+        async with asyncio.timeout(T):
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await ws.recv()
+        return ws.close_code
+
+    server = await chatlib.start_server()
+    assert await close_code_of(server, chatlib.start_server) == 1012  # re-running the cell
+    assert await close_code_of(chatlib.server._current, chatlib.stop_server) == 1001
+
+
 async def test_start_server_falls_back_to_a_free_port(current_server, make_client):
     first = await chatlib.start_server()
     poster = await make_client("poll", first, "bob")
