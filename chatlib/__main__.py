@@ -13,8 +13,8 @@ from .store import MemoryLog, SQLiteLog
 
 async def serve(args: argparse.Namespace) -> None:
     log = SQLiteLog(args.db) if args.db else MemoryLog()
-    limits = Limits(allowed_origins=set(args.allow_origin), rate=args.rate, burst=args.burst,
-                    max_queue=args.max_queue)
+    limits = Limits(allowed_origins=set(args.allow_origin), allowed_hosts=set(args.allow_host),
+                    rate=args.rate, burst=args.burst, max_queue=args.max_queue)
     server = ChatServer(args.host, args.port, log=log, limits=limits,
                         compression=args.compression)
     await server.start()
@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--db", help="SQLite file for a history that survives restarts")
     p.add_argument("--allow-origin", action="append", default=[],
                    help="another browser origin allowed to connect (repeatable)")
+    p.add_argument("--allow-host", action="append", default=[],
+                   help="another name browsers may use for this server, e.g. a machine name"
+                        " (repeatable; '*' allows any; IP addresses and localhost always work)")
     p.add_argument("--compression", action="store_true",
                    help="offer permessage-deflate to WebSocket clients")
     defaults = Limits()

@@ -43,6 +43,9 @@ class Limits:
     """Seconds a new WebSocket has to say hello before it is closed."""
     allowed_origins: set[str] = field(default_factory=set)
     """Extra browser origins allowed besides the server's own (e.g. a JupyterLab origin)."""
+    allowed_hosts: set[str] = field(default_factory=set)
+    """Extra names a browser may use in ``Host`` (chatlib.guard; ``"*"``: any), besides
+    IP addresses, localhost, the bound host and the public URL's host."""
 
 
 class RateLimit:

@@ -26,8 +26,10 @@ import socket
 import uvicorn
 
 from .app import create_app
+from .guard import host_policy
 from .hub import GOING_AWAY, SERVICE_RESTART, Hub
 from .limits import Limits
+from .proxy import public_url
 from .store import MemoryLog, MessageLog
 
 
@@ -144,8 +146,9 @@ class ChatServer:
             self.hub.close()
             raise
         self.port = self._socket.getsockname()[1]
+        hosts = host_policy(self.host, self.port, self.limits, public_url(self))
         config = uvicorn.Config(
-            create_app(self.hub),
+            create_app(self.hub, hosts),
             ws="websockets-sansio",
             # permessage-deflate roughly doubles memory per connection for ~100-byte chat
             # messages that barely compress: off by default (see bench/README.md).
@@ -214,8 +217,6 @@ class ChatServer:
         return f"<ChatServer {self.url if self.port else ''} {state}>"
 
     def _repr_html_(self) -> str:
-        from .proxy import public_url
-
         url = public_url(self)
         state = "running" if self.running else "stopped"
         return f'ChatServer {state} at <a href="{url}" target="_blank">{url}</a>'
