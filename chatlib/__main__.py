@@ -1,4 +1,8 @@
-"""``python -m chatlib serve --port 8765``: the same server, outside Jupyter."""
+"""``python -m chatlib serve --port 8765``: the same server, outside Jupyter.
+
+``python -m chatlib netem --listen 9000 --target 127.0.0.1:8765 --delay 50ms``: a proxy in
+front of it that makes loopback feel like a real network (see chatlib/netem.py).
+"""
 
 from __future__ import annotations
 
@@ -50,8 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
                    help="frames queued for one slow push client before it is closed with 1013"
                         f" (default {defaults.max_queue})")
+    from . import netem  # python -m chatlib netem: a delaying proxy (chatlib/netem.py)
+
+    netem.add_arguments(sub.add_parser("netem", help="a TCP proxy that adds delay, jitter, "
+                                       "a bandwidth cap and cuts in front of the chat server"))
     args = parser.parse_args(argv)
-    asyncio.run(serve(args))
+    asyncio.run(serve(args) if args.command == "serve" else netem.run(args))
 
 
 if __name__ == "__main__":
