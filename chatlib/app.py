@@ -1,15 +1,14 @@
 """The chat server's web application: one Starlette route table for every transport.
 
 Read the route table at the bottom first. Each handler validates what the client sent
-(:func:`json_object`, :func:`nickname`, :func:`message_text`), talks to the :class:`Hub`,
-and answers. Bad input is answered with ``{"error": ...}`` and a status code for that
-request only; a WebSocket gets an error frame and stays open.
+(with :mod:`.validation`), talks to the :class:`Hub` (and only to it), and answers in the
+format :mod:`.wire` defines. Bad input is answered with ``{"error": ...}`` and a status code
+for that request only; a WebSocket gets an error frame and stays open.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -21,91 +20,26 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from . import wire
 from .guard import Guard, HostPolicy
-from .hub import Hub, Outbox, dumps, sse_event, ws_frame
+from .hub import Hub, Outbox
 from .limits import Limits, RateLimit, RateLimits
+from .validation import (
+    ChatError,
+    cursor,
+    float_param,
+    int_param,
+    json_object,
+    message_text,
+    nickname,
+    optional_user,
+)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 POLICY_VIOLATION = 1008
 
 
-class ChatError(Exception):
-    """Bad input from one client: an HTTP status (or an error frame) and a message."""
-
-    def __init__(self, status: int, error: str) -> None:
-        super().__init__(error)
-        self.status = status
-        self.error = error
-
-
-# -- validation -------------------------------------------------------------------------
-
-
-def json_object(raw: str | bytes) -> dict:
-    """Parse a JSON object from UTF-8 bytes or text, or raise a 400 ChatError."""
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ChatError(400, "body is not valid UTF-8") from None
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
-        raise ChatError(400, "invalid JSON") from None
-    if not isinstance(data, dict):
-        raise ChatError(400, "expected a JSON object")
-    return data
-
-
-def _string(data: dict, field: str, limit: int) -> str:
-    value = data.get(field)
-    if value is None:
-        raise ChatError(400, f"missing field: {field}")
-    if not isinstance(value, str):
-        raise ChatError(400, f"{field} must be a string")
-    try:
-        value.encode("utf-8")  # JSON can smuggle lone surrogates ("\ud800") past decoding
-    except UnicodeEncodeError:
-        raise ChatError(400, f"{field} is not valid Unicode") from None
-    if not value.strip():
-        raise ChatError(400, f"{field} is empty")
-    if len(value) > limit:
-        raise ChatError(413, f"{field} is longer than {limit} characters")
-    return value
-
-
-def nickname(data: dict, limits: Limits) -> str:
-    user = _string(data, "user", limits.max_user).strip()
-    if any(ord(c) < 32 or ord(c) == 127 for c in user):
-        raise ChatError(400, "user contains control characters")
-    return user
-
-
-def message_text(data: dict, limits: Limits) -> str:
-    return _string(data, "text", limits.max_text)
-
-
-def int_param(request: Request, name: str, default: int) -> int:
-    try:
-        return int(request.query_params.get(name, default))
-    except ValueError:
-        raise ChatError(400, f"{name} must be an integer") from None
-
-
-def float_param(request: Request, name: str, default: float) -> float:
-    try:
-        value = float(request.query_params.get(name, default))
-    except ValueError:
-        raise ChatError(400, f"{name} must be a number") from None
-    if value != value:  # NaN
-        raise ChatError(400, f"{name} must be a number")
-    return value
-
-
-def optional_user(request: Request, limits: Limits) -> str:
-    if "user" not in request.query_params:
-        return ""
-    return nickname({"user": request.query_params["user"]}, limits)
+# -- reading requests -------------------------------------------------------------------
 
 
 async def read_json(request: Request, limits: Limits) -> dict:
@@ -133,6 +67,13 @@ def rate_check(request: Request, user: str) -> None:
         raise ChatError(429, "too many messages: slow down")
 
 
+class JSONBody(JSONResponse):
+    """A JSON response in the wire format's one encoding (:func:`wire.dumps`)."""
+
+    def render(self, content) -> bytes:
+        return wire.dumps(content).encode()
+
+
 # -- HTTP handlers ----------------------------------------------------------------------
 
 
@@ -145,22 +86,20 @@ async def messages(request: Request) -> Response:
     if request.method == "POST":
         return await post_message(request, hub)
     limits = hub.limits
-    after = int_param(request, "after", 0)
-    wait = min(max(float_param(request, "wait", 0.0), 0.0), limits.max_wait)
-    user = optional_user(request, limits)
+    after = int_param(request.query_params, "after", 0)
+    wait = min(max(float_param(request.query_params, "wait", 0.0), 0.0), limits.max_wait)
+    user = optional_user(request.query_params, limits)
     if user:
         hub.touch(user)
-    cursor, reset = await hub.resolve_cursor(after)
+    start, reset = await hub.resolve_cursor(after)
     if wait > 0:
-        found = await until_disconnected(request, hub.wait_after(cursor, wait))
+        found = await until_disconnected(request, hub.wait_after(start, wait))
         if found is None:
             return Response(status_code=499)  # nobody is listening any more
     else:
-        found = await hub.wait_after(cursor, 0)
-    body = {"messages": [m.to_dict() for m in found], "last_id": await hub.log.last_id()}
-    if reset:
-        body["reset"] = True
-    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+        found = await hub.wait_after(start, 0)
+    body = wire.messages_body(found, await hub.last_id(), reset)
+    return JSONBody(body, headers={"Cache-Control": "no-store"})
 
 
 async def until_disconnected(request: Request, work):
@@ -190,7 +129,7 @@ async def post_message(request: Request, hub: Hub) -> Response:
     text = message_text(data, hub.limits)
     rate_check(request, user)
     message = await hub.post(user, text)
-    return JSONResponse(message.to_dict(), status_code=201)
+    return JSONBody(message.to_dict(), status_code=201)
 
 
 async def typing(request: Request) -> Response:
@@ -202,7 +141,7 @@ async def typing(request: Request) -> Response:
 
 
 async def presence(request: Request) -> Response:
-    return JSONResponse({"users": request.app.state.hub.presence()})
+    return JSONBody({"users": request.app.state.hub.presence()})
 
 
 async def events(request: Request) -> Response:
@@ -210,50 +149,25 @@ async def events(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     if hub.closing.is_set():
         raise ChatError(503, "server is stopping")
-    after = int_param(request, "after", 0)
-    last_event_id = request.headers.get("last-event-id", "")
-    if last_event_id.isascii() and last_event_id.isdigit():  # "²".isdigit() is True
-        after = int(last_event_id)  # a reconnecting EventSource knows best
-    user = optional_user(request, hub.limits)
-    cursor, reset = await hub.resolve_cursor(after)
+    after = int_param(request.query_params, "after", 0)
+    try:  # a reconnecting EventSource knows best; a header that is no id is ignored
+        after = cursor(request.headers["last-event-id"], "Last-Event-ID")
+    except (KeyError, ChatError):
+        pass
+    user = optional_user(request.query_params, hub.limits)
+    start, reset = await hub.resolve_cursor(after)
     outbox = hub.subscribe("sse", user)
 
     async def stream():
         try:
-            yield "retry: 1000\n\n" + ("event: reset\ndata: {}\n\n" if reset else "")
-            sent = cursor
-            async for page in history(hub, cursor):
-                yield "".join(sse_event(m) for m in page)
-                sent = page[-1].id
-            while not outbox.closed:
-                items = await outbox.get(timeout=hub.limits.heartbeat)
-                if not items:
-                    if not outbox.closed:
-                        yield ": ping\n\n"
-                    continue
-                chunk = []
-                for message_id, payload in items:
-                    if message_id == 0 or message_id > sent:
-                        chunk.append(payload)
-                        sent = max(sent, message_id)
-                yield "".join(chunk)
+            yield wire.SSE_RETRY
+            async for batch in hub.push(outbox, start, reset, hub.limits.heartbeat):
+                yield "".join(batch) if batch else wire.SSE_PING
         finally:
             hub.unsubscribe(outbox)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
-
-
-async def history(hub: Hub, cursor: int):
-    """Pages of the log after ``cursor`` until caught up."""
-    while True:
-        page = await hub.log.after(cursor, hub.limits.history)
-        if not page:
-            return
-        yield page
-        cursor = page[-1].id
-        if len(page) < hub.limits.history:
-            return
 
 
 # -- WebSocket --------------------------------------------------------------------------
@@ -263,20 +177,20 @@ async def websocket(ws: WebSocket) -> None:
     hub: Hub = ws.app.state.hub
     limits = hub.limits
     if hub.closing.is_set():
-        await ws.send_denial_response(JSONResponse({"error": "server is stopping"}, 503))
+        await ws.send_denial_response(JSONBody({"error": "server is stopping"}, 503))
         return
     await ws.accept()
     try:
         user, after = await receive_hello(ws, limits)
     except ChatError as exc:
-        await ws.send_text(dumps({"type": "error", "error": exc.error}))
+        await ws.send_text(wire.ws_event("error", {"error": exc.error}))
         await ws.close(POLICY_VIOLATION, exc.error[:120])
         return
     except (TimeoutError, WebSocketDisconnect):
         return
-    cursor, reset = await hub.resolve_cursor(after)
+    start, reset = await hub.resolve_cursor(after)
     outbox = hub.subscribe("ws", user)
-    writer = asyncio.create_task(write_frames(ws, hub, outbox, cursor, reset))
+    writer = asyncio.create_task(write_frames(ws, hub, outbox, start, reset))
     rate = RateLimit(limits.rate, limits.burst)
     try:
         while True:
@@ -286,7 +200,7 @@ async def websocket(ws: WebSocket) -> None:
             try:
                 await handle_frame(hub, user, rate, event)
             except ChatError as exc:
-                outbox.put(0, dumps({"type": "error", "error": exc.error}))
+                outbox.put(0, wire.ws_event("error", {"error": exc.error}))
     finally:
         hub.unsubscribe(outbox)
         writer.cancel()
@@ -304,7 +218,7 @@ async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
     after = data.get("after", 0)
     if not isinstance(after, int) or isinstance(after, bool):
         raise ChatError(400, "after must be an integer")
-    return nickname(data, limits), after
+    return nickname(data, limits), cursor(after)
 
 
 async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict) -> None:
@@ -327,31 +241,16 @@ async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict) -> Non
         hub.typing(user)
 
 
-async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, cursor: int, reset: bool):
-    """This connection's writer: history, then whatever the hub queues for it."""
+async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, reset: bool):
+    """This connection's writer: one text frame per payload of :meth:`Hub.push`."""
+    # Frames skip Starlette's per-frame layers and go to the server's own ASGI send (see
+    # ChatApp): server CPU per delivery 3.2 -> 2.8 µs (-12%) at 100 clients (bench/README.md).
+    send = ws.scope.get(RAW_SEND) or ws.send
     try:
-        if reset:
-            await ws.send_text('{"type":"reset"}')
-        sent = cursor
-        async for page in history(hub, cursor):
-            for message in page:
-                await ws.send_text(ws_frame(message))
-            sent = page[-1].id
-        # Live frames skip Starlette's per-frame layers and go to the server's own ASGI
-        # send (see RawWebSocketSend): server CPU per delivery 3.2 -> 2.8 µs (-12%) at 100
-        # clients (bench/README.md).
-        send = ws.scope.get(RAW_SEND) or ws.send
-        while True:
-            items = await outbox.get()
-            if outbox.closed:
-                await ws.close(outbox.close_code)
-                return
-            for message_id, payload in items:
-                if message_id and message_id <= sent:
-                    continue  # already sent as history
+        async for batch in hub.push(outbox, start, reset):
+            for payload in batch:
                 await send({"type": "websocket.send", "text": payload})
-                if message_id:
-                    sent = message_id
+        await ws.close(outbox.close_code)
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass  # the client is gone; the reader sees the disconnect and cleans up
 
@@ -360,34 +259,29 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, cursor: int, res
 
 
 async def chat_error(request: Request, exc: ChatError) -> Response:
-    return JSONResponse({"error": exc.error}, status_code=exc.status)
+    return JSONBody({"error": exc.error}, status_code=exc.status)
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
-    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+    return JSONBody({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 RAW_SEND = "chatlib.raw_send"
 
 
-class RawWebSocketSend:
-    """Put the server's own ASGI ``send`` into a WebSocket's scope, for the hot path.
+class ChatApp(Starlette):
+    """Starlette, with the server's own ASGI ``send`` kept in the scope (``RAW_SEND``).
 
-    Between ``ws.send_text(...)`` and the server's ``send`` Starlette has four coroutine layers
-    (``send_text``, ``WebSocket.send`` and two exception-handling wrappers that only matter
-    for HTTP). Fanning out one message to N clients runs them N times; write_frames uses
-    this ``send`` directly instead. It runs outside Starlette's ExceptionMiddleware, where
-    ``send`` is still the one the server passed in; everything else (accept, receive, close,
-    errors) still goes through Starlette's WebSocket, whose state is unaffected.
+    Between ``ws.send_text(...)`` and the server's ``send`` Starlette has four coroutine
+    layers (``send_text``, ``WebSocket.send`` and two exception-handling wrappers that only
+    matter for HTTP). Fanning out one message to N clients runs them N times; write_frames
+    uses this ``send`` directly instead. Everything else (accept, receive, close, errors)
+    still goes through Starlette's WebSocket, whose state is unaffected.
     """
 
-    def __init__(self, app) -> None:
-        self.app = app
-
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "websocket":
-            scope[RAW_SEND] = send
-        await self.app(scope, receive, send)
+        scope[RAW_SEND] = send
+        await super().__call__(scope, receive, send)
 
 
 def create_app(hub: Hub, hosts: HostPolicy | None = None) -> Starlette:
@@ -401,11 +295,10 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None) -> Starlette:
         Route("/api/presence", presence),
         WebSocketRoute("/ws", websocket),
     ]
-    app = Starlette(
+    app = ChatApp(
         routes=routes,
         exception_handlers={ChatError: chat_error, HTTPException: http_error},
-        middleware=[Middleware(Guard, limits=hub.limits, hosts=hosts),
-                    Middleware(RawWebSocketSend)],
+        middleware=[Middleware(Guard, limits=hub.limits, hosts=hosts)],
     )
     app.state.hub = hub
     app.state.http_rates = RateLimits(hub.limits.rate, hub.limits.burst)

@@ -13,7 +13,6 @@ the request and response as sent; WebSocket bytes by RFC 6455 framing rules, unc
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from urllib.parse import urlencode, urljoin
 import httpx
 from websockets.asyncio.client import connect as ws_connect
 
+from . import wire
 from .store import Message
 
 
@@ -32,10 +32,6 @@ class Stats:
     bytes_sent: int = 0
     bytes_received: int = 0
     messages: int = 0
-
-
-def _message(data: dict) -> Message:
-    return Message(data["id"], data["ts"], data["user"], data["text"])
 
 
 class Client:
@@ -93,7 +89,7 @@ class Client:
         raise NotImplementedError
 
     def _accept(self, data: dict) -> None:
-        message = _message(data)
+        message = wire.message(data)
         if message.id > self.last_id:  # never deliver one twice
             self.last_id = message.id
             self.stats.messages += 1
@@ -162,16 +158,19 @@ class HTTPClient(Client):
         self._count(response)
         return response
 
+    async def _post(self, path: str, body: dict) -> httpx.Response:
+        return await self._request("POST", path, content=wire.dumps(body).encode(),
+                                   headers={"Content-Type": "application/json"})
+
     async def send(self, text: str) -> Message:
         """POST the message; returns it as stored (with its id)."""
-        response = await self._request("POST", "api/messages",
-                                       json={"user": self.user, "text": text})
+        response = await self._post("api/messages", {"user": self.user, "text": text})
         if response.status_code != 201:
             raise ChatRefused(response.status_code, response.json().get("error", ""))
-        return _message(response.json())
+        return wire.message(wire.loads(response.content))
 
     async def send_typing(self) -> None:
-        await self._request("POST", "api/typing", json={"user": self.user})
+        await self._post("api/typing", {"user": self.user})
 
     async def _poll(self, wait: float) -> int:
         """One GET of the messages after our cursor; returns how many arrived."""
@@ -180,7 +179,7 @@ class HTTPClient(Client):
             params["wait"] = wait
         response = await self._request("GET", "api/messages?" + urlencode(params))
         response.raise_for_status()
-        body = response.json()
+        body = wire.loads(response.content)
         if body.get("reset"):
             self._handle("reset", {})
         before = len(self._pending)
@@ -238,7 +237,9 @@ class SSEClient(HTTPClient):
     def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None):
         super().__init__(url, user, after=after, origin=origin)
         self._stream = None
-        self._lines = None
+        self._chunks = None
+        self._parser = wire.SSEParser()
+        self._events: deque[wire.SSEEvent] = deque()
 
     async def connect(self) -> None:
         await super().connect()
@@ -253,34 +254,28 @@ class SSEClient(HTTPClient):
         self.stats.bytes_sent += len(request.url.raw_path) + 15 + _head_size(request.headers)
         self.stats.bytes_received += (_status_line_size(self._stream)
                                       + _head_size(self._stream.headers))
-        self._lines = self._stream.aiter_lines()
+        self._chunks = self._stream.aiter_bytes()
+        self._parser, self._events = wire.SSEParser(), deque()
 
     async def close(self) -> None:
         if self._stream is not None:
             await self._stream.aclose()
-            self._stream = None
+            self._stream = self._chunks = None
         await super().close()
 
     async def _fetch(self) -> None:
-        """Read one event (lines up to a blank line) and handle it."""
-        if self._lines is None:
+        """Read until at least one event arrived (with wire.SSEParser) and handle them."""
+        if self._chunks is None:
             await self.connect()
-        event, data = "message", []
-        async for line in self._lines:
-            self.stats.bytes_received += len(line.encode()) + 1
-            if line == "":
-                break
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                event = value
-            elif field == "data":
-                data.append(value)
-        else:
-            raise ConnectionError("the server ended the event stream")
-        if not data:
-            return  # a comment (heartbeat) or the retry: line
-        self._handle(event, json.loads("\n".join(data)))
+        while not self._events:  # each round reads from the network
+            try:
+                chunk = await anext(self._chunks)
+            except StopAsyncIteration:
+                raise ConnectionError("the server ended the event stream") from None
+            self.stats.bytes_received += len(chunk)
+            self._events.extend(self._parser.feed(chunk))
+        event = self._events.popleft()
+        self._handle(event.event, wire.loads(event.data))
 
 
 def _frame_size(payload: bytes, masked: bool) -> int:
@@ -320,7 +315,7 @@ class WebSocketClient(Client):
             self.ws = None
 
     async def _send_json(self, obj: dict) -> None:
-        text = json.dumps(obj)
+        text = wire.dumps(obj)
         self.stats.bytes_sent += _frame_size(text.encode(), masked=True)
         await self.ws.send(text)
 
@@ -337,5 +332,4 @@ class WebSocketClient(Client):
         raw = await self.ws.recv()
         self.stats.bytes_received += _frame_size(
             raw.encode() if isinstance(raw, str) else raw, masked=False)
-        event = json.loads(raw)
-        self._handle(event.pop("type", ""), event)
+        self._handle(*wire.parse_ws(raw))

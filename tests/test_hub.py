@@ -9,6 +9,7 @@ import pytest
 
 from chatlib import Limits, MemoryLog, Message
 from chatlib.hub import Hub, Outbox
+from chatlib.wire import SSEParser
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,13 +30,10 @@ def ws_events(items):
 
 
 def sse_fields(payload: str) -> dict:
-    """The fields of one SSE event (``data`` joined), e.g. {"event": ..., "data": ...}."""
+    """One SSE event as wire.SSEParser reads it: {"event": ..., "id": ..., "data": ...}."""
     assert payload.endswith("\n\n"), payload
-    fields: dict[str, str] = {}
-    for line in payload[:-2].split("\n"):
-        name, _, value = line.partition(": ")
-        fields[name] = fields[name] + "\n" + value if name in fields else value
-    return fields
+    [event] = SSEParser().feed(payload)
+    return {"event": event.event, "id": event.last_event_id, "data": event.data}
 
 
 async def drain(outbox: Outbox):

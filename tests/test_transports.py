@@ -12,6 +12,7 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from chatlib import Limits
+from chatlib.wire import SSEParser
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -29,35 +30,45 @@ async def post(http: httpx.AsyncClient, server, user: str, text: str) -> dict:
     return response.json()
 
 
-def sse_lines(response: httpx.Response):
-    """One line iterator per streaming response (httpx streams a response only once)."""
-    if not hasattr(response, "_test_lines"):
-        response._test_lines = response.aiter_lines()
-    return response._test_lines
+class SSEReader:
+    """One per streaming response (httpx streams a response only once): raw bytes as they
+    came, and the events wire.SSEParser found in them, not yet handed out."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.chunks = response.aiter_bytes()
+        self.parser = SSEParser()
+        self.raw = b""
+        self.events: list = []
+
+    async def read(self) -> bool:
+        """One more chunk from the network; False at the end of the stream."""
+        try:
+            chunk = await anext(self.chunks)
+        except StopAsyncIteration:
+            return False
+        self.raw += chunk
+        self.events += [(e.event, e.last_event_id, json.loads(e.data))
+                        for e in self.parser.feed(chunk)]
+        return True
+
+
+def sse_reader(response: httpx.Response) -> SSEReader:
+    if not hasattr(response, "_test_reader"):
+        response._test_reader = SSEReader(response)
+    return response._test_reader
 
 
 async def read_sse(response: httpx.Response, until, *, limit: int = 10_000):
-    """SSE events ``(event, id, data)`` from a streaming response until ``until(events)``."""
-    events, event, event_id, data = [], "message", None, []
-    async for line in sse_lines(response):
-        if line == "":
-            if data or event != "message":
-                payload = json.loads("\n".join(data)) if data else None
-                events.append((event, event_id, payload))
-                if until(events) or len(events) >= limit:
-                    return events
-            event, event_id, data = "message", None, []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            event = value
-        elif name == "id":
-            event_id = value
-        elif name == "data":
-            data.append(value)
+    """SSE events ``(event, last_event_id, data)`` from a streaming response until
+    ``until(events)``."""
+    reader, events = sse_reader(response), []
+    for _ in range(1_000_000):  # chunks; each waits on the network (callers set a timeout)
+        while reader.events:
+            events.append(reader.events.pop(0))
+            if until(events) or len(events) >= limit:
+                return events
+        if not await reader.read():
+            break
     raise AssertionError(f"the event stream ended after {events}")
 
 
@@ -249,7 +260,10 @@ async def test_sse_last_event_id_wins_over_after(server, http):
 
 
 async def test_sse_stream_format(server, http):
-    message = await post(http, server, "bob", "hi")
+    """The bytes themselves, written out (an independent check of wire.py, not a parser):
+    JSON data on one line, every non-ASCII character escaped, so that no line end but
+    "\n" (not U+2028, not U+0085) can ever appear inside an event."""
+    message = await post(http, server, "b\u00f6b", "h\u00e9\u2028\x85\u2029!")
     async with asyncio.timeout(T):
         async with http.stream("GET", server.url + "api/events") as response:
             assert response.status_code == 200
@@ -258,13 +272,11 @@ async def test_sse_stream_format(server, http):
                 raw += chunk
                 if b"event: message" in raw and raw.endswith(b"\n\n"):
                     break
-    text = raw.decode()
-    assert text.startswith("retry: 1000\n")
-    head = f"id: {message['id']}\nevent: message\ndata: "
-    assert head in text
-    data_line = text.split(head, 1)[1]
-    assert data_line.endswith("\n\n") and data_line.count("\n") == 2
-    assert json.loads(data_line) == message
+    ts = repr(message["ts"]).encode()
+    assert raw == (b"retry: 1000\n\n"
+                   b"id: 1\nevent: message\n"
+                   b'data: {"id":1,"ts":' + ts + b',"user":"b\\u00f6b",'
+                   b'"text":"h\\u00e9\\u2028\\u0085\\u2029!"}\n\n')
 
 
 @pytest.mark.parametrize("kind", ["poll", "longpoll"])
@@ -587,13 +599,13 @@ async def test_static_has_no_path_traversal(server, raw_http, subtests):
 async def test_sse_heartbeat_and_presence_events(server, http, make_client):
     async with asyncio.timeout(T):
         async with http.stream("GET", server.url + "api/events?user=sam") as response:
-            async for line in sse_lines(response):
-                if line == ": ping":  # an idle stream still gets a comment line
-                    break
+            reader = sse_reader(response)
+            while b"\n\n: ping\n\n" not in reader.raw:  # an idle stream gets a comment
+                assert await reader.read()
             await make_client("ws", server, "ada")
             events = await read_sse(response, lambda evs: any(
                 e == "presence" and "ada" in d["users"] for e, _, d in evs))
-    assert ("presence", None, {"users": ["ada", "sam"]}) in events
+    assert ("presence", "", {"users": ["ada", "sam"]}) in events
 
 
 @pytest.mark.parametrize("query", ["after=abc", "after=1.5", "user=", "user=%00"])

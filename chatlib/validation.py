@@ -1,0 +1,117 @@
+"""What a client sends, checked: every check fails with a :class:`ChatError` and nothing else.
+
+A handler turns a ChatError into ``{"error": ...}`` with its status code (HTTP) or an error
+frame (WebSocket), for that client only. Anything else escaping from here would be a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from .limits import Limits
+
+MAX_ID = 2**63 - 1
+"""Message ids are SQLite INTEGERs: a cursor beyond this can only be nonsense."""
+
+
+class ChatError(Exception):
+    """Bad input from one client: an HTTP status (or an error frame) and a message."""
+
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def json_object(raw: str | bytes) -> dict:
+    """Parse a JSON object from UTF-8 bytes or text, or raise a 400 ChatError."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ChatError(400, "body is not valid UTF-8") from None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
+        raise ChatError(400, "invalid JSON") from None
+    if not isinstance(data, dict):
+        raise ChatError(400, "expected a JSON object")
+    return data
+
+
+def _string(data: dict, field: str, limit: int) -> str:
+    value = data.get(field)
+    if value is None:
+        raise ChatError(400, f"missing field: {field}")
+    if not isinstance(value, str):
+        raise ChatError(400, f"{field} must be a string")
+    try:
+        value.encode("utf-8")  # JSON can smuggle lone surrogates ("\ud800") past decoding
+    except UnicodeEncodeError:
+        raise ChatError(400, f"{field} is not valid Unicode") from None
+    if not value.strip():
+        raise ChatError(400, f"{field} is empty")
+    if len(value) > limit:
+        raise ChatError(413, f"{field} is longer than {limit} characters")
+    return value
+
+
+def nickname(data: dict, limits: Limits) -> str:
+    user = _string(data, "user", limits.max_user).strip()
+    if any(ord(c) < 32 or ord(c) == 127 for c in user):
+        raise ChatError(400, "user contains control characters")
+    return user
+
+
+def message_text(data: dict, limits: Limits) -> str:
+    return _string(data, "text", limits.max_text)
+
+
+def cursor(value, name: str = "after") -> int:
+    """A message id from a client (``after``, ``Last-Event-ID``): 0 <= id <= MAX_ID.
+
+    A negative one means "from the start" (0).
+    """
+    error = f"{name} must be an integer between 0 and 2**63-1"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ChatError(400, error)
+    if isinstance(value, str):
+        value = value.strip()
+        # Bound the length first: int() of a 5,000-digit string raises (a 500 if unguarded).
+        digits = value.removeprefix("-")
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 19:
+            raise ChatError(400, error)
+        value = int(value)
+    if not 0 <= value <= MAX_ID:
+        if value < 0:
+            return 0
+        raise ChatError(400, error)
+    return value
+
+
+def int_param(params: Mapping[str, str], name: str, default: int) -> int:
+    """A cursor-like query parameter (``after``): see :func:`cursor`."""
+    if name not in params:
+        return default
+    return cursor(params[name], name)
+
+
+def float_param(params: Mapping[str, str], name: str, default: float) -> float:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw[:40])  # float() of a long string is slow; 40 is plenty for a number
+    except ValueError:
+        raise ChatError(400, f"{name} must be a number") from None
+    if value != value or len(raw) > 40:  # NaN
+        raise ChatError(400, f"{name} must be a number")
+    return value
+
+
+def optional_user(params: Mapping[str, str], limits: Limits) -> str:
+    """The ``user`` query parameter, checked like any nickname, or "" without one."""
+    if "user" not in params:
+        return ""
+    return nickname({"user": params["user"]}, limits)
