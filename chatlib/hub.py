@@ -23,7 +23,7 @@ from .limits import Limits
 from .store import Message, MessageLog
 
 GOING_AWAY = 1001
-SERVICE_RESTART = 1012  # RFC 6455 7.4.1 (IANA registry): "come back in a moment"
+SERVICE_RESTART = 1012  # IANA close code registry (RFC 6455 11.7): "come back in a moment"
 TRY_AGAIN_LATER = 1013
 
 # How each push transport frames a message, and a reset.
