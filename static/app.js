@@ -27,6 +27,13 @@
   const TYPING_SHOW_MS = 3000;
   const PRESENCE_REFRESH_MS = 5000; // HTTP polling transports get no presence push
   const PENDING_MAX_AGE_MS = 60000; // forget own sends that never came back
+  // A quiet stream (WebSocket or SSE) may be idle or dead, and page code can't tell: it sees
+  // neither SSE comments nor WebSocket PINGs. So the page checks: every WATCHDOG_EVERY_MS it
+  // asks for presence, and no answer within WATCHDOG_DEADLINE_MS means the network is gone.
+  // The connection is then replaced (resuming after lastId) instead of hanging until TCP
+  // gives up, many minutes later. ?watchdog_ms= shortens the period (tests use it).
+  const WATCHDOG_EVERY_MS = Number(new URLSearchParams(location.search).get('watchdog_ms')) || 15000;
+  const WATCHDOG_DEADLINE_MS = Math.min(5000, WATCHDOG_EVERY_MS);
   const LATENCY_SAMPLES = 200;      // the running median covers the last N messages
   const NICK_KEY = 'chat.nick';
 
@@ -280,6 +287,24 @@
     } catch { /* presence is decoration; the next refresh will try again */ }
   }
 
+  // The silence watchdog of a streaming connection (see WATCHDOG_EVERY_MS); returns its stop.
+  function startWatchdog(conn) {
+    let asking = false;
+    const timer = setInterval(async () => {
+      if (asking || conn.closed) return;
+      asking = true;
+      try {
+        await getJson('api/presence', WATCHDOG_DEADLINE_MS);
+      } catch (err) {
+        // An HTTP error is an answer (the server is there); a timeout or a network error is not.
+        if (!(err instanceof HttpError)) conn.failed();
+      } finally {
+        asking = false;
+      }
+    }, WATCHDOG_EVERY_MS);
+    return () => clearInterval(timer);
+  }
+
   // ---- connection management --------------------------------------------------
   // A connection object is created per attempt. Transports call conn.opened()
   // once they work and conn.failed() when they break; after failed() or a
@@ -369,8 +394,10 @@
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     const ws = new WebSocket(url);
     const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
+    let stopWatchdog = () => {};
     conn.stop = () => {
       clearTimeout(openTimer);
+      stopWatchdog();
       conn.sendFrame = null;
       ws.close(1000);
     };
@@ -380,6 +407,7 @@
       // hello must be the first frame; `after` makes the server replay what we missed.
       ws.send(JSON.stringify({ type: 'hello', user: state.nick, after: state.lastId }));
       conn.sendFrame = (frame) => ws.send(JSON.stringify(frame));
+      stopWatchdog = startWatchdog(conn);
       conn.opened();
     };
 
@@ -419,13 +447,17 @@
   function connectSse(conn) {
     const es = new EventSource(`api/events?after=${state.lastId}&user=${enc(state.nick)}`);
     const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
+    let stopWatchdog = () => {};
     conn.stop = () => {
       clearTimeout(openTimer);
+      stopWatchdog();
       es.close();
     };
 
     es.onopen = () => {
       clearTimeout(openTimer);
+      stopWatchdog();               // onopen fires again after EventSource's own reconnect
+      stopWatchdog = startWatchdog(conn);
       conn.opened();
     };
     const on = (name, handler) => es.addEventListener(name, (event) => {
