@@ -1,0 +1,315 @@
+"""A WebSocket chat server written by hand: the reference solution of notebook 10.
+
+Notebook 10 has the learner build this server step by step on a raw ``asyncio`` socket and
+the teaching codec (:mod:`chatlib.frames`, :mod:`chatlib.handshake`), with no web framework
+and no WebSocket library. The same code lives here so that tests can import it:
+tests/test_build_your_own.py chats with it from real Chromium (the real chat page, served by
+this server) and runs a frame-level conformance battery on it (the cases of Autobahn|Testsuite
+sections 1-7), and checks that the notebook's solution cells are this code, line for line.
+
+    server = await HandmadeServer().start()    # 127.0.0.1, a free port
+    server.url                                 # the chat page, served by this server
+    await server.stop()
+
+The five pieces, one per step of the notebook:
+
+* :func:`parse_request`: the HTTP/1.1 request head as ``(method, target, headers)``;
+* :func:`handshake_response`: ``101 Switching Protocols`` with ``Sec-WebSocket-Accept``, or an
+  error status for a request that isn't a valid upgrade from this origin;
+* :func:`read_message`: frames in, one whole message out: masked frames only, PINGs answered
+  on the way, fragments reassembled, UTF-8 checked fragment by fragment (fail fast);
+* :func:`broadcast`: one TEXT frame, encoded once, written to every connection;
+* :func:`close_reply`: the CLOSE frame that answers the peer's CLOSE (or refuses a bad one).
+
+:class:`HandmadeServer` puts them together and speaks the chat's JSON protocol (README, "The
+chat protocol"): ``hello`` (with history after ``after``), ``message`` (with the ``ack`` of a
+``client_id``, sent once per ``(user, client_id)``), ``typing``, ``presence``, ``error``,
+``reset``. Besides ``/ws`` it serves the chat page (``/``, ``/static/app.js``,
+``/static/style.css``), and ``/echo``, a WebSocket that sends every message back, as the
+conformance battery needs.
+
+Limits, and what it leaves out on purpose (a teaching server, not chatlib's): one request per
+HTTP connection (``Connection: close``); a request head of at most 16 KiB, read within 10 s;
+messages of at most 64 KiB; a client that lets more than 1 MiB pile up unread is dropped; no
+extensions (permessage-deflate), no subprotocols, no TLS, no long polling or SSE, and the
+history lives in memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import codecs
+import contextlib
+import json
+import time
+from urllib.parse import urlsplit
+
+from . import frames
+from .app import STATIC_DIR
+from .frames import CloseCode, Frame, FrameError, Opcode, ProtocolError
+from .handshake import accept_key
+
+__all__ = ["HandmadeServer", "broadcast", "close_reply", "handshake_response", "parse_request",
+           "read_message"]
+
+MAX_HEAD = 16 * 1024  # bytes of request head we read before answering 400
+MAX_MESSAGE = 64 * 1024  # bytes of one message, all fragments together
+MAX_UNSENT = 1024 * 1024  # bytes waiting to be sent to one client before we drop it
+MAX_TEXT = 2000  # characters of one chat message, as chatlib.Limits
+MAX_NICK = 32  # characters of a nickname, as chatlib.Limits
+PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
+         "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+         "/static/style.css": ("style.css", "text/css; charset=utf-8")}
+
+
+def http_response(status: int, reason: str, body: bytes = b"", *, content_type: str =
+                  "text/plain; charset=utf-8", extra: str = "") -> bytes:
+    """A complete HTTP/1.1 response that closes the connection after it."""
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n").encode() + body
+
+
+# Step 1 ----------------------------------------------------------------------------------
+def parse_request(head: bytes) -> tuple[str, str, dict[str, str]]:
+    """Split a request head into (method, target, headers); header names in lower case.
+
+    Raises ValueError when the head is not an HTTP/1.1 request.
+    """
+    request_line, *lines = head.decode("latin-1").split("\r\n")
+    method, target, version = request_line.split(" ")  # ValueError unless exactly 3 parts
+    if version != "HTTP/1.1" or not target.startswith("/"):
+        raise ValueError(f"not an HTTP/1.1 request line: {request_line!r}")
+    headers = {}
+    for line in lines:
+        if line == "":
+            continue  # the empty line that ends the head
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise ValueError(f"malformed header line: {line!r}")
+        headers[name.lower()] = value.strip()
+    return method, target, headers
+
+
+# Step 2 ----------------------------------------------------------------------------------
+def handshake_response(headers: dict[str, str]) -> bytes:
+    """The answer to an upgrade request: 101 and the accept key, or why not (400, 403, 426)."""
+    connection = [token.strip().lower() for token in headers.get("connection", "").split(",")]
+    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+        return http_response(400, "Bad Request", b"this is a WebSocket endpoint\n")
+    if headers.get("sec-websocket-version") != "13":
+        return http_response(426, "Upgrade Required", b"WebSocket version 13 only\n",
+                             extra="Sec-WebSocket-Version: 13\r\n")
+    key = headers.get("sec-websocket-key", "")
+    try:
+        nonce = base64.b64decode(key, validate=True)
+    except binascii.Error:
+        nonce = b""
+    if len(nonce) != 16:
+        return http_response(400, "Bad Request", b"Sec-WebSocket-Key: 16 bytes in base64\n")
+    origin = headers.get("origin")  # browsers send it; a page elsewhere must not get in
+    if origin is not None and urlsplit(origin).netloc != headers.get("host"):
+        return http_response(403, "Forbidden", b"origin not allowed\n")
+    return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode()
+
+
+# Step 3 ----------------------------------------------------------------------------------
+async def read_message(reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> tuple[Opcode, bytes]:
+    """The next whole message, (TEXT or BINARY, payload), or (CLOSE, payload).
+
+    Answers PINGs, ignores PONGs, reassembles fragments. Raises a FrameError (its close_code
+    says how to close) for anything RFC 6455 forbids.
+    """
+    opcode, parts, size = None, [], 0
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    while True:  # one frame per round: returns with a message or a CLOSE, or raises
+        frame = await frames.read_frame(reader, masked=True, max_size=MAX_MESSAGE)
+        if frame.opcode == Opcode.PING:
+            writer.write(frames.encode(Frame(Opcode.PONG, frame.payload), mask_key=None))
+            continue
+        if frame.opcode == Opcode.PONG:
+            continue
+        if frame.opcode == Opcode.CLOSE:
+            return Opcode.CLOSE, frame.payload
+        if opcode is None and frame.opcode == Opcode.CONT:
+            raise ProtocolError("continuation frame, but no message to continue")
+        if opcode is not None and frame.opcode != Opcode.CONT:
+            raise ProtocolError("new message before the previous one ended")
+        opcode = opcode or frame.opcode
+        size += len(frame.payload)
+        if size > MAX_MESSAGE:
+            raise frames.PayloadTooBig(size, MAX_MESSAGE)
+        if opcode == Opcode.TEXT:
+            try:  # checks this fragment now: no need to wait for the end of the message
+                utf8.decode(frame.payload, final=frame.fin)
+            except UnicodeDecodeError:
+                raise ProtocolError("text is not UTF-8", CloseCode.INVALID_DATA) from None
+        parts.append(frame.payload)
+        if frame.fin:
+            return opcode, b"".join(parts)
+
+
+# Step 4 ----------------------------------------------------------------------------------
+def broadcast(writers, text: str) -> None:
+    """Send ``text`` in one TEXT frame to every writer; drop those that stopped reading."""
+    wire = frames.encode(Frame(Opcode.TEXT, text.encode("utf-8")), mask_key=None)
+    for writer in list(writers):
+        if writer.transport.get_write_buffer_size() > MAX_UNSENT:
+            writer.transport.abort()  # its session ends with a ConnectionError
+        elif not writer.is_closing():
+            writer.write(wire)
+
+
+# Step 5 ----------------------------------------------------------------------------------
+def close_reply(payload: bytes) -> bytes:
+    """The CLOSE frame answering the peer's CLOSE: its own code back, 1002/1007 if invalid."""
+    try:
+        code, _reason = frames.parse_close(payload)
+    except ProtocolError as exc:
+        code = exc.close_code
+    reply = b"" if code is None else frames.close_payload(code)
+    return frames.encode(Frame(Opcode.CLOSE, reply), mask_key=None)
+
+
+# Putting it together ------------------------------------------------------------------------
+def close_frame(code: int, reason: str = "") -> bytes:
+    return frames.encode(Frame(Opcode.CLOSE, frames.close_payload(code, reason)), mask_key=None)
+
+
+def send_json(writer: asyncio.StreamWriter, event: dict) -> None:
+    broadcast([writer], json.dumps(event))
+
+
+class HandmadeServer:
+    """The chat server of notebook 10: asyncio streams, the teaching codec, the chat's JSON."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []  # message id N is history[N - 1]
+        self.users: dict[asyncio.StreamWriter, str] = {}  # connections that said hello
+        self.acked: dict[tuple[str, str], int] = {}  # (user, client_id) -> message id
+        self.port: int | None = None
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    async def start(self, port: int = 0) -> HandmadeServer:
+        self._server = await asyncio.start_server(self.handle, "127.0.0.1", port, limit=MAX_HEAD)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self._server.close()
+        for writer in list(self._writers):
+            writer.write(close_frame(CloseCode.GOING_AWAY))
+            writer.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            method, target, headers = parse_request(head)
+        except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
+                TimeoutError, ConnectionError):
+            writer.write(http_response(400, "Bad Request", b"malformed request\n"))
+            writer.close()
+            return
+        path = urlsplit(target).path
+        if path in ("/ws", "/echo") and method == "GET":
+            answer = handshake_response(headers)
+            writer.write(answer)
+            if answer.startswith(b"HTTP/1.1 101 "):
+                self._writers.add(writer)
+                await self.session(reader, writer, echo=path == "/echo")
+                self._writers.discard(writer)
+        elif path in PAGES and method == "GET":
+            name, content_type = PAGES[path]
+            writer.write(http_response(200, "OK", (STATIC_DIR / name).read_bytes(),
+                                       content_type=content_type))
+        else:
+            writer.write(http_response(404, "Not Found", b"not found\n"))
+        writer.close()
+
+    async def session(self, reader, writer, *, echo: bool) -> None:
+        """Messages in until a CLOSE, an error or a lost connection; then the connection ends."""
+        try:
+            while True:  # one message per round
+                opcode, payload = await read_message(reader, writer)
+                if opcode == Opcode.CLOSE:
+                    writer.write(close_reply(payload))
+                    break
+                if echo:
+                    writer.write(frames.encode(Frame(opcode, payload), mask_key=None))
+                elif opcode == Opcode.BINARY:
+                    writer.write(close_frame(CloseCode.UNSUPPORTED_DATA, "text frames only"))
+                    break
+                elif not self.on_event(writer, payload.decode("utf-8")):
+                    break
+                await writer.drain()
+        except FrameError as exc:  # the peer broke RFC 6455: fail the connection
+            writer.write(close_frame(exc.close_code, str(exc)[:100]))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the peer vanished without a CLOSE
+        finally:
+            if self.users.pop(writer, None) is not None:
+                self.send_presence()
+
+    def on_event(self, writer, text: str) -> bool:
+        """Handle one chat event; False when the connection must end (it was told why)."""
+        try:
+            event = json.loads(text)
+            kind = event["type"]
+        except (ValueError, TypeError, KeyError):
+            send_json(writer, {"type": "error", "error": "expected a JSON object with a type"})
+            return True
+        user = self.users.get(writer)
+        if user is None:  # the first event must be hello, with a valid nickname
+            nick, after = event.get("user"), event.get("after", 0)
+            if kind != "hello" or not isinstance(nick, str) or not 0 < len(nick) <= MAX_NICK:
+                writer.write(close_frame(CloseCode.POLICY_VIOLATION, "say hello first"))
+                return False
+            if not isinstance(after, int) or after < 0 or after > len(self.history):
+                send_json(writer, {"type": "reset"})  # a cursor from another server's log
+                after = 0
+            self.users[writer] = nick
+            for message in self.history[after:]:
+                send_json(writer, {"type": "message", **message})
+            self.send_presence()
+        elif kind == "message":
+            text, client_id = event.get("text"), event.get("client_id")
+            if not isinstance(text, str) or not 0 < len(text) <= MAX_TEXT:
+                send_json(writer, {"type": "error", "error": "text: 1 to 2000 characters"})
+                return True
+            if client_id is not None and not (isinstance(client_id, str) and 0 < len(
+                    client_id) <= 64 and client_id.isascii() and client_id.isprintable()):
+                send_json(writer, {"type": "error", "error": "client_id: 1 to 64 ASCII chars"})
+                return True
+            message = None
+            if (user, client_id) not in self.acked:  # else: a repeat, acked with the old id
+                message = {"id": len(self.history) + 1, "ts": time.time(), "user": user,
+                           "text": text}
+                if client_id is not None:
+                    message["client_id"] = client_id
+                    self.acked[user, client_id] = message["id"]
+                self.history.append(message)
+            if client_id is not None:  # the sender learns its message is stored, then all do
+                send_json(writer, {"type": "ack", "client_id": client_id,
+                                   "id": self.acked[user, client_id]})
+            if message is not None:
+                broadcast(self.users, json.dumps({"type": "message", **message}))
+        elif kind == "typing":
+            others = [w for w in self.users if w is not writer]
+            broadcast(others, json.dumps({"type": "typing", "user": user}))
+        else:
+            send_json(writer, {"type": "error", "error": f"unknown type {kind!r}"})
+        return True
+
+    def send_presence(self) -> None:
+        users = sorted(set(self.users.values()))
+        broadcast(self.users, json.dumps({"type": "presence", "users": users}))
