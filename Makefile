@@ -40,7 +40,7 @@ test: setup chromium lint
 # Re-execute every notebook in place, so the outputs committed to git come from a clean run;
 # then clean_outputs.py replaces what only that run's kernel could show (ports, widget views).
 notebooks: setup
-	cd notebooks && for nb in 0*.ipynb; do \
+	cd notebooks && for nb in [0-9]*.ipynb; do \
 	  ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
 	    --ExecutePreprocessor.record_timing=False "$$nb" || exit 1; \
 	  ../$(BIN)/python clean_outputs.py "$$nb" || exit 1; done
