@@ -1,237 +1,496 @@
 """ChatPanel: a chat window in the notebook that is a real participant in the chat.
 
-It is an ipywidgets ``VBox`` driven by one of chatlib's clients (WebSocket by default) in
-a task on the kernel's event loop. Browser users see what you send from it, and it shows
-what they send, live. It reconnects with backoff when the connection drops (a server
-restart, say) and resumes after the last message it showed: no gaps, no duplicates.
+The panel is an ipywidgets widget (an :class:`anywidget.AnyWidget`) with two halves:
 
-Everything users type is escaped before it is shown: text is data, never markup.
+* the **kernel side** (this module) holds one of chatlib's clients (WebSocket by default)
+  in a task on the kernel's event loop. It reconnects with backoff when the connection
+  drops and resumes after the last message it has: no gaps, no duplicates. Everything the
+  view draws is kept in synced traitlets, bounded (the newest ``shown`` messages), so a
+  view opened later (the notebook closed and reopened) draws the same chat;
+* the **view** (``panel.js`` and ``panel.css`` next to this file, plain ES module and CSS,
+  no build step) only draws that state and reports what the person does. Pressing Enter
+  (or Send) sends the whole text in *one* front-end message, ``{"type": "send", "text":
+  ..., "client_id": ...}``: the text and the Enter cannot be separated, so a message cannot
+  be cut short, and nothing waits for the input box to "settle".
+
+Own messages go through an outbox: each gets a ``client_id`` (chosen by the view), is shown
+as pending until the server has it, and is sent again after a reconnect until it has.
+
+Everything users type is drawn as text (``textContent``), never as HTML.
 """
 
 from __future__ import annotations
 
 import asyncio
 import html
+import inspect
+import logging
 import random
+import secrets
 import time
-import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
-import ipywidgets as widgets
+import anywidget
+import traitlets
 
-from .clients import LongPollClient, PollingClient, SSEClient, WebSocketClient
+from .clients import ChatRefused, LongPollClient, PollingClient, SSEClient, WebSocketClient
 from .store import Message
 
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
 CLIENTS = {"ws": WebSocketClient, "sse": SSEClient, "longpoll": LongPollClient,
            "poll": PollingClient}
-STATE_COLOURS = {"connecting": "#a60", "connected": "#080", "reconnecting": "#a60",
-                 "closed": "#888"}
-SETTLE_S = 0.3
-"""Enter sends what the box holds once no edit of it has arrived for this long (see _submit)."""
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+TYPING_SHOW_S = 3.0
+"""Show "X is typing…" this long after X's last typing notice (as the chat page does)."""
+SYNC_EVERY_S = 0.05
+"""At most one history update to the view per this many seconds while messages pour in (a
+replay of 500 after a reconnect is one or a few updates, not 500); a message that arrives
+after a quiet moment goes to the view at once."""
+MAX_OUTBOX = 100
+"""Own messages waiting for the server at most; the view refuses more until some are sent."""
+MAX_CLIENT_ID = 64
 
 
-class ChatPanel(widgets.VBox):
+@dataclass
+class Outgoing:
+    """One own message on its way: pending until the server has it, then sent."""
+
+    client_id: str
+    text: str
+    ts: float = field(default_factory=time.time)
+    state: str = "pending"  # pending -> sent (acknowledged, or written when there is no ack)
+    id: int | None = None  # the stored message's id, once the server told us
+    error: str = ""  # why the server refused it (state "failed")
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def as_dict(self) -> dict:
+        return {"client_id": self.client_id, "text": self.text, "ts": self.ts,
+                "state": self.state, "id": self.id, "error": self.error}
+
+
+def new_client_id() -> str:
+    return secrets.token_hex(16)
+
+
+def valid_client_id(value) -> bool:
+    """1..64 printable ASCII characters (the send path's rule for ``client_id``)."""
+    return (isinstance(value, str) and 0 < len(value) <= MAX_CLIENT_ID
+            and all(" " < c <= "~" for c in value))
+
+
+def describe(exc: BaseException) -> str:
+    """One line saying what went wrong, for the status line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def retryable(exc: BaseException) -> bool:
+    """Does this failure go away by reconnecting (network, server restart, overload)?
+
+    A refusal that the same request would get again (401, 403, 400 ...) does not, and
+    neither does a bug: those stop the panel with the error shown, instead of hiding it
+    behind endless reconnecting.
+    """
+    status = getattr(getattr(exc, "response", None), "status_code", None)  # httpx, websockets
+    status = getattr(exc, "status", status)  # ChatRefused
+    if status is not None:
+        return status == 429 or status >= 500 or status == 408
+    # OSError: refused, reset, unreachable; TimeoutError; ConnectionClosed (websockets),
+    # TransportError (httpx) and ConnectionError (ours) cover a connection that ended.
+    import httpx
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
+    return isinstance(exc, (OSError, TimeoutError, ConnectionClosed, InvalidHandshake,
+                            httpx.TransportError, EOFError))
+
+
+class ChatPanel(anywidget.AnyWidget):
     """A chat window for the notebook.
 
     ``target`` is a :class:`~chatlib.ChatServer` or any chat server's URL (a classmate's,
     an instructor's). ``transport`` is one of ``ws``, ``sse``, ``longpoll``, ``poll``.
+    ``shown`` bounds what the view gets (the newest messages); ``keep`` bounds
+    :attr:`messages`.
     """
 
+    _esm = HERE / "panel.js"
+    _css = HERE / "panel.css"
+
+    # What the view draws. Synced with every view; a view that opens later draws from it.
+    user = traitlets.Unicode().tag(sync=True)
+    url = traitlets.Unicode().tag(sync=True)
+    transport = traitlets.Unicode("ws").tag(sync=True)
+    state = traitlets.Unicode("connecting").tag(sync=True)
+    """connecting, connected, reconnecting, closed, or failed (an error that retrying
+    cannot fix; see :attr:`error`)."""
+    error = traitlets.Unicode("").tag(sync=True)
+    """The last connection problem, as one line ("" while all is well)."""
+    retry_at = traitlets.Float(0.0).tag(sync=True)
+    """Unix time of the next reconnect attempt while reconnecting (the view counts down)."""
+    presence = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    typing = traitlets.Unicode(None, allow_none=True).tag(sync=True)
+    """Who (other than us) is typing right now, if anyone."""
+    history = traitlets.List(traitlets.Dict()).tag(sync=True)
+    """The newest ``shown`` messages, oldest first: ``{id, ts, user, text}``."""
+    outbox = traitlets.List(traitlets.Dict()).tag(sync=True)
+    """Own messages not yet in :attr:`history`: ``{client_id, text, ts, state, id, error}``."""
+
     def __init__(self, target, user: str = "notebook", *, transport: str = "ws",
-                 shown: int = 200, max_reconnects: int = 10_000) -> None:
-        self.url = target if isinstance(target, str) else target.url
-        self.user = user
-        self.transport = transport
+                 shown: int = 200, keep: int = 10_000, max_reconnects: int = 10_000) -> None:
+        if transport not in CLIENTS:
+            raise ValueError(f"transport must be one of {', '.join(CLIENTS)}, not {transport!r}")
+        super().__init__(url=target if isinstance(target, str) else target.url,
+                         user=user, transport=transport)
         self.shown = shown
+        self.keep = keep
         self.max_reconnects = max_reconnects
         self.messages: dict[int, Message] = {}
+        """Every message received (the newest ``keep``), by id."""
         self.last_id = 0
-        self.state = "connecting"
         self.connections = 0  # successful (re)connections so far
-        self.presence: list[str] = []
-        self.typing: str | None = None  # who is typing right now (not us), if anyone
         self._client = None
+        self._client_was_connected = False
+        self._loop = asyncio.get_running_loop()  # the kernel's: everything runs on it
         self._changed = asyncio.Event()
-        self._last_typing_sent = 0.0
+        self._outbox: dict[str, Outgoing] = {}  # insertion order is sending order
+        self._wake_sender = asyncio.Event()
         self._typing_timer: asyncio.TimerHandle | None = None
-        self._last_edit = 0.0  # time.monotonic() of the input box's latest value change
-        self._submits: set[asyncio.Task] = set()  # referenced until done
+        self._sync_handle: asyncio.Handle | None = None
+        self._last_sync = 0.0
+        self._tasks: set[asyncio.Task] = set()  # fire-and-forget tasks, referenced until done
+        self.on_msg(self._on_view_message)
+        self._task = self._loop.create_task(self._run())
 
-        self._status = widgets.HTML()
-        # ipywidgets 8 has no ``overflow_y`` (it was silently ignored: the log spilled out of
-        # its box over the input row). ``column-reverse`` starts the scroll at the bottom and
-        # keeps it there, so the newest message is in view, as in any chat window.
-        self._log = widgets.HTML(layout=widgets.Layout(
-            height="260px", overflow="auto", flex_flow="column-reverse",
-            border="1px solid #ddd", padding="4px 8px"))
-        self._who = widgets.HTML()
-        self._typing = widgets.HTML(layout=widgets.Layout(height="1.6em"))
-        self._input = widgets.Text(placeholder="Type a message, press Enter",
-                                   layout=widgets.Layout(flex="1"))
-        self._send_button = widgets.Button(description="Send", button_style="primary")
-        self._input.add_class("chatlib-input")
-        self._send_button.add_class("chatlib-send")
-        self._log.add_class("chatlib-log")
-        with warnings.catch_warnings():
-            # ipywidgets 8 calls on_submit deprecated, yet it is the only way to get Enter
-            # without also sending when the box merely loses focus.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            self._input.on_submit(lambda _: self._submit())
-        self._send_button.on_click(lambda _: self._submit())
-        self._input.observe(self._on_keystroke, "value")
-        super().__init__([self._status, self._who, self._log, self._typing,
-                          widgets.HBox([self._input, self._send_button])],
-                         layout=widgets.Layout(max_width="640px"))
-        self.add_class("chatlib-panel")
-        self._render_status()
-        self._render_log()
-        self._task = asyncio.get_event_loop().create_task(self._run())
+    # -- what a saved notebook shows without a kernel -------------------------------------
+
+    def __repr__(self) -> str:
+        return (f"<ChatPanel {self.user!r} over {self.transport} to {self.url}: {self.state}, "
+                f"{len(self.messages)} messages>")
+
+    def _repr_mimebundle_(self, **kwargs):
+        """The widget, plus what a notebook shows where no widget can be drawn.
+
+        A notebook opened fresh (not trusted, no kernel) or rendered on a website shows the
+        text/html or text/plain of this bundle instead of the widget: a short snapshot and
+        how to bring the chat to life, never the widget's internals and no link to a port
+        that no longer answers.
+        """
+        data, metadata = super()._repr_mimebundle_(**kwargs)
+        data["text/plain"] = (f"ChatPanel: a live chat window ({self.user} over "
+                              f"{self.transport}). Run the notebook's cells to join the chat.")
+        data["text/html"] = self._snapshot_html()
+        return data, metadata
+
+    def _snapshot_html(self, last: int = 10) -> str:
+        rows = "".join(
+            f"<li><b>{html.escape(m['user'])}</b>: {html.escape(m['text'])}</li>"
+            for m in self.history[-last:])
+        return (
+            '<div class="chatlib-snapshot" style="border:1px solid #bbb;border-radius:6px;'
+            'padding:6px 10px;max-width:640px">'
+            f"<b>ChatPanel</b>: a live chat window ({html.escape(self.user)} over "
+            f"{html.escape(self.transport)}).<br><i>Run the notebook's cells to join the "
+            f"chat.</i>{f'<ul>{rows}</ul>' if rows else ''}</div>")
 
     # -- the connection ------------------------------------------------------------------
 
     async def _run(self) -> None:
-        delay = 0.2
-        for _ in range(self.max_reconnects):
-            client = CLIENTS[self.transport](self.url, self.user, after=self.last_id)
-            client.on_event = self._on_event
-            try:
-                await client.connect()
-                self._client = client
-                self.connections += 1
-                self._set_state("connected")
-                delay = 0.2
-                while True:  # ends when the connection does
-                    self._add(await client.receive())
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the server went away or restarted: reconnect below
-                self._set_state("reconnecting")
-            finally:
-                self._client = None
-                self.last_id = max(self.last_id, client.last_id)
+        delay = BACKOFF_MIN_S
+        try:
+            for attempt in range(self.max_reconnects):
+                if attempt:
+                    # Exponential backoff with jitter, so a restarted server isn't hit by
+                    # everyone at the same instant. The view counts down to retry_at. Who
+                    # is here and typing is unknown until we are back.
+                    pause = delay * random.uniform(0.8, 1.2)
+                    self._set(state="reconnecting", retry_at=time.time() + pause,
+                              presence=[], typing=None)
+                    await asyncio.sleep(pause)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
+                    self._set(retry_at=0.0)
                 try:
-                    await client.close()
-                except Exception:
-                    pass
-            # Exponential backoff with jitter, so a restarted server isn't hit by everyone
-            # at the same instant.
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
-            delay = min(delay * 2, 5.0)
-        self._set_state("closed")
+                    await self._connection()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if not retryable(exc):
+                        logger.error("ChatPanel %s: stopped by an error", self.url, exc_info=exc)
+                        self._set(state="failed", error=describe(exc))
+                        return
+                    if describe(exc) != self.error:  # once per kind of problem, not per retry
+                        logger.warning("ChatPanel %s: connection lost (%s); reconnecting",
+                                       self.url, describe(exc))
+                    self._set(error=describe(exc))
+                    if self._client_was_connected:
+                        delay = BACKOFF_MIN_S  # it worked until now: retry soon
+            self._set(state="closed")
+        finally:
+            if self.state not in ("closed", "failed"):
+                self._set(state="closed")
+
+    async def _connection(self) -> None:
+        """One connection: receive messages and send the outbox until either fails."""
+        self._client_was_connected = False
+        client = CLIENTS[self.transport](self.url, self.user, after=self.last_id)
+        client.on_event = self._on_event
+        try:
+            await client.connect()
+            self._client = client
+            self._client_was_connected = True
+            self.connections += 1
+            self._set(state="connected", error="")
+            receiver = self._loop.create_task(self._receive_loop(client))
+            sender = self._loop.create_task(self._send_loop(client))
+            try:
+                done, _ = await asyncio.wait({receiver, sender},
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (receiver, sender):
+                    task.cancel()
+                await asyncio.gather(receiver, sender, return_exceptions=True)
+            for task in done:
+                task.result()  # raises what ended the connection
+            raise ConnectionError("the connection ended")
+        finally:
+            self._client = None
+            self.last_id = max(self.last_id, client.last_id)
+            try:
+                await client.close()
+            except Exception as exc:  # closing a broken connection may fail: nothing to do
+                logger.debug("ChatPanel: close failed: %s", describe(exc))
+
+    async def _receive_loop(self, client) -> None:
+        while True:  # ends when the connection does
+            self._add(await client.receive())
 
     def _on_event(self, kind: str, data: dict) -> None:
         if kind == "presence":
-            self.presence = data["users"]
-            self._who.value = "<small>here: " + ", ".join(
-                f"<b>{html.escape(u)}</b>" for u in self.presence) + "</small>"
-        elif kind == "typing" and data["user"] != self.user:
-            self.typing = data["user"]
-            self._typing.value = f"<i><small>{html.escape(data['user'])} is typing…</small></i>"
+            self._set(presence=[u for u in data.get("users", []) if isinstance(u, str)])
+        elif kind == "typing" and data.get("user") != self.user:
+            self._set(typing=data.get("user"))
             if self._typing_timer:
                 self._typing_timer.cancel()
-            self._typing_timer = asyncio.get_event_loop().call_later(3.0, self._clear_typing)
+            self._typing_timer = self._loop.call_later(TYPING_SHOW_S, self._clear_typing)
         elif kind == "reset":  # the server's history was replaced: start over
             self.messages.clear()
             self.last_id = 0
-            self._render_log()
+            self._sync_history(now=True)
+        elif kind == "ack":
+            entry = self._outbox.get(data.get("client_id"))
+            if entry is not None and isinstance(data.get("id"), int):
+                self._mark_sent(entry, data["id"], None)
         elif kind == "error":
-            self._status.value = self._status_html() + (
-                f' <span style="color:#b00">{html.escape(data["error"])}</span>')
-
+            entry = self._outbox.get(data.get("client_id"))
+            if entry is not None:  # the server refused this message
+                self._fail(entry, str(data.get("error", "refused")))
+            else:
+                self._set(error=str(data.get("error", "")))
         self._notify()
+
+    def _clear_typing(self) -> None:
+        self._set(typing=None)
+
+    def _add(self, message: Message) -> None:
+        if message.id in self.messages:
+            return
+        self.messages[message.id] = message
+        while len(self.messages) > self.keep:  # dicts keep insertion (= id) order
+            del self.messages[next(iter(self.messages))]
+        self.last_id = max(self.last_id, message.id)
+        if message.user == self.user:
+            self._settle_own(message)
+        elif message.user == self.typing:
+            self._clear_typing()  # who just sent a message has stopped typing
+        self._sync_history()
+        self._notify()
+
+    # -- state for the view ---------------------------------------------------------------
+
+    def _set(self, **traits) -> None:
+        with self.hold_sync():  # one message to the view for all of them
+            for name, value in traits.items():
+                setattr(self, name, value)
+        self._notify()
+
+    def _sync_history(self, now: bool = False) -> None:
+        """Send the newest ``shown`` messages (and the outbox) to the view, coalesced."""
+        if now and self._sync_handle is not None:
+            self._sync_handle.cancel()
+            self._sync_handle = None
+        if self._sync_handle is not None:
+            return  # one is scheduled already
+        wait = 0.0 if now else self._last_sync + SYNC_EVERY_S - time.monotonic()
+        if wait <= 0:
+            self._flush()
+        else:
+            self._sync_handle = self._loop.call_later(wait, self._flush)
+
+    def _flush(self) -> None:
+        self._sync_handle = None
+        self._last_sync = time.monotonic()
+        newest = list(self.messages.values())[-self.shown:]
+        self._set(history=[m.to_dict() for m in newest],
+                  outbox=[e.as_dict() for e in self._outbox.values()])
 
     def _notify(self) -> None:
         """Wake everyone in :meth:`wait_for`, then arm a fresh event for the next change."""
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _clear_typing(self) -> None:
-        self.typing = None
-        self._typing.value = ""
-
-    def _add(self, message: Message) -> None:
-        if message.id in self.messages:
-            return
-        self.messages[message.id] = message
-        self.last_id = max(self.last_id, message.id)
-        if message.user != self.user:
-            self._clear_typing()
-        self._render_log()
-        self._notify()
-
-    def _set_state(self, state: str) -> None:
-        self.state = state
-        self._render_status()
-        self._notify()
-
-    # -- rendering (everything users typed goes through html.escape) ----------------------
-
-    def _status_html(self) -> str:
-        colour = STATE_COLOURS.get(self.state, "#888")
-        return (f'<span class="chatlib-state" style="color:{colour}">● {self.state}</span>'
-                f" <small>as <b>{html.escape(self.user)}</b> over {self.transport} to "
-                f"{html.escape(self.url)}</small>")
-
-    def _render_status(self) -> None:
-        self._status.value = self._status_html()
-
-    def _render_log(self) -> None:
-        rows = []
-        for message in sorted(self.messages.values(), key=lambda m: m.id)[-self.shown:]:
-            mine = ' style="background:#eef6ff"' if message.user == self.user else ""
-            clock = time.strftime("%H:%M:%S", time.localtime(message.ts))
-            rows.append(
-                f'<div class="chatlib-msg" data-id="{message.id}"{mine}>'
-                f'<small style="color:#888">{clock}</small> '
-                f'<b class="chatlib-user">{html.escape(message.user)}</b>: '
-                f'<span class="chatlib-text">{html.escape(message.text)}</span></div>')
-        self._log.value = "".join(rows) or "<i><small>no messages yet</small></i>"
-
     # -- sending -------------------------------------------------------------------------
 
-    def _submit(self) -> None:
-        # Enter (or Send) reaches the kernel at once, but ipywidgets holds the box's newest
-        # value back in the browser until the kernel has acknowledged the previous keystroke's
-        # update. Reading the box now could send a message without its last characters (seen
-        # in tests: "...noteboo"). A held-back value arrives within a round trip of the
-        # previous edit, so read the box once no edit has arrived for SETTLE_S.
-        task = asyncio.get_event_loop().create_task(self._submit_when_settled())
-        self._submits.add(task)
-        task.add_done_callback(self._submits.discard)
+    def _on_view_message(self, _widget, content, _buffers) -> None:
+        """One message from a view: what the person did (see panel.js)."""
+        if not isinstance(content, dict):
+            return
+        kind = content.get("type")
+        if kind == "send":
+            text = content.get("text")
+            client_id = content.get("client_id")
+            if isinstance(text, str) and text.strip():
+                try:
+                    self._enqueue(text, client_id if valid_client_id(client_id) else None)
+                except OverflowError as exc:
+                    self._set(error=f"not sent: {exc}")
+        elif kind == "typing":
+            client = self._client
+            if client is not None:
+                self._spawn(client.send_typing())
+        elif kind == "discard":
+            entry = self._outbox.get(content.get("client_id"))
+            if entry is not None and entry.state == "failed":
+                del self._outbox[entry.client_id]
+                self._sync_outbox()
+        elif kind == "hello":  # a view asks whether a kernel is there: yes
+            self.send({"type": "hello"})
 
-    async def _submit_when_settled(self) -> None:
-        give_up = time.monotonic() + 4 * SETTLE_S  # someone typing on and on: send anyway
-        while (quiet := time.monotonic() - self._last_edit) < SETTLE_S \
-                and time.monotonic() < give_up:
-            await asyncio.sleep(SETTLE_S - quiet)
-        text = self._input.value
-        if text.strip():
-            self._input.value = ""
-            await self._send_or_restore(text)
+    def _enqueue(self, text: str, client_id: str | None = None) -> Outgoing:
+        if client_id in self._outbox:  # the same message again (a view resent it)
+            return self._outbox[client_id]
+        if len(self._outbox) >= MAX_OUTBOX:
+            raise OverflowError(f"{MAX_OUTBOX} messages are waiting to be sent already")
+        entry = Outgoing(client_id or new_client_id(), text)
+        self._outbox[entry.client_id] = entry
+        self._wake_sender.set()
+        self._sync_outbox()
+        return entry
 
-    async def _send_or_restore(self, text: str) -> None:
-        try:
-            await self.send(text)
-        except Exception as exc:
-            self._input.value = text  # nothing typed is lost
-            self._status.value = self._status_html() + (
-                f' <span style="color:#b00">not sent: {html.escape(str(exc))}</span>')
+    def _sync_outbox(self) -> None:
+        # With the history, in one update: a message leaving the outbox is in the history.
+        self._sync_history(now=True)
 
-    def _on_keystroke(self, change) -> None:
-        now = time.monotonic()
-        self._last_edit = now
-        if change["new"] and self._client is not None and now - self._last_typing_sent > 2:
-            self._last_typing_sent = now
-            asyncio.get_event_loop().create_task(self._client.send_typing())
+    async def _send_loop(self, client) -> None:
+        """Send what the outbox holds, oldest first, one at a time (so in order)."""
+        # A message that was on its way when the last connection broke is sent again: the
+        # server recognises a repeated client_id and stores it once.
+        for entry in self._outbox.values():
+            if entry.state == "sent" and entry.id is None:
+                entry.state = "pending"
+        while True:  # ends when the connection does (an exception) or is cancelled
+            entry = next((e for e in self._outbox.values() if e.state == "pending"), None)
+            if entry is None:
+                self._wake_sender.clear()
+                await self._wake_sender.wait()
+                continue
+            try:
+                result = await self._send_one(client, entry)
+            except ChatRefused as exc:
+                if retryable(exc):
+                    raise
+                self._fail(entry, exc.error or str(exc))
+                continue
+            if isinstance(result, Message):
+                self._mark_sent(entry, result.id, result)
+            else:  # a transport without acknowledgements: written is all we know
+                self._mark_sent(entry, None, None)
 
-    async def send(self, text: str) -> None:
-        """Send ``text`` as this panel's user (it shows up when the server echoes it)."""
-        if self._client is None:
-            raise ConnectionError(f"not connected ({self.state})")
-        await self._client.send(text)
+    async def _send_one(self, client, entry: Outgoing):
+        if _takes_client_id(client.send):
+            return await client.send(entry.text, client_id=entry.client_id)
+        return await client.send(entry.text)
+
+    def _mark_sent(self, entry: Outgoing, message_id: int | None,
+                   message: Message | None) -> None:
+        if entry.client_id not in self._outbox:
+            return
+        entry.state, entry.id = "sent", message_id
+        if not entry.done.done():
+            entry.done.set_result(message or self.messages.get(message_id))
+        if message_id is not None and message_id in self.messages:
+            del self._outbox[entry.client_id]  # its echo is here already
+        self._sync_history(now=True)
+        self._notify()
+
+    def _fail(self, entry: Outgoing, error: str) -> None:
+        entry.state, entry.error = "failed", error
+        if not entry.done.done():
+            entry.done.set_exception(ChatRefused(400, error))
+            entry.done.exception()  # retrieved: nobody may be awaiting it
+        self._sync_outbox()
+        self._notify()
+
+    def _settle_own(self, message: Message) -> None:
+        """Our own message came back from the server: it leaves the outbox."""
+        client_id = getattr(message, "client_id", None)
+        entry = self._outbox.get(client_id) if client_id else None
+        if entry is None:
+            entry = next((e for e in self._outbox.values() if e.id == message.id), None)
+        if entry is None:
+            # No id to go by (a client without acks): the oldest sent one with this text.
+            entry = next((e for e in self._outbox.values()
+                          if e.state == "sent" and e.id is None and e.text == message.text),
+                         None)
+        if entry is None:
+            return
+        del self._outbox[entry.client_id]
+        if not entry.done.done():
+            entry.done.set_result(message)
+
+    def send(self, text, buffers=None, *, timeout: float | None = 10.0):
+        """``await panel.send(text)``: send ``text`` as this panel's user, once the server
+        has it.
+
+        Returns the stored message when the transport tells (``None`` otherwise; it shows
+        up in :attr:`messages` when the server echoes it). While disconnected the message
+        waits in the outbox (shown as pending) and goes out after reconnecting; on
+        ``TimeoutError`` it is still waiting there.
+
+        Called with a dict this is ipywidgets' ``Widget.send`` (a custom message to the
+        views), which ipywidgets itself uses (``focus()``, ``blur()``).
+        """
+        if isinstance(text, str):
+            return self._send_text(text, timeout)
+        return super().send(text, buffers)
+
+    async def _send_text(self, text: str, timeout: float | None) -> Message | None:
+        entry = self._enqueue(text)
+        return await asyncio.wait_for(asyncio.shield(entry.done), timeout)
+
+    @property
+    def pending(self) -> list[str]:
+        """Texts of own messages the server has not confirmed yet, oldest first."""
+        return [e.text for e in self._outbox.values() if e.state == "pending"]
+
+    def _spawn(self, coroutine) -> None:
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A lost typing notice is not worth more: the connection's own loop reports
+            # a broken connection.
+            logger.debug("ChatPanel: %s", describe(task.exception()))
 
     # -- waiting (for notebooks and tests: wait on events, not sleeps) --------------------
 
-    async def wait_for(self, predicate, timeout: float = 10.0) -> None:
+    async def wait_for(self, predicate: Callable[[ChatPanel], bool],
+                       timeout: float = 10.0) -> None:
         """Wait until ``predicate(panel)`` is true; ``TimeoutError`` after ``timeout`` s."""
         async with asyncio.timeout(timeout):
             while not predicate(self):  # each round waits for a change
@@ -247,10 +506,32 @@ class ChatPanel(widgets.VBox):
         await self.wait_for(lambda p: p.state == "connected", timeout)
 
     async def aclose(self) -> None:
-        """Disconnect and stop reconnecting."""
+        """Disconnect and stop reconnecting (the view stays, saying closed)."""
         self._task.cancel()
         try:
             await self._task
         except asyncio.CancelledError:
             pass
-        self._set_state("closed")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._sync_handle is not None:
+            self._sync_handle.cancel()
+            self._flush()
+        self._set(state="closed", retry_at=0.0)
+
+    def close(self) -> None:
+        """Close the widget (its views disappear) and stop its connection."""
+        task = getattr(self, "_task", None)  # absent if __init__ failed early
+        if task is not None and not task.done():
+            try:
+                task.cancel()
+            except RuntimeError:  # the loop is closed already (interpreter shutdown)
+                pass
+        super().close()
+
+
+def _takes_client_id(send) -> bool:
+    try:
+        return "client_id" in inspect.signature(send).parameters
+    except (TypeError, ValueError):
+        return False

@@ -35,7 +35,8 @@
   const WATCHDOG_EVERY_MS = Number(new URLSearchParams(location.search).get('watchdog_ms')) || 15000;
   const WATCHDOG_DEADLINE_MS = Math.min(5000, WATCHDOG_EVERY_MS);
   const LATENCY_SAMPLES = 200;      // the running median covers the last N messages
-  const NICK_KEY = 'chat.nick';
+  const NICK_KEY = 'chat.nick';          // localStorage: the nick last joined with
+  const TAB_NICK_KEY = 'chat.tab-nick';  // sessionStorage: this tab's nick (kept on reload)
 
   // ---- DOM --------------------------------------------------------------------
   const $ = (id) => document.getElementById(id);
@@ -70,6 +71,11 @@
   // ---- small helpers ----------------------------------------------------------
   const enc = encodeURIComponent;
   const randomGuest = () => `guest-${1000 + Math.floor(Math.random() * 9000)}`;
+
+  // Times are formatted as the ChatPanel formats them (chatlib/panel.js has the same
+  // function; tests/test_panel.py checks that the two stay identical).
+  const TIME_FORMAT = { hour: '2-digit', minute: '2-digit' };
+  function formatTime(date) { return date.toLocaleTimeString([], TIME_FORMAT); }
 
   function setStatus(text) {
     els.status.textContent = text;
@@ -164,7 +170,7 @@
     const time = document.createElement('time');
     time.className = 'time';
     time.dateTime = when.toISOString();
-    time.textContent = when.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    time.textContent = formatTime(when);
     meta.append(user, ' ', time);
     if (latencyMs !== null) {
       const lat = document.createElement('span');
@@ -590,12 +596,38 @@
     connect();
   }
 
+  // A nick is remembered for this tab (sessionStorage: a reload keeps it) and as the
+  // suggestion for the next tab (localStorage). A second tab must not silently become a
+  // second "alice": if the remembered nick is in the chat already, it suggests "alice-2".
   function saveNick(nick) {
-    try { localStorage.setItem(NICK_KEY, nick); } catch { /* storage disabled: fine */ }
+    try {
+      localStorage.setItem(NICK_KEY, nick);
+      sessionStorage.setItem(TAB_NICK_KEY, nick);
+    } catch { /* storage disabled: fine */ }
   }
 
-  function loadNick() {
-    try { return localStorage.getItem(NICK_KEY); } catch { return null; }
+  function loadNick(storage, key) { // storage: 'localStorage' or 'sessionStorage'
+    try { return window[storage].getItem(key); } catch { return null; } // may be disabled
+  }
+
+  function freeVariant(nick, taken) {
+    if (!taken.has(nick)) return nick;
+    const base = nick.replace(/-\d+$/, '');
+    for (let n = 2; n < 1000; n += 1) {
+      if (!taken.has(`${base}-${n}`)) return `${base}-${n}`;
+    }
+    return randomGuest();
+  }
+
+  async function suggestFreeNick() {
+    const suggested = els.nick.value;
+    let users;
+    try {
+      users = (await getJson('api/presence', 5000)).users;
+    } catch { return; } // no presence, no check: the suggestion stays
+    // Only while the person has not started typing a nick of their own.
+    if (!Array.isArray(users) || state.joined || els.nick.value !== suggested) return;
+    els.nick.value = freeVariant(suggested, new Set(users));
   }
 
   // ---- wiring -----------------------------------------------------------------
@@ -629,7 +661,11 @@
   const wanted = params.get('transport');
   if (TRANSPORTS.has(wanted)) els.transportSelect.value = wanted;
   const userParam = params.get('user');
-  els.nick.value = userParam || loadNick() || randomGuest();
+  const tabNick = loadNick('sessionStorage', TAB_NICK_KEY);
+  els.nick.value = userParam || tabNick || loadNick('localStorage', NICK_KEY) || randomGuest();
   if (userParam) join();
-  else els.nick.focus();
+  else {
+    els.nick.focus();
+    if (!tabNick) suggestFreeNick();
+  }
 })();

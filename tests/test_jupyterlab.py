@@ -1,17 +1,33 @@
-"""Notebook 7 in a real JupyterLab, in a real browser, as a learner would use it.
+"""The ChatPanel in a real JupyterLab, in a real browser, as a learner would use it.
 
 ``jupyter lab`` runs as a subprocess (127.0.0.1, a free port, no token, its own HOME,
 runtime, config and data directories, so nothing of the machine's Jupyter setup leaks in;
-the venv's lab extensions and kernelspec are still found through ``sys.prefix``). Headless
-Chromium opens ``07-chat-notebook-and-browser.ipynb``, runs all cells, and then:
+the venv's lab extensions and kernelspec are still found through ``sys.prefix``).
 
-* the ChatPanel widget renders (so the ipywidgets lab extension works) and says connected;
+``test_notebook7_panel_chats_with_the_browser_page``: headless Chromium opens
+``07-chat-notebook-and-browser.ipynb``, runs all cells, and then:
+
+* the ChatPanel widget renders (so the anywidget lab extension works) and says connected;
 * the chat page whose URL the notebook prints, opened in a second page as ``visitor``,
   sends a message that shows up in the panel's log, in view (the log follows new messages);
 * text typed into the panel's input box (Enter) shows up on the chat page;
 * typing notices go both ways, and both views show the same messages, once each, in order.
 
-A screenshot of the notebook goes to tests/artifacts/jupyterlab-notebook7.png.
+``test_panel_as_a_chat_window`` drives a small notebook of its own (``panel.ipynb``: a
+server and a panel) the way a person chats, and measures:
+
+* 20 messages typed at 10 ms and at 80 ms per key, JupyterLab's tab in front and behind
+  another page, half sent with Enter and half with the Send button: each arrives at the
+  chat page whole and once, in order, and the box is empty after each send;
+* latency panel -> page and page -> panel (median, p95), printed (not asserted: limits
+  on wall-clock time belong in bench/, not in tests on a shared machine);
+* presence, typing, times as the page shows them, own messages on the right, the unread
+  marker, a message typed while the server is down (pending, then sent once), the error
+  in the status line, the panel redrawn from the kernel's state after the notebook is
+  closed and reopened, and what the saved notebook holds for readers without a kernel.
+
+Screenshots go to tests/artifacts/ (jupyterlab-notebook7.png, panel-light.png,
+panel-dark.png, panel-reconnecting.png).
 
 Teardown stops JupyterLab with SIGTERM (it shuts its kernels down), SIGKILL after a bounded
 wait, and then checks that no process it started (kernel, the kernel's own headless
@@ -20,7 +36,6 @@ Chromium) is left; any that is, is killed and reported.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -28,6 +43,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -146,12 +162,35 @@ def write_lab_settings(config_dir: Path) -> None:
         path.write_text(json.dumps(value))
 
 
+PANEL_NOTEBOOK = "panel.ipynb"
+
+
+def write_panel_notebook(path: Path) -> None:
+    """A server and a panel; generous rate limits, so that typing fast tests the panel."""
+    cells = [
+        "import chatlib\n"
+        "server = await chatlib.start_server(limits=chatlib.Limits(rate=100, burst=200))\n"
+        "panel = chatlib.ChatPanel(server, user='notebook')\n"
+        "panel",
+        "print(f'open {server.url} in a browser tab')",
+    ]
+    notebook = {
+        "cells": [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+                   "source": source} for source in cells],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                    "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5,
+    }
+    path.write_text(json.dumps(notebook))
+
+
 @pytest.fixture
 def jupyter_lab(tmp_path):
     """A running ``jupyter lab`` serving a copy of notebook 7; yields its base URL."""
     root = tmp_path / "root"
     root.mkdir()
     shutil.copy(NOTEBOOK, root)
+    write_panel_notebook(root / PANEL_NOTEBOOK)
     write_lab_settings(tmp_path / "config")
     env = {
         **os.environ,
@@ -203,7 +242,8 @@ def jupyter_lab(tmp_path):
         def remember_children():
             started.update(descendants(process.pid))
 
-        yield {"base": base, "log": log_path, "remember_children": remember_children}
+        yield {"base": base, "log": log_path, "remember_children": remember_children,
+               "root": root}
     finally:
         started.update(descendants(process.pid))  # the kernel and what it started
         if process.poll() is None:
@@ -287,7 +327,7 @@ async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
             # twice (first and last cell); the last one is where a learner keeps chatting.
             panel = lab.locator(".chatlib-panel").last
             await expect(panel).to_be_visible(timeout=UI_MS)
-            await expect(panel.locator(".chatlib-state")).to_have_text("● connected",
+            await expect(panel.locator(".chatlib-state")).to_have_text("connected",
                                                                       timeout=UI_MS)
             log = panel.locator(".chatlib-log")
 
@@ -314,7 +354,7 @@ async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
             await expect(panel).to_contain_text("visitor is typing…", timeout=UI_MS)
             await visitor.fill("#message-input", "Hello panel, a visitor here!")
             await visitor.press("#message-input", "Enter")
-            from_visitor = log.locator(".chatlib-msg").filter(
+            from_visitor = log.locator(".chatlib-history .chatlib-msg").filter(
                 has_text="Hello panel, a visitor here!")
             await expect(from_visitor).to_have_count(1, timeout=UI_MS)
             await expect(from_visitor.locator(".chatlib-user")).to_have_text("visitor")
@@ -324,7 +364,7 @@ async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
             assert await shown_in_log(from_visitor)
 
             # Panel -> browser page, typed into the widget's input box, sent with Enter.
-            box = panel.locator(".chatlib-input input")
+            box = panel.locator("input.chatlib-input")
             await box.click()
             await box.press_sequentially("Hello visitor", delay=20)
             await expect(visitor.locator("#typing")).to_have_text("notebook is typing…",
@@ -338,14 +378,15 @@ async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
             sent = await shown.last.text_content()
             assert sent == text, f"typed {text!r} + Enter, the panel sent {sent!r}"
             await expect(box).to_have_value("", timeout=UI_MS)  # the panel cleared its box
-            mine = log.locator(".chatlib-msg").filter(has_text=text)
+            mine = log.locator(".chatlib-history .chatlib-msg").filter(has_text=text)
             await expect(mine).to_have_count(1, timeout=UI_MS)
             await expect(mine).to_be_in_viewport(timeout=UI_MS)
             assert await shown_in_log(mine)
 
             # Both views show the same messages, each once, in id order.
-            panel_ids = [int(i) for i in await log.locator(".chatlib-msg").evaluate_all(
-                "els => els.map(e => e.dataset.id)")]
+            await expect(log.locator(".chatlib-outbox li")).to_have_count(0, timeout=UI_MS)
+            panel_ids = [int(i) for i in await log.locator(
+                ".chatlib-history .chatlib-msg").evaluate_all("els => els.map(e => e.dataset.id)")]
             page_ids = await visitor.eval_on_selector_all(
                 "#messages li.message", "els => els.map(e => Number(e.dataset.id))")
             assert len(panel_ids) == len(set(panel_ids)), panel_ids
@@ -359,26 +400,297 @@ async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
             await browser.close()
 
 
-async def test_panel_enter_sends_keystrokes_that_arrive_after_it():
-    """The race the browser test above found, without a browser: ipywidgets may deliver the
-    box's last value *after* the Enter event; the panel must still send the whole text."""
-    from chatlib import ChatPanel, ChatServer, WebSocketClient
+# -- the panel as a chat window -----------------------------------------------------------
 
-    async with ChatServer(port=0) as server, WebSocketClient(server.url, "reader") as reader:
-        panel = ChatPanel(server, user="notebook")
+# Timestamps are performance.timeOrigin + performance.now(): milliseconds on one clock for
+# every page of the browser, to a fraction of a millisecond.
+NOW_JS = "(performance.timeOrigin + performance.now())"
+
+# In the JupyterLab page: when Enter or Send hands a text to the panel (capture phase, so
+# before the panel's own handler empties the box), and when a message row is drawn.
+PANEL_PROBE_JS = f"""() => {{
+    window.__sent = [];
+    window.__drawn = [];
+    const input = () => document.querySelector('.chatlib-panel input.chatlib-input');
+    document.addEventListener('keydown', (e) => {{
+        if (e.key === 'Enter' && e.target.matches('input.chatlib-input'))
+            window.__sent.push({{text: e.target.value, t: {NOW_JS}, how: 'enter'}});
+    }}, true);
+    document.addEventListener('click', (e) => {{
+        if (e.target.closest('.chatlib-send'))
+            window.__sent.push({{text: input().value, t: {NOW_JS}, how: 'button'}});
+    }}, true);
+    window.__watchPanel = () => {{
+        const list = document.querySelector('.chatlib-panel .chatlib-history');
+        new MutationObserver((records) => {{
+            const t = {NOW_JS};
+            for (const r of records) for (const n of r.addedNodes)
+                if (n.classList && n.classList.contains('chatlib-msg'))
+                    window.__drawn.push({{text: n.querySelector('.chatlib-text').textContent,
+                                          user: n.querySelector('.chatlib-user').textContent, t}});
+        }}).observe(list, {{childList: true}});
+    }};
+    window.__watchPanel();
+}}"""
+
+# In the chat page: the same two events.
+PAGE_PROBE_JS = f"""() => {{
+    window.__sent = [];
+    window.__drawn = [];
+    document.addEventListener('keydown', (e) => {{
+        if (e.key === 'Enter' && e.target.id === 'message-input')
+            window.__sent.push({{text: e.target.value, t: {NOW_JS}}});
+    }}, true);
+    new MutationObserver((records) => {{
+        const t = {NOW_JS};
+        for (const r of records) for (const n of r.addedNodes)
+            if (n.classList && n.classList.contains('message'))
+                window.__drawn.push({{text: n.querySelector('.text').textContent,
+                                      user: n.querySelector('.user').textContent, t}});
+    }}).observe(document.getElementById('messages'), {{childList: true}});
+}}"""
+
+
+def latencies(sent: list[dict], drawn: list[dict], texts: list[str]) -> list[float]:
+    """Milliseconds from handing each text over to seeing it drawn on the other side."""
+    t_sent = {s["text"]: s["t"] for s in sent}
+    t_drawn = {d["text"]: d["t"] for d in drawn}
+    return [t_drawn[text] - t_sent[text] for text in texts]
+
+
+def summary(values: list[float]) -> str:
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return (f"median {statistics.median(ordered):6.1f} ms, p95 {p95:6.1f} ms, "
+            f"max {ordered[-1]:6.1f} ms (n={len(ordered)})")
+
+
+async def run_in_kernel(lab, code: str) -> None:
+    """Run ``code`` in the notebook's kernel (as a cell would) and wait until it is done."""
+    status = await lab.evaluate(
+        """async (code) => {
+            const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+            const reply = await kernel.requestExecute({code}).done;
+            return reply.content.status;
+        }""", code)
+    assert status == "ok", f"{code!r}: {status}"
+
+
+@pytest.mark.timeout(600)
+async def test_panel_as_a_chat_window(jupyter_lab):
+    base = jupyter_lab["base"]
+    report: list[str] = []
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            await panel.wait_connected()
-            panel._input.value = "Hello visitor, this is the noteboo"  # what arrived so far
-            panel._submit()                                          # Enter
-            await asyncio.sleep(0.05)                                # a round trip later ...
-            panel._input.value = "Hello visitor, this is the notebook."  # ... the rest
-            message = await reader.receive(timeout=10)
-            assert message.text == "Hello visitor, this is the notebook."
-            await panel.wait_for(lambda p: p._input.value == "", timeout=5)
-            # Enter on an empty box sends nothing.
-            panel._submit()
-            await asyncio.wait_for(asyncio.gather(*panel._submits), 5)
-            with pytest.raises(TimeoutError):
-                await reader.receive(timeout=0.5)
+            lab_context = await browser.new_context(viewport={"width": 1100, "height": 900})
+            lab = await lab_context.new_page()
+            lab_errors: list[str] = []
+            lab.on("pageerror", lambda exc: lab_errors.append(str(exc)))
+            await lab.goto(base + "lab/tree/" + PANEL_NOTEBOOK)
+            await kernel_idle(lab)
+            jupyter_lab["remember_children"]()
+            ok = await lab.evaluate(
+                """(ms) => Promise.race([
+                    window.jupyterapp.commands.execute('notebook:run-all-cells'),
+                    new Promise((resolve) => setTimeout(() => resolve('timeout'), ms)),
+                ])""", RUN_ALL_S * 1000)
+            errors = await lab.evaluate(ERROR_OUTPUTS_JS)
+            assert ok is True and not errors, f"run all cells: {ok!r}, errors: {errors}"
+            await kernel_idle(lab)
+            jupyter_lab["remember_children"]()
+
+            panel = lab.locator(".chatlib-panel")
+            await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+            # Accessible: a labelled input, a live log.
+            box = lab.get_by_label("Message to the chat, as notebook")
+            await expect(box).to_have_count(1)
+            history = panel.locator(".chatlib-history")
+            await expect(history).to_have_attribute("aria-live", "polite")
+            await expect(history).to_have_attribute("role", "log")
+            await expect(panel.locator(".chatlib-kernel-note")).to_be_hidden(timeout=UI_MS)
+            send_button = panel.locator(".chatlib-send")
+            outbox = panel.locator(".chatlib-outbox li")
+
+            printed = await lab.locator(".jp-OutputArea-output").filter(
+                has_text="in a browser tab").last.text_content()
+            chat_url = re.search(r"open (http://127\.0\.0\.1:\d+/) in a browser tab",
+                                 printed).group(1)
+            visitor_context = await browser.new_context(viewport={"width": 900, "height": 700})
+            visitor = await visitor_context.new_page()
+            page_errors: list[str] = []
+            visitor.on("pageerror", lambda exc: page_errors.append(str(exc)))
+            await visitor.goto(chat_url + "?user=visitor&transport=ws")
+            await expect(visitor.locator("#status")).to_have_attribute(
+                "data-state", "connected", timeout=UI_MS)
+            await expect(panel.locator(".chatlib-presence .chatlib-person").filter(
+                has_text=re.compile("^visitor$"))).to_have_count(1, timeout=UI_MS)
+            await lab.evaluate(PANEL_PROBE_JS)
+            await visitor.evaluate(PAGE_PROBE_JS)
+
+            # -- typing into the panel: fast and slow, in front and behind, Enter and Send
+            other = await lab_context.new_page()  # the page in front of JupyterLab's tab
+            await other.goto(chat_url + "static/style.css")
+            received = visitor.locator("#messages li.message")
+            typed: list[str] = []
+            panel_to_page: dict[str, list[float]] = {}
+            for delay, words in ((10, "the quick brown fox jumps #{i}."), (80, "hi #{i}.")):
+                for front in (True, False):
+                    await (lab if front else other).bring_to_front()
+                    visibility = await lab.evaluate("document.visibilityState")
+                    phase = f"{delay:2d} ms/key, JupyterLab {'in front' if front else 'behind'}"
+                    texts = [f"k{delay}{'f' if front else 'b'}-{i:02d} " + words.format(i=i)
+                             for i in range(20)]
+                    await box.focus()
+                    before = await received.count()
+                    for i, text in enumerate(texts):
+                        await box.press_sequentially(text, delay=delay)
+                        if i % 2:
+                            await send_button.click()
+                        else:
+                            await box.press("Enter")
+                        await expect(box).to_have_value("", timeout=UI_MS)
+                    typed += texts
+                    await expect(received).to_have_count(before + len(texts), timeout=UI_MS)
+                    got = await visitor.evaluate(
+                        "(n) => [...document.querySelectorAll('#messages li.message')]"
+                        ".slice(-n).map(li => li.querySelector('.text').textContent)",
+                        len(texts))
+                    assert got == texts, f"{phase}: typed {texts}, the page got {got}"
+                    sent = await lab.evaluate("window.__sent")
+                    drawn = await visitor.evaluate("window.__drawn")
+                    panel_to_page[f"{phase} ({visibility})"] = latencies(sent, drawn, texts)
+            await lab.bring_to_front()
+            await expect(outbox).to_have_count(0, timeout=UI_MS)
+            panel_texts = await history.locator(".chatlib-msg .chatlib-text").all_text_contents()
+            assert [t for t in panel_texts if t in typed] == typed  # each once, in order
+
+            # -- the page -> the panel, JupyterLab in front and behind
+            page_to_panel: dict[str, list[float]] = {}
+            panel_msgs = history.locator(".chatlib-msg")
+            for front in (True, False):
+                await (lab if front else other).bring_to_front()
+                visibility = await lab.evaluate("document.visibilityState")
+                texts = [f"from the page {'f' if front else 'b'}-{i:02d}" for i in range(20)]
+                for text in texts:
+                    before = await panel_msgs.count()
+                    await visitor.fill("#message-input", text)
+                    await visitor.press("#message-input", "Enter")
+                    await expect(panel_msgs).to_have_count(before + 1, timeout=UI_MS)
+                    await expect(panel_msgs.last.locator(".chatlib-text")).to_have_text(text)
+                sent = await visitor.evaluate("window.__sent")
+                drawn = await lab.evaluate("window.__drawn")
+                page_to_panel[f"JupyterLab {'in front' if front else 'behind'} "
+                              f"({visibility})"] = latencies(sent, drawn, texts)
+            await lab.bring_to_front()
+            await other.close()
+
+            report.append("ChatPanel latency (ms, this machine, loopback):")
+            for name, values in panel_to_page.items():
+                report.append(f"  panel -> page, {name}: {summary(values)}")
+            for name, values in page_to_panel.items():
+                report.append(f"  page -> panel, {name}: {summary(values)}")
+            everything = [v for values in panel_to_page.values() for v in values]
+            report.append(f"  panel -> page, all {len(everything)}: {summary(everything)}")
+            print("\n" + "\n".join(report))
+
+            # -- what the panel shows, compared with the page
+            last = panel_msgs.last
+            message_id = await last.get_attribute("data-id")
+            on_page = visitor.locator(f'#messages li[data-id="{message_id}"] .time')
+            await expect(last.locator(".chatlib-time")).to_have_text(
+                await on_page.text_content())  # the same time format as the page
+            await expect(panel.locator(".chatlib-history .chatlib-day").first).to_have_text(
+                "Today")
+            mine = history.locator(".chatlib-mine").last
+            theirs = panel_msgs.last
+            await expect(mine.locator(".chatlib-mark")).to_have_text("sent ✓")
+            mine_box, theirs_box = await mine.bounding_box(), await theirs.bounding_box()
+            assert mine_box["x"] > theirs_box["x"], "own messages are on the right"
+            await visitor.locator("#message-input").press_sequentially("typing…", delay=20)
+            await expect(panel.locator(".chatlib-typing")).to_have_text(
+                "visitor is typing…", timeout=UI_MS)
+            await visitor.fill("#message-input", "")
+
+            # Scrolled up, a new message shows the unread marker instead of yanking the view.
+            scroller = panel.locator(".chatlib-log")
+            await scroller.evaluate("(el) => { el.scrollTop = 0; }")
+            await expect(panel.locator(".chatlib-unread")).to_be_hidden()
+            await visitor.fill("#message-input", "Did you see this one? <b>not bold</b>")
+            await visitor.press("#message-input", "Enter")
+            unread = panel.locator(".chatlib-unread")
+            await expect(unread).to_have_text("1 new message ↓", timeout=UI_MS)
+            assert await scroller.evaluate("(el) => el.scrollTop") == 0
+            ARTIFACTS.mkdir(exist_ok=True)
+            await panel.screenshot(path=str(ARTIFACTS / "panel-light.png"))
+            await unread.click()
+            await expect(unread).to_be_hidden()
+            await expect(panel_msgs.last).to_be_in_viewport()
+            await expect(panel_msgs.last.locator(".chatlib-text")).to_have_text(
+                "Did you see this one? <b>not bold</b>")  # as text, not markup
+
+            # -- the server goes away: the status line says why and counts down; what is
+            # typed meanwhile waits (pending) and is sent once, after the reconnect.
+            await run_in_kernel(lab, "await server.stop()")
+            await expect(panel).to_have_attribute("data-state", "reconnecting", timeout=UI_MS)
+            await expect(panel.locator(".chatlib-countdown")).to_contain_text(
+                "retrying", timeout=UI_MS)
+            await expect(panel.locator(".chatlib-error")).to_contain_text(
+                "Error", timeout=UI_MS)
+            await box.fill("typed while the server was down")
+            await box.press("Enter")
+            waiting = outbox.filter(has_text="typed while the server was down")
+            await expect(waiting).to_have_attribute("data-status", "pending", timeout=UI_MS)
+            await expect(outbox.locator(".chatlib-mark")).to_have_text("sending…")
+            await panel.screenshot(path=str(ARTIFACTS / "panel-reconnecting.png"))
+            await run_in_kernel(
+                lab, "server = await chatlib.start_server(limits=server.limits)")
+            await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+            await expect(outbox).to_have_count(0, timeout=UI_MS)
+            resent = history.locator(".chatlib-msg").filter(
+                has_text="typed while the server was down")
+            await expect(resent).to_have_count(1, timeout=UI_MS)
+            await expect(resent.locator(".chatlib-mark")).to_have_text("sent ✓")
+            await expect(panel.locator(".chatlib-error")).to_have_text("")
+            await expect(visitor.locator("#messages li.message .text").filter(
+                has_text="typed while the server was down")).to_have_count(1, timeout=UI_MS)
+
+            # -- dark theme: the panel follows JupyterLab's theme variables
+            await lab.evaluate("() => window.jupyterapp.commands.execute("
+                               "'apputils:change-theme', {theme: 'JupyterLab Dark'})")
+            await lab.wait_for_function("document.body.dataset.jpThemeLight === 'false'",
+                                        timeout=UI_MS)
+            colours = await panel.evaluate(
+                "(el) => [getComputedStyle(el).backgroundColor, getComputedStyle(el).color]")
+            report.append(f"dark theme panel background/text: {colours}")
+            await panel.screenshot(path=str(ARTIFACTS / "panel-dark.png"))
+            await lab.evaluate("() => window.jupyterapp.commands.execute("
+                               "'apputils:change-theme', {theme: 'JupyterLab Light'})")
+
+            # -- closed and reopened: the view is drawn again from the kernel's state
+            shown = await panel_msgs.count()
+            await lab.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+            await lab.evaluate("() => window.jupyterapp.shell.currentWidget.close()")
+            await expect(lab.locator(".chatlib-panel")).to_have_count(0, timeout=UI_MS)
+            await lab.evaluate("(path) => window.jupyterapp.commands.execute("
+                               "'docmanager:open', {path})", PANEL_NOTEBOOK)
+            await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+            await expect(panel_msgs).to_have_count(shown, timeout=UI_MS)
+            await visitor.fill("#message-input", "still here after the reopen?")
+            await visitor.press("#message-input", "Enter")
+            await expect(panel_msgs.last.locator(".chatlib-text")).to_have_text(
+                "still here after the reopen?", timeout=UI_MS)
+
+            # -- the saved notebook, for a reader without a kernel: words, not internals
+            saved = json.loads((jupyter_lab["root"] / PANEL_NOTEBOOK).read_text())
+            output = saved["cells"][0]["outputs"][0]["data"]
+            plain = "".join(output["text/plain"])
+            assert "Run the notebook's cells to join the chat" in plain, plain
+            assert "children=" not in plain and "ChatPanel" in plain
+            assert "join the chat" in "".join(output["text/html"])
+
+            assert not page_errors, page_errors
+            assert not lab_errors, lab_errors
         finally:
-            await panel.aclose()
+            await browser.close()
+            print("\n".join(report))

@@ -1,0 +1,245 @@
+"""The ChatPanel's kernel side, without a browser.
+
+What a view sends is fed in as the front end would (``_handle_custom_msg``, the path an
+``on_msg`` message takes); what the view would draw is read from the synced traitlets.
+The browser half (panel.js in real JupyterLab) is tested in test_jupyterlab.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+from chatlib import ChatPanel, ChatServer, Limits, Message, WebSocketClient
+from chatlib.panel import retryable
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def from_view(panel: ChatPanel, **content) -> None:
+    """A message from the panel's JavaScript view, as the kernel receives it."""
+    panel._handle_custom_msg(content, [])
+
+
+@pytest.fixture
+async def panel(server):
+    panel = ChatPanel(server, user="notebook")
+    await panel.wait_connected()
+    yield panel
+    await panel.aclose()
+
+
+async def test_enter_sends_the_whole_text_at_once(server, panel):
+    async with WebSocketClient(server.url, "reader") as reader:
+        text = "Hello visitor, this is the notebook. <b>not bold</b>"
+        from_view(panel, type="send", text=text, client_id="c-1")
+        # No settle delay: it is on its way before anything else happens in the kernel.
+        assert [e["client_id"] for e in panel.outbox] == ["c-1"]
+        message = await reader.receive(timeout=10)
+        assert message.text == text and message.user == "notebook"
+        await panel.wait_for(lambda p: not p.outbox and p.history, timeout=10)
+        assert panel.history[-1] == message.to_dict()
+        assert panel.messages[message.id] == message
+
+
+async def test_pending_then_sent_in_order(server, panel):
+    texts = [f"message {i}" for i in range(10)]
+    for i, text in enumerate(texts):
+        from_view(panel, type="send", text=text, client_id=f"id-{i}")
+    states = {e["state"] for e in panel.outbox}
+    assert states <= {"pending", "sent"} and len(panel.outbox) == 10
+    await panel.wait_for(lambda p: not p.outbox and len(p.history) == 10, timeout=10)
+    assert [m["text"] for m in panel.history] == texts
+
+
+async def test_the_same_client_id_twice_is_one_message(server, panel):
+    from_view(panel, type="send", text="once", client_id="same")
+    from_view(panel, type="send", text="once", client_id="same")
+    assert len(panel.outbox) == 1
+
+
+async def test_empty_and_malformed_view_messages_are_ignored(panel):
+    for content in ({"type": "send", "text": "   "}, {"type": "send", "text": 42},
+                    {"type": "send"}, {"type": "nonsense"}, {"no": "type"}):
+        from_view(panel, **content)
+    assert panel.outbox == []
+    # A client_id that breaks the rule (1..64 printable ASCII) is replaced by one that keeps it.
+    from_view(panel, type="send", text="hi", client_id="bad id\n" * 20)
+    assert re.fullmatch(r"[!-~]{1,64}", panel.outbox[0]["client_id"])
+
+
+async def test_send_returns_once_sent_and_the_echo_settles_it(server, panel):
+    result = await panel.send("from python", timeout=10)
+    assert result is None or (isinstance(result, Message) and result.text == "from python")
+    message = await panel.wait_for_text("from python")
+    await panel.wait_for(lambda p: not p.outbox, timeout=10)
+    assert panel.history[-1]["id"] == message.id
+
+
+async def test_messages_wait_while_disconnected_and_go_after_reconnect(unused_port):
+    server = ChatServer(port=unused_port)
+    await server.start()
+    panel = ChatPanel(server, user="notebook")
+    try:
+        await panel.wait_connected()
+        await server.stop()
+        await panel.wait_for(lambda p: p.state == "reconnecting", timeout=10)
+        assert panel.retry_at > 0  # the view counts down to it
+        from_view(panel, type="send", text="typed while the server was down", client_id="x1")
+        assert panel.pending == ["typed while the server was down"]
+        assert panel.outbox[0]["state"] == "pending"
+        await panel.wait_for(lambda p: p.error, timeout=10)  # why, in the status line
+        await server.start()
+        await panel.wait_for_text("typed while the server was down", timeout=20)
+        await panel.wait_for(lambda p: p.state == "connected" and not p.outbox, timeout=10)
+        assert panel.error == ""
+        texts = [m.text for m in panel.messages.values()]
+        assert texts.count("typed while the server was down") == 1
+    finally:
+        await panel.aclose()
+        await server.stop()
+
+
+async def test_a_refused_message_is_marked_failed_and_can_be_discarded(start_chat):
+    server = await start_chat(limits=Limits(max_text=10))
+    panel = ChatPanel(server, user="notebook", transport="poll")
+    try:
+        await panel.wait_connected()
+        from_view(panel, type="send", text="far too long for this server", client_id="long")
+        await panel.wait_for(lambda p: p.outbox and p.outbox[0]["state"] == "failed",
+                             timeout=10)
+        assert "2000" not in panel.outbox[0]["error"] and panel.outbox[0]["error"]
+        assert panel.state == "connected"  # one refused message does not end the chat
+        from_view(panel, type="discard", client_id="long")
+        assert panel.outbox == []
+        with pytest.raises(Exception, match="10|long"):
+            await panel.send("also far too long", timeout=10)
+    finally:
+        await panel.aclose()
+
+
+async def test_an_unexpected_error_is_logged_and_shown_not_retried(server, caplog,
+                                                                   monkeypatch):
+    async def broken(self, timeout=None):
+        raise TypeError("a bug in a client")
+
+    monkeypatch.setattr(WebSocketClient, "receive", broken)
+    with caplog.at_level(logging.ERROR, logger="chatlib.panel"):
+        panel = ChatPanel(server, user="notebook")
+        try:
+            await panel.wait_for(lambda p: p.state == "failed", timeout=10)
+        finally:
+            await panel.aclose()
+    assert panel.error == "TypeError: a bug in a client"
+    assert any("a bug in a client" in str(r.exc_info[1]) for r in caplog.records
+               if r.exc_info)
+
+
+async def test_a_refused_handshake_is_shown_and_not_retried():
+    # A server that answers every request 403 (as one does for a wrong token or Host).
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    refuser = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = refuser.sockets[0].getsockname()[1]
+    panel = ChatPanel(f"http://127.0.0.1:{port}/", user="notebook")
+    try:
+        await panel.wait_for(lambda p: p.state == "failed", timeout=10)
+        assert "403" in panel.error
+    finally:
+        await panel.aclose()
+        refuser.close()
+        await refuser.wait_closed()
+
+
+async def test_retryable():
+    assert retryable(ConnectionRefusedError(111, "refused"))
+    assert retryable(TimeoutError())
+    assert not retryable(TypeError("bug"))
+    from chatlib.clients import ChatRefused
+    assert retryable(ChatRefused(429, "slow down")) and retryable(ChatRefused(503, "later"))
+    assert not retryable(ChatRefused(413, "too long"))
+
+
+async def test_presence_typing_and_hello(server, panel, monkeypatch):
+    sent = []
+    monkeypatch.setattr(panel, "_send", lambda msg, buffers=None: sent.append(msg))
+    from_view(panel, type="hello")
+    assert sent == [{"method": "custom", "content": {"type": "hello"}}]
+    panel.focus()  # ipywidgets' own use of Widget.send still works
+    assert sent[-1] == {"method": "custom", "content": {"do": "focus"}}
+    async with WebSocketClient(server.url, "visitor") as visitor:
+        await panel.wait_for(lambda p: "visitor" in p.presence, timeout=10)
+        await visitor.send_typing()
+        await panel.wait_for(lambda p: p.typing == "visitor", timeout=10)
+        # Typing in the view reaches the others.
+        from_view(panel, type="typing")
+        await asyncio.wait_for(_typing_from(visitor, "notebook"), 10)
+        await visitor.send("done typing")
+        await panel.wait_for(lambda p: p.typing is None, timeout=10)
+
+
+async def _typing_from(client, user):
+    while user not in client.typing:
+        await client._fetch()
+
+
+async def test_history_is_bounded_and_a_new_view_gets_it(start_chat):
+    server = await start_chat(limits=Limits(rate=1000, burst=1000))
+    async with WebSocketClient(server.url, "bot") as bot:
+        for i in range(30):
+            await bot.send(f"m{i}")
+        panel = ChatPanel(server, user="notebook", shown=10)
+        try:
+            await panel.wait_for(lambda p: p.history and p.history[-1]["text"] == "m29",
+                                 timeout=10)
+            assert [m["text"] for m in panel.history] == [f"m{i}" for i in range(20, 30)]
+            assert len(panel.messages) == 30
+            # What a view opened later (notebook closed and reopened) is drawn from.
+            state = panel.get_state()
+            assert state["history"] == panel.history and state["state"] == "connected"
+        finally:
+            await panel.aclose()
+
+
+async def test_saved_output_reads_well_without_a_kernel(server):
+    panel = ChatPanel(server, user="<script>x</script>")
+    try:
+        data, _ = panel._repr_mimebundle_()
+        assert "application/vnd.jupyter.widget-view+json" in data
+        assert "run the notebook's cells" in data["text/plain"].lower()
+        assert "children=" not in data["text/plain"]
+        assert "<script>" not in data["text/html"] and "&lt;script&gt;" in data["text/html"]
+        assert server.url not in data["text/html"]  # no link to a port that will be gone
+    finally:
+        await panel.aclose()
+
+
+def test_panel_and_page_format_times_the_same_way():
+    """Both draw times with the same function and options (`11:48 PM` where that is the
+    locale's way), so the panel and the page show one message at the same time."""
+    pattern = re.compile(r"^ *const TIME_FORMAT = .*\n *function formatTime\(.*$", re.M)
+    panel_js = pattern.search((ROOT / "chatlib" / "panel.js").read_text()).group(0)
+    page_js = pattern.search((ROOT / "static" / "app.js").read_text()).group(0)
+    assert panel_js.split() == page_js.split()
+
+
+def test_the_view_renders_text_never_html():
+    source = (ROOT / "chatlib" / "panel.js").read_text()
+    assert not re.search(r"\.(inner|outer)HTML\s*[+]?=|insertAdjacentHTML|createContextualFragment"
+                         r"|document\.write", source)
+
+
+@pytest.fixture
+def unused_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
