@@ -26,6 +26,7 @@ from .hub import Hub, Outbox
 from .limits import Limits, RateLimit, RateLimits
 from .validation import (
     ChatError,
+    client_id,
     cursor,
     float_param,
     int_param,
@@ -124,12 +125,21 @@ async def until_disconnected(request: Request, work):
 
 
 async def post_message(request: Request, hub: Hub) -> Response:
+    """201 and the stored message; a repeat of (user, client_id): 200 and the original.
+
+    The client id comes in the body (``"client_id"``) or in an ``Idempotency-Key`` header
+    (the IETF httpapi draft's name for it); both at once must agree.
+    """
     data = await read_json(request, hub.limits)
     user = nickname(data, hub.limits)
     text = message_text(data, hub.limits)
+    cid = client_id(data.get("client_id"))
+    key = client_id(request.headers.get("idempotency-key"), "Idempotency-Key")
+    if cid is not None and key is not None and cid != key:
+        raise ChatError(400, "client_id and Idempotency-Key differ")
     rate_check(request, user)
-    message = await hub.post(user, text)
-    return JSONBody(message.to_dict(), status_code=201)
+    message, duplicate = await hub.post(user, text, cid or key)
+    return JSONBody(message.to_dict(), status_code=200 if duplicate else 201)
 
 
 async def typing(request: Request) -> Response:
@@ -198,7 +208,7 @@ async def websocket(ws: WebSocket) -> None:
             if event["type"] == "websocket.disconnect":
                 break
             try:
-                await handle_frame(hub, user, rate, event)
+                await handle_frame(hub, user, rate, event, outbox)
             except ChatError as exc:
                 outbox.put(0, wire.ws_event("error", {"error": exc.error}))
     finally:
@@ -221,7 +231,8 @@ async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
     return nickname(data, limits), cursor(after)
 
 
-async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict) -> None:
+async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict,
+                       outbox: Outbox) -> None:
     text = event.get("text")
     if text is None:
         raise ChatError(400, "binary frames are not supported: send JSON text")
@@ -236,7 +247,10 @@ async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict) -> Non
     if not rate.allow():
         raise ChatError(429, "too many messages: slow down")
     if kind == "message":
-        await hub.post(user, message_text(data, hub.limits))
+        text, cid = message_text(data, hub.limits), client_id(data.get("client_id"))
+        message, _ = await hub.post(user, text, cid)
+        if cid is not None:  # the sender only: stored (a repeat: the original's id)
+            outbox.put(0, wire.ws_event("ack", message.to_dict()))
     else:
         hub.typing(user)
 

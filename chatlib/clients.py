@@ -5,7 +5,19 @@
 ...     message = await ada.receive(timeout=5)
 
 Every client keeps ``last_id``, the cursor of the newest message it has received, and can
-``reconnect()`` (or be created with ``after=``) to resume exactly after it. Each one counts
+``reconnect()`` (or be created with ``after=``) to resume exactly after it.
+
+Sending is exactly-once in effect: ``send(text)`` gives the message a fresh ``client_id``,
+keeps it in ``pending`` until the server acknowledges it (the POST's answer; on a WebSocket
+the ``ack`` frame, or the message itself coming back), and returns the stored
+:class:`Message`. If the connection fails first, ``send`` raises and the message stays in
+``pending``; ``reconnect()`` (and ``connect()``) sends everything pending again, in order,
+with the same ``client_id``, and the server stores each one once.
+
+``token=`` is for a server started with one (``ChatServer(token=...)``): it goes in an
+``Authorization: Bearer`` header, on every request and on the WebSocket handshake.
+
+Each one counts
 what it costs in ``stats``: requests made and bytes on the wire (HTTP bytes are counted from
 the request and response as sent; WebSocket bytes by RFC 6455 framing rules, uncompressed).
 """
@@ -14,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +52,15 @@ class Client:
 
     transport = "?"
 
-    def __init__(self, url: str, user: str, *, after: int = 0) -> None:
+    def __init__(self, url: str, user: str, *, after: int = 0, token: str | None = None,
+                 ack_timeout: float = 10.0) -> None:
         self.url = url if url.endswith("/") else url + "/"
         self.user = user
+        self.token = token
+        self.ack_timeout = ack_timeout
+        """Seconds ``send`` waits for the server's acknowledgement (WebSocket)."""
+        self.pending: dict[str, str] = {}
+        """Sent but not acknowledged yet: ``client_id -> text``, oldest first."""
         self.last_id = after
         self.stats = Stats()
         self.presence: list[str] = []
@@ -50,7 +69,8 @@ class Client:
         self.resets = 0
         self.on_event: Callable[[str, dict], None] | None = None
         """Called with ``(type, data)`` for every event that is not a message."""
-        self._pending: deque[Message] = deque()
+        self._inbox: deque[Message] = deque()
+        self._acked: dict[str, asyncio.Future[Message]] = {}  # sends waiting for their ack
 
     async def __aenter__(self):
         await self.connect()
@@ -70,15 +90,50 @@ class Client:
         await self.close()
         await self.connect()
 
-    async def send(self, text: str) -> None:
+    @property
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def send(self, text: str, client_id: str | None = None) -> Message:
+        """Send a message and return it as stored, once the server has acknowledged it.
+
+        ``client_id`` defaults to a fresh UUID. The message stays in :attr:`pending` if
+        the connection fails before the acknowledgement (the error is raised): the next
+        ``connect()``/``reconnect()`` sends it again. A refusal (``ChatRefused``: too long,
+        rate limited, ...) removes it from ``pending``.
+        """
+        client_id = client_id or uuid.uuid4().hex
+        if not self.connected:
+            await self.connect()  # before it is pending: connect() sends what is pending
+        self.pending[client_id] = text
+        return await self._send_pending(client_id, text)
+
+    @property
+    def connected(self) -> bool:
         raise NotImplementedError
+
+    async def _send_pending(self, client_id: str, text: str) -> Message:
+        raise NotImplementedError
+
+    async def _resend(self) -> None:
+        """After (re)connecting: send every pending message again, oldest first."""
+        for client_id, text in list(self.pending.items()):
+            if client_id in self.pending:
+                await self._send_pending(client_id, text)
+
+    def _acknowledged(self, message: Message) -> None:
+        """``message`` (ours) is stored: it is no longer pending."""
+        self.pending.pop(message.client_id, None)
+        waiting = self._acked.pop(message.client_id, None)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(message)
 
     async def receive(self, timeout: float | None = None) -> Message:
         """The next message after ``last_id``; ``TimeoutError`` if none within ``timeout``."""
         async with asyncio.timeout(timeout):
-            while not self._pending:  # each round waits on the network, bounded by timeout
+            while not self._inbox:  # each round waits on the network, bounded by timeout
                 await self._fetch()
-        return self._pending.popleft()
+        return self._inbox.popleft()
 
     async def receive_many(self, count: int, timeout: float) -> list[Message]:
         """Exactly ``count`` messages, or ``TimeoutError`` after ``timeout`` seconds in all."""
@@ -90,23 +145,27 @@ class Client:
 
     def _accept(self, data: dict) -> None:
         message = wire.message(data)
+        if message.client_id in self.pending and message.user == self.user:
+            self._acknowledged(message)  # ours came back (its ack may have been lost)
         if message.id > self.last_id:  # never deliver one twice
             self.last_id = message.id
             self.stats.messages += 1
-            self._pending.append(message)
+            self._inbox.append(message)
 
     def _reset(self) -> None:
         """The server's log was replaced (it restarted without a database): start over."""
         self.resets += 1
         self.last_id = 0
-        self._pending.clear()
+        self._inbox.clear()
 
     def _handle(self, kind: str, data: dict) -> None:
         """One event from the server, whatever the transport."""
         if kind == "message":
             self._accept(data)
             return
-        if kind == "presence":
+        if kind == "ack":
+            self._acknowledged(wire.message(data))
+        elif kind == "presence":
             self.presence = data["users"]
         elif kind == "typing":
             self.typing.append(data["user"])
@@ -129,19 +188,26 @@ def _status_line_size(response: httpx.Response) -> int:
 class HTTPClient(Client):
     """Shared by the HTTP transports: an httpx client, POST to send, byte accounting."""
 
-    def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None):
-        super().__init__(url, user, after=after)
+    def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None,
+                 **options):
+        super().__init__(url, user, after=after, **options)
         self.origin = origin
         self._http: httpx.AsyncClient | None = None
 
     async def connect(self) -> None:
         headers = {"Origin": self.origin} if self.origin else {}
-        self._http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(10.0, read=40.0))
+        self._http = httpx.AsyncClient(headers={**headers, **self._auth},
+                                       timeout=httpx.Timeout(10.0, read=40.0))
+        await self._resend()
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+    @property
+    def connected(self) -> bool:
+        return self._http is not None
 
     def _count(self, response: httpx.Response) -> None:
         request = response.request
@@ -162,12 +228,17 @@ class HTTPClient(Client):
         return await self._request("POST", path, content=wire.dumps(body).encode(),
                                    headers={"Content-Type": "application/json"})
 
-    async def send(self, text: str) -> Message:
-        """POST the message; returns it as stored (with its id)."""
-        response = await self._post("api/messages", {"user": self.user, "text": text})
-        if response.status_code != 201:
+    async def _send_pending(self, client_id: str, text: str) -> Message:
+        """POST the message; the answer (201, or 200 for a repeat) is the stored message."""
+        response = await self._post("api/messages",
+                                    {"user": self.user, "text": text, "client_id": client_id})
+        if response.status_code not in (200, 201):
+            if response.status_code < 500 and response.status_code != 429:
+                self.pending.pop(client_id, None)  # sending it again cannot help
             raise ChatRefused(response.status_code, response.json().get("error", ""))
-        return wire.message(wire.loads(response.content))
+        message = wire.message(wire.loads(response.content))
+        self._acknowledged(message)
+        return message
 
     async def send_typing(self) -> None:
         await self._post("api/typing", {"user": self.user})
@@ -182,10 +253,10 @@ class HTTPClient(Client):
         body = wire.loads(response.content)
         if body.get("reset"):
             self._handle("reset", {})
-        before = len(self._pending)
+        before = len(self._inbox)
         for data in body["messages"]:
             self._accept(data)
-        return len(self._pending) - before
+        return len(self._inbox) - before
 
 
 class ChatRefused(Exception):
@@ -202,8 +273,9 @@ class PollingClient(HTTPClient):
     transport = "poll"
 
     def __init__(self, url: str, user: str, *, after: int = 0, interval: float = 1.0,
-                 origin: str | None = None):
-        super().__init__(url, user, after=after, origin=origin)
+                 origin: str | None = None,
+                 **options):
+        super().__init__(url, user, after=after, origin=origin, **options)
         self.interval = interval
         self._next_poll = 0.0
 
@@ -221,8 +293,9 @@ class LongPollClient(HTTPClient):
     transport = "longpoll"
 
     def __init__(self, url: str, user: str, *, after: int = 0, wait: float = 25.0,
-                 origin: str | None = None):
-        super().__init__(url, user, after=after, origin=origin)
+                 origin: str | None = None,
+                 **options):
+        super().__init__(url, user, after=after, origin=origin, **options)
         self.wait = wait
 
     async def _fetch(self) -> None:
@@ -234,8 +307,9 @@ class SSEClient(HTTPClient):
 
     transport = "sse"
 
-    def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None):
-        super().__init__(url, user, after=after, origin=origin)
+    def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None,
+                 **options):
+        super().__init__(url, user, after=after, origin=origin, **options)
         self._stream = None
         self._chunks = None
         self._parser = wire.SSEParser()
@@ -289,11 +363,12 @@ class WebSocketClient(Client):
     transport = "ws"
 
     def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None,
-                 max_size: int | None = 2**20):
-        super().__init__(url, user, after=after)
+                 max_size: int | None = 2**20, **options):
+        super().__init__(url, user, after=after, **options)
         self.origin = origin
         self.max_size = max_size
         self.ws = None
+        self._reading = asyncio.Lock()  # one reader at a time: receive() or a send's wait
 
     @property
     def ws_url(self) -> str:
@@ -301,9 +376,15 @@ class WebSocketClient(Client):
 
     async def connect(self) -> None:
         self.ws = await ws_connect(self.ws_url, origin=self.origin, max_size=self.max_size,
-                                   compression=None, open_timeout=10)
+                                   compression=None, open_timeout=10,
+                                   additional_headers=self._auth)
         self.stats.requests += 1
         await self._send_json({"type": "hello", "user": self.user, "after": self.last_id})
+        await self._resend()
+
+    @property
+    def connected(self) -> bool:
+        return self.ws is not None
 
     async def close(self) -> None:
         if self.ws is not None:
@@ -319,9 +400,22 @@ class WebSocketClient(Client):
         self.stats.bytes_sent += _frame_size(text.encode(), masked=True)
         await self.ws.send(text)
 
-    async def send(self, text: str) -> None:
-        """Send a message; it comes back to us (and everyone) with its id."""
-        await self._send_json({"type": "message", "text": text})
+    async def _send_pending(self, client_id: str, text: str) -> Message:
+        """Send the frame, then read (queueing what arrives) until it is acknowledged."""
+        waiting = self._acked.get(client_id)
+        if waiting is None:
+            waiting = self._acked[client_id] = asyncio.get_running_loop().create_future()
+        await self._send_json({"type": "message", "text": text, "client_id": client_id})
+        try:
+            async with asyncio.timeout(self.ack_timeout):
+                while not waiting.done():  # each round reads one frame, bounded by the timeout
+                    async with self._reading:  # or waits while receive() reads one
+                        if not waiting.done():
+                            await self._read_frame()
+        finally:
+            if not waiting.done():
+                self._acked.pop(client_id, None)
+        return waiting.result()
 
     async def send_typing(self) -> None:
         await self._send_json({"type": "typing"})
@@ -329,6 +423,11 @@ class WebSocketClient(Client):
     async def _fetch(self) -> None:
         if self.ws is None:
             await self.connect()
+        async with self._reading:
+            if not self._inbox:  # a send() waiting for its ack may have read one for us
+                await self._read_frame()
+
+    async def _read_frame(self) -> None:
         raw = await self.ws.recv()
         self.stats.bytes_received += _frame_size(
             raw.encode() if isinstance(raw, str) else raw, masked=False)

@@ -120,11 +120,17 @@ class Hub:
 
     # -- messages ------------------------------------------------------------------------
 
-    async def post(self, user: str, text: str) -> Message:
-        """Append to the log and fan out. Returns the stored message."""
-        message = await self.log.append(user, text)
-        await self.catch_up()
-        return message
+    async def post(self, user: str, text: str,
+                   client_id: str | None = None) -> tuple[Message, bool]:
+        """Append to the log and fan out: ``(message, duplicate)``.
+
+        A repeat of ``(user, client_id)`` is not stored nor fanned out again: it returns
+        ``(original, True)`` (see :meth:`MessageLog.append`).
+        """
+        message, duplicate = await self.log.append(user, text, client_id)
+        if not duplicate:
+            await self.catch_up()
+        return message, duplicate
 
     async def catch_up(self) -> None:
         """Fan out, in id order, every message in the log not fanned out yet.

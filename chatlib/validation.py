@@ -68,6 +68,23 @@ def message_text(data: dict, limits: Limits) -> str:
     return _string(data, "text", limits.max_text)
 
 
+MAX_CLIENT_ID = 64
+
+
+def client_id(value, name: str = "client_id") -> str | None:
+    """A client's own id for a message (or None): 1 to 64 printable ASCII characters.
+
+    Printable ASCII (space to ``~``) fits an HTTP header (``Idempotency-Key``) unchanged
+    and cannot hide anything in a log line; 64 holds a UUID with room to spare.
+    """
+    if value is None:
+        return None
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_CLIENT_ID
+            and all(" " <= c <= "~" for c in value)):
+        raise ChatError(400, f"{name} must be 1 to {MAX_CLIENT_ID} printable ASCII characters")
+    return value
+
+
 def cursor(value, name: str = "after") -> int:
     """A message id from a client (``after``, ``Last-Event-ID``): 0 <= id <= MAX_ID.
 

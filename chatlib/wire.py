@@ -2,7 +2,9 @@
 
 Every event is a JSON object. A message is ``{"id", "ts", "user", "text"}``; other events are
 ``presence`` ``{"users": [...]}``, ``typing`` ``{"user": ...}``, ``error`` ``{"error": ...}``
-and ``reset`` ``{}`` (the server's log was replaced: start over from id 0).
+and ``reset`` ``{}`` (the server's log was replaced: start over from id 0). A message sent
+with a ``client_id`` carries it; the WebSocket sender of one gets ``ack``, the stored
+message (``{"type": "ack", "id", "ts", "user", "text", "client_id"}``), on its connection only.
 
 * WebSocket: one text frame per event, ``{"type": EVENT, ...data}``.
 * SSE: ``event: EVENT`` and ``data: JSON`` lines (messages also carry ``id: N``, which a
@@ -46,7 +48,7 @@ def loads(raw: str | bytes):
 
 def message(data: dict) -> Message:
     """A :class:`Message` from its JSON object (in any transport's event)."""
-    return Message(data["id"], data["ts"], data["user"], data["text"])
+    return Message(data["id"], data["ts"], data["user"], data["text"], data.get("client_id"))
 
 
 # -- WebSocket ----------------------------------------------------------------------------

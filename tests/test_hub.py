@@ -97,7 +97,7 @@ async def test_publish_reaches_every_push_client(hub):
     sse = [hub.subscribe("sse", f"s{i}") for i in range(2)] + [hub.subscribe("sse", "")]
     for outbox in ws + sse:
         await drain(outbox)  # presence notices
-    message = await hub.post("ada", "hello")
+    message, _ = await hub.post("ada", "hello")
     assert isinstance(message, Message)
     for outbox in ws:
         assert ws_events(await drain(outbox)) == [{"type": "message", **message.to_dict()}]
@@ -116,7 +116,7 @@ async def test_publish_encodes_once_per_transport(hub, monkeypatch):
     monkeypatch.setattr(Message, "to_dict", lambda self: calls.append(self.id) or original(self))
     ws = [hub.subscribe("ws", "") for _ in range(20)]
     sse = [hub.subscribe("sse", "") for _ in range(20)]
-    message = await hub.post("ada", "once")
+    message, _ = await hub.post("ada", "once")
     calls_for_message = calls.count(message.id)
     assert 1 <= calls_for_message <= 2  # once per transport at most, not once per client
     ws_payloads = [(await drain(o))[0][1] for o in ws]
@@ -163,8 +163,8 @@ async def test_typing_is_not_stored(hub):
 
 
 async def test_wait_after_returns_at_once_when_messages_exist(hub):
-    first = await hub.post("ada", "one")
-    second = await hub.post("bob", "two")
+    first, _ = await hub.post("ada", "one")
+    second, _ = await hub.post("bob", "two")
     async with asyncio.timeout(5):  # would hang for 60 s if it waited
         assert await hub.wait_after(0, timeout=60) == [first, second]
         assert await hub.wait_after(first.id, timeout=60) == [second]
@@ -176,7 +176,7 @@ async def test_wait_after_waits_for_the_next_post(hub):
     for _ in range(5):
         await asyncio.sleep(0)
     assert not waiter.done()
-    message = await hub.post("bob", "new")
+    message, _ = await hub.post("bob", "new")
     async with asyncio.timeout(5):
         assert await waiter == [message]
 
@@ -206,8 +206,8 @@ class GatedLog:
         self.gate = asyncio.Event()
         self.reads = 0
 
-    async def append(self, user, text):
-        return await self.inner.append(user, text)
+    async def append(self, user, text, client_id=None):
+        return await self.inner.append(user, text, client_id)
 
     async def after(self, after_id, limit=1000):
         result = await self.inner.after(after_id, limit)
@@ -230,7 +230,7 @@ async def test_no_message_lost_when_a_post_races_a_long_poll(log):
     waiter = asyncio.create_task(hub.wait_after(0, timeout=60))
     async with asyncio.timeout(5):
         await gated.read_done.wait()  # the long poll read the (empty) log ...
-        message = await hub.post("ada", "in the gap")  # ... a post lands before it waits
+        message, _ = await hub.post("ada", "in the gap")  # ... a post lands before it waits
         gated.gate.set()
         # It must not sleep through the post (60 s here, a hang guard of 5 s above).
         assert await waiter == [message]
