@@ -1,0 +1,318 @@
+"""The send path: every message a client sends is stored exactly once, whatever goes wrong.
+
+The faults are real: a :class:`Relay` (a TCP relay between a client and the server) forwards
+the client's bytes but loses the server's, then cuts every connection. So the message is
+stored and its acknowledgement never arrives: the worst moment for the sender, which cannot
+know whether to send again. It sends again with the same ``client_id``, and the server
+answers with the original. The same with a server restart between the send and the ack
+(with SQLite, with the same in-memory log as a notebook re-run keeps, and with a fresh one
+as a new process has), and with plain duplicate sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import httpx
+import pytest
+from conftest import TRANSPORTS, wait_present
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from chatlib import MemoryLog, SQLiteLog, wire
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Relay:
+    """A TCP relay to ``127.0.0.1:port`` on an ephemeral port of its own.
+
+    ``hold()``: from now on the server's bytes are dropped (the clients' still go through).
+    ``cut()``: abort every connection (both sides see a reset) and relay normally again.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.holding = False
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/"
+
+    async def start(self) -> Relay:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def cut(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        self.holding = False
+
+    async def stop(self) -> None:
+        self.cut()
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader, writer) -> None:
+        self._tasks.add(asyncio.current_task())
+        self._writers.add(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:  # the server is down (restarting): refuse like it would
+            writer.transport.abort()
+            return
+        self._writers.add(up_writer)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer, False),
+                                 self._pipe(up_reader, writer, True))
+        finally:
+            self._tasks.discard(asyncio.current_task())
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.transport.abort()
+
+    async def _pipe(self, reader, writer, from_server: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            for _ in range(1 << 40):  # until either side closes
+                data = await reader.read(65536)
+                if not data:
+                    break
+                if from_server and self.holding:
+                    continue  # lost on the way: the client never sees it
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+
+
+@pytest.fixture
+async def relay_to():
+    relays: list[Relay] = []
+
+    async def start(server) -> Relay:
+        relay = await Relay(server.port).start()
+        relays.append(relay)
+        return relay
+
+    try:
+        yield start
+    finally:
+        for relay in relays:
+            await relay.stop()
+
+
+async def stored(log, text: str, timeout: float = 10.0) -> list:
+    """The messages with ``text`` in ``log``, once there is at least one."""
+    async with asyncio.timeout(timeout):
+        while True:  # bounded by the timeout
+            found = [m for m in await log.after(0, 10**6) if m.text == text]
+            if found:
+                return found
+            await asyncio.sleep(0.01)
+
+
+async def received_until(client, marker: str, timeout: float = 15.0) -> list[str]:
+    """Texts ``client`` receives up to and including ``marker``."""
+    texts: list[str] = []
+    async with asyncio.timeout(timeout):
+        while not texts or texts[-1] != marker:  # bounded by the timeout
+            texts.append((await client.receive()).text)
+    return texts
+
+
+# -- the ack is lost ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_ack_lost_then_resent_is_stored_once(transport, start_chat, make_client, log,
+                                                    relay_to):
+    server = await start_chat(log=log)
+    relay = await relay_to(server)
+    observer = await make_client("ws", server, "observer")
+    ada = await make_client(transport, relay.url, "ada", ack_timeout=30)
+
+    relay.hold()  # the server stores what ada sends, but ada hears nothing back
+    sending = asyncio.create_task(ada.send("exactly once"))
+    original = (await stored(server.log, "exactly once"))[0]
+    assert original.client_id in ada.pending
+    relay.cut()
+    with pytest.raises((ConnectionClosed, httpx.TransportError, OSError)):
+        await sending
+    assert list(ada.pending.values()) == ["exactly once"]  # not acknowledged: kept
+
+    await ada.reconnect()  # resends what is pending, with the same client_id
+    assert ada.pending == {}
+    assert await stored(server.log, "exactly once") == [original]
+
+    await observer.send("marker")
+    assert (await received_until(observer, "marker")).count("exactly once") == 1
+    assert (await received_until(ada, "marker")).count("exactly once") == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_send_returns_the_stored_message_and_clears_pending(transport, server,
+                                                                  make_client):
+    ada = await make_client(transport, server, "ada")
+    message = await ada.send("hi", client_id="my-id")
+    assert (message.user, message.text, message.client_id) == ("ada", "hi", "my-id")
+    assert ada.pending == {}
+    assert [m.id for m in await server.log.after(0)] == [message.id]
+    again = await ada.send("hi", client_id="my-id")  # a duplicate send
+    assert again == message
+    fresh = await ada.send("hi")  # a fresh client_id each time: stored again
+    assert fresh.id > message.id and fresh.client_id not in (None, "my-id")
+    assert [m.text for m in await server.log.after(0)] == ["hi", "hi"]
+
+
+# -- the server restarts between the send and the ack ----------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("store", ["sqlite", "same-memory", "fresh-memory"])
+async def test_restart_mid_send(transport, store, start_chat, make_client, relay_to,
+                                tmp_path):
+    path = tmp_path / "chat.db"
+    first_log = SQLiteLog(path) if store == "sqlite" else MemoryLog()
+    first = await start_chat(log=first_log)
+    relay = await relay_to(first)
+    ada = await make_client(transport, relay.url, "ada", ack_timeout=30)
+    await ada.send("before")
+
+    relay.hold()
+    sending = asyncio.create_task(ada.send("mid-send"))
+    original = (await stored(first.log, "mid-send"))[0]
+    await first.stop()  # the server goes away before ada hears of it
+    relay.cut()
+    with pytest.raises((ConnectionClosed, httpx.TransportError, OSError)):
+        await sending
+    if store == "sqlite":
+        await first_log.close()
+        second_log = SQLiteLog(path)  # a new process on the same file
+    else:  # a notebook re-run keeps its log; a new process starts empty
+        second_log = first_log if store == "same-memory" else MemoryLog()
+    second = await start_chat(log=second_log, port=first.port)
+    try:
+        await ada.reconnect()
+        assert ada.pending == {}
+        found = await stored(second.log, "mid-send")
+        assert len(found) == 1
+        if store != "fresh-memory":
+            assert found == [original]  # the original, acknowledged at last
+        assert [m.text for m in await second.log.after(0)].count("before") == (
+            0 if store == "fresh-memory" else 1)
+    finally:
+        await second.stop()
+        if store == "sqlite":
+            await second_log.close()
+
+
+# -- duplicates --------------------------------------------------------------------------
+
+
+async def test_concurrent_duplicates_from_two_connections_store_one(server, make_client):
+    tab1 = await make_client("ws", server, "ada")
+    tab2 = await make_client("sse", server, "ada")
+    tab3 = await make_client("poll", server, "ada")
+    results = await asyncio.gather(*(tab.send("twice?", client_id="shared")
+                                     for tab in (tab1, tab2, tab3)))
+    assert len({m.id for m in results}) == 1
+    assert [m.text for m in await server.log.after(0)] == ["twice?"]
+
+
+async def test_http_repeat_answers_200_with_the_original(server, http):
+    url = server.url + "api/messages"
+    first = await http.post(url, json={"user": "ada", "text": "one", "client_id": "k1"})
+    assert first.status_code == 201
+    body = first.json()
+    assert body["client_id"] == "k1" and body["text"] == "one"
+    repeat = await http.post(url, json={"user": "ada", "text": "one", "client_id": "k1"})
+    assert (repeat.status_code, repeat.json()) == (200, body)
+    # The Idempotency-Key header is the same key.
+    by_header = await http.post(url, json={"user": "ada", "text": "one"},
+                                headers={"Idempotency-Key": "k1"})
+    assert (by_header.status_code, by_header.json()) == (200, body)
+    other_user = await http.post(url, json={"user": "bob", "text": "one", "client_id": "k1"})
+    assert other_user.status_code == 201
+    plain = [await http.post(url, json={"user": "ada", "text": "no key"}) for _ in range(2)]
+    assert [r.status_code for r in plain] == [201, 201]
+    assert "client_id" not in plain[0].json()
+    assert len(await server.log.after(0)) == 4
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 65, "tab\there", "é", "nul\x00", 42, ["a"], True])
+async def test_bad_client_id_is_a_clear_400(server, http, bad):
+    url = server.url + "api/messages"
+    response = await http.post(url, json={"user": "ada", "text": "hi", "client_id": bad})
+    assert response.status_code == 400
+    assert response.json() == {"error": "client_id must be 1 to 64 printable ASCII characters"}
+    if isinstance(bad, str) and bad.isascii() and "\x00" not in bad and "\t" not in bad:
+        header = await http.post(url, json={"user": "ada", "text": "hi"},
+                                 headers={"Idempotency-Key": bad})
+        assert header.status_code == 400
+        assert "Idempotency-Key" in header.json()["error"]
+    assert await server.log.after(0) == []
+
+
+async def test_client_id_and_idempotency_key_must_agree(server, http):
+    response = await http.post(server.url + "api/messages",
+                               json={"user": "ada", "text": "hi", "client_id": "a"},
+                               headers={"Idempotency-Key": "b"})
+    assert (response.status_code, response.json()) == (
+        400, {"error": "client_id and Idempotency-Key differ"})
+    assert await server.log.after(0) == []
+
+
+async def test_websocket_ack_goes_to_the_sender_only(server):
+    async with ws_connect(server.ws_url) as sender, ws_connect(server.ws_url) as other:
+        await sender.send(wire.dumps({"type": "hello", "user": "ada"}))
+        await other.send(wire.dumps({"type": "hello", "user": "ada"}))  # a second tab
+        await wait_present(server.url, "ada")
+        await sender.send(wire.dumps({"type": "message", "text": "hi", "client_id": "c1"}))
+        await sender.send(wire.dumps({"type": "message", "text": "hi", "client_id": "c1"}))
+        await sender.send(wire.dumps({"type": "message", "text": "no id"}))
+        await sender.send(wire.dumps({"type": "message", "text": "end"}))
+
+        async def frames(ws) -> list[tuple[str, dict]]:
+            seen = []
+            async with asyncio.timeout(10):
+                while not seen or seen[-1][1].get("text") != "end":  # bounded by the timeout
+                    kind, data = wire.parse_ws(await ws.recv())
+                    if kind in ("message", "ack"):
+                        seen.append((kind, data))
+            return seen
+
+        mine, theirs = await frames(sender), await frames(other)
+        stored_one = (await server.log.after(0))[0]
+        ack = ("ack", stored_one.to_dict())
+        assert ack[1]["client_id"] == "c1" and ack[1]["id"] == stored_one.id
+        assert [kind for kind, _ in mine] == ["message", "ack", "ack", "message", "message"]
+        assert mine[1] == mine[2] == ack  # the repeat is acknowledged with the original
+        assert [kind for kind, _ in theirs] == ["message", "message", "message"]
+        assert [data["text"] for _, data in theirs] == ["hi", "no id", "end"]
+        assert theirs[0][1]["client_id"] == "c1"
+
+
+async def test_websocket_bad_client_id_is_an_error_frame_and_the_socket_stays(server):
+    async with ws_connect(server.ws_url) as ws:
+        await ws.send(wire.dumps({"type": "hello", "user": "ada"}))
+        await ws.send(wire.dumps({"type": "message", "text": "hi", "client_id": "x" * 65}))
+        await ws.send(wire.dumps({"type": "message", "text": "fine", "client_id": "ok"}))
+        kinds = []
+        async with asyncio.timeout(10):
+            while "ack" not in kinds:  # bounded by the timeout
+                kind, data = wire.parse_ws(await ws.recv())
+                kinds.append(kind)
+                if kind == "error":
+                    assert data["error"] == ("client_id must be 1 to 64 printable ASCII "
+                                             "characters")
+        assert "error" in kinds
+    assert [m.text for m in await server.log.after(0)] == ["fine"]
