@@ -244,15 +244,24 @@ async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict,
     kind = data.get("type")
     if kind not in ("message", "typing"):
         raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
-    if not rate.allow():
-        raise ChatError(429, "too many messages: slow down")
-    if kind == "message":
-        text, cid = message_text(data, hub.limits), client_id(data.get("client_id"))
-        message, _ = await hub.post(user, text, cid)
-        if cid is not None:  # the sender only: stored (a repeat: the original's id)
-            outbox.put(0, wire.ws_event("ack", message.to_dict()))
-    else:
+    if kind == "typing":
+        if not rate.allow():
+            raise ChatError(429, "too many messages: slow down")
         hub.typing(user)
+        return
+    cid = client_id(data.get("client_id"))
+    try:
+        if not rate.allow():
+            raise ChatError(429, "too many messages: slow down")
+        message, _ = await hub.post(user, message_text(data, hub.limits), cid)
+    except ChatError as exc:
+        if cid is None:
+            raise
+        # Refused: the error names the message, so that its sender stops waiting for an ack.
+        outbox.put(0, wire.ws_event("error", {"error": exc.error, "client_id": cid}))
+        return
+    if cid is not None:  # to the sender only: stored (for a repeat, the original)
+        outbox.put(0, wire.ws_event("ack", message.to_dict()))
 
 
 async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, reset: bool):

@@ -121,6 +121,14 @@ class Client:
             if client_id in self.pending:
                 await self._send_pending(client_id, text)
 
+    def _refused(self, client_id: str | None, error: ChatRefused) -> None:
+        """The server refused our message ``client_id``: sending it again cannot help."""
+        if client_id in self.pending:
+            del self.pending[client_id]
+            waiting = self._acked.pop(client_id, None)
+            if waiting is not None and not waiting.done():
+                waiting.set_exception(error)
+
     def _acknowledged(self, message: Message) -> None:
         """``message`` (ours) is stored: it is no longer pending."""
         self.pending.pop(message.client_id, None)
@@ -171,6 +179,7 @@ class Client:
             self.typing.append(data["user"])
         elif kind == "error":
             self.errors.append(data["error"])
+            self._refused(data.get("client_id"), ChatRefused(0, data["error"]))
         elif kind == "reset":
             self._reset()
         if self.on_event is not None:
@@ -233,9 +242,10 @@ class HTTPClient(Client):
         response = await self._post("api/messages",
                                     {"user": self.user, "text": text, "client_id": client_id})
         if response.status_code not in (200, 201):
-            if response.status_code < 500 and response.status_code != 429:
-                self.pending.pop(client_id, None)  # sending it again cannot help
-            raise ChatRefused(response.status_code, response.json().get("error", ""))
+            error = ChatRefused(response.status_code, response.json().get("error", ""))
+            if response.status_code < 500:  # a 5xx is the server's trouble: keep it pending
+                self._refused(client_id, error)
+            raise error
         message = wire.message(wire.loads(response.content))
         self._acknowledged(message)
         return message
@@ -260,7 +270,8 @@ class HTTPClient(Client):
 
 
 class ChatRefused(Exception):
-    """The server refused what we sent (status code and its error message)."""
+    """The server refused what we sent: the HTTP status (0 for a WebSocket error frame,
+    which has none) and the server's error message."""
 
     def __init__(self, status: int, error: str) -> None:
         super().__init__(f"{status}: {error}")
