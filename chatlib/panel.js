@@ -266,7 +266,8 @@ function render({ model, el: root }) {
   function drawOutbox() {
     const entries = [];
     const kernel = new Map(model.get('outbox').map((e) => [e.client_id, e]));
-    for (const [cid] of local) if (kernel.has(cid)) local.delete(cid);
+    const stored = new Set(model.get('history').map((m) => m.client_id).filter(Boolean));
+    for (const [cid] of local) if (kernel.has(cid) || stored.has(cid)) local.delete(cid);
     for (const [cid, e] of local) entries.push({ ...e, client_id: cid, state: 'pending' });
     entries.push(...kernel.values());
     entries.sort((a, b) => a.ts - b.ts);
