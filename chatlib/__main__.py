@@ -18,7 +18,8 @@ from .store import MemoryLog, SQLiteLog
 async def serve(args: argparse.Namespace) -> None:
     log = SQLiteLog(args.db) if args.db else MemoryLog()
     limits = Limits(allowed_origins=set(args.allow_origin), allowed_hosts=set(args.allow_host),
-                    rate=args.rate, burst=args.burst, max_queue=args.max_queue)
+                    rate=args.rate, burst=args.burst, max_queue=args.max_queue,
+                    header_timeout=args.header_timeout)
     server = ChatServer(args.host, args.port, log=log, limits=limits,
                         compression=args.compression)
     await server.start()
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
                    help="frames queued for one slow push client before it is closed with 1013"
                         f" (default {defaults.max_queue})")
+    p.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
+                   help="seconds a connection may take to send a request's headers"
+                        f" (default {defaults.header_timeout:g})")
     from . import netem  # python -m chatlib netem: a delaying proxy (chatlib/netem.py)
 
     netem.add_arguments(sub.add_parser("netem", help="a TCP proxy that adds delay, jitter, "

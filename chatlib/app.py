@@ -196,7 +196,10 @@ async def websocket(ws: WebSocket) -> None:
         await ws.send_text(wire.ws_event("error", {"error": exc.error}))
         await ws.close(POLICY_VIOLATION, exc.error[:120])
         return
-    except (TimeoutError, WebSocketDisconnect):
+    except TimeoutError:  # say why before hanging up (a bare TCP close tells nothing)
+        await ws.close(POLICY_VIOLATION, f"no hello within {limits.hello_timeout:g} s")
+        return
+    except WebSocketDisconnect:
         return
     start, reset = await hub.resolve_cursor(after)
     outbox = hub.subscribe("ws", user)

@@ -21,6 +21,14 @@ class Limits:
     """Bytes in one WebSocket message; bigger ones are closed with 1009 by the protocol."""
     max_body: int = 64 * 1024
     """Bytes in one HTTP request body (POST); bigger: 413."""
+    max_body_chunks: int = 1024
+    """Chunks in one chunked request body: h11 parses each in Python, so 1-byte chunks
+    cost the whole event loop ~6 µs each; past this: 413 (chatlib.protocols)."""
+    body_timeout: float = 10.0
+    """Seconds a request body may take to arrive once its headers have; then 408."""
+    header_timeout: float = 10.0
+    """Seconds a connection may take to send a request's headers (slowloris); then 408,
+    or a plain close if it sent nothing."""
     rate: float = 5.0
     """Messages (and typing notices) per second a connection may send, on average ..."""
     burst: int = 20

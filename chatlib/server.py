@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
+import resource
 import socket
+import time
 
 import uvicorn
 
@@ -29,6 +33,7 @@ from .app import create_app
 from .guard import host_policy
 from .hub import GOING_AWAY, SERVICE_RESTART, Hub
 from .limits import Limits
+from .protocols import BoundedH11Protocol, BoundedWebSocketProtocol
 from .proxy import public_url
 from .store import MemoryLog, MessageLog
 
@@ -39,20 +44,25 @@ class ClientMistakes(logging.Filter):
     In a notebook, uvicorn's log lands on the kernel's stderr, in the middle of a learner's
     output. These two say nothing the client wasn't already told (a 403, a close 1007):
     uvicorn 0.54 logs a refused handshake (``send_denial_response``) as an incomplete one,
-    and a text frame with invalid UTF-8 with a full traceback.
+    and a text frame with invalid UTF-8 with a full traceback. asyncio logs a traceback for
+    every ``accept()`` that fails for lack of descriptors; :class:`Listener` logs one line
+    per interval instead.
     """
 
     NOISE = ("ASGI callable returned without completing handshake",
-             "Invalid UTF-8 sequence received from client")
+             "Invalid UTF-8 sequence received from client",
+             "socket.accept() out of system resource",
+             "Invalid HTTP request received")  # the client got a 400 saying why
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(noise in str(record.msg) for noise in self.NOISE)
 
 
 def quiet_client_mistakes() -> None:
-    logger = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, ClientMistakes) for f in logger.filters):
-        logger.addFilter(ClientMistakes())
+    for name in ("uvicorn.error", "asyncio"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, ClientMistakes) for f in log.filters):
+            log.addFilter(ClientMistakes())
 
 
 class KernelFriendlyServer(uvicorn.Server):
@@ -61,6 +71,68 @@ class KernelFriendlyServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):
         yield
+
+
+ACCEPT_LOG_INTERVAL = 10.0
+"""Seconds between two "out of file descriptors" log lines."""
+FD_LIMIT_WANTED = 4096
+"""File descriptors below which the server warns at start: one per connection."""
+
+logger = logging.getLogger("chatlib")
+
+
+class Listener(socket.socket):
+    """A listening socket that lets asyncio back off when ``accept()`` runs out of descriptors.
+
+    On EMFILE/ENFILE asyncio (3.11) logs a traceback, stops watching the socket for a second,
+    and then *keeps looping* over its accept backlog (uvicorn's 2048), logging and
+    scheduling a retry each time: 127,000 tracebacks in 20 s, 12 s of CPU. Here the
+    first failure goes through (asyncio stops watching for 1 s) and the next call says
+    "nothing to accept", which ends asyncio's loop. One line is logged per
+    :data:`ACCEPT_LOG_INTERVAL` instead of asyncio's tracebacks (see :class:`ClientMistakes`).
+    """
+
+    _failed = False
+    _logged_at = float("-inf")
+
+    def accept(self):
+        if self._failed:
+            self._failed = False
+            raise BlockingIOError(errno.EAGAIN, "backing off after EMFILE")
+        try:
+            return super().accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise
+            self._failed = True
+            now = time.monotonic()
+            if now - self._logged_at >= ACCEPT_LOG_INTERVAL:
+                self._logged_at = now
+                soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                logger.warning("chatlib: cannot accept connections: %s (limit %d descriptors)."
+                               " Retrying every second. Raise the limit (ulimit -n 65536) "
+                               "before starting Jupyter or chatlib.", exc.strerror, soft)
+            raise
+
+
+def raise_fd_limit(wanted: int = FD_LIMIT_WANTED) -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; warn if still < ``wanted``.
+
+    Every connection is a file descriptor; a classroom of browsers with a few tabs each
+    can pass the common default of 1024. Returns the soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        logger.warning("chatlib: this process may open only %d files (ulimit -n), so at most "
+                       "~%d clients; raise it with `ulimit -n %d` (hard limit too, as root or "
+                       "in /etc/security/limits.conf) before starting Jupyter or chatlib.",
+                       soft, max(soft - 50, 0), wanted * 16)
+    return soft
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -75,7 +147,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     delayed ACK: 40 ms per HTTP request, measured.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = Listener(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -149,7 +221,10 @@ class ChatServer:
         hosts = host_policy(self.host, self.port, self.limits, public_url(self))
         config = uvicorn.Config(
             create_app(self.hub, hosts),
-            ws="websockets-sansio",
+            # h11 (pure Python) pinned, not "auto": httptools is not a dependency, and the
+            # header timeout, body budget and lingering close are written for h11.
+            http=functools.partial(BoundedH11Protocol, limits=self.limits),
+            ws=BoundedWebSocketProtocol,  # websockets-sansio, closing without a reset
             # permessage-deflate roughly doubles memory per connection for ~100-byte chat
             # messages that barely compress: off by default (see bench/README.md).
             ws_per_message_deflate=self.compression,
@@ -163,6 +238,7 @@ class ChatServer:
             timeout_graceful_shutdown=self.shutdown_timeout,
         )
         quiet_client_mistakes()
+        raise_fd_limit()
         self._server = KernelFriendlyServer(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[self._socket]))
         loop = asyncio.get_running_loop()
@@ -194,17 +270,21 @@ class ChatServer:
             self._sweeper.cancel()
         if self.hub is not None:
             self.hub.close(code)
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), self.shutdown_timeout + 3)
-            except TimeoutError:
-                self._server.force_exit = True
-                with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(self._task, 5)
-        if self._socket is not None:
-            self._socket.close()
-        self._task = None
+        try:
+            if self._server is not None and self._task is not None:
+                self._server.should_exit = True
+                # asyncio.wait neither raises the serve task's own error nor cancels it; a
+                # CancelledError here is the caller's (Interrupt), and it propagates.
+                done, _ = await asyncio.wait({self._task}, timeout=self.shutdown_timeout + 3)
+                if not done:
+                    self._server.force_exit = True
+                    done, _ = await asyncio.wait({self._task}, timeout=5)
+                if not done:
+                    self._task.cancel()
+        finally:
+            if self._socket is not None:
+                self._socket.close()
+            self._task = None
 
     async def __aenter__(self) -> ChatServer:
         return await self.start()

@@ -9,8 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import resource
+import socket
+import sys
+from pathlib import Path
 
+import httpx
 import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from chatlib import Limits
 
@@ -153,3 +161,258 @@ async def test_post_requires_json_content_type(server, http):
     response = await http.post(server.url + "api/messages", content=MESSAGE,
                                headers={"Content-Type": "Application/JSON; charset=utf-8"})
     assert response.status_code == 201
+
+
+# -- request body budget (tiny chunks) ---------------------------------------------------------
+
+
+def chunked(*chunks: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("limits", [Limits(max_body_chunks=16)])
+async def test_too_many_chunks_is_413_at_once(server, http):
+    head = request("POST", "/api/messages", "127.0.0.1", JSON, "Transfer-Encoding: chunked")
+    # 2,000 chunks of one byte of JSON whitespace: a valid body, but 1,984 chunks too many.
+    body = chunked(*[b" "] * 2000, MESSAGE)
+    status, answer = await raw_request(server.port, head + body)
+    assert status == 413
+    assert b"more than 16 chunks" in answer
+    # A body in a few chunks is fine.
+    status, _ = await raw_request(server.port, head + chunked(MESSAGE[:10], MESSAGE[10:]))
+    assert status == 201
+    assert await server.hub.log.last_id() == 1
+
+
+@pytest.mark.parametrize("limits", [Limits(body_timeout=0.3)])
+async def test_slow_body_is_408(server):
+    """A body that stops arriving is cut off after body_timeout (not held forever)."""
+    head = request("POST", "/api/messages", "127.0.0.1", JSON, "Content-Length: 100")
+    status, answer = await raw_request(server.port, head + b'{"user": "slow"')
+    assert status == 408
+    assert b"request body not complete within 0.3 s" in answer
+
+
+# -- header timeout (slowloris), malformed and incomplete requests -----------------------------
+
+
+@pytest.mark.parametrize("limits", [Limits(header_timeout=0.3)])
+async def test_slow_headers_are_408(server):
+    status, answer = await raw_request(server.port, b"GET /api/presence HTTP/1.1\r\nHost: 12")
+    assert status == 408
+    assert b"request headers not complete within 0.3 s" in answer
+
+
+@pytest.mark.parametrize("limits", [Limits(header_timeout=0.3)])
+async def test_a_connection_that_sends_nothing_is_closed(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        async with asyncio.timeout(T):
+            assert await reader.read() == b""  # EOF: the server closed it
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("limits", [Limits(header_timeout=0.3)])
+async def test_header_timeout_applies_to_each_keep_alive_request(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(b"GET /api/presence HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        async with asyncio.timeout(T):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            await reader.readuntil(b"}")
+            writer.write(b"GET /api/presence HTTP/1.1\r\nHost: 127")  # ... and stops
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408")
+    finally:
+        writer.close()
+
+
+async def test_incomplete_request_then_eof_is_400_at_once(server):
+    """A client that half-closes mid-request is told so at once (it waited for nothing)."""
+    for partial in (b"GET /api/presence HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                    request("POST", "/api/messages", "127.0.0.1", JSON,
+                            "Content-Length: 100") + b'{"user"'):
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(partial)
+            writer.write_eof()
+            async with asyncio.timeout(T):
+                answer = await reader.read()
+        finally:
+            writer.close()
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:80]
+        assert answer.endswith(b"400 incomplete request\n")
+
+
+async def test_malformed_request_is_400_with_a_short_reason(server):
+    status, answer = await raw_request(server.port, b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 400
+    assert answer == b"400 illegal request line\n"  # the client's bytes are not echoed
+
+
+# -- refused clients can read why (lingering close) --------------------------------------------
+
+@pytest.fixture
+async def served(tmp_path):
+    """``await served(*args, preexec=None)``: ``python -m chatlib serve --port 0 *args`` in a
+    process of its own; returns ``(process, port)``. Stopped (SIGTERM, then SIGKILL) after."""
+    processes = []
+
+    async def start(*args: str, preexec=None, env=None):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chatlib", "serve", "--port", "0", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=(tmp_path / "stderr").open("wb"),
+            preexec_fn=preexec, cwd=tmp_path, env={**os.environ, **(env or {})})
+        processes.append(process)
+        async with asyncio.timeout(30):
+            line = (await process.stdout.readline()).decode()
+        assert "serving on" in line, (line, (tmp_path / "stderr").read_text())
+        return process, int(line.split("serving on ")[1].split()[0].rstrip("/").rsplit(":")[-1])
+
+    try:
+        yield start
+    finally:
+        for process in processes:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def post_1mb_then_read(port: int) -> bool:
+    """Like many clients: write the whole 1 MB body, then read. Did the 413 arrive?"""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("POST", "/api/messages", "127.0.0.1", JSON,
+                             "Content-Length: 1048576"))
+        with contextlib.suppress(OSError):
+            for _ in range(16):
+                writer.write(bytes(65536))
+                await writer.drain()
+        async with asyncio.timeout(T):
+            return (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 413")
+    except (OSError, asyncio.IncompleteReadError):
+        return False  # reset: the 413 was thrown away
+    finally:
+        writer.close()
+
+
+async def test_refused_big_post_reads_its_413(served):
+    """The server runs in a process of its own, as in bench/edge.py (8 in 80 lost before)."""
+    _, port = await served()
+    assert [await post_1mb_then_read(port) for _ in range(80)] == [True] * 80
+
+
+async def frame_1mb_then_read(port: int) -> bool:
+    """A WebSocket client writes a 1 MB frame (64 KB allowed), then reads: close 1009?"""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(handshake("127.0.0.1"))
+        async with asyncio.timeout(T):
+            await reader.readuntil(b"\r\n\r\n")
+        writer.write(bytes([0x81, 0xFF]) + (1 << 20).to_bytes(8, "big") + bytes(4))  # mask 0
+        with contextlib.suppress(OSError):
+            for _ in range(16):
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        async with asyncio.timeout(T):
+            close = await reader.readexactly(4)
+        return close[0] == 0x88 and close[2:4] == (1009).to_bytes(2, "big")
+    except (OSError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        writer.close()
+
+
+async def test_oversized_frame_client_reads_1009(served):
+    """78 in 80 of these clients got a reset instead of the close frame before."""
+    _, port = await served()
+    assert [await frame_1mb_then_read(port) for _ in range(40)] == [True] * 40
+
+
+@pytest.mark.parametrize("limits", [Limits(hello_timeout=0.3)])
+async def test_hello_timeout_sends_a_close_frame(server):
+    async with ws_connect(server.ws_url, open_timeout=T) as ws:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), T)
+    assert ws.close_code == 1008
+    assert ws.close_reason == "no hello within 0.3 s"
+
+
+# -- file descriptors --------------------------------------------------------------------------
+
+
+def fd_limit(soft: int, hard: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def open_files_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' line")
+
+
+@pytest.mark.parametrize(("soft", "hard", "warned"), [(256, 2048, True), (256, 8192, False)])
+async def test_server_raises_its_descriptor_limit(served, tmp_path, soft, hard, warned):
+    process, _ = await served(preexec=fd_limit(soft, hard))
+    assert open_files_limit(process.pid) == hard
+    stderr = (tmp_path / "stderr").read_text()
+    assert ("may open only 2048 files" in stderr) is warned, stderr
+
+
+async def test_out_of_descriptors_backs_off_and_recovers(served, tmp_path, http):
+    """With 64 descriptors, 100 idle connections exhaust them. The server logs one line (not
+    a traceback per accept attempt), and serves again once the header timeout has closed
+    the idle ones."""
+    process, port = await served("--header-timeout", "0.5", preexec=fd_limit(64, 64))
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(100)]
+    try:
+        async with asyncio.timeout(30):
+            while True:  # bounded by the timeout
+                with contextlib.suppress(httpx.HTTPError):
+                    response = await http.get(f"http://127.0.0.1:{port}/api/presence",
+                                              timeout=1)
+                    if response.status_code == 200:
+                        break
+                await asyncio.sleep(0.1)
+    finally:
+        for _, writer in idle:
+            writer.close()
+    stderr = (tmp_path / "stderr").read_text()
+    assert "may open only 64 files" in stderr
+    assert stderr.count("cannot accept connections: Too many open files") == 1, stderr[-3000:]
+    assert "Traceback" not in stderr and "out of system resource" not in stderr
+    assert process.returncode is None
+
+
+# -- stopping ------------------------------------------------------------------------------------
+
+
+async def test_stop_does_not_swallow_the_callers_cancellation(start_chat):
+    """Even when uvicorn hangs in shutdown (here: made to), cancelling the task that awaits
+    stop() cancels it; the port is freed all the same."""
+    server = await start_chat(shutdown_timeout=0)
+    hang = asyncio.Event()
+
+    async def hung_shutdown(sockets=None):
+        await hang.wait()
+
+    server._server.shutdown = hung_shutdown
+    stopping = asyncio.ensure_future(server.stop())
+    try:
+        async with asyncio.timeout(T):
+            while not server._server.force_exit:  # stop() gave up waiting politely
+                await asyncio.sleep(0.05)
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(stopping, T)
+        with socket.socket() as probe:  # the port is free again
+            probe.bind(("127.0.0.1", server.port))
+    finally:
+        hang.set()

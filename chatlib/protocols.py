@@ -1,0 +1,296 @@
+"""uvicorn's per-connection protocols, with the bounds a server open to strangers needs.
+
+uvicorn 0.54's ``H11Protocol`` and ``WebSocketsSansIOProtocol`` are used as they are, with
+three additions, each measured with raw sockets (tests/test_edge.py, bench/edge.py):
+
+* **Header timeout** (:attr:`Limits.header_timeout`). uvicorn waits for a request's headers
+  forever: a client that sends nothing, or half a request line, held its connection (and a
+  file descriptor) for 300 s and more. Now it gets ``408`` (or, if it sent nothing at all,
+  just the end of the connection) after the bound.
+* **Body budget**. A request body may take :attr:`Limits.body_timeout` seconds and
+  :attr:`Limits.max_body_chunks` chunks. h11 parses each chunk of a chunked body in
+  Python: 1-byte chunks cost ~6 µs of server CPU per byte of the body, with the event loop
+  busy for everyone else meanwhile. Past the budget the client gets ``413`` or ``408``.
+* **Lingering close.** Closing a TCP socket whose receive buffer still holds unread bytes
+  sends RST instead of FIN, and the peer's kernel then throws away whatever the peer had
+  not read yet: the ``413`` we just wrote, or the WebSocket close frame saying 1009. That
+  happened to 8 in 80 refused 1 MB POSTs and 78 in 80 WebSocket clients that sent a 1 MB
+  frame (bench/edge.py). So, like nginx's ``lingering_close``, a refused connection is
+  half-closed (FIN after our last bytes) and read and discarded for at most
+  :data:`LINGER_SECONDS` and :data:`LINGER_BYTES` before it is closed.
+
+A request uvicorn cannot parse already gets ``400`` at once; here the answer says why
+(h11's reason), and a request cut off by the client's EOF gets ``400`` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from http import HTTPStatus
+
+import h11
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from .limits import Limits
+
+LINGER_SECONDS = 2.0
+"""Longest a refused connection is drained before it is closed (nginx: lingering_time)."""
+LINGER_BYTES = 4 * 1024 * 1024
+"""Most bytes read and discarded from a refused connection before it is closed."""
+
+
+class LingeringClose:
+    """Mixin: :meth:`linger` half-closes the connection and drains it, within bounds."""
+
+    lingering = False
+    _linger_timer: asyncio.TimerHandle | None = None
+    _drained = 0
+
+    def linger(self, transport: asyncio.Transport) -> None:
+        """Send FIN after what was written; close after EOF, LINGER_* or a second close."""
+        if self.lingering or transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        try:
+            transport.write_eof()
+        except OSError:  # the peer is gone already
+            transport.close()
+            return
+        self.lingering = True
+        transport.resume_reading()  # flow control may have paused it
+        self._linger_timer = asyncio.get_running_loop().call_later(
+            LINGER_SECONDS, transport.close)
+
+    def drain(self, transport: asyncio.Transport, data: bytes) -> None:
+        self._drained += len(data)
+        if self._drained > LINGER_BYTES:
+            transport.close()
+
+    def stop_lingering(self) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+
+
+class LingeringTransport:
+    """A connection's transport whose ``close()`` lingers (see :class:`LingeringClose`).
+
+    uvicorn's HTTP protocol closes its transport in many places (after a response with
+    ``Connection: close``, after a 400, ...); handing it this wrapper makes all of them
+    linger. ``write`` is the real transport's own method (no indirection per write).
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: LingeringClose) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.write = transport.write
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.linger(self._transport)
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self._transport.is_closing()
+
+
+class TooManyChunks(h11.RemoteProtocolError):
+    pass
+
+
+class ChunkCountingConnection(h11.Connection):
+    """An h11 server connection that refuses a body of more than ``max_chunks`` chunks."""
+
+    def __init__(self, max_chunks: int, max_incomplete_event_size: int) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size)
+        self.max_chunks = max_chunks
+        self.chunks = 0
+
+    def next_event(self):
+        event = super().next_event()
+        if type(event) is h11.Data and event.chunk_start:
+            self.chunks += 1
+            if self.chunks > self.max_chunks:
+                raise TooManyChunks(
+                    f"request body has more than {self.max_chunks} chunks", 413)
+        elif type(event) is h11.Request:
+            self.chunks = 0
+        return event
+
+
+class BoundedH11Protocol(LingeringClose, H11Protocol):
+    """uvicorn's h11 protocol with a header timeout, a body budget and lingering close.
+
+    Make one per server with ``functools.partial(BoundedH11Protocol, limits=...)``.
+    """
+
+    def __init__(self, *args, limits: Limits, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.conn = ChunkCountingConnection(
+            limits.max_body_chunks,
+            self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.raw_transport = transport
+        self.transport = LingeringTransport(transport, self)
+        self._watch()
+
+    def connection_lost(self, exc) -> None:
+        self.stop_lingering()
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self.drain(self.raw_transport, data)
+            return
+        super().data_received(data)
+        self._watch()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start a pipelined request
+        self._watch()
+
+    def eof_received(self) -> None:
+        """The client half-closed: if it stopped mid-request, say so before closing."""
+        state = self.conn.their_state
+        partial = (state is h11.IDLE and self.conn.trailing_data[0]) or (
+            state is h11.SEND_BODY and self.cycle is not None and not self.cycle.response_started)
+        if partial and not self.lingering:
+            self.refuse(400, "incomplete request")
+        return None  # asyncio closes the transport once our answer is written
+
+    def linger(self, transport) -> None:
+        """Linger only if the client may still be sending (see the module docstring)."""
+        state = self.conn.their_state
+        if state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) or (
+                state is h11.IDLE and not self.conn.trailing_data[0]):
+            transport.close()
+        else:
+            super().linger(transport)
+
+    def shutdown(self) -> None:
+        """The server is stopping: nobody waits for a lingering or idle connection."""
+        if self.lingering or self.cycle is None or self.cycle.response_complete:
+            self._cancel_timers()
+            self.raw_transport.close()
+        else:
+            super().shutdown()
+
+    def handle_websocket_upgrade(self, event) -> None:
+        self._cancel_timers()
+        self.transport = self.raw_transport  # the WebSocket protocol gets the real one
+        super().handle_websocket_upgrade(event)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn calls this when h11 cannot parse the request (inside ``except``)."""
+        exc = sys.exc_info()[1]
+        status = getattr(exc, "error_status_hint", 400)
+        # h11's reason without the bytes it quotes ("illegal request line: b'...'").
+        reason = str(exc).partition(":")[0] if exc is not None else ""
+        self.refuse(status, reason or msg)
+
+    def refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` (unless a response has begun) and close, lingering.
+
+        The app, if it is still reading the body, sees ``http.disconnect``; whatever it
+        sends afterwards is dropped.
+        """
+        self._cancel_timers()
+        # h11's state, not the cycle's: self.cycle may be the previous request's.
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = f"{status} {reason}\n".encode("latin-1", "replace")
+            phrase = h11_reason(status)
+            self.raw_transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"X-Content-Type-Options: nosniff\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (status, phrase, len(body), body))
+        if self.cycle is not None:
+            self.cycle.response_started = True
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
+        self.transport.close()
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Arm or cancel the header and body timers for the state h11 is in now."""
+        if self.lingering or self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        if state is h11.IDLE and self._header_timer is None:
+            self._header_timer = self.loop.call_later(
+                self.limits.header_timeout, self._headers_too_slow)
+        elif state is not h11.IDLE and self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        if state is h11.SEND_BODY and self._body_timer is None:
+            self._body_timer = self.loop.call_later(
+                self.limits.body_timeout, self._body_too_slow)
+        elif state is not h11.SEND_BODY and self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._header_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._body_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is not h11.IDLE:
+            return
+        if self.conn.trailing_data[0]:
+            limit = self.limits.header_timeout
+            self.refuse(408, f"request headers not complete within {limit:g} s")
+        else:  # nothing sent: nobody to tell
+            self.raw_transport.close()
+
+    def _body_too_slow(self) -> None:
+        self._body_timer = None
+        if self.conn.their_state is h11.SEND_BODY:
+            self.refuse(408, f"request body not complete within {self.limits.body_timeout:g} s")
+
+
+def h11_reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Error"
+
+
+class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
+    """uvicorn's websockets-sansio protocol, but a close it sends for a protocol error
+    (1009 too big, 1007 bad UTF-8, 1002, ...) is followed by a lingering close, not an
+    immediate one that would reset the connection before the peer reads the close frame."""
+
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self.drain(self.transport, data)
+            return
+        super().data_received(data)
+
+    def connection_lost(self, exc) -> None:
+        self.stop_lingering()
+        super().connection_lost(exc)
+
+    def handle_parser_exception(self) -> None:
+        close = self.conn.close_sent
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code,
+                               "reason": close.reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.linger(self.transport)
+        # uvicorn closes the transport when the app returns unless a close handshake is
+        # pending (close_timer): the lingering deadline is that handshake's deadline.
+        self.close_timer = self._linger_timer
