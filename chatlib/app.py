@@ -36,7 +36,16 @@ from .validation import (
     optional_user,
 )
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+def static_dir() -> Path:
+    """The chat page's files: ``chatlib/static/`` in a wheel (package data, see
+    pyproject.toml), the checkout's top-level ``static/`` in an editable install."""
+    here = Path(__file__).resolve().parent
+    installed = here / "static"
+    return installed if (installed / "index.html").is_file() else here.parent / "static"
+
+
+STATIC_DIR = static_dir()
 POLICY_VIOLATION = 1008
 
 
