@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Jupyter refuses to run as root (containers, some cloud VMs) unless told it may.
 LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: setup lab test lint chromium bench notebooks clean
+.PHONY: setup lab test torture lint chromium bench notebooks clean
 
 setup: $(STAMP)
 
@@ -32,10 +32,18 @@ lint: setup
 	$(BIN)/ruff check .
 
 # tests/ (unit, integration, kernel, browser, proxy, JupyterLab) and every notebook under nbval;
-# then the notebooks once more with the browser hidden, as on Binder/JupyterHub (no Chromium).
+# then the notebooks once more with the browser hidden, as on Binder/JupyterHub (no Chromium);
+# then the torture suite (its own pytest run: it prints its figures at the end).
 test: setup chromium lint
-	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 tests notebooks
+	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 --ignore=tests/torture \
+	  tests notebooks
 	CHATLIB_NO_BROWSER=1 $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 notebooks
+	$(MAKE) --no-print-directory torture
+
+# Fuzz, churn, kill -9, stuck clients and exhaustion against real server processes
+# (tests/torture/, about 3 minutes on 2 cores); TORTURE_SEED=N reproduces another run.
+torture: setup
+	$(BIN)/python -m pytest -p no:cacheprovider -rxX tests/torture
 
 # Re-execute every notebook in place, so the outputs committed to git come from a clean run;
 # then clean_outputs.py replaces what only that run's kernel could show (ports, widget views).

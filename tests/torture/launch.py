@@ -1,0 +1,51 @@
+"""Run one chat server for the torture suite, in its own process, so its numbers are real.
+
+``python launch.py '{"rate": 1e9}'`` starts a :class:`chatlib.ChatServer` on 127.0.0.1,
+port 0, with those :class:`chatlib.Limits` overrides, prints ``PORT <n>`` and serves until
+SIGTERM. Overrides naming a field this version of ``Limits`` lacks are ignored (and
+reported on stderr), so the suite can ask for a limit before the server grows it.
+
+The open-files soft limit is raised to the hard limit (at most 65536): the exhaustion tests
+hold thousands of connections, and a server that runs out of descriptors fails everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import resource
+import signal
+import sys
+
+from chatlib import ChatServer, Limits
+
+
+def raise_open_files(want: int = 65536) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+async def main(overrides: dict) -> None:
+    known = {f.name for f in dataclasses.fields(Limits)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        print(f"launch.py: Limits has no {unknown}; ignored", file=sys.stderr, flush=True)
+    limits = Limits(**{k: v for k, v in overrides.items() if k in known})
+    server = ChatServer("127.0.0.1", 0, limits=limits)
+    await server.start()
+    print(f"PORT {server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+if __name__ == "__main__":
+    raise_open_files()
+    asyncio.run(main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}))
