@@ -33,7 +33,7 @@ RESULTS: dict = {}
 
 
 async def run_fuzz(server, rng: random.Random, n: int, *, upgrade: bool = False,
-                   deadline: float = CASE_DEADLINE) -> dict:
+                   deadline: float = CASE_DEADLINE, concurrency: int = CONCURRENCY) -> dict:
     outcomes: Counter[str] = Counter()
     statuses: Counter[int] = Counter()
     failures: list[tuple[str, str, bytes]] = []
@@ -55,7 +55,7 @@ async def run_fuzz(server, rng: random.Random, n: int, *, upgrade: bool = False,
             if answer.status == 200 and any(leak in answer.body for leak in LEAKS):
                 leaks.append((item.family, item.data[:200]))
 
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     families = Counter(f for c in cases for f in c.family.split("+"))
     return {"outcomes": outcomes, "statuses": statuses, "failures": failures,
             "leaks": leaks, "seconds": seconds, "families": families}
@@ -112,9 +112,11 @@ async def test_handshake_fuzz(spawn, figures):
     from chatlib import Limits
 
     server = await spawn()
-    bound = Limits().hello_timeout + 10
+    limits = Limits()
+    bound = max(limits.hello_timeout, getattr(limits, "header_timeout", 10.0)) + 10
+    # Many at once: a handshake the server never answers costs ``bound`` seconds, in parallel.
     result = await run_fuzz(server, random.Random(SEED + 2), 1000, upgrade=True,
-                            deadline=bound)
+                            deadline=bound, concurrency=128)
     figures("handshake fuzz", cases=1000, outcomes=dict(result["outcomes"]),
             statuses=dict(sorted(result["statuses"].items())))
     assert server.alive
@@ -127,7 +129,8 @@ async def test_incomplete_requests_are_closed(spawn, figures):
     """Issue 6, defect 5: a request that never completes is closed by the header timeout."""
     from chatlib import Limits
 
-    bound = getattr(Limits(), "header_timeout", 10.0)
+    limits = Limits()
+    bound = max(getattr(limits, "header_timeout", 10.0), getattr(limits, "body_timeout", 10.0))
     server = await spawn()
     cases = incomplete_cases(server.port) * 5
     answers = await asyncio.gather(*(exchange(server.port, c.data, deadline=2 * bound + 15)
