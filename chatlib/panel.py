@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import inspect
 import logging
 import random
 import secrets
@@ -63,7 +62,7 @@ class Outgoing:
     client_id: str
     text: str
     ts: float = field(default_factory=time.time)
-    state: str = "pending"  # pending -> sent (acknowledged, or written when there is no ack)
+    state: str = "pending"  # pending -> sent (acknowledged), or failed (refused)
     id: int | None = None  # the stored message's id, once the server told us
     error: str = ""  # why the server refused it (state "failed")
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -385,11 +384,8 @@ class ChatPanel(anywidget.AnyWidget):
 
     async def _send_loop(self, client) -> None:
         """Send what the outbox holds, oldest first, one at a time (so in order)."""
-        # A message that was on its way when the last connection broke is sent again: the
-        # server recognises a repeated client_id and stores it once.
-        for entry in self._outbox.values():
-            if entry.state == "sent" and entry.id is None:
-                entry.state = "pending"
+        # A message that was on its way when the last connection broke (still pending: no
+        # ack) is sent again, with the same client_id: the server stores it once.
         while True:  # ends when the connection does (an exception) or is cancelled
             entry = next((e for e in self._outbox.values() if e.state == "pending"), None)
             if entry is None:
@@ -397,21 +393,14 @@ class ChatPanel(anywidget.AnyWidget):
                 await self._wake_sender.wait()
                 continue
             try:
-                result = await self._send_one(client, entry)
+                # Returns once the server has stored it (a WebSocket waits for the ack).
+                message = await client.send(entry.text, client_id=entry.client_id)
             except ChatRefused as exc:
-                if retryable(exc):
+                if retryable(exc):  # 429, 5xx: the connection starts over, then resends
                     raise
                 self._fail(entry, exc.error or str(exc))
                 continue
-            if isinstance(result, Message):
-                self._mark_sent(entry, result.id, result)
-            else:  # a transport without acknowledgements: written is all we know
-                self._mark_sent(entry, None, None)
-
-    async def _send_one(self, client, entry: Outgoing):
-        if _takes_client_id(client.send):
-            return await client.send(entry.text, client_id=entry.client_id)
-        return await client.send(entry.text)
+            self._mark_sent(entry, message.id, message)
 
     def _mark_sent(self, entry: Outgoing, message_id: int | None,
                    message: Message | None) -> None:
@@ -434,16 +423,9 @@ class ChatPanel(anywidget.AnyWidget):
         self._notify()
 
     def _settle_own(self, message: Message) -> None:
-        """Our own message came back from the server: it leaves the outbox."""
-        client_id = getattr(message, "client_id", None)
-        entry = self._outbox.get(client_id) if client_id else None
-        if entry is None:
-            entry = next((e for e in self._outbox.values() if e.id == message.id), None)
-        if entry is None:
-            # No id to go by (a client without acks): the oldest sent one with this text.
-            entry = next((e for e in self._outbox.values()
-                          if e.state == "sent" and e.id is None and e.text == message.text),
-                         None)
+        """Our own message came back from the server: it leaves the outbox. (It may come
+        back before its ack, or instead of one that was lost: its client_id tells.)"""
+        entry = self._outbox.get(message.client_id) if message.client_id else None
         if entry is None:
             return
         del self._outbox[entry.client_id]
@@ -454,10 +436,10 @@ class ChatPanel(anywidget.AnyWidget):
         """``await panel.send(text)``: send ``text`` as this panel's user, once the server
         has it.
 
-        Returns the stored message when the transport tells (``None`` otherwise; it shows
-        up in :attr:`messages` when the server echoes it). While disconnected the message
-        waits in the outbox (shown as pending) and goes out after reconnecting; on
-        ``TimeoutError`` it is still waiting there.
+        Returns the stored :class:`Message` (with its id) once the server has acknowledged
+        it. While disconnected the message waits in the outbox (shown as pending) and goes
+        out after reconnecting, with the same ``client_id``, so it is stored once; on
+        ``TimeoutError`` it is still waiting there. A refusal raises ``ChatRefused``.
 
         Called with a dict this is ipywidgets' ``Widget.send`` (a custom message to the
         views), which ipywidgets itself uses (``focus()``, ``blur()``).
@@ -466,7 +448,7 @@ class ChatPanel(anywidget.AnyWidget):
             return self._send_text(text, timeout)
         return super().send(text, buffers)
 
-    async def _send_text(self, text: str, timeout: float | None) -> Message | None:
+    async def _send_text(self, text: str, timeout: float | None) -> Message:
         entry = self._enqueue(text)
         return await asyncio.wait_for(asyncio.shield(entry.done), timeout)
 
@@ -529,9 +511,3 @@ class ChatPanel(anywidget.AnyWidget):
                 pass
         super().close()
 
-
-def _takes_client_id(send) -> bool:
-    try:
-        return "client_id" in inspect.signature(send).parameters
-    except (TypeError, ValueError):
-        return False

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from test_send_path import Relay, stored
 
 from chatlib import ChatPanel, ChatServer, Limits, Message, WebSocketClient
 from chatlib.panel import retryable
@@ -75,8 +76,9 @@ async def test_empty_and_malformed_view_messages_are_ignored(panel):
 
 async def test_send_returns_once_sent_and_the_echo_settles_it(server, panel):
     result = await panel.send("from python", timeout=10)
-    assert result is None or (isinstance(result, Message) and result.text == "from python")
+    assert isinstance(result, Message) and result.text == "from python" and result.client_id
     message = await panel.wait_for_text("from python")
+    assert message.id == result.id
     await panel.wait_for(lambda p: not p.outbox, timeout=10)
     assert panel.history[-1]["id"] == message.id
 
@@ -105,16 +107,45 @@ async def test_messages_wait_while_disconnected_and_go_after_reconnect(unused_po
         await server.stop()
 
 
-async def test_a_refused_message_is_marked_failed_and_can_be_discarded(start_chat):
+@pytest.mark.parametrize("panel_transport", ["ws", "sse"])
+async def test_ack_lost_then_resent_after_reconnect_is_stored_once(server, panel_transport):
+    """The worst moment: the server stored the message, the connection died before the
+    acknowledgement came back. The panel sends it again (same client_id); it is stored once
+    and shown once."""
+    relay = await Relay(server.port).start()
+    panel = ChatPanel(relay.url, user="notebook", transport=panel_transport)
+    try:
+        await panel.wait_connected()
+        connections = panel.connections
+        relay.hold()  # the server's answers are lost from now on
+        from_view(panel, type="send", text="exactly once", client_id="the-one")
+        original = (await stored(server.log, "exactly once"))[0]
+        assert panel.outbox[0]["state"] == "pending"  # no ack: it does not know
+        relay.cut()
+        await panel.wait_for(lambda p: p.connections > connections and not p.outbox,
+                             timeout=20)
+        assert await stored(server.log, "exactly once") == [original]
+        assert [m for m in panel.messages.values() if m.text == "exactly once"] == [original]
+        assert [m["text"] for m in panel.history].count("exactly once") == 1
+    finally:
+        await panel.aclose()
+        await relay.stop()
+
+
+@pytest.mark.parametrize("panel_transport", ["ws", "poll"])
+async def test_a_refused_message_is_marked_failed_and_can_be_discarded(start_chat,
+                                                                      panel_transport):
     server = await start_chat(limits=Limits(max_text=10))
-    panel = ChatPanel(server, user="notebook", transport="poll")
+    panel = ChatPanel(server, user="notebook", transport=panel_transport)
     try:
         await panel.wait_connected()
         from_view(panel, type="send", text="far too long for this server", client_id="long")
         await panel.wait_for(lambda p: p.outbox and p.outbox[0]["state"] == "failed",
                              timeout=10)
-        assert "2000" not in panel.outbox[0]["error"] and panel.outbox[0]["error"]
+        assert "10" in panel.outbox[0]["error"]  # the server's reason, for the view
         assert panel.state == "connected"  # one refused message does not end the chat
+        from_view(panel, type="send", text="short", client_id="ok")  # the chat goes on
+        await panel.wait_for_text("short")
         from_view(panel, type="discard", client_id="long")
         assert panel.outbox == []
         with pytest.raises(Exception, match="10|long"):
