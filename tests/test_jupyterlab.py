@@ -592,7 +592,6 @@ async def test_panel_as_a_chat_window(jupyter_lab):
                 report.append(f"  page -> panel, {name}: {summary(values)}")
             everything = [v for values in panel_to_page.values() for v in values]
             report.append(f"  panel -> page, all {len(everything)}: {summary(everything)}")
-            print("\n" + "\n".join(report))
 
             # -- what the panel shows, compared with the page
             last = panel_msgs.last
@@ -693,4 +692,4 @@ async def test_panel_as_a_chat_window(jupyter_lab):
             assert not lab_errors, lab_errors
         finally:
             await browser.close()
-            print("\n".join(report))
+            print("\n" + "\n".join(report))
