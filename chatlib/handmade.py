@@ -22,11 +22,11 @@ The five pieces, one per step of the notebook:
 * :func:`close_reply`: the CLOSE frame that answers the peer's CLOSE (or refuses a bad one).
 
 :class:`HandmadeServer` puts them together and speaks the chat's JSON protocol (README, "The
-chat protocol"): ``hello`` (with history after ``after``), ``message`` (with the ``ack`` of a
-``client_id``, sent once per ``(user, client_id)``), ``typing``, ``presence``, ``error``,
-``reset``. Besides ``/ws`` it serves the chat page (``/``, ``/static/app.js``,
-``/static/style.css``), and ``/echo``, a WebSocket that sends every message back, as the
-conformance battery needs.
+chat protocol"): ``hello`` (with history after ``after``), ``message`` (a ``client_id`` gets
+an ``ack`` carrying the stored message; a resend is acked with the original, stored once),
+``typing``, ``presence``, ``error``, ``reset``. Besides ``/ws`` it serves the chat page
+(``/``, ``/static/app.js``, ``/static/style.css``), and ``/echo``, a WebSocket that sends
+every message back, as the conformance battery needs.
 
 Limits, and what it leaves out on purpose (a teaching server, not chatlib's): one request per
 HTTP connection (``Connection: close``); a request head of at most 16 KiB, read within 10 s;
@@ -299,8 +299,8 @@ class HandmadeServer:
                     self.acked[user, client_id] = message["id"]
                 self.history.append(message)
             if client_id is not None:  # the sender learns its message is stored, then all do
-                send_json(writer, {"type": "ack", "client_id": client_id,
-                                   "id": self.acked[user, client_id]})
+                stored = self.history[self.acked[user, client_id] - 1]
+                send_json(writer, {"type": "ack", **stored})
             if message is not None:
                 broadcast(self.users, json.dumps({"type": "message", **message}))
         elif kind == "typing":

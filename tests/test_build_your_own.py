@@ -317,10 +317,12 @@ async def test_chat_protocol(server):
     assert await chat_frames(r1, 1) == [{"type": "presence", "users": ["ada"]}]
     send_event(w1, {"type": "message", "text": "first", "client_id": "c-1"})
     ack, message = await chat_frames(r1, 2)
-    assert ack == {"type": "ack", "client_id": "c-1", "id": 1}
+    assert ack == {**message, "type": "ack"}  # the ack carries the stored message
     assert message["type"] == "message" and message["text"] == "first" and message["id"] == 1
+    assert message["client_id"] == "c-1" and message["user"] == "ada"
     send_event(w1, {"type": "message", "text": "first", "client_id": "c-1"})  # a resend
-    assert await chat_frames(r1, 1) == [{"type": "ack", "client_id": "c-1", "id": 1}]
+    assert await chat_frames(r1, 1) == [ack]  # acked with the original, not stored again
+    assert len(server.history) == 1
 
     r2, w2, _ = await handshake.open_raw("127.0.0.1", server.port, "/ws")
     send_event(w2, {"type": "hello", "user": "bob", "after": 0})
