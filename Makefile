@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Jupyter refuses to run as root (containers, some cloud VMs) unless told it may.
 LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: setup lab test torture lint chromium bench notebooks clean
+.PHONY: setup lab test torture lint chromium servers cluster bench notebooks clean
 
 setup: $(STAMP)
 
@@ -28,13 +28,24 @@ chromium:
 	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
+# Debian's redis-server and nginx, for the scale-out tests, chapter 9 and `make cluster`;
+# the tests start their own instances as ordinary processes (nothing runs as a service).
+servers:
+	@{ command -v redis-server && { command -v nginx || test -x /usr/sbin/nginx; }; } \
+	  >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server nginx; }
+
+# Redis + 3 chat processes + nginx on http://127.0.0.1:8080/ (Ctrl+C stops them all).
+cluster: setup servers
+	$(BIN)/python -m chatlib.cluster
+
 lint: setup
 	$(BIN)/ruff check .
 
 # tests/ (unit, integration, kernel, browser, proxy, JupyterLab) and every notebook under nbval;
 # then the notebooks once more with the browser hidden, as on Binder/JupyterHub (no Chromium);
 # then the torture suite (its own pytest run: it prints its figures at the end).
-test: setup chromium lint
+test: setup chromium servers lint
 	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 --ignore=tests/torture \
 	  tests notebooks
 	CHATLIB_NO_BROWSER=1 $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 notebooks

@@ -9,7 +9,7 @@ import importlib
 
 from .limits import Limits
 from .server import ChatServer, start_server, stop_server
-from .store import MemoryLog, Message, MessageLog, SQLiteLog
+from .store import MemoryLog, Message, MessageLog, SQLiteLog, StoreUnavailable
 
 # The clients (httpx) and the ChatPanel (ipywidgets, IPython) load on first use, so that
 # `python -m chatlib serve` doesn't carry them: 9 MiB of its 40 MiB at rest (bench/).
@@ -17,6 +17,7 @@ _LAZY = {
     "ChatPanel": ".panel",
     "LongPollClient": ".clients",
     "PollingClient": ".clients",
+    "RedisLog": ".redis_log",
     "SSEClient": ".clients",
     "WebSocketClient": ".clients",
 }
@@ -32,7 +33,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "ChatPanel", "ChatServer", "Limits", "LongPollClient", "MemoryLog", "Message", "MessageLog",
-    "PollingClient", "SQLiteLog", "SSEClient", "WebSocketClient", "start_server",
-    "stop_server",
+    "PollingClient", "RedisLog", "SQLiteLog", "SSEClient", "StoreUnavailable", "WebSocketClient",
+    "start_server", "stop_server",
 ]
 __version__ = "0.1.0"

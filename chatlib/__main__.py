@@ -16,7 +16,12 @@ from .store import MemoryLog, SQLiteLog
 
 
 async def serve(args: argparse.Namespace) -> None:
-    log = SQLiteLog(args.db) if args.db else MemoryLog()
+    if args.redis:
+        from .redis_log import RedisLog
+
+        log = RedisLog(args.redis, key=args.redis_key)
+    else:
+        log = SQLiteLog(args.db) if args.db else MemoryLog()
     limits = Limits(allowed_origins=set(args.allow_origin), allowed_hosts=set(args.allow_host),
                     rate=args.rate, burst=args.burst, max_queue=args.max_queue,
                     header_timeout=args.header_timeout)
@@ -40,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--db", help="SQLite file for a history that survives restarts")
+    p.add_argument("--redis", metavar="URL",
+                   help="share one chat with other processes through Redis,"
+                        " e.g. redis://127.0.0.1:6379/0 (see chatlib/redis_log.py)")
+    p.add_argument("--redis-key", default="chat", help="prefix of the chat's Redis keys")
     p.add_argument("--allow-origin", action="append", default=[],
                    help="another browser origin allowed to connect (repeatable)")
     p.add_argument("--allow-host", action="append", default=[],

@@ -9,6 +9,7 @@ for that request only; a WebSocket gets an error frame and stays open.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -22,8 +23,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import wire
 from .guard import Guard, HostPolicy
-from .hub import Hub, Outbox
+from .hub import TRY_AGAIN_LATER, Hub, Outbox
 from .limits import Limits, RateLimit, RateLimits
+from .store import StoreUnavailable
 from .validation import (
     ChatError,
     client_id,
@@ -223,6 +225,8 @@ async def websocket(ws: WebSocket) -> None:
                 await handle_frame(hub, user, rate, event, outbox)
             except ChatError as exc:
                 outbox.put(0, wire.ws_event("error", {"error": exc.error}))
+            except StoreUnavailable as exc:  # not stored, and the client is told (HTTP: 503)
+                outbox.put(0, wire.ws_event("error", {"error": str(exc), "status": 503}))
     finally:
         hub.unsubscribe(outbox)
         writer.cancel()
@@ -288,6 +292,9 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, rese
         await ws.close(outbox.close_code)
     except (WebSocketDisconnect, RuntimeError, OSError):
         pass  # the client is gone; the reader sees the disconnect and cleans up
+    except StoreUnavailable:  # history unreadable now: the client resumes when it reconnects
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await ws.close(TRY_AGAIN_LATER)
 
 
 # -- the application --------------------------------------------------------------------
@@ -295,6 +302,10 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, rese
 
 async def chat_error(request: Request, exc: ChatError) -> Response:
     return JSONBody({"error": exc.error}, status_code=exc.status)
+
+
+async def store_unavailable(request: Request, exc: StoreUnavailable) -> Response:
+    return JSONBody({"error": str(exc)}, status_code=503, headers={"Retry-After": "1"})
 
 
 async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -332,7 +343,8 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None) -> Starlette:
     ]
     app = ChatApp(
         routes=routes,
-        exception_handlers={ChatError: chat_error, HTTPException: http_error},
+        exception_handlers={ChatError: chat_error, HTTPException: http_error,
+                            StoreUnavailable: store_unavailable},
         middleware=[Middleware(Guard, limits=hub.limits, hosts=hosts)],
     )
     app.state.hub = hub

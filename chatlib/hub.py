@@ -111,11 +111,21 @@ class Hub:
         self._publishing = asyncio.Lock()
         self._follower: asyncio.Task | None = None
         self.closing = asyncio.Event()
+        # Set by a log that follows other server processes (RedisLog.follow):
+        self.elsewhere: frozenset[str] = frozenset()  # users connected to other processes
+        self.relay_typing = None  # tells the other processes who is typing here
+
+    @property
+    def published(self) -> int:
+        """Every message up to this id has been fanned out."""
+        return self._published
 
     async def start(self) -> None:
         """Begin after what the log already holds; follow other writers if it has any."""
         self._published = await self.log.last_id()
-        if getattr(self.log, "poll_interval", None):
+        if hasattr(self.log, "follow"):  # the log pushes what other processes write
+            self._follower = asyncio.ensure_future(self.log.follow(self))
+        elif getattr(self.log, "poll_interval", None):
             self._follower = asyncio.ensure_future(self._follow(self.log.poll_interval))
 
     # -- messages ------------------------------------------------------------------------
@@ -144,6 +154,15 @@ class Hub:
                 for message in page:
                     self._publish(message)
                 self._published = page[-1].id
+
+    async def deliver(self, messages: list[Message]) -> None:
+        """Fan out ``messages`` (consecutive, in id order) that a follower read from the
+        log, skipping those already published."""
+        async with self._publishing:
+            for message in messages:
+                if message.id > self._published:
+                    self._publish(message)
+                    self._published = message.id
 
     async def _follow(self, interval: float) -> None:
         while not self.closing.is_set():
@@ -246,8 +265,10 @@ class Hub:
         for kind, outboxes in self._outboxes.items():
             put_all(outboxes, (0, payloads[kind]))
 
-    def typing(self, user: str) -> None:
+    def typing(self, user: str, relay: bool = True) -> None:
         self._broadcast("typing", {"user": user})
+        if relay and self.relay_typing is not None:
+            self.relay_typing(user)
 
     # -- presence ------------------------------------------------------------------------
 
@@ -278,11 +299,15 @@ class Hub:
         if is_new:
             self.presence_changed()
 
-    def presence(self) -> list[str]:
+    def here(self) -> set[str]:
+        """Users connected to this process."""
         expired = time.monotonic() - self.limits.presence_ttl
         for user in [u for u, seen in self._polled.items() if seen < expired]:
             del self._polled[user]
-        return sorted(set(self._connected) | set(self._polled))
+        return set(self._connected) | set(self._polled)
+
+    def presence(self) -> list[str]:
+        return sorted(self.here() | self.elsewhere)
 
     def presence_changed(self) -> None:
         """Tell everyone who is here, if that changed: now, or with the next broadcast.

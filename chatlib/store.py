@@ -57,6 +57,11 @@ class Message:
                 "client_id": self.client_id}
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached right now (e.g. Redis is restarting): nothing was stored
+    or read. The server answers 503 and the client may try again."""
+
+
 class MessageLog(Protocol):
     """What every store offers. All methods are coroutines so a store may do I/O."""
 

@@ -17,7 +17,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parent.parent
-IGNORED = {"python", "pip"}
+# Programs conda installs that are not Python packages (pip has no equivalent):
+IGNORED = {"python", "pip", "redis-server", "nginx"}
 
 
 def normalise(name: str) -> str:
