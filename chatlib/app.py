@@ -225,8 +225,6 @@ async def websocket(ws: WebSocket) -> None:
                 await handle_frame(hub, user, rate, event, outbox)
             except ChatError as exc:
                 outbox.put(0, wire.ws_event("error", {"error": exc.error}))
-            except StoreUnavailable as exc:  # not stored, and the client is told (HTTP: 503)
-                outbox.put(0, wire.ws_event("error", {"error": str(exc), "status": 503}))
     finally:
         hub.unsubscribe(outbox)
         writer.cancel()
@@ -269,7 +267,10 @@ async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict,
     try:
         if not rate.allow():
             raise ChatError(429, "too many messages: slow down")
-        message, _ = await hub.post(user, message_text(data, hub.limits), cid)
+        try:
+            message, _ = await hub.post(user, message_text(data, hub.limits), cid)
+        except StoreUnavailable as exc:  # not stored: refused as clearly as HTTP's 503
+            raise ChatError(503, str(exc)) from None
     except ChatError as exc:
         if cid is None:
             raise

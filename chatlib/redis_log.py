@@ -17,7 +17,7 @@ What lives in Redis, under ``key`` (``"chat"`` by default):
   (and checks the ``client_id`` dedupe window): Redis runs a script alone, so ids strictly
   increase across every process, with no gap and no two messages on one id.
 * ``chat:dedupe:<user>\\0<client_id>`` -> id, expiring after ``dedupe_ttl`` seconds: a
-  repeated send answers the original message (``repeat=True``) instead of storing it twice.
+  repeated send answers the original message instead of storing it twice.
 * ``chat:presence:<process>``: the users connected to that process, expiring after
   ``presence_ttl`` seconds unless its heartbeat refreshes it; ``chat:processes`` lists
   them. Who is here is the union; a process that dies drops out within ``presence_ttl``.
@@ -83,18 +83,9 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id .. '-0', unpack(fields))
 return {tostring(id), ARGV[1], ARGV[2], ARGV[3], 0}
 """
 
-_HAS_CLIENT_ID = "client_id" in getattr(Message, "__dataclass_fields__", {})
-
-
-def _message(id_: int, ts: float, user: str, text: str, client_id: str | None) -> Message:
-    if _HAS_CLIENT_ID:
-        return Message(id_, ts, user, text, client_id=client_id)
-    return Message(id_, ts, user, text)
-
-
 def _entry(entry_id: str, fields: dict) -> Message:
-    return _message(int(entry_id.partition("-")[0]), float(fields["ts"]), fields["user"],
-                    fields["text"], fields.get("client_id"))
+    return Message(int(entry_id.partition("-")[0]), float(fields["ts"]), fields["user"],
+                   fields["text"], fields.get("client_id"))
 
 
 class RedisLog:
@@ -162,16 +153,17 @@ class RedisLog:
 
     # -- the MessageLog interface --------------------------------------------------------
 
-    async def append(self, user: str, text: str, client_id: str | None = None) -> Message:
-        """Store a message with the next id; a repeat ``(user, client_id)`` returns the
-        original (its ``repeat`` attribute is not set: compare ids if you must know)."""
+    async def append(self, user: str, text: str,
+                     client_id: str | None = None) -> tuple[Message, bool]:
+        """Store a message with the next id: ``(message, False)``; a repeat of
+        ``(user, client_id)`` within ``dedupe_ttl`` stores nothing: ``(original, True)``."""
         dedupe = f"{self.key}:dedupe:{user}\0{client_id}" if client_id else ""
         reply = await self._call(self._append(
             keys=[self._stream, self._counter, dedupe or self._counter],
             args=[repr(time.time()), user, text, client_id or "", self.max_len,
                   max(1, int(self.dedupe_ttl))]))
-        id_, ts, user_, text_, _repeat = reply
-        return _message(int(id_), float(ts), user_, text_, client_id)
+        id_, ts, user_, text_, repeat = reply
+        return Message(int(id_), float(ts), user_, text_, client_id), bool(repeat)
 
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         entries = await self._call(

@@ -9,6 +9,7 @@ command that installs them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -64,12 +65,8 @@ async def until(predicate, timeout: float = 15.0, what: str = "condition") -> No
 
 async def until_client(client, predicate, timeout: float = 15.0) -> None:
     """Read ``client``'s events (bounded) until ``predicate()``: a client only learns of
-    presence and typing events while it reads; messages read meanwhile are kept."""
-    kept = []
+    presence and typing events while it reads (messages read meanwhile stay in its inbox)."""
     async with asyncio.timeout(timeout):
         while not predicate():  # bounded by the timeout
-            try:
-                kept.append(await client.receive(timeout=0.05))
-            except TimeoutError:
-                pass
-    client._pending.extendleft(reversed(kept))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client._fetch(), 0.05)  # a WebSocket recv: cancel-safe

@@ -37,7 +37,7 @@ async def test_ids_strictly_increase_across_writers(make_log):
     first, second = make_log(), make_log()
 
     async def write(log: RedisLog, name: str) -> list[int]:
-        return [(await log.append(name, f"{name} {i}")).id for i in range(150)]
+        return [(await log.append(name, f"{name} {i}"))[0].id for i in range(150)]
 
     ids_a, ids_b = await asyncio.gather(write(first, "a"), write(second, "b"))
     assert sorted(ids_a + ids_b) == list(range(1, 301))  # no gap, no id given twice
@@ -51,10 +51,11 @@ async def test_ids_strictly_increase_across_writers(make_log):
 
 async def test_a_repeated_client_id_returns_the_original(make_log):
     log = make_log()
-    original = await log.append("ada", "hello", client_id="c-1")
-    again = await log.append("ada", "hello (resent)", client_id="c-1")
-    other_user = await log.append("bob", "hello", client_id="c-1")
-    assert again.id == original.id and again.text == "hello"
+    original, first = await log.append("ada", "hello", client_id="c-1")
+    again, repeat = await log.append("ada", "hello (resent)", client_id="c-1")
+    other_user, _ = await log.append("bob", "hello", client_id="c-1")
+    assert (first, repeat) == (False, True)
+    assert again.id == original.id and again.text == "hello" and again.client_id == "c-1"
     assert other_user.id == original.id + 1
     assert [m.id for m in await log.after(0)] == [original.id, other_user.id]
 
