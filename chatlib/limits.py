@@ -23,7 +23,7 @@ class Limits:
     """Bytes in one HTTP request body (POST); bigger: 413."""
     max_body_chunks: int = 1024
     """Chunks in one chunked request body: h11 parses each in Python, so 1-byte chunks
-    cost the whole event loop ~6 µs each; past this: 413 (chatlib.protocols)."""
+    cost the whole event loop ~7 µs each; past this: 413 (chatlib.protocols)."""
     body_timeout: float = 10.0
     """Seconds a request body may take to arrive once its headers have; then 408."""
     header_timeout: float = 10.0

@@ -163,6 +163,16 @@ async def test_post_requires_json_content_type(server, http):
     assert response.status_code == 201
 
 
+@pytest.mark.parametrize("limits", [Limits(header_timeout=0.2, body_timeout=0.2)])
+async def test_http_timers_leave_an_upgraded_websocket_alone(server, make_client):
+    """The header and body timers belong to HTTP: a WebSocket outlives them untouched (an
+    upgrade request is still "sending its body" for h11 when uvicorn hands it over)."""
+    ws = await make_client("ws", server, "ada")
+    await asyncio.sleep(0.6)  # outlast both timers: the absence of a 408 is the point
+    await ws.send("still here")
+    assert (await ws.receive(timeout=T)).text == "still here"
+
+
 # -- request body budget (tiny chunks) ---------------------------------------------------------
 
 
