@@ -354,6 +354,13 @@ async def test_hello_timeout_sends_a_close_frame(server):
     assert ws.close_reason == "no hello within 0.3 s"
 
 
+async def test_serve_allow_host_option(served):
+    _, port = await served("--allow-host", "chat.example", "--allow-host", "other.example")
+    for host, status in (("chat.example", 200), (f"other.example:{port}", 200),
+                         ("evil.example", 403)):
+        assert (await raw_request(port, request("GET", "/api/presence", host)))[0] == status
+
+
 # -- file descriptors --------------------------------------------------------------------------
 
 
