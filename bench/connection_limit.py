@@ -29,6 +29,10 @@ from pathlib import Path
 from playwright.async_api import async_playwright, expect
 
 from chatlib import ChatServer
+from chatlib.app import create_app
+from chatlib.hub import Hub
+from chatlib.limits import Limits
+from chatlib.store import MemoryLog
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -48,8 +52,61 @@ TIMED_POST = """async ([text, capMs]) => {
 }"""
 
 
+class H2Server:
+    """The same chat app served over HTTP/2 (hypercorn, TLS with a throwaway certificate).
+
+    Browsers speak HTTP/2 only over TLS. ``trustme`` makes a CA and a certificate for
+    127.0.0.1; the test browser context ignores that the CA is unknown to it. Also used by
+    tests/test_connection_limit.py.
+    """
+
+    async def start(self) -> H2Server:
+        import socket
+        import tempfile
+
+        import trustme
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1")
+        self._dir = tempfile.TemporaryDirectory()
+        certfile, keyfile = Path(self._dir.name, "cert.pem"), Path(self._dir.name, "key.pem")
+        cert.private_key_and_cert_chain_pem.write_to_path(str(certfile))
+        cert.private_key_pem.write_to_path(str(keyfile))
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}/"
+        self.hub = Hub(MemoryLog(), Limits())
+        await self.hub.start()
+        config = Config()
+        config.bind = [f"fd://{self._sock.fileno()}"]
+        config.certfile, config.keyfile = str(certfile), str(keyfile)
+        config.alpn_protocols = ["h2", "http/1.1"]
+        config.loglevel = "WARNING"
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(
+            serve(create_app(self.hub), config, shutdown_trigger=self._stop.wait))
+        for _ in range(200):  # bounded: until it accepts connections (or 10 s)
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                return self
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise RuntimeError("hypercorn did not start")
+
+    async def stop(self) -> None:
+        self.hub.close()
+        self._stop.set()
+        await asyncio.wait_for(self._task, 15)
+        self._sock.detach()  # hypercorn closed the file descriptor it was given
+        self._dir.cleanup()
+
+
 async def post_time(browser, url: str, transport: str, tabs: int, cap: float) -> float | None:
-    context = await browser.new_context()
+    context = await browser.new_context(ignore_https_errors=True)
     try:
         pages = []
         for i in range(tabs):
@@ -68,22 +125,28 @@ async def post_time(browser, url: str, transport: str, tabs: int, cap: float) ->
 
 async def run(args) -> dict:
     server = await ChatServer("127.0.0.1", 0).start()
+    h2 = await H2Server().start() if args.http2 else None
     results: dict[str, list] = {}
     try:
         async with async_playwright() as p:
             browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             version = browser.version
             try:
-                for transport in args.transports.split(","):
-                    results[transport] = []
+                runs = [(t, t, server.url) for t in args.transports.split(",")]
+                if h2 is not None:
+                    runs.append(("sse over HTTP/2", "sse", h2.url))
+                for label, transport, url in runs:
+                    results[label] = []
                     for tabs in range(1, args.max_tabs + 1):
-                        ms = await post_time(browser, server.url, transport, tabs, args.cap)
-                        results[transport].append(ms)
+                        ms = await post_time(browser, url, transport, tabs, args.cap)
+                        results[label].append(ms)
                         shown = "stalled" if ms is None else f"{ms:.1f} ms"
-                        print(f"{transport:9} {tabs} tab(s): POST {shown}", flush=True)
+                        print(f"{label:15} {tabs} tab(s): POST {shown}", flush=True)
             finally:
                 await browser.close()
     finally:
+        if h2 is not None:
+            await h2.stop()
         await server.stop()
     return {"chromium": version, "python": platform.python_version(), "cap_s": args.cap,
             "date": time.strftime("%Y-%m-%d"), "tabs": list(range(1, args.max_tabs + 1)),
@@ -118,6 +181,8 @@ def main() -> None:
     parser.add_argument("--max-tabs", type=int, default=8)
     parser.add_argument("--cap", type=float, default=3.0, help="seconds before 'stalled'")
     parser.add_argument("--transports", default="sse,longpoll,ws")
+    parser.add_argument("--http2", action="store_true",
+                        help="also SSE over HTTP/2 (needs hypercorn and trustme)")
     parser.add_argument("--save", action="store_true",
                         help="also write bench/connection_limit-results.json (committed)")
     args = parser.parse_args()

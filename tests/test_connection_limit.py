@@ -9,11 +9,14 @@ time against the number of tabs; here only what is certain is checked, on events
 
 * six SSE tabs: a POST from the sixth never reaches the server while all six streams are
   open, and goes through as soon as one tab is closed;
-* eight WebSocket tabs: a POST from the eighth goes through.
+* eight WebSocket tabs: a POST from the eighth goes through;
+* eight SSE tabs over HTTP/2 (hypercorn, TLS): one connection carries every stream, and a POST
+  from the eighth goes through.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,26 @@ async def test_eight_websocket_tabs_do_not_stall(server):
             assert await pages[-1].evaluate("window.postDone") == 201
         finally:
             await browser.close()
+
+
+async def test_eight_sse_tabs_over_http2_do_not_stall():
+    sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+    from connection_limit import H2Server
+
+    server = await H2Server().start()
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await browser.new_context(ignore_https_errors=True)
+                pages = await open_tabs(context, server.url, "sse", 8)
+                protocol = await pages[-1].evaluate(
+                    "performance.getEntriesByType('navigation')[0].nextHopProtocol")
+                assert protocol == "h2", protocol
+                await pages[-1].evaluate(START_POST, "sent from the eighth tab")
+                await pages[-1].wait_for_function("window.postDone !== null", timeout=20_000)
+                assert await pages[-1].evaluate("window.postDone") == 201
+            finally:
+                await browser.close()
+    finally:
+        await server.stop()
