@@ -70,12 +70,13 @@ async def health(port: int) -> list[float]:
     return times
 
 
-async def wait_for_fds(server, at_most: int, timeout: float = 60.0) -> int:
-    """Wait until the server holds at most ``at_most`` descriptors; return the count."""
+async def wait_for_fds(server, count: int, timeout: float = 60.0, *,
+                       at_least: bool = False) -> int:
+    """Wait until the server holds at most (or ``at_least``) ``count`` descriptors."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # bounded by the deadline
         fds = server.open_fds()
-        if fds <= at_most:
+        if (fds >= count) if at_least else (fds <= count):
             return fds
         await asyncio.sleep(0.2)
     return server.open_fds()
@@ -102,6 +103,8 @@ async def test_crowds_then_recovery(spawn, figures):
 
         try:
             await asyncio.gather(*(member(i) for i in range(n)))
+            if crowd != "half-open requests":  # (those the header timeout may close)
+                await wait_for_fds(server, baseline_fds + n, at_least=True)  # all accepted
             fds, rss = server.open_fds(), server.rss_kib()
             times = await health(server.port)
         finally:
