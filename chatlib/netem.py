@@ -117,11 +117,13 @@ class _Direction:
         self.not_before = not_before  # the client cannot send before its handshake ends
         self.bucket: _TokenBucket | None = None
         self.busy = False  # the write loop holds a chunk it has not written yet
+        self.bytes_read = 0  # from the sender, in total
 
     async def read_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:  # ends at EOF (or when the connection is cut: the task is cancelled)
             data = await self.reader.read(self.chunk)
+            self.bytes_read += len(data)
             now = loop.time()
             if data and self.queue.empty() and not self.busy and self.netem._instant(now):
                 # Nothing to wait for and nothing queued ahead: write straight through,

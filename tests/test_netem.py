@@ -236,11 +236,13 @@ async def test_a_full_buffer_stops_reading(start_proxy):
         writer.write(bytes(64 * 1024 * 1024))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(writer.drain(), 2)
-        directions = [d for c in proxy._connections for d in c.directions]
-        assert directions, "the proxy has no connection"
-        for direction in directions:
-            assert direction.queue.qsize() <= direction.queue.maxsize
-        assert writer.transport.get_write_buffer_size() > 32 * 1024 * 1024
+        (connection,) = proxy._connections
+        up = connection.directions[0]
+        held = up.bytes_read - proxy.stats.bytes_up
+        print(f"\nclient still holds {writer.transport.get_write_buffer_size()} B; "
+              f"the proxy read {up.bytes_read} B, holds {held} B")
+        # The queue's chunks, plus one in the write loop's hands and one waiting to be queued.
+        assert held <= proxy.buffer + 2 * up.chunk
         writer.transport.abort()
         release.set()
 
