@@ -133,6 +133,8 @@ async def test_churn(spawn, figures):
             for task in tasks:
                 task.cancel()
     seconds = time.monotonic() - start
+    server_cpu = server.cpu_seconds()
+    own_cpu = time.process_time()
     lost = {r.client.user: len(set(log) - set(r.wire)) for r in receivers}
     duplicated = {r.client.user: len(r.wire) - len(set(r.wire)) for r in receivers}
     disordered = {r.client.user: sum(1 for a, b in zip(r.wire, r.wire[1:], strict=False)
@@ -140,6 +142,7 @@ async def test_churn(spawn, figures):
     figures("churn", messages=len(acked), receivers=len(receivers),
             reconnects=sum(r.reconnects for r in receivers),
             closed_by_server=sum(r.dropped for r in receivers), seconds=round(seconds, 1),
+            server_cpu_s=round(server_cpu, 1), test_cpu_s=round(own_cpu, 1),
             lost=sum(lost.values()), duplicated=sum(duplicated.values()),
             out_of_order=sum(disordered.values()))
     assert len(acked) == MESSAGES and sorted(acked.values()) == sorted(set(acked.values()))

@@ -77,6 +77,7 @@ async def test_http_fuzz(spawn, bystander, figures):
             slowest_s=round(max(result["seconds"]), 2),
             p99_case_ms=round(percentile(result["seconds"], 99) * 1000, 1),
             rss_mib=f"{rss_before / 1024:.0f} -> {rss_after / 1024:.0f}",
+            server_cpu_s=round(server.cpu_seconds(), 1),
             bystander=report)
     assert server.alive, server.stderr_tail()
     assert result["outcomes"]["hang"] == 0, [f for f in result["failures"]

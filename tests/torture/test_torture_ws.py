@@ -108,7 +108,9 @@ async def test_websocket_fuzz(spawn, bystander, figures):
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
         report = await pair.finish()
     figures("WebSocket fuzz", cases=CASES, outcomes=dict(results.most_common()),
-            families=len(families), failures=len(failures), bystander=report)
+            families=len(families), failures=len(failures), bystander=report,
+            server_cpu_s=round(server.cpu_seconds(), 1),
+            server_rss_mib=round(server.rss_kib() / 1024))
     assert server.alive, server.stderr_tail()
     assert not failures, (len(failures), Counter(f[0] for f in failures), failures[:10])
     assert report["lost"] == report["duplicated"] == report["out_of_order"] == 0, report
