@@ -17,9 +17,13 @@ import random
 import struct
 from collections import Counter
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torturekit import SEED
-from wscases import CLOSE, PONG, TEXT, close_frame, complete, text
+from wscases import CLOSE, PONG, TEXT, close_frame, complete, frame, text
 from wscases import case as ws_case
+
+from chatlib import frames
 
 CASES = int(os.environ.get("TORTURE_WS_CASES", "5000"))
 CONCURRENCY = 24
@@ -115,3 +119,17 @@ async def test_websocket_fuzz(spawn, bystander, figures):
     assert not failures, (len(failures), Counter(f[0] for f in failures), failures[:10])
     assert report["lost"] == report["duplicated"] == report["out_of_order"] == 0, report
     assert report["errors"] == 0, pair.errors[:5]
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(opcode=st.sampled_from([0, 1, 2, 8, 9, 10]), fin=st.booleans(),
+       rsv=st.integers(0, 7), key=st.one_of(st.none(), st.binary(min_size=4, max_size=4)),
+       payload=st.one_of(st.binary(max_size=200),
+                         st.sampled_from([125, 126, 65535, 65536]).map(bytes)))
+def test_fuzzer_frames_match_the_teaching_codec(opcode, fin, rsv, key, payload):
+    """The fuzzer's frame builder writes the same bytes as chatlib.frames for any frame both
+    can write, so the cases above are the frames they claim to be."""
+    expected = frames.encode(frames.Frame(opcode, payload, fin, bool(rsv & 4), bool(rsv & 2),
+                                          bool(rsv & 1)), mask_key=key, check=False)
+    assert frame(opcode, payload, fin=fin, rsv=rsv, masked=key is not None,
+                 key=key) == expected

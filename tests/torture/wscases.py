@@ -31,8 +31,13 @@ GOOD_CODES = sorted(SENDABLE) + [3000, 3999, 4000, 4999]
 
 
 def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
-          masked: bool = True, length: int | None = None) -> bytes:
-    """One frame as a client sends it; ``length`` overrides the declared payload length."""
+          masked: bool = True, length: int | None = None, key: bytes | None = None) -> bytes:
+    """One frame as a client sends it; ``length`` overrides the declared payload length.
+
+    Unlike ``chatlib.frames.encode`` this also writes what no codec should: reserved
+    opcodes and lengths that do not match the payload (test_torture_ws checks that the
+    two agree on every frame both can write).
+    """
     n = len(payload) if length is None else length
     head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
     mask_bit = 0x80 if masked else 0
@@ -44,7 +49,7 @@ def frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0,
         head += bytes([mask_bit | 127]) + struct.pack("!Q", n)
     if not masked:
         return head + payload
-    key = os.urandom(4)
+    key = key or os.urandom(4)
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
