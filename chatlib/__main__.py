@@ -26,9 +26,10 @@ async def serve(args: argparse.Namespace) -> None:
                     rate=args.rate, burst=args.burst, max_queue=args.max_queue,
                     header_timeout=args.header_timeout)
     server = ChatServer(args.host, args.port, log=log, limits=limits,
-                        compression=args.compression)
+                        compression=args.compression, token=args.token)
     await server.start()
-    print(f"chatlib serving on {server.url}  (Ctrl+C to stop)", flush=True)
+    link = server.url + (f"?token={server.token}" if server.token else "")
+    print(f"chatlib serving on {link}  (Ctrl+C to stop)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow-host", action="append", default=[],
                    help="another name browsers may use for this server, e.g. a machine name"
                         " (repeatable; '*' allows any; IP addresses and localhost always work)")
+    p.add_argument("--token", nargs="?", const=True, default=None,
+                   help="token mode: every request must carry this token (without a value:"
+                        " make one); the printed link carries it")
     p.add_argument("--compression", action="store_true",
                    help="offer permessage-deflate to WebSocket clients")
     defaults = Limits()

@@ -22,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import wire
+from .auth import TokenGate
 from .guard import Guard, HostPolicy
 from .hub import TRY_AGAIN_LATER, Hub, Outbox
 from .limits import Limits, RateLimit, RateLimits
@@ -331,8 +332,10 @@ class ChatApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def create_app(hub: Hub, hosts: HostPolicy | None = None) -> Starlette:
-    """The chat app for ``hub``; ``hosts`` is the Host allowlist (chatlib.guard)."""
+def create_app(hub: Hub, hosts: HostPolicy | None = None,
+               token: str | None = None) -> Starlette:
+    """The chat app for ``hub``; ``hosts`` is the Host allowlist (chatlib.guard); with a
+    ``token`` every request needs it (chatlib.auth)."""
     routes = [
         Route("/", index),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
@@ -346,7 +349,8 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None) -> Starlette:
         routes=routes,
         exception_handlers={ChatError: chat_error, HTTPException: http_error,
                             StoreUnavailable: store_unavailable},
-        middleware=[Middleware(Guard, limits=hub.limits, hosts=hosts)],
+        middleware=[Middleware(Guard, limits=hub.limits, hosts=hosts),
+                    *([Middleware(TokenGate, token=token)] if token else [])],
     )
     app.state.hub = hub
     app.state.http_rates = RateLimits(hub.limits.rate, hub.limits.burst)

@@ -63,11 +63,17 @@ def jupyter_base_url() -> str | None:
 
 
 def public_url(server) -> str:
-    """Where a browser reaches ``server``: its own URL, or the proxied one under a hub."""
+    """Where a browser reaches ``server``: its own URL, or the proxied one under a hub.
+
+    For a server in token mode (chatlib.auth) the link ends in ``?token=T``: opening it
+    gives the browser the cookie that its page's requests then carry.
+    """
+    token = getattr(server, "token", None)
+    query = f"?token={token}" if token else ""
     override = os.environ.get("CHATLIB_PUBLIC_URL")
     if override:
-        return _with_slash(override.replace("{port}", str(server.port)))
+        return _with_slash(override.replace("{port}", str(server.port))) + query
     base = jupyter_base_url()
     if base is None:
-        return server.url
-    return f"{base}proxy/{server.port}/"
+        return server.url + query
+    return f"{base}proxy/{server.port}/{query}"

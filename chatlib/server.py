@@ -30,6 +30,7 @@ import time
 import uvicorn
 
 from .app import create_app
+from .auth import checked_token
 from .guard import host_policy
 from .hub import GOING_AWAY, SERVICE_RESTART, Hub
 from .limits import Limits
@@ -179,6 +180,7 @@ class ChatServer:
         compression: bool = False,
         ws_ping_interval: float | None = 20.0,
         shutdown_timeout: float = 2.0,
+        token: str | bool | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
@@ -187,6 +189,8 @@ class ChatServer:
         self.compression = compression
         self.ws_ping_interval = ws_ping_interval
         self.shutdown_timeout = shutdown_timeout
+        self.token = checked_token(token)
+        """Token mode (chatlib.auth): every request must carry it. ``token=True`` makes one."""
         self.hub: Hub | None = None
         self.port: int | None = None
         self._server: KernelFriendlyServer | None = None
@@ -220,7 +224,7 @@ class ChatServer:
         self.port = self._socket.getsockname()[1]
         hosts = host_policy(self.host, self.port, self.limits, public_url(self))
         config = uvicorn.Config(
-            create_app(self.hub, hosts),
+            create_app(self.hub, hosts, self.token),
             # h11 (pure Python) pinned, not "auto": httptools is not a dependency, and the
             # header timeout, body budget and lingering close are written for h11.
             http=functools.partial(BoundedH11Protocol, limits=self.limits),
@@ -310,12 +314,16 @@ async def start_server(port: int = 0, host: str = "127.0.0.1", **options) -> Cha
 
     Call it again (re-run the cell) and the previous server is stopped first; its message
     log is kept unless you pass ``log=``. ``port=0`` (the default) picks a free port.
+    ``token=True`` makes a token (chatlib.auth); a re-run keeps the previous one, so open
+    tabs keep working.
     """
     global _current
     previous = _current
     if previous is not None:
         await previous.stop(SERVICE_RESTART)
         options.setdefault("log", previous.log)
+        if options.get("token") is True and previous.token:
+            options["token"] = previous.token
         if port == 0 and previous.port:
             port = previous.port  # same URL for open browser tabs, when it is still free
     server = ChatServer(host, port, **options)

@@ -1,0 +1,135 @@
+"""Token mode: an optional shared secret, checked on every request and WebSocket handshake.
+
+``ChatServer(token="s3cret")`` (or ``token=True`` for a random one, or ``chatlib serve
+--token T``) refuses everything that does not carry the token: ``401`` with ``{"error": ...}``
+for HTTP, and the same answer instead of ``101`` for a WebSocket handshake. Everything
+means the page and ``/static`` too, not just the API: one rule with no exceptions is the
+one that is easy to check, and the page's own link is how a browser gets the token anyway.
+
+A request may carry the token three ways, checked in this order:
+
+1. ``Authorization: Bearer T`` (RFC 6750): what the Python clients send, on HTTP requests
+   and on the WebSocket handshake. A browser cannot: neither ``new WebSocket(url)`` nor
+   ``new EventSource(url)`` lets a page set a header.
+2. ``?token=T`` in the URL: the link the server prints and shows in the notebook. A
+   request to the page (``GET /``) authorised this way also gets a cookie:
+3. the cookie ``chatlib-token-PORT`` (``HttpOnly``: the page's scripts cannot read it;
+   ``SameSite=Strict``: the browser sends it only with requests from our own site, so
+   another site's page cannot ride on it; no ``Path``: behind jupyter-server-proxy it
+   stays under ``.../proxy/PORT``). The browser then sends it with every ``fetch``,
+   ``EventSource`` and WebSocket handshake the page makes: that is how the page's four
+   transports carry the token without headers. The port is in the name because cookies
+   are shared by every port of a host, and two chat servers should not overwrite each
+   other's.
+
+What else people do (README, "Token mode"): a short-lived *ticket* in the WebSocket URL
+(fetched with the token over HTTP just before connecting, valid once for a few seconds, so
+a URL that leaks into a log is worthless), or the token in the *first message* on the
+socket (the handshake is accepted, then closed if the first frame does not authenticate).
+
+Tokens are compared in constant time (:func:`hmac.compare_digest`), so the time a refusal
+takes does not tell how much of a guess was right.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import secrets
+from urllib.parse import parse_qsl
+
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,256}")
+"""A token goes unescaped into a URL, a header and a cookie: URL "unreserved" characters."""
+
+
+def new_token() -> str:
+    """A random token: 128 bits, URL-safe (it goes in links)."""
+    return secrets.token_urlsafe(16)
+
+
+def checked_token(token: str | bool | None) -> str | None:
+    """``token=`` as given to the server: None (no token mode), True (make one), or a str."""
+    if token is None or token is False:
+        return None
+    if token is True:
+        return new_token()
+    if not isinstance(token, str) or not TOKEN_PATTERN.fullmatch(token):
+        raise ValueError("token must be 1 to 256 characters from A-Z a-z 0-9 . _ ~ -")
+    return token
+
+
+def cookie_name(port: int) -> str:
+    return f"chatlib-token-{port}"
+
+
+class TokenGate:
+    """ASGI middleware: refuse (401) every HTTP request and handshake without ``token``.
+
+    Only the connection's ``scope`` is looked at; WebSocket frames and bodies pass through
+    untouched (nothing per message). See the module docstring for where the token may be.
+    """
+
+    def __init__(self, app, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            await self.app(scope, receive, send)
+            return
+        port = scope["server"][1] if scope.get("server") else 0
+        source = self.presented(scope, cookie_name(port))
+        if source is None:
+            await refuse(kind, send)
+            return
+        if source == "query" and kind == "http" and scope["path"] == "/":
+            send = self._setting_cookie(send, cookie_name(port))
+        await self.app(scope, receive, send)
+
+    def _valid(self, value: str | bytes) -> bool:
+        if isinstance(value, str):
+            value = value.encode("utf-8", "replace")
+        return hmac.compare_digest(value, self.token)
+
+    def presented(self, scope, cookie: str) -> str | None:
+        """Where the request carries the right token ("header", "query", "cookie") or None."""
+        headers = dict(scope["headers"])  # the last of a repeated header; fine for these
+        authorization = headers.get(b"authorization", b"")
+        scheme, _, credentials = authorization.partition(b" ")
+        if scheme.lower() == b"bearer" and self._valid(credentials.strip()):
+            return "header"
+        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+            if name == "token" and self._valid(value):
+                return "query"
+        for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == cookie and self._valid(value):
+                return "cookie"
+        return None
+
+    def _setting_cookie(self, send, name: str):
+        header = (f"{name}={self.token.decode()}; HttpOnly; SameSite=Strict").encode()
+
+        async def send_with_cookie(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"set-cookie", header)]}
+            await send(message)
+
+        return send_with_cookie
+
+
+ERROR = "a token is required: open the link the server printed (it ends in ?token=...)"
+
+
+async def refuse(kind: str, send) -> None:
+    body = json.dumps({"error": ERROR}).encode()
+    # RFC 9110 15.5.2: a 401 names the scheme that would work.
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode()),
+               (b"www-authenticate", b'Bearer realm="chatlib"')]
+    prefix = "http" if kind == "http" else "websocket.http"
+    await send({"type": f"{prefix}.response.start", "status": 401, "headers": headers})
+    await send({"type": f"{prefix}.response.body", "body": body})
