@@ -10,6 +10,14 @@
 // has shown) and a set of shown ids, so any reconnect resumes "after lastId"
 // without gaps, and a message delivered twice is drawn once.
 //
+// Sending is exactly-once in effect: each message gets a client_id. It is shown
+// at once as pending, kept until the server acknowledges it (the
+// WebSocket `ack` frame, the POST's answer, or the message itself coming back
+// with our client_id), and sent again with the same client_id after every
+// reconnect, on whatever transport that is; the server stores it once. Its line
+// is li.outgoing (data-state "pending", then "sent") until the stored message
+// itself arrives and takes its place as an ordinary li.message.
+//
 // Security: nicknames and texts are data, never markup. The DOM is built with
 // createElement + textContent only; there is no innerHTML anywhere in this file.
 'use strict';
@@ -26,7 +34,7 @@
   const TYPING_SEND_EVERY_MS = 2000;
   const TYPING_SHOW_MS = 3000;
   const PRESENCE_REFRESH_MS = 5000; // HTTP polling transports get no presence push
-  const PENDING_MAX_AGE_MS = 60000; // forget own sends that never came back
+  const RESEND_RETRY_MS = 2000;     // a POST that failed (network, 429, 5xx) is tried again
   // A quiet stream (WebSocket or SSE) may be idle or dead, and page code can't tell: it sees
   // neither SSE comments nor WebSocket PINGs. So the page checks: every WATCHDOG_EVERY_MS it
   // asks for presence, and no answer within WATCHDOG_DEADLINE_MS means the network is gone.
@@ -61,7 +69,7 @@
     reconnectTimer: null,
     lastId: 0,             // cursor: newest message id shown
     shown: new Set(),      // ids on screen, so redeliveries are ignored
-    pending: [],           // own sends awaiting their echo: {text, t0}
+    own: new Map(),        // client_id -> own message not shown yet: {text, user, t0, el, acked}
     latencies: [],
     typers: new Map(),     // user -> time (ms) at which to stop showing "typing"
     typingTimer: null,
@@ -143,7 +151,13 @@
     if (!isMessage(m) || state.shown.has(m.id)) return; // duplicate (e.g. replay after reconnect)
     state.shown.add(m.id);
     if (m.id > state.lastId) state.lastId = m.id;
-    renderMessage(m, measureLatency(m));
+    const latency = measureLatency(m);
+    const own = ownMessage(m);
+    if (own) { // ours is stored: its pending line gives way to the real one
+      state.own.delete(m.client_id);
+      own.el.remove();
+    }
+    renderMessage(m, latency);
     // Someone who just sent a message has stopped typing.
     if (state.typers.delete(m.user)) renderTyping();
   }
@@ -151,7 +165,10 @@
   // The server replaced its log (restart of an in-memory server): our ids mean
   // nothing any more. Clear the screen and the cursor; the replay follows.
   function resetLog() {
-    els.messages.replaceChildren();
+    // Own messages not acknowledged yet stay (and are sent to the new log); acknowledged
+    // ones went with the old log, like everyone else's.
+    for (const [cid, own] of state.own) if (own.acked) state.own.delete(cid);
+    els.messages.replaceChildren(...[...state.own.values()].map((own) => own.el));
     state.shown.clear();
     state.lastId = 0;
   }
@@ -188,10 +205,11 @@
     li.append(meta, text);
 
     // Render strictly by id: walk back from the end (almost always zero steps,
-    // since ids normally arrive in order) to find where this one belongs.
+    // since ids normally arrive in order) to find where this one belongs. Pending
+    // lines (no id yet) stay below every stored message.
     const list = els.messages;
     let before = null;
-    for (let el = list.lastElementChild; el && Number(el.dataset.id) > m.id;
+    for (let el = list.lastElementChild; el && (!el.dataset.id || Number(el.dataset.id) > m.id);
       el = el.previousElementSibling) {
       before = el;
     }
@@ -221,13 +239,8 @@
   // monotonic clock, so it is exact). Others': now - ts, which assumes the
   // browser's and the server's clocks agree (true when both are this machine).
   function measureLatency(m) {
-    const now = performance.now();
-    state.pending = state.pending.filter((p) => now - p.t0 < PENDING_MAX_AGE_MS);
-    let ms = null;
-    if (m.user === state.nick) {
-      const i = state.pending.findIndex((p) => p.text === m.text);
-      if (i >= 0) ms = now - state.pending.splice(i, 1)[0].t0;
-    }
+    const own = ownMessage(m);
+    let ms = own ? performance.now() - own.t0 : null;
     if (ms === null) {
       // Messages written before we joined are history, not a delivery.
       if (m.ts * 1000 < state.joinedAt) return null;
@@ -334,6 +347,7 @@
         state.attempt = 0;
         if (state.mode === 'auto') state.autoLocked = true;
         setStatus('connected');
+        resendPending(); // whatever was not acknowledged, on this new connection
       },
       failed({ retry = true } = {}) {
         if (conn.closed) return;
@@ -426,7 +440,11 @@
         case 'presence': renderPresence(frame.users); break;
         case 'typing': onTyping(frame.user); break;
         case 'reset': resetLog(); break;
-        case 'error': showNotice(`Server: ${frame.error}`); break;
+        case 'ack': acknowledged(frame); break;
+        case 'error':
+          if (typeof frame.client_id === 'string') refused(frame.client_id, frame.error);
+          else showNotice(`Server: ${frame.error}`);
+          break;
         default: break; // unknown frame types are ignored, for forward compatibility
       }
     };
@@ -539,25 +557,99 @@
   }
 
   // ---- sending ----------------------------------------------------------------
+  const newClientId = () => (crypto.randomUUID ? crypto.randomUUID()
+    : Array.from(crypto.getRandomValues(new Uint8Array(16)),
+      (b) => b.toString(16).padStart(2, '0')).join(''));
+
+  // The entry of state.own that `m` (a message or an ack) is, if it is ours.
+  function ownMessage(m) {
+    const own = typeof m.client_id === 'string' ? state.own.get(m.client_id) : undefined;
+    return own && own.user === m.user ? own : null;
+  }
+
   function sendMessage() {
     const text = els.input.value;
     if (!state.joined || !text.trim()) return;
-    state.pending.push({ text, t0: performance.now() });
     els.input.value = '';
     state.lastTypingSent = 0; // the next keystroke is a new "typing" burst
+    const cid = newClientId();
+    const own = { cid, text, user: state.nick, t0: performance.now(), acked: false, posting: false };
+    own.el = renderPending(own);
+    state.own.set(cid, own);
+    transmit(own);
+  }
 
+  // Shown at once, below the stored messages, until the real one arrives.
+  function renderPending(own) {
+    const li = document.createElement('li');
+    li.className = 'outgoing mine pending';
+    li.dataset.clientId = own.cid;
+    li.dataset.state = 'pending'; // 'sent' once acknowledged
+    const meta = document.createElement('div');
+    meta.className = 'meta';
+    const user = document.createElement('span');
+    user.className = 'user';
+    user.textContent = own.user;
+    const status = document.createElement('span');
+    status.className = 'send-state';
+    status.textContent = 'sending…';
+    meta.append(user, ' ', status);
+    const text = document.createElement('div');
+    text.className = 'text';
+    text.textContent = own.text;
+    li.append(meta, text);
+    els.messages.append(li);
+    if (pinned) els.messages.scrollTop = els.messages.scrollHeight;
+    return li;
+  }
+
+  // Over the WebSocket if one is open (and still has our nick), else with POST:
+  // every transport writes the same log, and the client_id makes a repeat harmless.
+  function transmit(own) {
     const conn = state.conn;
-    if (conn && conn.sendFrame) {
-      conn.sendFrame({ type: 'message', text });
+    if (conn && conn.sendFrame && own.user === state.nick) {
+      conn.sendFrame({ type: 'message', text: own.text, client_id: own.cid });
       return;
     }
-    // HTTP transports send with POST. So does a WebSocket client that is
-    // between sockets: every transport writes the same log, so nothing is lost.
-    postJson('api/messages', { user: state.nick, text }).catch((err) => {
-      showNotice(`Not sent: ${err.message}`);
-      state.pending = state.pending.filter((p) => p.text !== text);
-      if (!els.input.value) els.input.value = text; // give the text back to retry
-    });
+    if (own.posting) return; // one POST at a time per message
+    own.posting = true;
+    postJson('api/messages', { user: own.user, text: own.text, client_id: own.cid })
+      .then((m) => { own.posting = false; acknowledged(m); })
+      .catch((err) => {
+        own.posting = false;
+        if (err instanceof HttpError && err.status < 500 && err.status !== 429) {
+          refused(own.cid, err.message); // 400/403/413: sending again will not help
+        } else if (state.own.get(own.cid) === own && !own.acked) {
+          // Lost on the way (or 429/5xx): the next reconnect resends it, and so does this.
+          setTimeout(() => { if (state.own.get(own.cid) === own && !own.acked) transmit(own); },
+            RESEND_RETRY_MS);
+        }
+      });
+  }
+
+  function resendPending() {
+    for (const own of state.own.values()) if (!own.acked) transmit(own);
+  }
+
+  // The server stored it (`m` is the stored message: an ack frame or a POST's answer).
+  function acknowledged(m) {
+    const own = ownMessage(m);
+    if (!own || own.acked) return;
+    own.acked = true;
+    own.el.dataset.state = 'sent';
+    own.el.classList.replace('pending', 'sent');
+    own.el.querySelector('.send-state').textContent = 'sent';
+    // The message itself comes on the transport's stream, in id order (not from here,
+    // which could skip over an earlier message the stream has not brought yet).
+  }
+
+  function refused(cid, error) {
+    const own = state.own.get(cid);
+    if (!own) return;
+    state.own.delete(cid);
+    own.el.remove();
+    showNotice(`Not sent: ${error}`);
+    if (!els.input.value) els.input.value = own.text; // give the text back to retry
   }
 
   // Tell the others we are typing, at most once every 2 s. Best effort: a lost
@@ -658,6 +750,13 @@
 
   // Start-up: ?transport= and ?user= (tests use them), else the remembered nick.
   const params = new URLSearchParams(location.search);
+  if (params.has('token')) {
+    // Token mode: loading this page set the cookie that our requests carry from now on
+    // (README, "Token mode"). Take the secret out of the address bar, history, bookmarks.
+    params.delete('token');
+    const query = params.toString();
+    history.replaceState(null, '', location.pathname + (query ? `?${query}` : '') + location.hash);
+  }
   const wanted = params.get('transport');
   if (TRANSPORTS.has(wanted)) els.transportSelect.value = wanted;
   const userParam = params.get('user');

@@ -310,7 +310,7 @@ async def test_server_restart_resumes_without_gaps_or_duplicates(
 
     # Same port, same log: history persists. Others talk while alice is away.
     server = await start_server(port=port, log=log)
-    python = await python_client(server, "python", after=python.last_id)
+    python = await python_client(server, "python")  # from the start: all 5 messages
     missed = [f"python: while alice is away {i}" for i in range(3)]
     for text in missed:
         await python.send(text)

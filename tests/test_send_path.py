@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,13 +29,14 @@ pytestmark = pytest.mark.timeout(120)
 class Relay:
     """A TCP relay to ``127.0.0.1:port`` on an ephemeral port of its own.
 
-    ``hold()``: from now on the server's bytes are dropped (the clients' still go through).
+    ``hold()``: from now on the server's bytes are dropped (the clients' still go through);
+    ``hold("up")``: the clients' bytes are dropped instead (what they send is lost).
     ``cut()``: abort every connection (both sides see a reset) and relay normally again.
     """
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.holding = False
+        self.holding: str | None = None  # "down" (the server's bytes) or "up" (the clients')
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.Server | None = None
@@ -47,14 +49,14 @@ class Relay:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         return self
 
-    def hold(self) -> None:
-        self.holding = True
+    def hold(self, direction: str = "down") -> None:
+        self.holding = direction
 
     def cut(self) -> None:
         for writer in list(self._writers):
             writer.transport.abort()
         self._writers.clear()
-        self.holding = False
+        self.holding = None
 
     async def stop(self) -> None:
         self.cut()
@@ -87,8 +89,8 @@ class Relay:
                 data = await reader.read(65536)
                 if not data:
                     break
-                if from_server and self.holding:
-                    continue  # lost on the way: the client never sees it
+                if self.holding == ("down" if from_server else "up"):
+                    continue  # lost on the way
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
@@ -316,3 +318,77 @@ async def test_websocket_bad_client_id_is_an_error_frame_and_the_socket_stays(se
                                              "characters")
         assert "error" in kinds
     assert [m.text for m in await server.log.after(0)] == ["fine"]
+
+
+# -- the chat page, in Chromium ------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+PAGE_MS = 20_000  # generous: it only matters when something is broken
+
+
+@pytest.fixture
+async def chromium():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM}")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("fault", ["message lost", "ack lost", "server restart"])
+async def test_chromium_page_sends_exactly_once_through_faults(
+        chromium, transport, fault, start_chat, make_client, relay_to):
+    from playwright.async_api import expect
+
+    log = MemoryLog()  # a restart keeps it, as a notebook re-run does
+    server = await start_chat(log=log)
+    relay = await relay_to(server)
+    page = await (await chromium.new_context()).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(f"{relay.url}?user=ada&transport={transport}")
+    status = page.locator("#status")
+    await expect(status).to_have_attribute("data-state", "connected", timeout=PAGE_MS)
+
+    # "message lost": what the page sends is lost on the way (at-most-once loses it);
+    # otherwise it reaches the server and nothing comes back (at-least-once doubles it).
+    relay.hold("up" if fault == "message lost" else "down")
+    await page.fill("#message-input", "exactly once")
+    await page.press("#message-input", "Enter")
+    pending = page.locator("#messages li.outgoing.pending")
+    await expect(pending).to_have_count(1, timeout=PAGE_MS)  # shown at once, as pending
+    await expect(pending.locator(".text")).to_have_text("exactly once")
+    if fault == "message lost":  # handed to the transport (sendMessage ran), and lost
+        original = None
+        assert await log.after(0) == []
+    else:
+        original = (await stored(log, "exactly once"))[0]
+    if fault == "server restart":
+        await server.stop()
+        relay.cut()
+        server = await start_chat(log=log, port=server.port)
+    else:
+        relay.cut()
+
+    # The page reconnects, sends it again with the same client_id, and shows it once.
+    texts = page.locator("#messages li.message .text")
+    await expect(texts.filter(has_text="exactly once")).to_have_count(1, timeout=PAGE_MS)
+    await expect(page.locator("#messages li[data-client-id]")).to_have_count(0)
+    found = await stored(log, "exactly once")
+    assert len(found) == 1 and found[0] == (original or found[0])
+    observer = await make_client("ws", server, "observer")
+    await observer.send("marker")
+    await expect(texts.filter(has_text="marker")).to_have_count(1, timeout=PAGE_MS)
+    assert (await received_until(observer, "marker")).count("exactly once") == 1
+    ids = await page.eval_on_selector_all("#messages li.message",
+                                          "els => els.map(e => Number(e.dataset.id))")
+    assert ids == [m.id for m in await log.after(0)]
+    assert errors == []
