@@ -144,6 +144,7 @@ class ChatPanel(anywidget.AnyWidget):
             raise ValueError(f"transport must be one of {', '.join(CLIENTS)}, not {transport!r}")
         super().__init__(url=target if isinstance(target, str) else target.url,
                          user=user, transport=transport)
+        self._token = None if isinstance(target, str) else getattr(target, "token", None)
         self.shown = shown
         self.keep = keep
         self.max_reconnects = max_reconnects
@@ -234,7 +235,8 @@ class ChatPanel(anywidget.AnyWidget):
     async def _connection(self) -> None:
         """One connection: receive messages and send the outbox until either fails."""
         self._client_was_connected = False
-        client = CLIENTS[self.transport](self.url, self.user, after=self.last_id)
+        client = CLIENTS[self.transport](self.url, self.user, after=self.last_id,
+                                         token=self._token)  # a server in token mode
         client.on_event = self._on_event
         try:
             await client.connect()

@@ -317,3 +317,19 @@ async def test_chromium_page_from_the_token_link_chats_on_every_transport(
                 await context.close()
         finally:
             await browser.close()
+
+
+async def test_chat_panel_of_a_token_server_uses_its_token(token_server, make_client):
+    from chatlib import ChatPanel
+
+    panel = ChatPanel(token_server, user="notebook")
+    try:
+        await panel.wait_connected()
+        reader = await make_client("ws", token_server, "reader", token=TOKEN, ready=False)
+        panel._handle_custom_msg({"type": "send", "text": "from the panel", "client_id": "p"},
+                                 [])
+        message = await reader.receive(timeout=10)
+        assert (message.user, message.text, message.client_id) == (
+            "notebook", "from the panel", "p")
+    finally:
+        await panel.aclose()
