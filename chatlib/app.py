@@ -275,8 +275,10 @@ async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict,
     except ChatError as exc:
         if cid is None:
             raise
-        # Refused: the error names the message, so that its sender stops waiting for an ack.
-        outbox.put(0, wire.ws_event("error", {"error": exc.error, "client_id": cid}))
+        # Refused: the error names the message, so that its sender stops waiting for an ack,
+        # and gives the HTTP status, so that it knows whether to send it again (5xx) or not.
+        outbox.put(0, wire.ws_event("error", {"error": exc.error, "client_id": cid,
+                                              "status": exc.status}))
         return
     if cid is not None:  # to the sender only: stored (for a repeat, the original)
         outbox.put(0, wire.ws_event("ack", message.to_dict()))

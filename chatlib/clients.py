@@ -122,9 +122,11 @@ class Client:
                 await self._send_pending(client_id, text)
 
     def _refused(self, client_id: str | None, error: ChatRefused) -> None:
-        """The server refused our message ``client_id``: sending it again cannot help."""
+        """The server refused our message ``client_id``: a 4xx means sending it again cannot
+        help (it is no longer pending); a 5xx (the server's trouble) keeps it pending."""
         if client_id in self.pending:
-            del self.pending[client_id]
+            if not 500 <= error.status < 600:
+                del self.pending[client_id]
             waiting = self._acked.pop(client_id, None)
             if waiting is not None and not waiting.done():
                 waiting.set_exception(error)
@@ -179,7 +181,7 @@ class Client:
             self.typing.append(data["user"])
         elif kind == "error":
             self.errors.append(data["error"])
-            self._refused(data.get("client_id"), ChatRefused(0, data["error"]))
+            self._refused(data.get("client_id"), ChatRefused(data.get("status", 0), data["error"]))
         elif kind == "reset":
             self._reset()
         if self.on_event is not None:
@@ -243,8 +245,7 @@ class HTTPClient(Client):
                                     {"user": self.user, "text": text, "client_id": client_id})
         if response.status_code not in (200, 201):
             error = ChatRefused(response.status_code, response.json().get("error", ""))
-            if response.status_code < 500:  # a 5xx is the server's trouble: keep it pending
-                self._refused(client_id, error)
+            self._refused(client_id, error)
             raise error
         message = wire.message(wire.loads(response.content))
         self._acknowledged(message)
@@ -270,8 +271,8 @@ class HTTPClient(Client):
 
 
 class ChatRefused(Exception):
-    """The server refused what we sent: the HTTP status (0 for a WebSocket error frame,
-    which has none) and the server's error message."""
+    """The server refused what we sent: the HTTP status (a WebSocket error frame gives the
+    same status) and the server's error message."""
 
     def __init__(self, status: int, error: str) -> None:
         super().__init__(f"{status}: {error}")

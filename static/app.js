@@ -442,8 +442,9 @@
         case 'reset': resetLog(); break;
         case 'ack': acknowledged(frame); break;
         case 'error':
-          if (typeof frame.client_id === 'string') refused(frame.client_id, frame.error);
-          else showNotice(`Server: ${frame.error}`);
+          if (typeof frame.client_id !== 'string') showNotice(`Server: ${frame.error}`);
+          else if (frame.status >= 500) retryLater(frame.client_id); // the server's trouble
+          else refused(frame.client_id, frame.error);
           break;
         default: break; // unknown frame types are ignored, for forward compatibility
       }
@@ -619,12 +620,16 @@
         own.posting = false;
         if (err instanceof HttpError && err.status < 500 && err.status !== 429) {
           refused(own.cid, err.message); // 400/403/413: sending again will not help
-        } else if (state.own.get(own.cid) === own && !own.acked) {
-          // Lost on the way (or 429/5xx): the next reconnect resends it, and so does this.
-          setTimeout(() => { if (state.own.get(own.cid) === own && !own.acked) transmit(own); },
-            RESEND_RETRY_MS);
+        } else {
+          retryLater(own.cid); // lost on the way, or 429/5xx (the next reconnect resends it too)
         }
       });
+  }
+
+  function retryLater(cid) {
+    const own = state.own.get(cid);
+    setTimeout(() => { if (own && state.own.get(cid) === own && !own.acked) transmit(own); },
+      RESEND_RETRY_MS);
   }
 
   function resendPending() {

@@ -22,6 +22,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from chatlib import MemoryLog, SQLiteLog, wire
+from chatlib.clients import ChatRefused
+from chatlib.store import StoreUnavailable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -392,3 +394,34 @@ async def test_chromium_page_sends_exactly_once_through_faults(
                                           "els => els.map(e => Number(e.dataset.id))")
     assert ids == [m.id for m in await log.after(0)]
     assert errors == []
+
+
+class FlakyLog(MemoryLog):
+    """A store that cannot store the next ``failures`` messages (as Redis when it is down)."""
+
+    failures = 0
+
+    async def append(self, user, text, client_id=None):
+        if self.failures:
+            self.failures -= 1
+            raise StoreUnavailable("the message store is unavailable")
+        return await super().append(user, text, client_id)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_5xx_keeps_the_message_pending_and_a_4xx_does_not(transport, start_chat,
+                                                                  make_client):
+    log = FlakyLog()
+    server = await start_chat(log=log)
+    ada = await make_client(transport, server, "ada")
+    log.failures = 1
+    with pytest.raises(ChatRefused) as refused:
+        await ada.send("try again", client_id="c-503")
+    assert refused.value.status == 503
+    assert ada.pending == {"c-503": "try again"}  # the server's trouble: sent again later
+    await ada.reconnect()
+    assert ada.pending == {}
+    assert [(m.text, m.client_id) for m in await log.after(0)] == [("try again", "c-503")]
+    with pytest.raises(ChatRefused) as refused:
+        await ada.send("x" * (server.limits.max_text + 1))
+    assert refused.value.status == 413 and ada.pending == {}  # no use sending it again
