@@ -193,6 +193,8 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         """uvicorn calls this when h11 cannot parse the request (inside ``except``)."""
         exc = sys.exc_info()[1]
         status = getattr(exc, "error_status_hint", 400)
+        if not 400 <= status < 500:  # h11 says 501 for e.g. "Transfer-Encoding: gzip"; but
+            status = 400  # whatever a client sends, it is the client's error, never a 5xx
         # h11's reason without the bytes it quotes ("illegal request line: b'...'").
         reason = str(exc).partition(":")[0] if exc is not None else ""
         self.refuse(status, reason or msg)
@@ -269,15 +271,32 @@ def h11_reason(status: int) -> bytes:
 
 
 class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol, but a close it sends for a protocol error
-    (1009 too big, 1007 bad UTF-8, 1002, ...) is followed by a lingering close, not an
-    immediate one that would reset the connection before the peer reads the close frame."""
+    """uvicorn's websockets-sansio protocol, with two fixes:
+
+    * a close it sends for a protocol error (1009 too big, 1007 bad UTF-8, 1002, ...) is
+      followed by a lingering close, not an immediate one that would reset the connection
+      before the peer reads the close frame;
+    * a handshake that h11 accepted but websockets' stricter HTTP parser refuses (more than
+      128 headers, ``Transfer-Encoding``, a version other than 1.1, an unusual method) gets
+      ``400`` at once; uvicorn 0.54 answered nothing and held the connection forever.
+    """
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
             self.drain(self.transport, data)
             return
         super().data_received(data)
+        refused = self.conn.handshake_exc
+        if refused is not None and not self.handshake_initiated:
+            cause = refused.__cause__ or refused
+            reason = str(cause).partition(":")[0] or "invalid WebSocket handshake"
+            body = f"400 {reason}\n".encode("latin-1", "replace")
+            self.transport.write(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"X-Content-Type-Options: nosniff\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (len(body), body))
+            self.handshake_initiated = self.handshake_complete = self.close_sent = True
+            self.linger(self.transport)
 
     def connection_lost(self, exc) -> None:
         self.stop_lingering()

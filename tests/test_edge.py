@@ -262,6 +262,29 @@ async def test_malformed_request_is_400_with_a_short_reason(server):
     assert answer == b"400 illegal request line\n"  # the client's bytes are not echoed
 
 
+async def test_unsupported_transfer_coding_is_400_not_501(server):
+    """h11 suggests 501 for it; but no client input may get a 5xx."""
+    data = request("POST", "/api/messages", "127.0.0.1", JSON, "Transfer-Encoding: gzip")
+    status, answer = await raw_request(server.port, data)
+    assert status == 400, answer
+
+
+@pytest.mark.parametrize("extra", [
+    ["Transfer-Encoding: chunked"],
+    [f"X-Many-{n}: x" for n in range(200)],
+], ids=["transfer-encoding", "200 headers"])
+async def test_handshake_h11_accepts_but_websockets_refuses_is_400(server, extra):
+    """uvicorn hands such a request to websockets' stricter parser, which refused it
+    silently: the client waited forever. Now it gets 400 at once, saying why."""
+    data = handshake("127.0.0.1").replace(b"\r\n\r\n", b"\r\n" + "\r\n".join(extra).encode()
+                                          + b"\r\n\r\n")
+    if "chunked" in extra[0]:
+        data += b"0\r\n\r\n"
+    status, answer = await raw_request(server.port, data)
+    assert status == 400
+    assert answer.startswith(b"400 ") and len(answer) < 100
+
+
 # -- refused clients can read why (lingering close) --------------------------------------------
 
 @pytest.fixture
