@@ -66,6 +66,15 @@ async def wait_listening(port: int, process: subprocess.Popen, timeout: float) -
         await asyncio.sleep(0.02)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when its parent ends, so that a
+    kernel or a test run that exits (or crashes) leaves no redis-server or nginx behind."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ChildProcess:
     """A child process on ``port``; ``stop()`` asks it to end (SIGTERM), ``kill()`` doesn't."""
 
@@ -79,8 +88,9 @@ class ChildProcess:
         raise NotImplementedError
 
     async def start(self, timeout: float = 20.0):
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=self.stderr())
+        self.process = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=self.stderr(), preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         try:
             await wait_listening(self.port, self.process, timeout)
         except BaseException:

@@ -98,6 +98,8 @@ class RedisLog:
     ``block``: seconds one blocking ``XREAD`` waits before it is re-issued (it returns at
     once when an entry arrives; the bound only notices a silently dead connection).
     ``backoff``: first and longest wait (seconds) between reconnection attempts.
+    ``timeout``: seconds a command may take before it fails (503). ``max_connections``:
+    commands in flight at once; more wait for a connection.
     """
 
     poll_interval = None  # the hub follows this log with follow(), not by polling
@@ -105,7 +107,8 @@ class RedisLog:
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, key: str = "chat",
                  max_len: int = 100_000, dedupe_ttl: float = 3600.0, heartbeat: float = 1.0,
                  presence_ttl: float = 3.0, block: float = 5.0,
-                 backoff: tuple[float, float] = (0.05, 2.0), timeout: float = 5.0) -> None:
+                 backoff: tuple[float, float] = (0.05, 2.0), timeout: float = 5.0,
+                 max_connections: int = 32) -> None:
         self.url = url
         self.key = key
         self.max_len = max_len
@@ -126,7 +129,10 @@ class RedisLog:
         # (with a client_id, resending is safe: the script dedupes it).
         options = dict(decode_responses=True, retry=Retry(NoBackoff(), 0),
                        socket_connect_timeout=timeout, socket_timeout=timeout)
-        self._redis = aioredis.Redis.from_url(url, **options)
+        # A bounded pool that makes a burst of appends wait for a free connection (up to
+        # ``timeout``) instead of failing: the default pool raises "Too many connections".
+        self._redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout, **options))
         # The follower's blocking reads and the pub/sub subscription each hold a connection.
         self._reader = aioredis.Redis.from_url(
             url, **{**options, "socket_timeout": block + timeout})
@@ -179,7 +185,7 @@ class RedisLog:
         with contextlib.suppress(RedisError, OSError):
             await asyncio.wait_for(self._leave(), self.heartbeat + 1)
         await self._reader.aclose()
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
 
     # -- following other processes -------------------------------------------------------
 
