@@ -116,9 +116,6 @@ def server_error(status: int | None, data: bytes) -> bool:
 HANDSHAKES: dict = {}
 
 
-@pytest.mark.xfail(reason="issue 6 defect 9: not fixed yet (a handshake with >128 headers, a "
-                          "chunked body or non-ASCII header bytes is never answered)",
-                   strict=False)
 async def test_handshake_fuzz(spawn, figures):
     """1,000 mutated WebSocket handshakes: each gets 101 or a 4xx within the header timeout."""
     from chatlib import Limits
@@ -137,9 +134,6 @@ async def test_handshake_fuzz(spawn, figures):
     assert not bad, (len(bad), bad[:10])
 
 
-@pytest.mark.xfail(reason="issue 6 defect 9: not fixed yet (a handshake with >128 headers, a "
-                          "body or non-ASCII header bytes is answered only by the header "
-                          "timeout, 408 after 10 s)", strict=False)
 def test_handshake_fuzz_answered_at_once():
     """Issue 6, defect 9: a malformed handshake gets its 400 at once, not a 408 later."""
     if not HANDSHAKES:
