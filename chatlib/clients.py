@@ -99,8 +99,9 @@ class Client:
 
         ``client_id`` defaults to a fresh UUID. The message stays in :attr:`pending` if
         the connection fails before the acknowledgement (the error is raised): the next
-        ``connect()``/``reconnect()`` sends it again. A refusal (``ChatRefused``: too long,
-        rate limited, ...) removes it from ``pending``.
+        ``connect()``/``reconnect()`` sends it again. A refusal (``ChatRefused``) with a 4xx
+        status (too long, rate limited, ...) removes it from ``pending``; with a 5xx (the
+        store is unavailable) it stays there, to be sent again.
         """
         client_id = client_id or uuid.uuid4().hex
         if not self.connected:
