@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
+import struct
+from functools import partial
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
@@ -25,7 +29,7 @@ from . import wire
 from .auth import TokenGate
 from .guard import Guard, HostPolicy
 from .hub import TRY_AGAIN_LATER, Hub, Outbox
-from .limits import Limits, RateLimit, RateLimits
+from .limits import Limits, RateLimit, SendBudget
 from .store import StoreUnavailable
 from .validation import (
     ChatError,
@@ -39,6 +43,13 @@ from .validation import (
     optional_user,
 )
 
+try:  # Linux: how many bytes the kernel still holds for the peer (SIOCOUTQ = TIOCOUTQ)
+    import fcntl
+    import termios
+    _OUTQ = termios.TIOCOUTQ
+except (ImportError, AttributeError):  # elsewhere: only asyncio's own buffer is seen
+    _OUTQ = None
+
 
 def static_dir() -> Path:
     """The chat page's files: ``chatlib/static/`` in a wheel (package data, see
@@ -50,6 +61,8 @@ def static_dir() -> Path:
 
 STATIC_DIR = static_dir()
 POLICY_VIOLATION = 1008
+INTERNAL_ERROR = 1011
+log = logging.getLogger("chatlib")
 
 
 # -- reading requests -------------------------------------------------------------------
@@ -74,9 +87,12 @@ async def read_json(request: Request, limits: Limits) -> dict:
     return json_object(bytes(body))
 
 
+def address(connection: HTTPConnection) -> str:
+    return connection.client.host if connection.client else ""
+
+
 def rate_check(request: Request, user: str) -> None:
-    host = request.client.host if request.client else ""
-    if not request.app.state.http_rates.allow((host, user)):
+    if not request.app.state.budget.allow(address(request), user=user):
         raise ChatError(429, "too many messages: slow down")
 
 
@@ -103,7 +119,9 @@ async def messages(request: Request) -> Response:
     wait = min(max(float_param(request.query_params, "wait", 0.0), 0.0), limits.max_wait)
     user = optional_user(request.query_params, limits)
     if user:
-        hub.touch(user)
+        refused = hub.touch(user, address(request))
+        if refused:
+            raise ChatError(429, refused)
     start, reset = await hub.resolve_cursor(after)
     if wait > 0:
         found = await until_disconnected(request, hub.wait_after(start, wait))
@@ -163,7 +181,7 @@ async def typing(request: Request) -> Response:
 
 
 async def presence(request: Request) -> Response:
-    return JSONBody({"users": request.app.state.hub.presence()})
+    return JSONBody(request.app.state.hub.presence_event())
 
 
 async def events(request: Request) -> Response:
@@ -179,6 +197,7 @@ async def events(request: Request) -> Response:
     user = optional_user(request.query_params, hub.limits)
     start, reset = await hub.resolve_cursor(after)
     outbox = hub.subscribe("sse", user)
+    reset_when_stuck(request.scope, outbox, hub.limits)
 
     async def stream():
         try:
@@ -215,15 +234,18 @@ async def websocket(ws: WebSocket) -> None:
         return
     start, reset = await hub.resolve_cursor(after)
     outbox = hub.subscribe("ws", user)
+    reset_when_stuck(ws.scope, outbox, limits)
     writer = asyncio.create_task(write_frames(ws, hub, outbox, start, reset))
-    rate = RateLimit(limits.rate, limits.burst)
+    writer.add_done_callback(partial(writer_done, ws))
+    budget: SendBudget = ws.app.state.budget
+    rate = budget.connection()
     try:
         while True:
             event = await ws.receive()
             if event["type"] == "websocket.disconnect":
                 break
             try:
-                await handle_frame(hub, user, rate, event, outbox)
+                await handle_frame(hub, user, address(ws), rate, budget, event, outbox)
             except ChatError as exc:
                 outbox.put(0, wire.ws_event("error", {"error": exc.error}))
     finally:
@@ -246,8 +268,8 @@ async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
     return nickname(data, limits), cursor(after)
 
 
-async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict,
-                       outbox: Outbox) -> None:
+async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget: SendBudget,
+                       event: dict, outbox: Outbox) -> None:
     text = event.get("text")
     if text is None:
         raise ChatError(400, "binary frames are not supported: send JSON text")
@@ -260,13 +282,13 @@ async def handle_frame(hub: Hub, user: str, rate: RateLimit, event: dict,
     if kind not in ("message", "typing"):
         raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
     if kind == "typing":
-        if not rate.allow():
+        if not budget.allow(client, rate):
             raise ChatError(429, "too many messages: slow down")
         hub.typing(user)
         return
     cid = client_id(data.get("client_id"))
     try:
-        if not rate.allow():
+        if not budget.allow(client, rate):
             raise ChatError(429, "too many messages: slow down")
         try:
             message, _ = await hub.post(user, message_text(data, hub.limits), cid)
@@ -294,11 +316,73 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, rese
             for payload in batch:
                 await send({"type": "websocket.send", "text": payload})
         await ws.close(outbox.close_code)
-    except (WebSocketDisconnect, RuntimeError, OSError):
+    except (WebSocketDisconnect, OSError):  # uvicorn's ClientDisconnected is an OSError
         pass  # the client is gone; the reader sees the disconnect and cleans up
     except StoreUnavailable:  # history unreadable now: the client resumes when it reconnects
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
             await ws.close(TRY_AGAIN_LATER)
+
+
+def writer_done(ws: WebSocket, writer: asyncio.Task) -> None:
+    """A writer that failed is a bug: log it, and close with 1011 rather than fall silent."""
+    if writer.cancelled() or writer.exception() is None:
+        return
+    log.error("WebSocket writer failed", exc_info=writer.exception())
+    close = asyncio.ensure_future(ws.close(INTERNAL_ERROR))
+    close.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved
+
+
+# -- a client that never reads ----------------------------------------------------------
+
+
+def transport_of(scope) -> asyncio.Transport | None:
+    """The TCP connection under an ASGI connection (uvicorn's ``send`` is a bound method
+    of its protocol, for WebSockets, or of the request's cycle, for HTTP; both keep it)."""
+    owner = getattr(scope.get(RAW_SEND), "__self__", None)
+    transport = getattr(owner, "transport", None)
+    return transport if isinstance(transport, asyncio.WriteTransport) else None
+
+
+def unsent_bytes(transport: asyncio.WriteTransport) -> int:
+    """Bytes written but not yet taken by the peer: asyncio's buffer + the kernel's."""
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.fileno() >= 0 and _OUTQ is not None:
+        with contextlib.suppress(OSError):
+            unsent += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0" * 4))[0]
+    return unsent
+
+
+def reset_connection(transport: asyncio.WriteTransport) -> None:
+    """Close at once and free everything: RST, not FIN (a FIN would wait behind the unsent
+    bytes, in FIN-WAIT-1, for as long as the peer keeps its window shut)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.fileno() >= 0:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def reset_when_stuck(scope, outbox: Outbox, limits: Limits) -> None:
+    """When the hub gives up on this client (its outbox overflowed: 1013), the transport
+    closes as usual (a 1013 close frame; the end of the SSE stream) if the client reads
+    them; if bytes are still unsent ``limits.stuck_timeout`` s later, it never will, and the
+    connection is reset."""
+    transport = transport_of(scope)
+    if transport is None:
+        return
+
+    def check() -> None:
+        if unsent_bytes(transport):
+            log.info("resetting a connection that stopped reading (%s)",
+                     transport.get_extra_info("peername"))
+            reset_connection(transport)
+
+    def closed(code: int) -> None:
+        if code == TRY_AGAIN_LATER:
+            asyncio.get_running_loop().call_later(limits.stuck_timeout, check)
+
+    outbox.on_close = closed
 
 
 # -- the application --------------------------------------------------------------------
@@ -355,5 +439,5 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
                     *([Middleware(TokenGate, token=token)] if token else [])],
     )
     app.state.hub = hub
-    app.state.http_rates = RateLimits(hub.limits.rate, hub.limits.burst)
+    app.state.budget = SendBudget(hub.limits)
     return app

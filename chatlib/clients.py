@@ -64,6 +64,9 @@ class Client:
         self.last_id = after
         self.stats = Stats()
         self.presence: list[str] = []
+        """Who is here (the server sends at most Limits.presence_names names) ..."""
+        self.presence_count = 0
+        """... and how many they are in all."""
         self.typing: deque[str] = deque(maxlen=100)  # who said they were typing, newest last
         self.errors: deque[str] = deque(maxlen=100)  # error events the server sent us
         self.resets = 0
@@ -178,6 +181,7 @@ class Client:
             self._acknowledged(wire.message(data))
         elif kind == "presence":
             self.presence = data["users"]
+            self.presence_count = data.get("count", len(self.presence))
         elif kind == "typing":
             self.typing.append(data["user"])
         elif kind == "error":

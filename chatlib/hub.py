@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from . import wire
-from .limits import Limits
+from .limits import Limits, RateLimits
 from .store import Message, MessageLog
 
 GOING_AWAY = 1001
@@ -38,7 +38,8 @@ class Outbox:
     it to skip messages they already sent as history.
     """
 
-    __slots__ = ("kind", "user", "limit", "closed", "close_code", "_items", "_ready")
+    __slots__ = ("kind", "user", "limit", "closed", "close_code", "on_close", "_items",
+                 "_ready")
 
     def __init__(self, kind: str, user: str, limit: int) -> None:
         self.kind = kind
@@ -46,6 +47,8 @@ class Outbox:
         self.limit = limit
         self.closed = False
         self.close_code = 0
+        self.on_close: Callable[[int], None] | None = None
+        """Called with the close code when the outbox closes (the transport's business)."""
         self._items: deque[tuple[int, str]] = deque()
         self._ready = asyncio.Event()
 
@@ -57,6 +60,8 @@ class Outbox:
             self.closed, self.close_code = True, code
             self._items.clear()
             self._ready.set()
+            if self.on_close is not None:
+                self.on_close(code)
 
     async def get(self, timeout: float | None = None) -> list[tuple[int, str]]:
         """Everything queued (waiting up to ``timeout`` for something); [] on timeout/close."""
@@ -103,8 +108,11 @@ class Hub:
         self._outboxes: dict[str, set[Outbox]] = {"ws": set(), "sse": set()}
         self._new_message = asyncio.Event()
         self._connected: Counter[str] = Counter()  # WebSocket and SSE users
-        self._polled: dict[str, float] = {}  # HTTP users -> last request (monotonic)
+        self._polled: dict[str, tuple[float, str]] = {}  # HTTP user -> (last seen, address)
+        self._polled_per_address: Counter[str] = Counter()
+        self._new_names = RateLimits(limits.new_names_rate, limits.new_names_burst)
         self._presence_sent: list[str] = []
+        self._presence_data: dict = {"users": [], "count": 0}
         self._presence_sent_at = float("-inf")  # loop time of the last presence broadcast
         self._presence_due: asyncio.TimerHandle | None = None
         self._published = 0  # every message up to this id has been fanned out
@@ -278,7 +286,7 @@ class Hub:
         self._outboxes[kind].add(outbox)
         if user:
             if user in self._presence_sent:  # a second tab: the list won't change; tell it
-                outbox.put(0, self._payloads("presence", {"users": self._presence_sent})[kind])
+                outbox.put(0, self._payloads("presence", self._presence_data)[kind])
             self._connected[user] += 1
             self.presence_changed()
         return outbox
@@ -292,22 +300,50 @@ class Hub:
                     del self._connected[outbox.user]
                 self.presence_changed()
 
-    def touch(self, user: str) -> None:
-        """An HTTP (polling) client named ``user`` just made a request."""
-        is_new = user not in self._polled
-        self._polled[user] = time.monotonic()
-        if is_new:
-            self.presence_changed()
+    def touch(self, user: str, address: str = "") -> str:
+        """An HTTP (polling) client named ``user`` at ``address`` just made a request.
+
+        Returns "" or, when ``user`` is new and may not join the presence list, why not:
+        one address may have at most ``polled_per_address`` polling names, and announce
+        new ones at most at ``new_names_rate`` (each new name is broadcast to everyone).
+        """
+        now = time.monotonic()
+        seen = self._polled.get(user)
+        if seen is not None:
+            self._polled[user] = (now, seen[1])
+            return ""
+        self._expire_polled(now)
+        if self._polled_per_address[address] >= self.limits.polled_per_address:
+            return (f"too many nicknames polling from this address "
+                    f"(at most {self.limits.polled_per_address})")
+        if not self._new_names.allow(address):
+            return "too many new nicknames from this address: slow down"
+        self._polled[user] = (now, address)
+        self._polled_per_address[address] += 1
+        self.presence_changed()
+        return ""
+
+    def _expire_polled(self, now: float) -> None:
+        expired = now - self.limits.presence_ttl
+        for user in [u for u, (seen, _) in self._polled.items() if seen < expired]:
+            address = self._polled.pop(user)[1]
+            self._polled_per_address[address] -= 1
+            if self._polled_per_address[address] <= 0:
+                del self._polled_per_address[address]
 
     def here(self) -> set[str]:
-        """Users connected to this process."""
-        expired = time.monotonic() - self.limits.presence_ttl
-        for user in [u for u, seen in self._polled.items() if seen < expired]:
-            del self._polled[user]
+        """Users connected to this process: push clients with a nickname, recent pollers."""
+        self._expire_polled(time.monotonic())
         return set(self._connected) | set(self._polled)
 
     def presence(self) -> list[str]:
+        """Everyone here (sorted), in this process and (with a shared log) elsewhere."""
         return sorted(self.here() | self.elsewhere)
+
+    def presence_event(self, users: list[str] | None = None) -> dict:
+        """What a presence event says: the first ``presence_names`` names and the count."""
+        users = self.presence() if users is None else users
+        return {"users": users[:self.limits.presence_names], "count": len(users)}
 
     def presence_changed(self) -> None:
         """Tell everyone who is here, if that changed: now, or with the next broadcast.
@@ -329,8 +365,9 @@ class Hub:
         users = self.presence()
         if users != self._presence_sent:
             self._presence_sent = users
+            self._presence_data = self.presence_event(users)
             self._presence_sent_at = asyncio.get_running_loop().time()
-            self._broadcast("presence", {"users": users})
+            self._broadcast("presence", self._presence_data)
 
     # -- shutdown ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ of everyone else. Each limit here fails *that client only*, with a clear error.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
@@ -33,8 +34,19 @@ class Limits:
     """Messages (and typing notices) per second a connection may send, on average ..."""
     burst: int = 20
     """... with bursts of up to this many."""
+    address_rate: float = 50.0
+    """Messages and typing notices per second from one client address, all its connections
+    and nicknames together (more connections or new names do not buy more) ...
+    The default lets a classroom of about 30 behind one NAT address chat at full speed
+    (a person sends well under 1 message/s); raise it for a bigger room behind one address."""
+    address_burst: int = 200
+    """... with bursts of up to this many."""
     max_queue: int = 1024
     """Frames waiting for one slow client before it is closed (1013) to protect the others."""
+    stuck_timeout: float = 10.0
+    """Seconds after that close (1013, or the end of an SSE stream) by which the client must
+    have read what was sent; if bytes are still unsent then, its connection is reset, so that
+    a client that never reads costs nothing (no socket, no kernel buffer) after this long."""
     max_wait: float = 25.0
     """Longest a long poll hangs (seconds); below common proxy idle timeouts."""
     history: int = 500
@@ -43,6 +55,17 @@ class Limits:
     """Seconds between SSE comment lines that keep idle proxies from closing the stream."""
     presence_ttl: float = 30.0
     """Seconds an HTTP polling user stays in the presence list after its last request."""
+    presence_names: int = 100
+    """Names in a presence event (the first ones, sorted); ``count`` says how many there are.
+    Bounds each event at a few KB however many nicknames are made up."""
+    polled_per_address: int = 64
+    """Polling nicknames tracked per client address (a classroom behind one NAT fits);
+    a request that would add one more is answered 429."""
+    new_names_rate: float = 2.0
+    """New polling nicknames per second one client address may announce (presence changes
+    are broadcast to everyone) ..."""
+    new_names_burst: int = 40
+    """... with bursts of up to this many (a classroom behind one NAT joining at once)."""
     presence_interval: float = 0.25
     """At most one presence broadcast per this many seconds: when a classroom joins at once,
     N joins would otherwise send N presence lists to up to N clients (N² frames: 500,500 and
@@ -78,16 +101,53 @@ class RateLimit:
 
 
 class RateLimits:
-    """Token buckets per key (an HTTP client's address and nickname), bounded in number."""
+    """Token buckets per key (e.g. an HTTP client's address and nickname), bounded in number.
+
+    When full, the least recently used bucket is forgotten (a forgotten key starts again
+    with a full bucket): a flood of new keys evicts only other idle keys, never a client
+    that is being throttled right now.
+    """
 
     def __init__(self, rate: float, burst: int, max_keys: int = 10_000) -> None:
         self.rate, self.burst, self.max_keys = rate, burst, max_keys
-        self._buckets: dict[tuple, RateLimit] = {}
+        self._buckets: OrderedDict[object, RateLimit] = OrderedDict()
 
-    def allow(self, key: tuple) -> bool:
+    def allow(self, key) -> bool:
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= self.max_keys:
-                self._buckets.clear()  # forgetting everyone is safe: buckets start full anyway
+                self._buckets.popitem(last=False)
             bucket = self._buckets[key] = RateLimit(self.rate, self.burst)
+        else:
+            self._buckets.move_to_end(key)
         return bucket.allow()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class SendBudget:
+    """What a client may send: its own bucket and its address's bucket must both allow it.
+
+    Its own bucket is one per WebSocket connection, or one per (address, nickname) for HTTP.
+    The address's bucket is shared by all of them: 50 connections, or a new nickname for
+    every request, get the address's budget, not 50 times a client's. The address budget is
+    never smaller than one client's (``--rate 1000000`` in bench/ lifts both).
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.http = RateLimits(limits.rate, limits.burst)
+        self.addresses = RateLimits(max(limits.address_rate, limits.rate),
+                                    max(limits.address_burst, limits.burst))
+
+    def connection(self) -> RateLimit:
+        """A bucket for one WebSocket connection."""
+        return RateLimit(self.limits.rate, self.limits.burst)
+
+    def allow(self, address: str, bucket: RateLimit | None = None, user: str = "") -> bool:
+        """Take a token from ``bucket`` (or the HTTP bucket of ``address, user``) and from
+        ``address``'s bucket; False (and the client gets 429) if either is empty."""
+        if bucket is None:
+            return self.http.allow((address, user)) and self.addresses.allow(address)
+        return bucket.allow() and self.addresses.allow(address)

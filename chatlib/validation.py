@@ -7,6 +7,7 @@ frame (WebSocket), for that client only. Anything else escaping from here would 
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping
 
 from .limits import Limits
@@ -57,10 +58,41 @@ def _string(data: dict, field: str, limit: int) -> str:
     return value
 
 
+# Characters that are letters or symbols to Unicode yet draw nothing (Hangul fillers, the
+# blank Braille pattern): a name of only these would look empty.
+INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+# Categories refused anywhere in a nickname: Cc control (incl. C1, U+0085), Cf format
+# (zero-width space/joiners, bidi overrides U+202A-202E and isolates U+2066-2069, tags
+# U+E0000-E007F, soft hyphen U+00AD, BOM), Zl/Zp line and paragraph separators, Co
+# private use, Cs surrogates, Cn unassigned: all can hide or disguise what a name says.
+REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
+# What draws nothing on its own: combining marks, variation selectors (Mn), spaces.
+BLANK_CATEGORIES = frozenset({"Mn", "Me", "Zs"})
+
+
 def nickname(data: dict, limits: Limits) -> str:
-    user = _string(data, "user", limits.max_user).strip()
-    if any(ord(c) < 32 or ord(c) == 127 for c in user):
-        raise ChatError(400, "user contains control characters")
+    """A nickname, NFKC-normalised and stripped, that shows what it is.
+
+    NFKC folds look-alike forms (fullwidth "ａｌｉｃｅ", ligatures, superscripts) into one
+    spelling, so "ａｌｉｃｅ" *is* "alice". Refused (400), with the reason and the code
+    point: control, format, separator and unassigned characters (see REFUSED_CATEGORIES),
+    and names that would render empty (only marks, spaces and invisible letters).
+    """
+    too_long = ChatError(413, f"user is longer than {limits.max_user} characters")
+    try:
+        user = _string(data, "user", 4 * limits.max_user)  # NFKC below may shrink it
+    except ChatError as exc:
+        raise too_long if exc.status == 413 else exc from None
+    user = unicodedata.normalize("NFKC", user).strip()
+    for c in user:
+        category = unicodedata.category(c)
+        if category in REFUSED_CATEGORIES:
+            kind = "a control" if category == "Cc" else "an invisible or formatting"
+            raise ChatError(400, f"user contains {kind} character (U+{ord(c):04X})")
+    if all(c in INVISIBLE or unicodedata.category(c) in BLANK_CATEGORIES for c in user):
+        raise ChatError(400, "user would show as empty")
+    if len(user) > limits.max_user:
+        raise too_long
     return user
 
 

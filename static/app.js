@@ -263,7 +263,8 @@
   }
 
   // ---- presence and typing ----------------------------------------------------
-  function renderPresence(users) {
+  // The server sends at most Limits.presence_names names, and `count`: how many there are.
+  function renderPresence(users, count) {
     if (!Array.isArray(users)) return;
     const names = [...new Set(users.filter((u) => typeof u === 'string'))]
       .sort((a, b) => a.localeCompare(b));
@@ -273,7 +274,8 @@
       if (name === state.nick) li.className = 'me'; // "(you)" is added by CSS
       return li;
     }));
-    els.presenceCount.textContent = `(${names.length})`;
+    const total = Number.isInteger(count) && count > names.length ? count : names.length;
+    els.presenceCount.textContent = `(${total})`;
   }
 
   function onTyping(user) {
@@ -302,7 +304,7 @@
   async function refreshPresence(conn) {
     try {
       const data = await getJson('api/presence', 10000);
-      if (!conn.closed) renderPresence(data.users);
+      if (!conn.closed) renderPresence(data.users, data.count);
     } catch { /* presence is decoration; the next refresh will try again */ }
   }
 
@@ -437,7 +439,7 @@
       try { frame = JSON.parse(event.data); } catch { return; }
       switch (frame && frame.type) {
         case 'message': handleMessage(frame); break;
-        case 'presence': renderPresence(frame.users); break;
+        case 'presence': renderPresence(frame.users, frame.count); break;
         case 'typing': onTyping(frame.user); break;
         case 'reset': resetLog(); break;
         case 'ack': acknowledged(frame); break;
@@ -492,7 +494,7 @@
       handler(data);
     });
     on('message', handleMessage);
-    on('presence', (data) => renderPresence(data.users));
+    on('presence', (data) => renderPresence(data.users, data.count));
     on('typing', (data) => onTyping(data.user));
     es.addEventListener('reset', () => { if (!conn.closed) resetLog(); });
 

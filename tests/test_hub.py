@@ -301,20 +301,21 @@ async def test_presence_changes_are_broadcast_once(hub):
     watcher = hub.subscribe("ws", "")
     sse_watcher = hub.subscribe("sse", "")
     ada = hub.subscribe("ws", "ada")
-    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada"]}]
+    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada"], "count": 1}]
     [(_, payload)] = await drain(sse_watcher)
     assert sse_fields(payload)["event"] == "presence"
-    assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"]}
+    assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"], "count": 1}
     again = hub.subscribe("sse", "ada")  # same set of users: nothing to tell
     assert await drain(watcher) == []
     hub.touch("bob")
-    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada", "bob"]}]
+    assert ws_events(await drain(watcher)) == [
+        {"type": "presence", "users": ["ada", "bob"], "count": 2}]
     hub.touch("bob")  # already present
     assert await drain(watcher) == []
     hub.unsubscribe(ada)
     assert await drain(watcher) == []  # ada is still connected over SSE
     hub.unsubscribe(again)
-    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["bob"]}]
+    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["bob"], "count": 1}]
 
 
 async def test_polling_users_expire_after_the_ttl():
@@ -329,7 +330,7 @@ async def test_polling_users_expire_after_the_ttl():
             await asyncio.sleep(0.01)
     assert hub.presence() == ["ada"]  # push users never expire while connected
     hub.presence_changed()  # what the server's sweeper calls
-    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada"]}]
+    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada"], "count": 1}]
     hub.touch("carol")  # back again
     assert hub.presence() == ["ada", "carol"]
 
@@ -345,22 +346,24 @@ async def test_close_closes_every_outbox_with_1001(hub):
 async def test_presence_broadcasts_are_coalesced_when_many_join_at_once():
     hub = Hub(MemoryLog(), Limits(presence_interval=0.2))
     watcher = hub.subscribe("ws", "watcher")
-    assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["watcher"]}]
+    assert ws_events(await drain(watcher)) == [
+        {"type": "presence", "users": ["watcher"], "count": 1}]
     joined = [hub.subscribe("ws", f"user{i:03}") for i in range(300)]
     assert await drain(watcher) == []  # within the interval: told together, later
     async with asyncio.timeout(5):
         events = ws_events(await watcher.get())
     everyone = sorted(["watcher"] + [f"user{i:03}" for i in range(300)])
-    assert events == [{"type": "presence", "users": everyone}]
+    # The first presence_names (100) of them, and how many there are.
+    assert events == [{"type": "presence", "users": everyone[:100], "count": 301}]
     # Each newcomer got that one list, not up to 300 of them.
     for outbox in joined:
-        assert ws_events(await drain(outbox)) == [{"type": "presence", "users": everyone}]
+        assert ws_events(await drain(outbox)) == events
 
 
 async def test_a_second_tab_of_a_present_user_is_told_who_is_here(hub):
     first = hub.subscribe("ws", "ada")
-    assert ws_events(await drain(first)) == [{"type": "presence", "users": ["ada"]}]
+    assert ws_events(await drain(first)) == [{"type": "presence", "users": ["ada"], "count": 1}]
     second = hub.subscribe("sse", "ada")  # nobody new: no broadcast, yet it must know
     [(_, payload)] = await drain(second)
-    assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"]}
+    assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"], "count": 1}
     assert await drain(first) == []

@@ -605,7 +605,7 @@ async def test_sse_heartbeat_and_presence_events(server, http, make_client):
             await make_client("ws", server, "ada")
             events = await read_sse(response, lambda evs: any(
                 e == "presence" and "ada" in d["users"] for e, _, d in evs))
-    assert ("presence", "", {"users": ["ada", "sam"]}) in events
+    assert ("presence", "", {"users": ["ada", "sam"], "count": 2}) in events
 
 
 @pytest.mark.parametrize("query", ["after=abc", "after=1.5", "user=", "user=%00"])
