@@ -197,7 +197,8 @@ async def events(request: Request) -> Response:
     user = optional_user(request.query_params, hub.limits)
     start, reset = await hub.resolve_cursor(after)
     outbox = hub.subscribe("sse", user)
-    reset_when_stuck(request.scope, outbox, hub.limits)
+    stuck: StuckWatch = request.app.state.stuck
+    stuck.watch(request.scope, outbox)
 
     async def stream():
         try:
@@ -205,6 +206,7 @@ async def events(request: Request) -> Response:
             async for batch in hub.push(outbox, start, reset, hub.limits.heartbeat):
                 yield "".join(batch) if batch else wire.SSE_PING
         finally:
+            stuck.forget(outbox)
             hub.unsubscribe(outbox)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -234,7 +236,8 @@ async def websocket(ws: WebSocket) -> None:
         return
     start, reset = await hub.resolve_cursor(after)
     outbox = hub.subscribe("ws", user)
-    reset_when_stuck(ws.scope, outbox, limits)
+    stuck: StuckWatch = ws.app.state.stuck
+    stuck.watch(ws.scope, outbox)
     writer = asyncio.create_task(write_frames(ws, hub, outbox, start, reset))
     writer.add_done_callback(partial(writer_done, ws))
     budget: SendBudget = ws.app.state.budget
@@ -249,6 +252,7 @@ async def websocket(ws: WebSocket) -> None:
             except ChatError as exc:
                 outbox.put(0, wire.ws_event("error", {"error": exc.error}))
     finally:
+        stuck.forget(outbox)
         hub.unsubscribe(outbox)
         writer.cancel()
 
@@ -335,12 +339,14 @@ def writer_done(ws: WebSocket, writer: asyncio.Task) -> None:
 # -- a client that never reads ----------------------------------------------------------
 
 
-def transport_of(scope) -> asyncio.Transport | None:
+def transport_of(scope) -> asyncio.WriteTransport | None:
     """The TCP connection under an ASGI connection (uvicorn's ``send`` is a bound method
-    of its protocol, for WebSockets, or of the request's cycle, for HTTP; both keep it)."""
+    of its protocol, for WebSockets, or of the request's cycle, for HTTP; both keep it;
+    for HTTP it may be chatlib.protocols' LingeringTransport, which passes these on)."""
     owner = getattr(scope.get(RAW_SEND), "__self__", None)
     transport = getattr(owner, "transport", None)
-    return transport if isinstance(transport, asyncio.WriteTransport) else None
+    needed = ("abort", "get_write_buffer_size", "get_extra_info")
+    return transport if all(hasattr(transport, name) for name in needed) else None
 
 
 def unsent_bytes(transport: asyncio.WriteTransport) -> int:
@@ -363,26 +369,84 @@ def reset_connection(transport: asyncio.WriteTransport) -> None:
     transport.abort()
 
 
-def reset_when_stuck(scope, outbox: Outbox, limits: Limits) -> None:
-    """When the hub gives up on this client (its outbox overflowed: 1013), the transport
-    closes as usual (a 1013 close frame; the end of the SSE stream) if the client reads
-    them; if bytes are still unsent ``limits.stuck_timeout`` s later, it never will, and the
-    connection is reset."""
-    transport = transport_of(scope)
-    if transport is None:
-        return
+def bytes_acked(transport: asyncio.WriteTransport) -> int | None:
+    """How many bytes the peer has acknowledged so far (Linux TCP_INFO), if known."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.fileno() < 0 or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except OSError:
+        return None
+    # struct tcp_info: tcpi_bytes_acked is the u64 at offset 120 (Linux >= 4.1).
+    return struct.unpack_from("Q", info, 120)[0] if len(info) >= 128 else None
 
-    def check() -> None:
-        if unsent_bytes(transport):
-            log.info("resetting a connection that stopped reading (%s)",
-                     transport.get_extra_info("peername"))
-            reset_connection(transport)
 
-    def closed(code: int) -> None:
+class StuckWatch:
+    """Finds push clients that stopped reading, and resets their connections.
+
+    A client is stuck when bytes wait for it in asyncio's buffer (so the kernel's send
+    buffer is full too) and it acknowledged nothing for ``limits.stuck_timeout`` seconds.
+    A slow client that reads, however slowly, makes progress and is left alone. The kernel
+    may hold megabytes for a peer with a shut window, so this can happen long before the
+    client's outbox overflows (1013). One sweep for all clients, a few times per timeout;
+    only connections with unsent bytes cost a system call.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._watched: dict[Outbox, list] = {}  # outbox -> [transport, acked, since]
+        self._sweeper: asyncio.Task | None = None
+
+    def watch(self, scope, outbox: Outbox) -> None:
+        transport = transport_of(scope)
+        if transport is None:
+            return
+        self._watched[outbox] = [transport, None, 0.0]
+        outbox.on_close = partial(self._closed, transport)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.ensure_future(self._sweep())
+
+    def forget(self, outbox: Outbox) -> None:
+        self._watched.pop(outbox, None)
+        if not self._watched and self._sweeper is not None:
+            self._sweeper.cancel()  # nobody to watch: no task left behind at shutdown
+            self._sweeper = None
+
+    def _closed(self, transport: asyncio.WriteTransport, code: int) -> None:
+        """The hub gave up on this client (1013): the close frame (or the end of the SSE
+        stream) is on its way; if the client does not read it either, reset."""
         if code == TRY_AGAIN_LATER:
-            asyncio.get_running_loop().call_later(limits.stuck_timeout, check)
+            asyncio.get_running_loop().call_later(self.limits.stuck_timeout, self._check,
+                                                  transport)
 
-    outbox.on_close = closed
+    def _check(self, transport: asyncio.WriteTransport) -> None:
+        if unsent_bytes(transport):
+            self._reset(transport)
+
+    def _reset(self, transport: asyncio.WriteTransport) -> None:
+        log.info("resetting a connection that stopped reading (%s)",
+                 transport.get_extra_info("peername"))
+        reset_connection(transport)
+
+    async def _sweep(self) -> None:
+        interval = max(self.limits.stuck_timeout / 4, 0.05)
+        loop = asyncio.get_running_loop()
+        while self._watched:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for outbox, entry in list(self._watched.items()):
+                transport, acked, since = entry
+                if not transport.get_write_buffer_size():
+                    entry[1] = None  # nothing waits for it: not stuck
+                    continue
+                now_acked = bytes_acked(transport)
+                if acked is None or now_acked != acked:
+                    entry[1:] = [now_acked if now_acked is not None else -1, now]
+                elif now - since >= self.limits.stuck_timeout:
+                    self._watched.pop(outbox, None)
+                    outbox.close(TRY_AGAIN_LATER)
+                    self._reset(transport)
 
 
 # -- the application --------------------------------------------------------------------
@@ -440,4 +504,5 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
     )
     app.state.hub = hub
     app.state.budget = SendBudget(hub.limits)
+    app.state.stuck = StuckWatch(hub.limits)
     return app
