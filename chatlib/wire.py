@@ -1,10 +1,11 @@
 """The wire format, in one place: how each transport frames an event, and how to read it back.
 
 Every event is a JSON object. A message is ``{"id", "ts", "user", "text"}``; other events are
-``presence`` ``{"users": [...]}``, ``typing`` ``{"user": ...}``, ``error`` ``{"error": ...}``
-and ``reset`` ``{}`` (the server's log was replaced: start over from id 0). A message sent
-with a ``client_id`` carries it; the WebSocket sender of one gets ``ack``, the stored
-message (``{"type": "ack", "id", "ts", "user", "text", "client_id"}``), on its connection only.
+``presence`` ``{"users": [...], "count": N}`` (at most ``Limits.presence_names`` names),
+``typing`` ``{"user": ...}``, ``error`` ``{"error": ...}`` and ``reset`` ``{}`` (the
+server's log was replaced: start over from id 0). A message sent with a ``client_id``
+carries it; the WebSocket sender of one gets ``ack``, the stored message
+(``{"type": "ack", "id", "ts", "user", "text", "client_id"}``), on its connection only.
 
 * WebSocket: one text frame per event, ``{"type": EVENT, ...data}``.
 * SSE: ``event: EVENT`` and ``data: JSON`` lines (messages also carry ``id: N``, which a
