@@ -333,7 +333,17 @@ def writer_done(ws: WebSocket, writer: asyncio.Task) -> None:
         return
     log.error("WebSocket writer failed", exc_info=writer.exception())
     close = asyncio.ensure_future(ws.close(INTERNAL_ERROR))
-    close.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved
+    _closing.add(close)  # the loop keeps only a weak reference to a task: keep it till done
+    close.add_done_callback(_closed)
+
+
+_closing: set[asyncio.Task] = set()
+
+
+def _closed(task: asyncio.Task) -> None:
+    _closing.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a client already gone is no news
 
 
 # -- a client that never reads ----------------------------------------------------------

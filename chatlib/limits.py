@@ -44,9 +44,10 @@ class Limits:
     max_queue: int = 1024
     """Frames waiting for one slow client before it is closed (1013) to protect the others."""
     stuck_timeout: float = 10.0
-    """Seconds after that close (1013, or the end of an SSE stream) by which the client must
-    have read what was sent; if bytes are still unsent then, its connection is reset, so that
-    a client that never reads costs nothing (no socket, no kernel buffer) after this long."""
+    """Seconds a push client may go without acknowledging a byte while bytes wait for it
+    (and, after a 1013 close or the end of its SSE stream, to read them) before its
+    connection is reset: a client that never reads costs nothing (no socket, no kernel
+    buffer) after about this long (app.StuckWatch)."""
     max_wait: float = 25.0
     """Longest a long poll hangs (seconds); below common proxy idle timeouts."""
     history: int = 500
