@@ -14,7 +14,6 @@ import os
 import socket
 import time
 
-import pytest
 from torturekit import percentile, ws_open
 from wscases import text as text_frame
 
@@ -26,7 +25,8 @@ STUCK_BOUND = getattr(Limits(), "stuck_timeout", 10.0)
 """Seconds after its outbox overflows within which a stuck client must be gone: "1013, or
 the connection aborted, within ~10 s" (issue 6, defect 3; ``Limits.stuck_timeout``)."""
 MARGIN = 15.0
-"""Slack on a loaded 2-core CI machine; the figure printed is the measured time."""
+"""One sweep of the server's stuck-client check (a quarter of ``stuck_timeout``) plus slack
+for a loaded 2-core CI machine; the figure printed is the measured time."""
 LIVE_STATES = {"01", "04", "06", "08", "09", "0B"}
 """/proc/net/tcp states that still hold the connection: ESTABLISHED, FIN_WAIT1, (TIME_WAIT
 is the kernel's, not the server's), CLOSE_WAIT, LAST_ACK, CLOSING."""
@@ -67,7 +67,6 @@ async def stuck_client(port: int, name: str) -> socket.socket:
     return sock
 
 
-@pytest.mark.xfail(reason="issue 6 defect 3: not fixed yet", strict=False)
 async def test_stuck_clients_are_dropped(spawn, bystander, figures):
     server = await spawn(limits={"rate": 1e9, "burst": 10**9})
     socks = [await stuck_client(server.port, f"stuck{i}") for i in range(STUCK)]
