@@ -172,6 +172,10 @@ function render({ model, el: root }) {
       const item = el('span', name === me ? 'chatlib-person chatlib-me' : 'chatlib-person', name);
       return item;
     });
+    if (model.get('state') !== 'connected' && !names.length) {  // unknown until back
+      presence.replaceChildren(el('span', 'chatlib-label', 'Here: not known while disconnected'));
+      return;
+    }
     presence.replaceChildren(el('span', 'chatlib-label', `Here (${names.length}): `));
     items.forEach((item, i) => presence.append(...(i ? [', ', item] : [item])));
   }
@@ -359,7 +363,7 @@ function render({ model, el: root }) {
   model.send({ type: 'hello' });
 
   // ---- wiring -------------------------------------------------------------------------
-  on('change:state', drawStatus);
+  on('change:state', () => { drawStatus(); drawPresence(); });
   on('change:error', drawStatus);
   on('change:retry_at', drawStatus);
   on('change:presence', drawPresence);
