@@ -118,6 +118,7 @@ class Hub:
         self._published = 0  # every message up to this id has been fanned out
         self._publishing = asyncio.Lock()
         self._follower: asyncio.Task | None = None
+        self._pushed = False  # the log tells us about every message (RedisLog.follow)
         self.closing = asyncio.Event()
         # Set by a log that follows other server processes (RedisLog.follow):
         self.elsewhere: frozenset[str] = frozenset()  # users connected to other processes
@@ -133,6 +134,7 @@ class Hub:
         self._published = await self.log.last_id()
         if hasattr(self.log, "follow"):  # the log pushes what other processes write
             self._follower = asyncio.ensure_future(self.log.follow(self))
+            self._pushed = True
         elif getattr(self.log, "poll_interval", None):
             self._follower = asyncio.ensure_future(self._follow(self.log.poll_interval))
 
@@ -146,8 +148,10 @@ class Hub:
         ``(original, True)`` (see :meth:`MessageLog.append`).
         """
         message, duplicate = await self.log.append(user, text, client_id)
-        if not duplicate:
+        if not duplicate and not self._pushed:
             await self.catch_up()
+        # A log that pushes (RedisLog.follow) delivers this one too, in order, in batches:
+        # a burst of posts costs one read and one wake-up per client per batch.
         return message, duplicate
 
     async def catch_up(self) -> None:
