@@ -128,11 +128,11 @@ async def test_a_killed_process_clients_resume_on_another(redis_server, make_cli
 
 async def test_a_slow_redis_does_not_stall_the_server(redis_server, start_chat, make_log,
                                                       make_client):
-    # Every byte to and from this server's Redis is delayed 0.5 s: an append takes about
-    # two round trips (the script, then the read that fans it out), about 2 s.
-    proxy = await netem.start(f"127.0.0.1:{redis_server.port}", delay=0.5)
+    # Every byte to and from this server's Redis is delayed 1 s: an append (one script
+    # call) takes a round trip, 2 s, while everything else takes milliseconds.
+    proxy = await netem.start(f"127.0.0.1:{redis_server.port}", delay=1.0)
     try:
-        slow = await start_chat(log=make_log(f"redis://127.0.0.1:{proxy.port}/0"))
+        slow = await start_chat(log=make_log(f"redis://127.0.0.1:{proxy.port}/0", timeout=15))
         fast = await start_chat(log=make_log())
         ada = await make_client("ws", fast, "ada")
         bob = await make_client("ws", slow, "bob")
