@@ -147,6 +147,26 @@ class RedisProcess(ChildProcess):
                 "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no",
                 "--logfile", str(self.directory / "redis.log")]
 
+    async def start(self, timeout: float = 20.0) -> RedisProcess:
+        await super().start(timeout)
+        # Redis accepts connections while it still loads its append-only file, answering
+        # "-LOADING" until done: ready means PING answers PONG.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:  # bounded by the deadline
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                try:
+                    writer.write(b"PING\r\n")
+                    if (await asyncio.wait_for(reader.readline(), 5)).startswith(b"+PONG"):
+                        return self
+                finally:
+                    writer.close()
+            if loop.time() > deadline:
+                self.kill()
+                raise TimeoutError(f"redis-server on port {self.port} not ready")
+            await asyncio.sleep(0.02)
+
     async def restart(self) -> None:
         await self.stop()
         await self.start()
