@@ -269,7 +269,7 @@ async def test_start_cell_returns_and_server_serves_while_idle(kernel, started):
         body = (await http.get(base + "api/messages")).json()
         assert body["messages"] == [] and body["last_id"] == 0
         presence = await http.get(base + "api/presence")
-        assert presence.status_code == 200 and presence.json() == {"users": []}
+        assert presence.status_code == 200 and presence.json() == {"users": [], "count": 0}
 
 
 # -- chat -------------------------------------------------------------------------------

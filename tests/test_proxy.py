@@ -209,7 +209,7 @@ async def test_page_and_assets_through_proxy(jupyter, server, http):
         assert response.content == (Path(__file__).parent.parent / asset).read_bytes()
     assert (await http.get(url + "static/../chatlib/app.py")).status_code == 404
     presence = await http.get(url + "api/presence")
-    assert presence.status_code == 200 and presence.json() == {"users": []}
+    assert presence.status_code == 200 and presence.json() == {"users": [], "count": 0}
 
 
 # -- Python clients -----------------------------------------------------------------------
