@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("0[1-8]-*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]-*.ipynb"))
 LOCAL_URL = re.compile(r"(?:https?|wss?)://(?:127\.0\.0\.1|localhost|\[::1\]):\d+")
 
 
@@ -25,8 +25,8 @@ def source(cell: dict) -> str:
     return "".join(cell["source"])
 
 
-def test_there_are_eight_chapters():
-    assert len(NOTEBOOKS) == 8, NOTEBOOKS
+def test_there_are_ten_chapters():
+    assert len(NOTEBOOKS) == 10, NOTEBOOKS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -55,3 +55,20 @@ def test_run_all_leaves_the_chat_running(path):
     for i, cell in enumerate(code[:-1]):
         assert "stop_server()" not in cell and "server.stop()" not in cell, (
             f"code cell {i} stops the server: Run All must end with a live chat")
+
+
+def chapter_time(path: Path) -> int:
+    return int(re.search(r"\*About (\d+) minutes\.", source(load(path)["cells"][0])).group(1))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_course_tables_list_the_chapter_with_its_time(path):
+    # README's course table and 01's overview must not forget a chapter or disagree on its time.
+    number, minutes = int(path.name[:2]), chapter_time(path)
+    readme = (path.parent.parent / "README.md").read_text(encoding="utf-8")
+    overview = source(load(path.parent / "01-event-loop.ipynb")["cells"][0])
+    for name, table in (("README.md", readme), ("01's overview", overview)):
+        row = re.search(rf"^\| {number} \|.*\| (\d+) min \|$", table, re.MULTILINE)
+        assert row, f"{name} has no row for chapter {number}"
+        assert int(row.group(1)) == minutes, (
+            f"{name} says {row.group(1)} min, the chapter {minutes}")
