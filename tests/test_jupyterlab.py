@@ -659,6 +659,9 @@ async def test_panel_as_a_chat_window(jupyter_lab):
                                "'apputils:change-theme', {theme: 'JupyterLab Dark'})")
             await lab.wait_for_function("document.body.dataset.jpThemeLight === 'false'",
                                         timeout=UI_MS)
+            # Changing the theme shows JupyterLab's splash (the Jupyter logo) over the page
+            # while the new theme loads; the screenshot is of the panel, not of the splash.
+            await lab.wait_for_selector("#jupyterlab-splash", state="detached", timeout=UI_MS)
             colours = await panel.evaluate(
                 "(el) => [getComputedStyle(el).backgroundColor, getComputedStyle(el).color]")
             report.append(f"dark theme panel background/text: {colours}")
