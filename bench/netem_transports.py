@@ -25,46 +25,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
+from netem_overhead import free_port, start, stop  # one way to run a chatlib process
 
 from chatlib import LongPollClient, PollingClient, SSEClient, WebSocketClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENTS = {"poll": PollingClient, "longpoll": LongPollClient, "sse": SSEClient,
            "ws": WebSocketClient}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args: list[str], ready: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "chatlib", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if ready not in line:
-        proc.kill()
-        raise RuntimeError(f"{args[0]} did not start: {line!r}")
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 class Bench:
