@@ -11,3 +11,14 @@ async def shut_down(things, method: str, timeout: float) -> None:
     for thing in reversed(things):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(getattr(thing, method)(), timeout)
+
+
+async def end_process(process: asyncio.subprocess.Process, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` s; always reaped."""
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import end_process
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
@@ -308,13 +309,7 @@ async def served(tmp_path):
         yield start
     finally:
         for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+            await end_process(process)
 
 
 async def post_1mb_then_read(port: int) -> bool:

@@ -288,6 +288,17 @@ async def kernel_idle(page) -> None:
         "?.kernel?.status === 'idle'", timeout=KERNEL_IDLE_MS)
 
 
+async def run_all_cells(lab) -> None:
+    """Run every cell of the open notebook (bounded by RUN_ALL_S); no cell may show an error."""
+    ok = await lab.evaluate(
+        """(ms) => Promise.race([
+            window.jupyterapp.commands.execute('notebook:run-all-cells'),
+            new Promise((resolve) => setTimeout(() => resolve('timeout'), ms)),
+        ])""", RUN_ALL_S * 1000)
+    errors = await lab.evaluate(ERROR_OUTPUTS_JS)
+    assert ok is True and not errors, f"run all cells: {ok!r}, errors: {errors}"
+
+
 async def shown_in_log(message) -> bool:
     """Is the message drawn inside the log's box (not scrolled away, not spilling out)?"""
     return await message.evaluate(
@@ -313,13 +324,7 @@ async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
             await lab.evaluate(
                 "() => window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')")
             await expect(lab.locator(".chatlib-panel")).to_have_count(0)
-            ok = await lab.evaluate(
-                """(ms) => Promise.race([
-                    window.jupyterapp.commands.execute('notebook:run-all-cells'),
-                    new Promise((resolve) => setTimeout(() => resolve('timeout'), ms)),
-                ])""", RUN_ALL_S * 1000)
-            errors = await lab.evaluate(ERROR_OUTPUTS_JS)
-            assert ok is True and not errors, f"run all cells: {ok!r}, errors: {errors}"
+            await run_all_cells(lab)
             await kernel_idle(lab)
             jupyter_lab["remember_children"]()
 
@@ -490,13 +495,7 @@ async def test_panel_as_a_chat_window(jupyter_lab):
             await lab.goto(base + "lab/tree/" + PANEL_NOTEBOOK)
             await kernel_idle(lab)
             jupyter_lab["remember_children"]()
-            ok = await lab.evaluate(
-                """(ms) => Promise.race([
-                    window.jupyterapp.commands.execute('notebook:run-all-cells'),
-                    new Promise((resolve) => setTimeout(() => resolve('timeout'), ms)),
-                ])""", RUN_ALL_S * 1000)
-            errors = await lab.evaluate(ERROR_OUTPUTS_JS)
-            assert ok is True and not errors, f"run all cells: {ok!r}, errors: {errors}"
+            await run_all_cells(lab)
             await kernel_idle(lab)
             jupyter_lab["remember_children"]()
 

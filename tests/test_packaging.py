@@ -10,7 +10,6 @@ fetches the page and its assets.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import os
 import subprocess
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import end_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_IMPORTS = ("starlette", "uvicorn", "websockets")  # what `chatlib serve` imports
@@ -83,10 +83,4 @@ async def test_installed_wheel_serves_the_chat_page(venv, tmp_path):
                 assert response.status_code == 200, asset
                 assert response.content == (ROOT / asset).read_bytes()
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 10)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await end_process(process)
