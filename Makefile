@@ -64,7 +64,12 @@ notebooks: setup
 	    --ExecutePreprocessor.record_timing=False "$$nb" || exit 1; \
 	  ../$(BIN)/python clean_outputs.py "$$nb" || exit 1; done
 
+# The fan-out tables' third row, a Node.js `ws` server (bench/node/), needs node and npm:
+# npm ci installs the locked `ws`; without them fanout.py says so and skips that row.
 bench: setup
+	@if command -v node >/dev/null && command -v npm >/dev/null; then \
+	  npm ci --prefix bench/node --no-audit --no-fund --loglevel=error; \
+	else echo "node/npm not found: the Node.js ws reference row of the fan-out tables is skipped"; fi
 	$(BIN)/python bench/fanout.py
 
 clean:

@@ -6,10 +6,14 @@ the server by PID. Sections (see bench/README.md for the method and the results)
 
 * ``ws-burst``   WebSocket fan-out, N=100 (M=1000) and N=1000 (M=100), chatlib vs a raw
                  ``websockets`` broadcast server, alternating runs (A B A B ...), medians;
+                 a third row, "reference: Node.js ws" (bench/node/server.js), when Node.js
+                 and ``npm ci --prefix bench/node`` are there (``make bench`` runs it);
 * ``ws-closed``  the same, closed loop (next message once everyone got the previous one);
 * ``http``       long-poll and SSE fan-out at N=100 (chatlib only; a WebSocket run in between);
 * ``rss``        server memory with 1000 WebSocket clients, with and without permessage-deflate;
-* ``join``       1000 clients with distinct nicknames: the cost of presence broadcasts.
+* ``join-storm`` 1000 clients with distinct nicknames connecting within one second (paced,
+                 bench/join_storm.py): failures, time to the first history frame, presence
+                 frames per client, server CPU and RSS; the two baselines beside it.
 
 chatlib is started with ``--rate 1000000 --burst 1000000``: its default limit (5 messages/s per
 client, bursts of 20) would throttle the one benchmark sender. Everything else is the default
@@ -33,6 +37,7 @@ import json
 import os
 import platform
 import selectors
+import shutil
 import signal
 import socket
 import statistics
@@ -45,8 +50,19 @@ ROOT = os.path.dirname(BENCH)
 PY = sys.executable
 RATE_ARGS = ["--rate", "1000000", "--burst", "1000000"]
 LABEL = {"chatlib": "chatlib (Starlette + uvicorn websockets-sansio)",
-         "baseline": "baseline: raw websockets + broadcast()"}
-SECTIONS = ["ws-burst", "ws-closed", "http", "rss", "join"]
+         "baseline": "baseline: raw websockets + broadcast()",
+         "node": "reference: Node.js ws"}
+SECTIONS = ["ws-burst", "ws-closed", "http", "rss", "join-storm"]
+NODE_SERVER = os.path.join(BENCH, "node", "server.js")
+
+
+def node_missing() -> str:
+    """Why the Node.js ``ws`` reference can't run here ("" if it can)."""
+    if not shutil.which("node"):
+        return "node is not installed"
+    if not os.path.isfile(os.path.join(BENCH, "node", "node_modules", "ws", "package.json")):
+        return "bench/node/node_modules/ws is missing (make bench runs npm ci --prefix bench/node)"
+    return ""
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -80,6 +96,8 @@ def start_server(stack: str, port: int, compression: bool) -> subprocess.Popen:
     if stack == "chatlib":
         cmd = [PY, "-m", "chatlib", "serve", "--port", str(port), *RATE_ARGS]
         cmd += ["--compression"] if compression else []
+    elif stack == "node":
+        cmd = ["node", NODE_SERVER, str(port)]
     else:
         cmd = [PY, os.path.join(BENCH, "baseline_server.py"), str(port)]
     proc = subprocess.Popen(taskset(0) + cmd, cwd=ROOT, stdout=subprocess.PIPE,
@@ -146,9 +164,11 @@ def plan(section: str, quick: bool, reps: int | None) -> list[dict]:
         mode = section.split("-")[1]
         configs = [(100, 1000), (1000, 100)] if mode == "burst" else [(100, 200), (1000, 50)]
         k = reps or (3 if quick else 9 if mode == "burst" else 5)
+        stacks = ["chatlib", "baseline"] + ([] if NODE_MISSING else ["node"])
         for n, m in configs:
             for rep in range(k):
-                order = ["chatlib", "baseline"] if rep % 2 == 0 else ["baseline", "chatlib"]
+                # Each stack goes first in turn (A B C, B C A, C A B; with two: A B, B A).
+                order = stacks[rep % len(stacks):] + stacks[:rep % len(stacks)]
                 for stack in order:
                     runs.append(dict(section=section, stack=stack, rep=rep, compression=False,
                                      load=["load_client.py", "-n", str(n), "-m", str(m),
@@ -171,13 +191,14 @@ def plan(section: str, quick: bool, reps: int | None) -> list[dict]:
                                      load=["load_client.py", "-n", "1000", "-m", "20",
                                            "--compression",
                                            "deflate" if compression else "none"]))
-    elif section == "join":
-        k = reps or 1
+    elif section == "join-storm":
+        k = reps or (1 if quick else 5)
+        stacks = ["chatlib", "baseline"] + ([] if NODE_MISSING else ["node"])
         for rep in range(k):
-            for stack in ("chatlib", "baseline"):
+            for stack in stacks[rep % len(stacks):] + stacks[:rep % len(stacks)]:
+                load = ["join_storm.py", "-n", "1000", "--spacing-ms", "1", "--seed", "5"]
                 runs.append(dict(section=section, stack=stack, rep=rep, compression=False,
-                                 load=["load_client.py", "-n", "1000", "-m", "20",
-                                       "--users", "distinct"]))
+                                 load=load + (["--history"] if stack == "chatlib" else [])))
     return runs
 
 
@@ -189,6 +210,18 @@ def disturbed(r: dict, max_other: float) -> bool:
 def describe(r: dict) -> str:
     if "error" in r:
         return f"ERROR {r['error'][-400:]}"
+    if "server_cpu_us_per_join" in r:  # join-storm
+        first = r["first_history_p50_ms"]
+        return (f"connected {r['connected']}/{r['N']} open p50={r['open_p50_ms']:.1f}ms "
+                f"p99={r['open_p99_ms']:.1f}ms"
+                + (f" first history p50={first:.1f}ms p99={r['first_history_p99_ms']:.1f}ms"
+                   if first is not None else "")
+                + f" presence={r['presence_frames']:,} (max {r['presence_max_per_client']}/"
+                f"client) cpu={r['server_cpu_us_per_join']:.0f}us/join busy="
+                f"{r['server_busy_storm']:.0%} rss={r['server_VmRSS_max_kB'] / 1024:.1f}MiB "
+                f"lag p99={r['launch_lag_p99_ms']:.1f}ms other_cpu={r['other_cpu_s']:.2f}s"
+                + (f" FAILED {r['failures']}" if r["failed"] else "")
+                + (" TIMEOUT" if r.get("timed_out") else ""))
     return (f"{r['deliveries_per_s']:>9,.0f} del/s p50={r['lat_p50_ms']:.1f}ms "
             f"p99={r['lat_p99_ms']:.1f}ms cpu={r['server_cpu_us_per_delivery']:.2f}us/del "
             f"(u{r['server_utime_s']:.2f}/s{r['server_stime_s']:.2f}s) "
@@ -218,8 +251,17 @@ def environment() -> dict:
         kernel=platform.release(), python=platform.python_version(), chatlib_commit=commit,
         **{pkg: version(pkg) for pkg in
            ("websockets", "uvicorn", "starlette", "h11", "httptools", "uvloop")},
-        pinned=PIN,
+        pinned=PIN, **node_environment(),
     )
+
+
+def node_environment() -> dict:
+    """Node.js and ws versions of the reference server, or why it is skipped."""
+    if NODE_MISSING:
+        return {"node_missing": NODE_MISSING}
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(BENCH, "node", "node_modules", "ws", "package.json")) as f:
+        return {"node": node, "node_ws": json.load(f)["version"]}
 
 
 # -- tables -------------------------------------------------------------------------------
@@ -249,9 +291,11 @@ def ws_tables(results: list[dict], section: str) -> list[str]:
     for n in sorted({r["N"] for r in rows}):
         at_n = [r for r in rows if r["N"] == n]
         m = at_n[0]["M"]
-        by = {s: [r for r in at_n if r["stack"] == s] for s in ("chatlib", "baseline")}
+        by = {s: [r for r in at_n if r["stack"] == s] for s in ("chatlib", "baseline", "node")}
         if not by["baseline"] or not by["chatlib"]:
             continue
+        if not by["node"]:
+            del by["node"]
         base_dps = med([r["deliveries_per_s"] for r in by["baseline"]])
         base_cpu = med([r["server_cpu_us_per_delivery"] for r in by["baseline"]])
         out += [f"\n**{section}, N={n} clients, M={m} messages** — median of "
@@ -283,6 +327,11 @@ def ws_tables(results: list[dict], section: str) -> list[str]:
                        f"other processes during the timed phase: median "
                        f"{med([r['other_cpu_s'] for r in at_n]):.2f} s, max "
                        f"{max(r['other_cpu_s'] for r in at_n):.2f} s.")
+        node_pairs = paired(by["chatlib"], by.get("node", []))
+        if node_pairs:
+            out.append(f"Paired ratios chatlib/Node.js ws: deliveries/s "
+                       f"{spread([p[0] for p in node_pairs], '.2f')}, CPU/delivery "
+                       f"{spread([p[1] for p in node_pairs], '.2f')}.")
     return out
 
 
@@ -346,26 +395,41 @@ def rss_table(results: list[dict]) -> list[str]:
     return out
 
 
-def join_table(results: list[dict]) -> list[str]:
-    rows = [r for r in results if r.get("section") == "join" and usable(r)]
-    shared = [r for r in results if r.get("section") == "rss" and usable(r)
-              and r["compression"] == "none"]
+def join_storm_table(results: list[dict]) -> list[str]:
+    rows = [r for r in results if r.get("section") == "join-storm" and usable(r)]
     if not rows:
         return []
-    out = ["\n**join: 1000 WebSocket clients connect and say hello** — connect: all handshakes "
-           "and hellos sent; ready: every client has seen a message sent after that\n",
-           "| server | nicknames | connect s | ready s | presence frames received by clients "
-           "| server VmRSS connected MiB | VmHWM MiB |",
-           "|---|---|---:|---:|---:|---:|---:|"]
-    for users, rr_all in (("shared (`load`)", shared), ("distinct (`load1`…`load999`)", rows)):
-        for stack in ("chatlib", "baseline"):
-            rr = [r for r in rr_all if r["stack"] == stack]
-            if rr:
-                out.append(f"| {LABEL[stack]} | {users} | {med([r['connect_s'] for r in rr]):.2f} "
-                           f"| {med([r.get('ready_s') for r in rr]):.2f} "
-                           f"| {med([r['other_frames'] for r in rr]):,.0f} "
-                           f"| {mib(med([r['server_VmRSS_connected_kB'] for r in rr])):.1f} "
-                           f"| {mib(med([r['server_VmHWM_kB'] for r in rr])):.1f} |")
+    r0 = rows[0]
+    out = [f"\n**join-storm: {r0['N']} WebSocket clients, connection i starts at i × "
+           f"{r0['spacing_ms']:g} ms, each says hello as `load<i>`; chatlib's log holds "
+           f"{r0['seeded']} messages** — median of {len(rows) // len({r['stack'] for r in rows})}"
+           f" runs [min–max]; open: connect start → 101 read; first history: connect start → "
+           f"first message frame (chatlib only: the baselines keep no history)\n",
+           "| server | connected | open p50 / p99 ms | first history p50 ms | first history p99 "
+           "ms | presence frames (all clients) | presence MB | max per client | server CPU "
+           "µs/join | server busy during the storm | VmRSS max MiB | load lag p99 ms |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for stack in ("chatlib", "baseline", "node"):
+        rr = [r for r in rows if r["stack"] == stack]
+        if not rr:
+            continue
+        first = [r["first_history_p99_ms"] for r in rr if r["first_history_p99_ms"] is not None]
+        fails = sum(r["failed"] for r in rr)
+        failed = (f"; {fails} failed in {len(rr)} runs: "
+                  + "; ".join(sorted({k for r in rr for k in r["failures"]})) if fails else "")
+        out.append(
+            f"| {LABEL[stack]} | {min(r['connected'] for r in rr)}/{r0['N']} (min){failed} "
+            f"| {med([r['open_p50_ms'] for r in rr]):.1f} / "
+            f"{med([r['open_p99_ms'] for r in rr]):.1f} "
+            f"| {med([r['first_history_p50_ms'] for r in rr]):.1f} "
+            f"| {spread(first, '.1f') if first else 'nan'} "
+            f"| {med([r['presence_frames'] for r in rr]):,.0f} "
+            f"| {med([r['presence_bytes'] for r in rr]) / 1e6:.2f} "
+            f"| {max(r['presence_max_per_client'] for r in rr)} "
+            f"| {spread([r['server_cpu_us_per_join'] for r in rr], '.0f')} "
+            f"| {med([r['server_busy_storm'] for r in rr]):.0%} "
+            f"| {mib(med([r['server_VmRSS_max_kB'] for r in rr])):.1f} "
+            f"| {med([r['launch_lag_p99_ms'] for r in rr]):.1f} |")
     return out
 
 
@@ -377,9 +441,11 @@ def tables(results: list[dict], env: dict | None) -> str:
             f"Python {env['python']}, websockets {env['websockets']}, uvicorn {env['uvicorn']}, "
             f"starlette {env['starlette']}, h11 {env['h11']} (httptools {env['httptools']}, "
             f"uvloop {env['uvloop']}); chatlib {env['chatlib_commit']}; server on CPU 0, load "
-            f"on CPU 1: {env['pinned']}.")
+            f"on CPU 1: {env['pinned']}; Node.js ws reference: "
+            + (f"skipped ({env['node_missing']})." if env.get("node_missing") else
+               f"Node.js {env.get('node', '?')}, ws {env.get('node_ws', '?')}."))
     out += ws_tables(results, "ws-burst") + ws_tables(results, "ws-closed")
-    out += http_table(results) + rss_table(results) + join_table(results)
+    out += http_table(results) + rss_table(results) + join_storm_table(results)
     errors = [r for r in results if "error" in r]
     if errors:
         out.append(f"\n{len(errors)} run(s) failed: "
@@ -397,10 +463,11 @@ def tables(results: list[dict], env: dict | None) -> str:
 # -- main -----------------------------------------------------------------------------------
 
 PIN = True
+NODE_MISSING = ""  # why the Node.js ws reference is skipped ("" when it runs)
 
 
 def main() -> None:
-    global PIN
+    global PIN, NODE_MISSING
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions, no closed loop")
     p.add_argument("--sections", default=None,
@@ -428,6 +495,9 @@ def main() -> None:
         return
     PIN = not a.no_pin and os.cpu_count() >= 2 and bool(
         subprocess.run(["which", "taskset"], capture_output=True).stdout)
+    NODE_MISSING = node_missing()
+    if NODE_MISSING:
+        print(f"Node.js ws reference skipped: {NODE_MISSING}.", flush=True)
     sections = a.sections.split(",") if a.sections else (
         ["ws-burst", "http", "rss"] if a.quick else SECTIONS)
     unknown = set(sections) - set(SECTIONS)
