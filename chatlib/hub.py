@@ -5,6 +5,12 @@ that connection's own writer. Publishing never waits for a client: it appends to
 outbox and returns. A client that stops reading fills its outbox and is closed (1013,
 "try again later"); it can resume from its last id, and nobody else was slowed down.
 
+A transport may give its outbox a :attr:`Outbox.sink`: a function that writes one payload
+at once if the connection can take it. While the writer is idle (history sent, queue
+empty, nothing in flight) publishing calls the sink instead of queueing, so that a message
+costs no task wake-up per client; anything that cannot be written at once (the transport
+is paused by flow control, closing, ...) is queued and the writer takes over, in order.
+
 Pull transports (polling, long polling) need no outbox: they read the log after their
 cursor; long polls sleep on an :class:`asyncio.Event` that every publish sets.
 
@@ -38,8 +44,8 @@ class Outbox:
     it to skip messages they already sent as history.
     """
 
-    __slots__ = ("kind", "user", "limit", "closed", "close_code", "on_close", "_items",
-                 "_ready")
+    __slots__ = ("kind", "user", "limit", "closed", "close_code", "on_close", "sink",
+                 "direct", "sent", "_items", "_ready")
 
     def __init__(self, kind: str, user: str, limit: int) -> None:
         self.kind = kind
@@ -49,6 +55,14 @@ class Outbox:
         self.close_code = 0
         self.on_close: Callable[[int], None] | None = None
         """Called with the close code when the outbox closes (the transport's business)."""
+        self.sink: Callable[[str], bool] | None = None
+        """Set by the transport: writes one payload now and returns True, or returns False
+        (cannot write now: the payload is queued for the writer instead)."""
+        self.direct: Callable[[str], bool] | None = None
+        """``sink`` while the writer is idle in :meth:`get` (nothing queued, nothing in
+        flight): only then may a payload skip the queue without overtaking older ones."""
+        self.sent = 0
+        """Messages up to this id were sent as history: ``direct`` skips them (see push)."""
         self._items: deque[tuple[int, str]] = deque()
         self._ready = asyncio.Event()
 
@@ -67,13 +81,21 @@ class Outbox:
         """Everything queued (waiting up to ``timeout`` for something); [] on timeout/close."""
         if not self._items and not self.closed:
             self._ready.clear()
-            if timeout is None:  # the WebSocket writer's case: no wait_for() per wake-up
-                await self._ready.wait()
-            else:
-                try:
-                    await asyncio.wait_for(self._ready.wait(), timeout)
-                except TimeoutError:
-                    return []
+            # Idle: from now until we wake, put_all may write straight to the sink (what
+            # the caller took before has all been written: it called us again).
+            self.direct = self.sink
+            try:
+                if timeout is None:  # the WebSocket writer's case: no wait_for() per wake-up
+                    await self._ready.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(self._ready.wait(), timeout)
+                    except TimeoutError:
+                        return []
+            finally:
+                # Awake (something was queued, or closed): what we take now is in flight
+                # until the next get(), and nothing may overtake it.
+                self.direct = None
         items = list(self._items)
         self._items.clear()
         return items
@@ -84,12 +106,25 @@ def put_all(outboxes, item: tuple[int, str]) -> None:
 
     Outbox.put's body lives here, inlined into the loop, because this loop runs once per
     delivery: no method call and one shared tuple per client, 118 -> 48 ns (measured).
+
+    An idle outbox (``direct`` set: empty queue, writer asleep) with a sink that can write
+    now gets the payload written at once, skipping the queue and its writer's wake-up: one
+    message in flight (the chat's normal state) then costs no task switch per client.
+    ``direct`` is only set while the queue is empty and the writer has nothing in flight,
+    so a direct write never overtakes a queued one; a message the writer already sent as
+    history (id <= ``sent``) is queued, for the writer to skip.
     """
+    message_id, payload = item
     for outbox in outboxes:
         if outbox.closed:
             continue
         items = outbox._items
-        if len(items) >= outbox.limit:
+        if not items:
+            direct = outbox.direct
+            if (direct is not None and (not message_id or message_id > outbox.sent)
+                    and direct(payload)):
+                continue
+        elif len(items) >= outbox.limit:
             outbox.close(TRY_AGAIN_LATER)  # too slow: don't let it hold the others back
             continue
         items.append(item)
@@ -232,6 +267,7 @@ class Hub:
             yield [frame(message) for message in page]
             sent = page[-1].id
         while True:
+            outbox.sent = sent  # for put_all's direct writes: history not to send again
             items = await outbox.get(heartbeat)
             if outbox.closed:
                 return

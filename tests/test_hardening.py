@@ -177,6 +177,48 @@ async def test_a_slow_client_that_reads_in_time_gets_1013_not_a_reset(server, ht
     assert ws.close_code == 1013
 
 
+@pytest.mark.parametrize("limits", [SLOW_BUT_READING])
+async def test_live_frames_stay_in_order_through_backpressure(server, http):
+    """Live frames are written directly while a connection can take them, and queued while
+    it cannot (issue 11): a client that stops reading must not get a frame out of order,
+    twice or after a gap when it reads again, and must not hold up a client that reads."""
+    async def messages(ws, want: int | None = None) -> list[str]:
+        texts = []
+        async with asyncio.timeout(T):
+            while want is None or len(texts) < want:
+                try:
+                    frame = json.loads(await ws.recv())
+                except ConnectionClosed:
+                    break
+                if frame["type"] == "message":
+                    texts.append(frame["text"])
+        return texts
+
+    async with ws_connect(server.ws_url, max_queue=1, compression=None, max_size=None) as slow, \
+            ws_connect(server.ws_url, compression=None, max_size=None) as fast:
+        for ws, user in ((slow, "slow"), (fast, "fast")):
+            await ws.send(json.dumps({"type": "hello", "user": user}))
+        await eventually(lambda: len(server.hub._outboxes["ws"]) == 2)
+        outbox = next(o for o in server.hub._outboxes["ws"] if o.user == "slow")
+        assert (await post(http, server, "poster", "first")).status_code == 201
+        assert await messages(slow, 1) == await messages(fast, 1) == ["first"]
+        slow.transport.pause_reading()
+        sent = []
+        for i in range(300):  # until the slow client's queue overflows
+            text = f"{i}:" + "x" * BIG
+            assert (await post(http, server, "poster", text)).status_code == 201
+            sent.append(text)
+            assert await messages(fast, 1) == [text]  # not held up by the slow one
+            if outbox.closed:
+                break
+        assert outbox.closed and outbox.close_code == 1013
+        slow.transport.resume_reading()
+        got = await messages(slow)
+        assert got == sent[:len(got)], "out of order, repeated or with a gap"
+        assert len(got) > 0
+    assert slow.close_code == 1013
+
+
 # -- 6: presence --------------------------------------------------------------------------
 
 

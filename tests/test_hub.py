@@ -142,6 +142,117 @@ async def test_slow_outbox_is_closed_and_others_get_everything():
     assert [m.text for m in await hub.log.after(3)] == [str(i) for i in range(3, 20)]
 
 
+# -- direct writes (Outbox.sink) ---------------------------------------------------------
+
+
+class FakeConnection:
+    """A push client's connection as the hub sees it: ``sink`` writes at once while
+    ``writable`` (flow control), the writer's writes wait for ``gate`` (a slow socket).
+    ``wire`` is what the client receives, in order; ``direct`` the payloads the sink wrote."""
+
+    def __init__(self, hub: Hub, outbox: Outbox, cursor: int = 0) -> None:
+        self.outbox, self.wire, self.direct = outbox, [], []
+        self.writable = True
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.in_flight: list[str] = []
+        outbox.sink = self.sink
+        self.writer = asyncio.create_task(self.write(hub.push(outbox, cursor, False)))
+
+    def sink(self, payload: str) -> bool:
+        if not self.writable:
+            return False
+        self.direct.append(payload)
+        self.wire.append(payload)
+        return True
+
+    async def write(self, batches) -> None:
+        async for batch in batches:
+            self.in_flight = list(batch)
+            await self.gate.wait()
+            self.wire += batch
+            self.in_flight = []
+
+    def texts(self) -> list[str]:
+        return [json.loads(p).get("text") for p in self.wire if '"message"' in p]
+
+
+async def until(predicate) -> None:
+    """Let the writer task run until ``predicate()`` holds (bounded: 5 s)."""
+    async with asyncio.timeout(5):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+async def idle(*clients: FakeConnection) -> None:
+    """Until every writer is asleep in Outbox.get (its sink armed: nothing in flight)."""
+    await until(lambda: all(c.outbox.direct is not None and not c.outbox._items
+                            for c in clients))
+
+
+async def test_direct_writes_happen_only_while_the_writer_is_idle_and_keep_order(log):
+    hub = Hub(log, Limits(presence_interval=0, max_queue=100))
+    client = FakeConnection(hub, hub.subscribe("ws", ""))
+    await idle(client)
+    await hub.post("ada", "1")  # idle writer, writable: written at once, no wake-up
+    assert client.texts() == ["1"] and len(client.direct) == 1
+    client.writable = False  # flow control: the transport's buffer is full
+    client.gate.clear()  # ... and the writer's send will wait
+    await hub.post("ada", "2")
+    assert client.texts() == ["1"]  # queued, not written
+    await until(lambda: client.in_flight)
+    assert [json.loads(p)["text"] for p in client.in_flight] == ["2"]  # the writer has it
+    client.writable = True  # writable again while "2" is still in flight:
+    await hub.post("ada", "3")  # must not overtake it
+    await hub.post("ada", "4")
+    assert client.texts() == ["1"], "a direct write overtook a frame in flight"
+    assert len(client.direct) == 1
+    client.gate.set()
+    await idle(client)
+    assert client.texts() == ["1", "2", "3", "4"]  # the writer sent the backlog, in order
+    await hub.post("ada", "5")  # idle again: direct again
+    assert client.texts() == ["1", "2", "3", "4", "5"]
+    assert [json.loads(p)["text"] for p in client.direct] == ["1", "5"]
+    client.writer.cancel()
+
+
+async def test_direct_writes_never_repeat_what_the_history_sent(log):
+    hub = Hub(log, Limits(presence_interval=0))
+    await hub.start()
+    outbox = hub.subscribe("ws", "")
+    # Appended but not yet fanned out when the history is read (a post in progress, or
+    # another process's message): the history sends it, the fan-out must not send it again.
+    await log.append("ada", "in the log first")
+    client = FakeConnection(hub, outbox)
+    await idle(client)
+    assert client.texts() == ["in the log first"]
+    await hub.catch_up()  # now the hub fans it out: queued, for the writer to skip
+    await idle(client)
+    assert client.texts() == ["in the log first"]
+    await hub.post("ada", "after")
+    assert client.texts() == ["in the log first", "after"]
+    assert [json.loads(p)["text"] for p in client.direct] == ["after"]
+    client.writer.cancel()
+
+
+async def test_a_client_that_cannot_take_writes_still_overflows_with_1013(log):
+    hub = Hub(log, Limits(presence_interval=0, max_queue=5))
+    stuck = FakeConnection(hub, hub.subscribe("ws", ""))
+    fine = FakeConnection(hub, hub.subscribe("ws", ""))
+    await idle(stuck, fine)
+    stuck.writable = False
+    stuck.gate.clear()
+    for i in range(10):
+        await hub.post("ada", str(i))
+        await asyncio.sleep(0)  # the stuck writer may take what it can (and block)
+    assert stuck.outbox.closed and stuck.outbox.close_code == 1013
+    assert fine.texts() == [str(i) for i in range(10)]  # all written at once, in order
+    assert len(fine.direct) == len(fine.wire)
+    assert not fine.outbox.closed
+    fine.writer.cancel()
+    stuck.writer.cancel()
+
+
 async def test_typing_is_broadcast_to_both_push_transports(hub):
     ws = hub.subscribe("ws", "")
     sse = hub.subscribe("sse", "")
