@@ -9,6 +9,8 @@ the server by PID. Sections (see bench/README.md for the method and the results)
                  a third row, "reference: Node.js ws" (bench/node/server.js), when Node.js
                  and ``npm ci --prefix bench/node`` are there (``make bench`` runs it);
 * ``ws-closed``  the same, closed loop (next message once everyone got the previous one);
+* ``ws-open``    open loop: N=100 at 100 messages/s and N=1000 at 20/s for 30 s (5 s with
+                 ``--quick``), latency from each message's scheduled send time, both servers;
 * ``http``       long-poll and SSE fan-out at N=100 (chatlib only; a WebSocket run in between);
 * ``rss``        server memory with 1000 WebSocket clients, with and without permessage-deflate;
 * ``join-storm`` 1000 clients with distinct nicknames connecting within one second (paced,
@@ -52,7 +54,10 @@ RATE_ARGS = ["--rate", "1000000", "--burst", "1000000"]
 LABEL = {"chatlib": "chatlib (Starlette + uvicorn websockets-sansio)",
          "baseline": "baseline: raw websockets + broadcast()",
          "node": "reference: Node.js ws"}
-SECTIONS = ["ws-burst", "ws-closed", "http", "rss", "join-storm"]
+SECTIONS = ["ws-burst", "ws-closed", "ws-open", "http", "rss", "join-storm"]
+# ws-open: (clients, messages per second), for OPEN_SECONDS (issue 11, target 2).
+OPEN = [(100, 100), (1000, 20)]
+OPEN_SECONDS = 30
 NODE_SERVER = os.path.join(BENCH, "node", "server.js")
 
 
@@ -173,6 +178,17 @@ def plan(section: str, quick: bool, reps: int | None) -> list[dict]:
                     runs.append(dict(section=section, stack=stack, rep=rep, compression=False,
                                      load=["load_client.py", "-n", str(n), "-m", str(m),
                                            "--mode", mode]))
+    elif section == "ws-open":
+        seconds = 5 if quick else OPEN_SECONDS
+        k = reps or (1 if quick else 3)
+        for n, rate in OPEN:
+            for rep in range(k):
+                order = ["chatlib", "baseline"] if rep % 2 == 0 else ["baseline", "chatlib"]
+                for stack in order:
+                    runs.append(dict(section=section, stack=stack, rep=rep, compression=False,
+                                     load=["load_client.py", "-n", str(n), "-m",
+                                           str(rate * seconds), "--mode", "open",
+                                           "--rate", str(rate)]))
     elif section == "http":
         k = reps or (1 if quick else 5)
         for rep in range(k):
@@ -342,6 +358,44 @@ def paired(a: list[dict], b: list[dict]) -> list[tuple[float, float]]:
             for r in a if r["rep"] in by_rep]
 
 
+def open_tables(results: list[dict]) -> list[str]:
+    """ws-open: latency percentiles at a fixed send rate, chatlib beside the baseline."""
+    out = []
+    rows = [r for r in results if r.get("section") == "ws-open" and usable(r)]
+    for n in sorted({r["N"] for r in rows}):
+        at_n = [r for r in rows if r["N"] == n]
+        by = {s: [r for r in at_n if r["stack"] == s] for s in ("chatlib", "baseline")}
+        if not by["baseline"] or not by["chatlib"]:
+            continue
+        r0 = at_n[0]
+        base_cpu = med([r["server_cpu_us_per_delivery"] for r in by["baseline"]])
+        out += [f"\n**ws-open, N={n} clients, {r0['rate']:g} messages/s for "
+                f"{r0['M'] / r0['rate']:g} s** (open loop: latency from each message's "
+                f"scheduled send time) — median of {len(by['chatlib'])}/{len(by['baseline'])} "
+                f"runs [min–max]\n",
+                "| server | p50 ms | p99 ms | p99.9 ms | max ms | server CPU µs/delivery "
+                "(user+sys) | × baseline | sender late p99 ms | all delivered |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for stack, rr in by.items():
+            cpu = [r["server_cpu_us_per_delivery"] for r in rr]
+            ok = all(r["delivered"] == r["expected"] and not r.get("early_closes") for r in rr)
+            out.append(
+                f"| {LABEL[stack]} | {med([r['lat_p50_ms'] for r in rr]):.2f} "
+                f"| {spread([r['lat_p99_ms'] for r in rr], '.2f')} "
+                f"| {med([r['lat_p999_ms'] for r in rr]):.2f} "
+                f"| {med([r['lat_max_ms'] for r in rr]):.1f} "
+                f"| {spread(cpu, '.2f')} ({med([r['server_user_us_per_delivery'] for r in rr]):.1f}"
+                f"+{med([r['server_sys_us_per_delivery'] for r in rr]):.1f}) "
+                f"| {med(cpu) / base_cpu:.2f} "
+                f"| {med([r['send_lag_p99_ms'] for r in rr]):.2f} | {ok} |")
+        pairs = paired(by["chatlib"], by["baseline"])
+        if pairs:
+            out.append(f"\nPaired CPU/delivery chatlib/baseline: "
+                       f"{spread([p[1] for p in pairs], '.2f')}. Load process busy "
+                       f"{med([r['client_busy'] for r in at_n]):.0%} (median).")
+    return out
+
+
 def http_table(results: list[dict]) -> list[str]:
     rows = [r for r in results if r.get("section") == "http" and usable(r)]
     if not rows:
@@ -445,6 +499,7 @@ def tables(results: list[dict], env: dict | None) -> str:
             + (f"skipped ({env['node_missing']})." if env.get("node_missing") else
                f"Node.js {env.get('node', '?')}, ws {env.get('node_ws', '?')}."))
     out += ws_tables(results, "ws-burst") + ws_tables(results, "ws-closed")
+    out += open_tables(results)
     out += http_table(results) + rss_table(results) + join_storm_table(results)
     errors = [r for r in results if "error" in r]
     if errors:

@@ -1,7 +1,7 @@
 """WebSocket fan-out load: N clients speaking chatlib's protocol, in a process of their own.
 
-``python bench/load_client.py --port P -n N -m M --server-pid PID [--mode burst|closed]
-[--compression none|deflate]`` prints one JSON line of results.
+``python bench/load_client.py --port P -n N -m M --server-pid PID [--mode burst|closed|open]
+[--rate R] [--compression none|deflate]`` prints one JSON line of results.
 
 Every client opens ``ws://127.0.0.1:P/ws`` and sends ``{"type": "hello", "user": ..., "after":
 <last id seen, 0 on a fresh server>}``. Client #0 is also the sender: it sends M frames
@@ -26,15 +26,22 @@ so the server has registered everyone. Then (reading /proc/PID/stat around the t
 * ``burst``: the sender sends all M back-to-back (awaiting each send): throughput, and latency
   that is mostly queueing;
 * ``closed``: message i+1 is sent only when all N clients got message i: unloaded latency.
+* ``open``: message i is due at ``t0 + i / rate`` (``--rate`` messages/s), whatever the
+  deliveries do (open loop); its timestamp is the time it was *due*, not the time it went
+  out, so a sender held up by a slow server does not hide the wait (no "coordinated
+  omission", as in wrk2/HdrHistogram). ``send_lag_*`` says how late the sends were.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
+import struct
 import time
+from functools import partial
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -44,6 +51,100 @@ PAD = "x" * 40  # frame text ~ "m 123 1234567890123456789 xxxx..." -> ~100-byte 
 
 def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))  # as chatlib does
+
+
+class RawReceiver(asyncio.Protocol):
+    """A WebSocket client reduced to what an open-loop receiver needs (RFC 6455, client side).
+
+    websockets' client costs the load process ~40 µs per frame received (its parser
+    generator, message assembly, a task wake-up); at N=1000 x 20 messages/s it is 90 %
+    busy and its own queueing, not the server, makes the tail latency. This one parses
+    the server's frames in ``data_received`` (unmasked, unfragmented text frames; pings
+    are answered, a close ends it) and hands each to ``deliver(raw, now)`` at once, so
+    that latency is the server's plus one ``json.loads``. Used for the receivers of
+    ``--mode open`` only (the sender, client #0, stays a websockets client).
+    """
+
+    def __init__(self, deliver, gone) -> None:
+        self.deliver, self.gone = deliver, gone
+        self.buffer = bytearray()
+        self.opened: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    @classmethod
+    async def connect(cls, port: int, user: str, deliver, gone) -> RawReceiver:
+        loop = asyncio.get_running_loop()
+        _, self = await loop.create_connection(lambda: cls(deliver, gone), "127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.transport.write(
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        await asyncio.wait_for(self.opened, 30)
+        self.send(0x1, dumps({"type": "hello", "user": user, "after": 0}).encode())
+        return self
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def send(self, opcode: int, data: bytes) -> None:
+        """One masked frame (a client must mask, RFC 6455 5.3)."""
+        n = len(data)
+        head = bytes((0x80 | opcode, 0x80 | n)) if n < 126 else struct.pack(
+            "!BBH", 0x80 | opcode, 0xFE, n)
+        mask = os.urandom(4)
+        key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+        self.transport.write(head + mask + (int.from_bytes(data, "big") ^ key).to_bytes(n, "big"))
+
+    def data_received(self, data: bytes) -> None:
+        now = time.monotonic_ns()
+        buffer = self.buffer
+        buffer += data
+        if not self.opened.done():
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not buffer.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(RuntimeError(bytes(buffer[:200])))
+                return
+            del buffer[:end + 4]
+            self.opened.set_result(None)
+        pos, size = 0, len(buffer)
+        while size - pos >= 2:
+            first, length = buffer[pos], buffer[pos + 1]  # server frames are not masked
+            start = pos + 2
+            if length >= 126:
+                start = pos + (4 if length == 126 else 10)
+                if start > size:
+                    break  # the extended length is not all here yet
+                length = int.from_bytes(buffer[pos + 2:start], "big")
+            if start + length > size:
+                break
+            payload = bytes(buffer[start:start + length])
+            pos = start + length
+            opcode = first & 0x0F
+            if opcode == 0x1:
+                self.deliver(payload, now)
+            elif opcode == 0x9:  # ping: pong (the baseline pings every 20 s)
+                self.send(0xA, payload)
+            elif opcode == 0x8:
+                self.closed = True
+                self.gone(int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None)
+                self.transport.close()
+                break
+        del buffer[:pos]
+
+    def connection_lost(self, exc) -> None:
+        if not self.closed:
+            self.closed = True
+            self.gone(None)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True  # ours: not the server closing early
+            self.send(0x8, struct.pack("!H", 1000))
+        self.transport.close()
 
 
 def proc_cpu(pid: int) -> tuple[float, float, float]:
@@ -101,6 +202,7 @@ def summary(n, m, delivered, lat_ns, t0, t_end, cpu0, cpu1, my0, my1, sys0, sys1
         N=n, M=m, delivered=delivered, expected=n * m, total_s=total_s,
         deliveries_per_s=delivered / total_s if total_s > 0 else 0,
         lat_p50_ms=percentile(lat_ns, 50) / 1e6, lat_p99_ms=percentile(lat_ns, 99) / 1e6,
+        lat_p999_ms=percentile(lat_ns, 99.9) / 1e6,
         lat_max_ms=lat_ns[-1] / 1e6 if lat_ns else float("nan"),
         server_cpu_s=cpu_s, server_utime_s=user_s, server_stime_s=sys_s,
         server_cpu_us_per_delivery=cpu_s / max(delivered, 1) * 1e6,
@@ -142,6 +244,11 @@ async def run(a: argparse.Namespace) -> dict:
         return f"load{i}" if a.users == "distinct" else "load"
 
     async def open_one(i: int) -> None:
+        if a.mode == "open" and i > 0:  # receivers only: see RawReceiver
+            async with gate:
+                conns[i] = await RawReceiver.connect(a.port, nickname(i), partial(deliver, i),
+                                                     partial(gone, i))
+            return
         async with gate:
             ws = await connect(url, compression=compression, ping_interval=None,
                                open_timeout=30, close_timeout=5, max_queue=64,
@@ -160,40 +267,49 @@ async def run(a: argparse.Namespace) -> dict:
     closes: list = []  # (client, close code) of connections the server closed early
     other_frames = [0]
 
+    loads, record = json.loads, lat.append
+    closed_mode = a.mode == "closed"
+
+    def deliver(i: int, raw, now: int) -> None:
+        """One frame received by client ``i`` at ``now`` (monotonic ns)."""
+        frame = loads(raw)
+        if frame.get("type") != "message":
+            other_frames[0] += 1  # presence, typing, error
+            return
+        text = frame["text"]
+        if text[0] == "s":  # "sync <k>"
+            synced[i] = True
+            return
+        _, seq, ts, _ = text.split(" ", 3)
+        record(now - int(ts))
+        got[i] += 1
+        last_recv[i] = now
+        if closed_mode:
+            count = per_seq.get(seq, 0) + 1
+            per_seq[seq] = count
+            if count == n:
+                seq_done.set()
+        if got[i] == m:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                all_done.set()
+
+    def gone(i: int, code: int | None) -> None:
+        """Client ``i``'s connection was closed by the server (``code``: its close code)."""
+        if code is not None:
+            closes.append((i, code))
+        if got[i] < m:  # closed early (1013: chatlib's queue for it overflowed): give up
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                all_done.set()
+
     async def reader(i: int, ws) -> None:
-        loads, mono, record = json.loads, time.monotonic_ns, lat.append
-        closed_mode = a.mode == "closed"
+        mono = time.monotonic_ns
         try:
             async for raw in ws:
-                now = mono()
-                frame = loads(raw)
-                if frame.get("type") != "message":
-                    other_frames[0] += 1  # presence, typing, error
-                    continue
-                text = frame["text"]
-                if text[0] == "s":  # "sync <k>"
-                    synced[i] = True
-                    continue
-                _, seq, ts, _ = text.split(" ", 3)
-                record(now - int(ts))
-                got[i] += 1
-                last_recv[i] = now
-                if closed_mode:
-                    count = per_seq.get(seq, 0) + 1
-                    per_seq[seq] = count
-                    if count == n:
-                        seq_done.set()
-                if got[i] == m:
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        all_done.set()
+                deliver(i, raw, mono())
         except ConnectionClosed as exc:
-            if exc.rcvd is not None:
-                closes.append((i, exc.rcvd.code))
-            if got[i] < m:  # closed early (1013: chatlib's queue for it overflowed): give up
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    all_done.set()
+            gone(i, exc.rcvd.code if exc.rcvd is not None else None)
 
     t_c0 = time.monotonic()
     readers = []
@@ -201,7 +317,8 @@ async def run(a: argparse.Namespace) -> dict:
         await asyncio.wait_for(asyncio.gather(*(open_one(i) for i in range(n))), a.timeout)
         connect_s = time.monotonic() - t_c0
         ext = conns[0].response.headers.get("Sec-WebSocket-Extensions")
-        readers = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)]
+        readers = [asyncio.create_task(reader(i, ws)) for i, ws in enumerate(conns)
+                   if not isinstance(ws, RawReceiver)]
         sender = conns[0]
 
         # Barrier: the server has registered every client once each has seen a sync message.
@@ -219,7 +336,11 @@ async def run(a: argparse.Namespace) -> dict:
         cpu0, my0, sys0 = proc_cpu(a.server_pid), time.process_time(), system_busy_s()
         t0 = time.monotonic_ns()
 
+        lags: list[int] = []
+
         async def send_all() -> None:
+            if a.mode == "open":
+                return await send_on_schedule()
             for seq in range(m):
                 if a.mode == "closed":
                     seq_done.clear()
@@ -229,11 +350,28 @@ async def run(a: argparse.Namespace) -> dict:
                 if a.mode == "closed":
                     await seq_done.wait()
 
+        async def send_on_schedule() -> None:
+            interval = round(1e9 / a.rate)
+            start = time.monotonic_ns() + interval
+            for seq in range(m):
+                due = start + seq * interval
+                wait = due - time.monotonic_ns()
+                if wait > 0:
+                    await asyncio.sleep(wait / 1e9)
+                lags.append(time.monotonic_ns() - due)
+                text = f"m {seq} {due} {PAD}"  # latency counts from when it was due
+                await sender.send(dumps({"type": "message", "id": seq, "ts": time.time(),
+                                         "user": "sender", "text": text}))
+
         timed_out, t_stop, (cpu1, my1, sys1) = await timed_phase(
             send_all, all_done, deadline - loop.time(), a.server_pid)
         t_end = max(last_recv) if any(last_recv) else t_stop
         rss_after = status_kb(a.server_pid)
         res = summary(n, m, sum(got), lat, t0, t_end, cpu0, cpu1, my0, my1, sys0, sys1)
+        if lags:
+            lags.sort()
+            res.update(rate=a.rate, send_lag_p50_ms=percentile(lags, 50) / 1e6,
+                       send_lag_p99_ms=percentile(lags, 99) / 1e6)
         res.update(mode=a.mode, compression=a.compression, negotiated_ext=ext,
                    users=a.users, connect_s=round(connect_s, 3), ready_s=round(ready_s, 3),
                    timed_out=timed_out,
@@ -261,7 +399,9 @@ def main() -> None:
     p.add_argument("-n", type=int, required=True, help="clients (the sender is one of them)")
     p.add_argument("-m", type=int, required=True, help="messages the sender sends")
     p.add_argument("--server-pid", type=int, required=True, help="for CPU and RSS from /proc")
-    p.add_argument("--mode", choices=["burst", "closed"], default="burst")
+    p.add_argument("--mode", choices=["burst", "closed", "open"], default="burst")
+    p.add_argument("--rate", type=float, default=100,
+                   help="open mode: messages per second (M of them: M / rate seconds)")
     p.add_argument("--compression", choices=["none", "deflate"], default="none")
     p.add_argument("--users", choices=["shared", "distinct"], default="shared")
     p.add_argument("--timeout", type=float, default=120)
