@@ -67,6 +67,13 @@ def taskset(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if PIN else []
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all threads (/proc/PID/stat, 10 ms ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -214,10 +221,22 @@ def kernel_run(a: argparse.Namespace, n: int) -> dict:
         res.update(load.next(timeout=180))  # connected
         res["VmRSS_connected_kB"] = status_kb(kernel.pid)
         res.update(rtt_stats("rtt_connected", kernel.cells(a.baseline_s, a.cell_interval)))
+        cpu0, t0 = cpu_s(kernel.pid), time.monotonic()
         load.go()
+        spy = None
+        if a.profile:  # py-spy (pip install py-spy) samples the kernel while the room chats
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(kernel.pid), "-d",
+                                    str(int(a.duration)), "-o", a.profile, "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rtts = kernel.cells(a.duration, a.cell_interval)
+        if spy is not None:
+            spy.wait(60)
         res.update(rtt_stats("rtt_load", rtts))
         res.update(load.next(timeout=a.duration + 120))  # done
+        # The kernel's CPU while the room chats (deliveries, cells, the kernel's own threads).
+        res["kernel_busy"] = (cpu_s(kernel.pid) - cpu0) / (time.monotonic() - t0)
+        res["kernel_cpu_us_per_delivery"] = ((cpu_s(kernel.pid) - cpu0)
+                                             / max(res["delivered"], 1) * 1e6)
         res["VmRSS_after_kB"] = status_kb(kernel.pid)
         res["VmHWM_kB"] = status_kb(kernel.pid, "VmHWM")
         kernel._drain()
@@ -306,8 +325,11 @@ def table(results: list[dict]) -> str:
             f"{med(kernel, 'rtt_connected_p99_ms'):.1f}; "
             f"{med(kernel, 'rtt_load_p50_ms'):.1f} / {med(kernel, 'rtt_load_p99_ms'):.1f} "
             f"| {sum(r['stray_output'] for r in kernel)} |")
-        out.append(f"\nConnect: {med(kernel, 'connect_s'):.1f} s for all, load process busy "
-                   f"{med(kernel, 'load_busy'):.0%} while chatting.")
+        out.append(f"\nConnect: {med(kernel, 'connect_s'):.1f} s for all. While the room "
+                   f"chats the kernel is busy {med(kernel, 'kernel_busy'):.0%} of CPU 0 "
+                   f"({med(kernel, 'kernel_cpu_us_per_delivery'):.1f} µs of CPU per "
+                   f"delivery, cells included), the load process "
+                   f"{med(kernel, 'load_busy'):.0%} of CPU 1.")
     cli = [r for r in results if r["section"] == "cli" and "error" not in r]
     if cli:
         r0 = cli[0]
@@ -360,6 +382,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cli-clients", type=int, default=10000,
                    help="clients of `python -m chatlib serve` (0: skip)")
     p.add_argument("--cli-duration", type=float, default=10.0)
+    p.add_argument("--profile", metavar="SVG", help="py-spy flame graph of the kernel while "
+                   "the room chats (e.g. bench/profiles/classroom-kernel.svg)")
 
 
 def configure(a: argparse.Namespace) -> None:

@@ -22,7 +22,9 @@ import asyncio
 import contextlib
 import errno
 import functools
+import html
 import logging
+import os
 import resource
 import socket
 import time
@@ -82,6 +84,11 @@ FD_LIMIT_WANTED = 4096
 logger = logging.getLogger("chatlib")
 
 
+FD_FIX = ("raise it with `ulimit -n 65536` (the hard limit too: as root, or in "
+          "/etc/security/limits.conf) before starting Jupyter or `python -m chatlib serve`")
+"""The fix, as the open-files messages give it."""
+
+
 class Listener(socket.socket):
     """A listening socket that lets asyncio back off when ``accept()`` runs out of descriptors.
 
@@ -89,12 +96,22 @@ class Listener(socket.socket):
     and then *keeps looping* over its accept backlog (uvicorn's 2048), logging and
     scheduling a retry each time: 127,000 tracebacks in 20 s, 12 s of CPU. Here the
     first failure goes through (asyncio stops watching for 1 s) and the next call says
-    "nothing to accept", which ends asyncio's loop. One line is logged per
-    :data:`ACCEPT_LOG_INTERVAL` instead of asyncio's tracebacks (see :class:`ClientMistakes`).
+    "nothing to accept", which ends asyncio's loop. Instead of asyncio's tracebacks (see
+    :class:`ClientMistakes`) one line with the fix is logged per :data:`ACCEPT_LOG_INTERVAL`;
+    the clients wait in the listen backlog and get in as others leave.
+
+    In a kernel that line goes to the stderr of the cell that started the server, which
+    has long finished (JupyterLab may not show output arriving for a finished cell), so
+    :attr:`exhausted` also keeps it for :class:`ChatServer`'s repr: evaluating ``server``
+    in any cell shows it.
     """
 
     _failed = False
     _logged_at = float("-inf")
+    exhausted: str | None = None
+    """The last "open-files limit reached" line, if the limit was ever reached."""
+    refusals = 0
+    """Times ``accept()`` failed for lack of descriptors (each: at least one client waiting)."""
 
     def accept(self):
         if self._failed:
@@ -106,13 +123,14 @@ class Listener(socket.socket):
             if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 raise
             self._failed = True
+            self.refusals += 1
             now = time.monotonic()
             if now - self._logged_at >= ACCEPT_LOG_INTERVAL:
                 self._logged_at = now
                 soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-                logger.warning("chatlib: cannot accept connections: %s (limit %d descriptors)."
-                               " Retrying every second. Raise the limit (ulimit -n 65536) "
-                               "before starting Jupyter or chatlib.", exc.strerror, soft)
+                self.exhausted = (f"chatlib: open-files limit {soft} reached ({exc.strerror}): "
+                                  f"new clients wait until others leave; {FD_FIX}.")
+                logger.warning(self.exhausted)
             raise
 
 
@@ -130,10 +148,16 @@ def raise_fd_limit(wanted: int = FD_LIMIT_WANTED) -> int:
             soft = target
     if soft != resource.RLIM_INFINITY and soft < wanted:
         logger.warning("chatlib: this process may open only %d files (ulimit -n), so at most "
-                       "~%d clients; raise it with `ulimit -n %d` (hard limit too, as root or "
-                       "in /etc/security/limits.conf) before starting Jupyter or chatlib.",
-                       soft, max(soft - 50, 0), wanted * 16)
+                       "~%d clients; %s.", soft, max(soft - open_descriptors() - 10, 0), FD_FIX)
     return soft
+
+
+def open_descriptors() -> int:
+    """Descriptors this process has open now (a kernel holds ~65 before any client)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # not Linux: a guess
+        return 50
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -296,14 +320,21 @@ class ChatServer:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
+    @property
+    def exhausted(self) -> str | None:
+        """The "open-files limit reached" line with its fix, if it was ever reached."""
+        return getattr(self._socket, "exhausted", None)
+
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
-        return f"<ChatServer {self.url if self.port else ''} {state}>"
+        warning = f"; {self.exhausted}" if self.exhausted else ""
+        return f"<ChatServer {self.url if self.port else ''} {state}{warning}>"
 
     def _repr_html_(self) -> str:
         url = public_url(self)
         state = "running" if self.running else "stopped"
-        return f'ChatServer {state} at <a href="{url}" target="_blank">{url}</a>'
+        warning = f"<br><b>{html.escape(self.exhausted)}</b>" if self.exhausted else ""
+        return f'ChatServer {state} at <a href="{url}" target="_blank">{url}</a>{warning}'
 
 
 _current: ChatServer | None = None

@@ -421,7 +421,8 @@ async def test_out_of_descriptors_backs_off_and_recovers(served, tmp_path, http)
             writer.close()
     stderr = (tmp_path / "stderr").read_text()
     assert "may open only 64 files" in stderr
-    assert stderr.count("cannot accept connections: Too many open files") == 1, stderr[-3000:]
+    assert stderr.count("open-files limit 64 reached (Too many open files): new clients wait "
+                        "until others leave; raise it with `ulimit -n 65536`") == 1, stderr[-3000:]
     assert "Traceback" not in stderr and "out of system resource" not in stderr
     assert process.returncode is None
 
