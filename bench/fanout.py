@@ -16,6 +16,9 @@ the server by PID. Sections (see bench/README.md for the method and the results)
 * ``join-storm`` 1000 clients with distinct nicknames connecting within one second (paced,
                  bench/join_storm.py): failures, time to the first history frame, presence
                  frames per client, server CPU and RSS; the two baselines beside it.
+* ``classroom``  bench/classroom.py: the server in a real ipykernel, 5,000 WebSocket clients
+                 chatting at 10 messages/s for 30 s (1,000 for 10 s with ``--quick``): kernel
+                 RSS, all delivered, a cell's round trip meanwhile; the CLI with 10,000.
 
 chatlib is started with ``--rate 1000000 --burst 1000000``: its default limit (5 messages/s per
 client, bursts of 20) would throttle the one benchmark sender. Everything else is the default
@@ -54,7 +57,7 @@ RATE_ARGS = ["--rate", "1000000", "--burst", "1000000"]
 LABEL = {"chatlib": "chatlib (Starlette + uvicorn websockets-sansio)",
          "baseline": "baseline: raw websockets + broadcast()",
          "node": "reference: Node.js ws"}
-SECTIONS = ["ws-burst", "ws-closed", "ws-open", "http", "rss", "join-storm"]
+SECTIONS = ["ws-burst", "ws-closed", "ws-open", "http", "rss", "join-storm", "classroom"]
 # ws-open: (clients, messages per second), for OPEN_SECONDS (issue 11, target 2).
 OPEN = [(100, 100), (1000, 20)]
 OPEN_SECONDS = 30
@@ -594,6 +597,10 @@ def main() -> None:
         f.write(report)
     print("\n" + report)
     print(f"wrote {os.path.relpath(path, ROOT)} and .md ({time.monotonic() - started:.0f} s)")
+    if "classroom" in sections:  # its own processes (a kernel), results and table
+        subprocess.run([PY, os.path.join(BENCH, "classroom.py")]
+                       + (["--quick"] if a.quick else []) + (["--no-pin"] if not PIN else [])
+                       + (["--reps", str(a.reps)] if a.reps else []), cwd=ROOT, check=False)
 
 
 if __name__ == "__main__":
