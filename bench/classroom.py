@@ -22,7 +22,8 @@ Any IOPub ``stream`` output that no timed cell asked for (the server printing in
 is counted.
 
 **cli**: ``python -m chatlib serve`` (CPU 0) with ``--cli-clients`` clients (10,000), chatting
-for ``--cli-duration`` s at the same rate: RSS idle / connected / after and KiB per connection.
+for ``--cli-duration`` s at ``--cli-rate`` (2/s: at 10/s the load process, not the server, is
+the bottleneck): RSS idle / connected / after and KiB per connection.
 
 Results: one JSON line per run in ``bench/results/classroom-<date>.jsonl``, a table on stdout.
 Run it under the shared lock: ``flock /tmp/bench.lock .venv/bin/python bench/classroom.py``.
@@ -213,6 +214,9 @@ def kernel_run(a: argparse.Namespace, n: int) -> dict:
                "kernel_argv0": kernel.km.kernel_spec.argv[0]}
         kernel.cells(1.0, a.cell_interval)  # warm-up (first cells import things)
         res["VmRSS_kernel_kB"] = status_kb(kernel.pid)
+        if a.fanout_slice is not None:  # A/B of hub.FANOUT_SLICE (not what a learner does)
+            kernel.run(f"import chatlib.hub\nchatlib.hub.FANOUT_SLICE = {a.fanout_slice}")
+            res["fanout_slice"] = a.fanout_slice
         port = int(kernel.run(START_CELL)["result"])
         time.sleep(0.5)
         res["VmRSS_idle_kB"] = status_kb(kernel.pid)
@@ -266,9 +270,9 @@ def cli_run(a: argparse.Namespace, n: int) -> dict:
             if not sel.select(timeout=20) or "serving on" not in proc.stdout.readline():
                 raise RuntimeError("chatlib serve did not start")
         time.sleep(0.3)
-        res = {"section": "cli", "N": n, "rate": a.rate, "duration": a.cli_duration,
+        res = {"section": "cli", "N": n, "rate": a.cli_rate, "duration": a.cli_duration,
                "VmRSS_idle_kB": status_kb(proc.pid)}
-        load = Load(port, proc.pid, n, a.rate, a.cli_duration)
+        load = Load(port, proc.pid, n, a.cli_rate, a.cli_duration)
         res.update(load.next(timeout=240))
         res["VmRSS_connected_kB"] = status_kb(proc.pid)
         load.go()
@@ -382,6 +386,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cli-clients", type=int, default=10000,
                    help="clients of `python -m chatlib serve` (0: skip)")
     p.add_argument("--cli-duration", type=float, default=10.0)
+    p.add_argument("--cli-rate", type=float, default=2.0,
+                   help="messages/s with the CLI's clients (10 with 10,000 clients is 100,000 "
+                        "deliveries/s: more than the load process can read on one core)")
+    p.add_argument("--fanout-slice", type=int, default=None,
+                   help="set chatlib.hub.FANOUT_SLICE in the kernel first (an A/B knob)")
     p.add_argument("--profile", metavar="SVG", help="py-spy flame graph of the kernel while "
                    "the room chats (e.g. bench/profiles/classroom-kernel.svg)")
 
