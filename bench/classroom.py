@@ -75,6 +75,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def system_busy_s() -> float:
+    """CPU seconds all cores spent busy (not idle/iowait), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -225,7 +232,8 @@ def kernel_run(a: argparse.Namespace, n: int) -> dict:
         res.update(load.next(timeout=180))  # connected
         res["VmRSS_connected_kB"] = status_kb(kernel.pid)
         res.update(rtt_stats("rtt_connected", kernel.cells(a.baseline_s, a.cell_interval)))
-        cpu0, t0 = cpu_s(kernel.pid), time.monotonic()
+        cpu0, t0, sys0, me0 = cpu_s(kernel.pid), time.monotonic(), system_busy_s(), \
+            time.process_time()
         load.go()
         spy = None
         if a.profile:  # py-spy (pip install py-spy) samples the kernel while the room chats
@@ -239,6 +247,9 @@ def kernel_run(a: argparse.Namespace, n: int) -> dict:
         res.update(load.next(timeout=a.duration + 120))  # done
         # The kernel's CPU while the room chats (deliveries, cells, the kernel's own threads).
         res["kernel_busy"] = (cpu_s(kernel.pid) - cpu0) / (time.monotonic() - t0)
+        # CPU used by other processes on the machine meanwhile: a disturbed run shows here.
+        res["other_cpu_s"] = max(0.0, system_busy_s() - sys0 - (cpu_s(kernel.pid) - cpu0)
+                                 - res["load_cpu_s"] - (time.process_time() - me0))
         res["kernel_cpu_us_per_delivery"] = ((cpu_s(kernel.pid) - cpu0)
                                              / max(res["delivered"], 1) * 1e6)
         res["VmRSS_after_kB"] = status_kb(kernel.pid)
@@ -333,7 +344,8 @@ def table(results: list[dict]) -> str:
                    f"chats the kernel is busy {med(kernel, 'kernel_busy'):.0%} of CPU 0 "
                    f"({med(kernel, 'kernel_cpu_us_per_delivery'):.1f} µs of CPU per "
                    f"delivery, cells included), the load process "
-                   f"{med(kernel, 'load_busy'):.0%} of CPU 1.")
+                   f"{med(kernel, 'load_busy'):.0%} of CPU 1; other processes used "
+                   f"{med(kernel, 'other_cpu_s'):.1f} s of CPU meanwhile (median).")
     cli = [r for r in results if r["section"] == "cli" and "error" not in r]
     if cli:
         r0 = cli[0]
