@@ -253,7 +253,7 @@ async def websocket(ws: WebSocket) -> None:
             try:
                 await handle_frame(hub, user, address(ws), rate, budget, event, outbox)
             except ChatError as exc:
-                outbox.put(0, wire.ws_event("error", {"error": exc.error}))
+                hub.tell(outbox, wire.ws_event("error", {"error": exc.error}))
     finally:
         stuck.forget(outbox)
         hub.unsubscribe(outbox)
@@ -306,11 +306,11 @@ async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget
             raise
         # Refused: the error names the message, so that its sender stops waiting for an ack,
         # and gives the HTTP status, so that it knows whether to send it again (5xx) or not.
-        outbox.put(0, wire.ws_event("error", {"error": exc.error, "client_id": cid,
+        hub.tell(outbox, wire.ws_event("error", {"error": exc.error, "client_id": cid,
                                               "status": exc.status}))
         return
     if cid is not None:  # to the sender only: stored (for a repeat, the original)
-        outbox.put(0, wire.ws_event("ack", message.to_dict()))
+        hub.tell(outbox, wire.ws_event("ack", message.to_dict()))
 
 
 async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, reset: bool):

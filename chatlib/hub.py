@@ -358,6 +358,11 @@ class Hub:
         if self._fanning:
             asyncio.get_running_loop().call_soon(self._fan_out_step)
 
+    def tell(self, outbox: Outbox, payload: str) -> None:
+        """An event for one client only (its ack, an error): queued behind any fan-out
+        still going out in slices, so that an ack never overtakes its own message."""
+        self._fan_out((outbox,), (0, payload))
+
     def typing(self, user: str, relay: bool = True) -> None:
         self._broadcast("typing", {"user": user})
         if relay and self.relay_typing is not None:

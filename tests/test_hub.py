@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from chatlib import Limits, MemoryLog, Message
+from chatlib import Limits, MemoryLog, Message, wire
+from chatlib import hub as hub_module
 from chatlib.hub import Hub, Outbox
 from chatlib.wire import SSEParser
 
@@ -251,6 +252,20 @@ async def test_a_client_that_cannot_take_writes_still_overflows_with_1013(log):
     assert not fine.outbox.closed
     fine.writer.cancel()
     stuck.writer.cancel()
+
+
+async def test_an_ack_never_overtakes_its_message_in_a_sliced_fan_out(monkeypatch):
+    monkeypatch.setattr(hub_module, "FANOUT_SLICE", 1)  # one client per loop step
+    hub = Hub(MemoryLog(), Limits(presence_interval=0))
+    await hub.start()
+    room = [hub.subscribe("ws", "") for _ in range(5)]
+    message, _ = await hub.post("ada", "hi")  # only the first slice has gone out yet
+    for outbox in room:  # as if each had sent it (app.handle_frame acks with hub.tell)
+        hub.tell(outbox, wire.ws_event("ack", message.to_dict()))
+    await until(lambda: not hub._fanning)
+    for outbox in room:
+        assert [json.loads(p)["type"] for _, p in await drain(outbox)] == ["message", "ack"]
+    hub.close()
 
 
 async def test_typing_is_broadcast_to_both_push_transports(hub):
