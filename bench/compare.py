@@ -41,7 +41,8 @@ def main() -> None:
     p.add_argument("stacks", nargs="+", help="chatlib checkout directories, or 'baseline'")
     p.add_argument("-n", type=int, default=100)
     p.add_argument("-m", type=int, default=1000)
-    p.add_argument("--mode", choices=["burst", "closed"], default="burst")
+    p.add_argument("--mode", choices=["burst", "closed", "open"], default="burst")
+    p.add_argument("--rate", type=float, default=100, help="open mode: messages per second")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--port", type=int, default=19100)
     a = p.parse_args()
@@ -57,6 +58,7 @@ def main() -> None:
                 done = subprocess.run(
                     fanout.taskset(1) + [fanout.PY, "load_client.py", "--port", str(port),
                                          "-n", str(a.n), "-m", str(a.m), "--mode", a.mode,
+                                         "--rate", str(a.rate),
                                          "--server-pid", str(proc.pid)],
                     cwd=BENCH, capture_output=True, text=True, timeout=300)
             finally:
@@ -67,17 +69,21 @@ def main() -> None:
             r = json.loads(done.stdout.strip().splitlines()[-1])
             results[where].append(r)
             print(f"rep {rep} {where[-32:]:>32}: {r['deliveries_per_s']:>9,.0f} del/s "
+                  f"p50 {r['lat_p50_ms']:.2f} p99 {r['lat_p99_ms']:.2f} ms "
                   f"{r['server_cpu_us_per_delivery']:.2f} µs/delivery "
                   f"other_cpu={r['other_cpu_s']:.2f}s", flush=True)
     med = statistics.median
     last = results[stacks[-1]]
     base_cpu = med([r["server_cpu_us_per_delivery"] for r in last]) if last else float("nan")
     print(f"\nN={a.n} M={a.m} {a.mode}, medians of {a.reps}:")
-    print("| server | deliveries/s | server CPU µs/delivery | × last |\n|---|---:|---:|---:|")
+    print("| server | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | × last |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for where, rr in results.items():
         if rr:
             cpu = med([r["server_cpu_us_per_delivery"] for r in rr])
-            print(f"| {where} | {med([r['deliveries_per_s'] for r in rr]):,.0f} | {cpu:.2f} "
+            print(f"| {where} | {med([r['deliveries_per_s'] for r in rr]):,.0f} "
+                  f"| {med([r['lat_p50_ms'] for r in rr]):.2f} "
+                  f"| {med([r['lat_p99_ms'] for r in rr]):.2f} | {cpu:.2f} "
                   f"| {cpu / base_cpu:.2f} |")
 
 
