@@ -459,8 +459,8 @@ def join_storm_table(results: list[dict]) -> list[str]:
     r0 = rows[0]
     out = [f"\n**join-storm: {r0['N']} WebSocket clients, connection i starts at i × "
            f"{r0['spacing_ms']:g} ms, each says hello as `load<i>`; chatlib's log holds "
-           f"{r0['seeded']} messages** — median of {len(rows) // len({r['stack'] for r in rows})}"
-           f" runs [min–max]; open: connect start → 101 read; first history: connect start → "
+           f"{r0['seeded']} messages** — medians of the runs counted in the first column "
+           f"[min–max]; open: connect start → 101 read; first history: connect start → "
            f"first message frame (chatlib only: the baselines keep no history)\n",
            "| server | connected | open p50 / p99 ms | first history p50 ms | first history p99 "
            "ms | presence frames (all clients) | presence MB | max per client | server CPU "
@@ -475,7 +475,8 @@ def join_storm_table(results: list[dict]) -> list[str]:
         failed = (f"; {fails} failed in {len(rr)} runs: "
                   + "; ".join(sorted({k for r in rr for k in r["failures"]})) if fails else "")
         out.append(
-            f"| {LABEL[stack]} | {min(r['connected'] for r in rr)}/{r0['N']} (min){failed} "
+            f"| {LABEL[stack]} ({len(rr)} runs) | {min(r['connected'] for r in rr)}/{r0['N']} "
+            f"(min){failed} "
             f"| {med([r['open_p50_ms'] for r in rr]):.1f} / "
             f"{med([r['open_p99_ms'] for r in rr]):.1f} "
             f"| {med([r['first_history_p50_ms'] for r in rr]):.1f} "
