@@ -184,10 +184,10 @@ def plan(section: str, quick: bool, reps: int | None) -> list[dict]:
     elif section == "ws-open":
         seconds = 5 if quick else OPEN_SECONDS
         k = reps or (1 if quick else 3)
+        stacks = ["chatlib", "baseline"] + ([] if NODE_MISSING else ["node"])
         for n, rate in OPEN:
             for rep in range(k):
-                order = ["chatlib", "baseline"] if rep % 2 == 0 else ["baseline", "chatlib"]
-                for stack in order:
+                for stack in stacks[rep % len(stacks):] + stacks[:rep % len(stacks)]:
                     runs.append(dict(section=section, stack=stack, rep=rep, compression=False,
                                      load=["load_client.py", "-n", str(n), "-m",
                                            str(rate * seconds), "--mode", "open",
@@ -362,14 +362,16 @@ def paired(a: list[dict], b: list[dict]) -> list[tuple[float, float]]:
 
 
 def open_tables(results: list[dict]) -> list[str]:
-    """ws-open: latency percentiles at a fixed send rate, chatlib beside the baseline."""
+    """ws-open: latency percentiles at a fixed send rate, chatlib beside the baselines."""
     out = []
     rows = [r for r in results if r.get("section") == "ws-open" and usable(r)]
     for n in sorted({r["N"] for r in rows}):
         at_n = [r for r in rows if r["N"] == n]
-        by = {s: [r for r in at_n if r["stack"] == s] for s in ("chatlib", "baseline")}
+        by = {s: [r for r in at_n if r["stack"] == s] for s in ("chatlib", "baseline", "node")}
         if not by["baseline"] or not by["chatlib"]:
             continue
+        if not by["node"]:
+            del by["node"]
         r0 = at_n[0]
         base_cpu = med([r["server_cpu_us_per_delivery"] for r in by["baseline"]])
         out += [f"\n**ws-open, N={n} clients, {r0['rate']:g} messages/s for "
@@ -396,6 +398,10 @@ def open_tables(results: list[dict]) -> list[str]:
             out.append(f"\nPaired CPU/delivery chatlib/baseline: "
                        f"{spread([p[1] for p in pairs], '.2f')}. Load process busy "
                        f"{med([r['client_busy'] for r in at_n]):.0%} (median).")
+        node_pairs = paired(by["chatlib"], by.get("node", []))
+        if node_pairs:
+            out.append(f"Paired CPU/delivery chatlib/Node.js ws: "
+                       f"{spread([p[1] for p in node_pairs], '.2f')}.")
     return out
 
 
