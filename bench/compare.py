@@ -43,11 +43,15 @@ def main() -> None:
     p.add_argument("-m", type=int, default=1000)
     p.add_argument("--mode", choices=["burst", "closed", "open"], default="burst")
     p.add_argument("--rate", type=float, default=100, help="open mode: messages per second")
+    p.add_argument("--transport", choices=["ws", "longpoll", "sse"], default="ws",
+                   help="longpoll, sse: bench/http_fanout.py's load (burst only)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--port", type=int, default=19100)
     a = p.parse_args()
     stacks = [s if s == "baseline" else os.path.abspath(s) for s in a.stacks]
     results: dict[str, list[dict]] = {s: [] for s in stacks}
+    load = (["load_client.py", "--mode", a.mode, "--rate", str(a.rate)] if a.transport == "ws"
+            else ["http_fanout.py", "--transport", a.transport])
     port = a.port
     for rep in range(a.reps):
         for where in stacks if rep % 2 == 0 else stacks[::-1]:
@@ -56,9 +60,8 @@ def main() -> None:
             try:
                 time.sleep(0.3)
                 done = subprocess.run(
-                    fanout.taskset(1) + [fanout.PY, "load_client.py", "--port", str(port),
-                                         "-n", str(a.n), "-m", str(a.m), "--mode", a.mode,
-                                         "--rate", str(a.rate),
+                    fanout.taskset(1) + [fanout.PY, *load, "--port", str(port),
+                                         "-n", str(a.n), "-m", str(a.m),
                                          "--server-pid", str(proc.pid)],
                     cwd=BENCH, capture_output=True, text=True, timeout=300)
             finally:
@@ -75,7 +78,7 @@ def main() -> None:
     med = statistics.median
     last = results[stacks[-1]]
     base_cpu = med([r["server_cpu_us_per_delivery"] for r in last]) if last else float("nan")
-    print(f"\nN={a.n} M={a.m} {a.mode}, medians of {a.reps}:")
+    print(f"\n{a.transport} N={a.n} M={a.m} {a.mode}, medians of {a.reps}:")
     print("| server | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | × last |\n"
           "|---|---:|---:|---:|---:|---:|")
     for where, rr in results.items():

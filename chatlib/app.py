@@ -17,11 +17,12 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import h11
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -30,7 +31,7 @@ from websockets.protocol import State
 from . import wire
 from .auth import TokenGate
 from .guard import Guard, HostPolicy
-from .hub import TRY_AGAIN_LATER, Hub, Outbox
+from .hub import GOING_AWAY, TRY_AGAIN_LATER, Hub, Outbox
 from .limits import Limits, RateLimit, SendBudget
 from .store import StoreUnavailable
 from .validation import (
@@ -132,8 +133,7 @@ async def messages(request: Request) -> Response:
             return Response(status_code=499)  # nobody is listening any more
     else:
         found = await hub.wait_after(start, 0)
-    body = wire.messages_body(found, await hub.last_id(), reset)
-    return JSONBody(body, headers={"Cache-Control": "no-store"})
+    return poll_answer(request.app.state, found, await hub.last_id(), reset)
 
 
 async def until_disconnected(request: Request, work):
@@ -142,12 +142,8 @@ async def until_disconnected(request: Request, work):
     A long poll parks a handler for up to ``max_wait`` seconds; a client that gives up
     should free it at once rather than hold it until the timeout.
     """
-    async def hang_up() -> None:
-        for _ in range(1000):  # the body was read already: only http.disconnect can come
-            if (await request.receive())["type"] == "http.disconnect":
-                return
-
-    waiting, watching = asyncio.ensure_future(work), asyncio.ensure_future(hang_up())
+    waiting = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(wait_disconnect(request.receive))
     try:
         await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -155,6 +151,34 @@ async def until_disconnected(request: Request, work):
         if not waiting.done():
             waiting.cancel()
     return waiting.result() if waiting.done() and not waiting.cancelled() else None
+
+
+class PollAnswer(Response):
+    """A ``GET /api/messages`` answer: JSON bytes and headers made once, sent as they are
+    (JSONResponse builds its headers and encodes its body on every response)."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes) -> None:
+        self.status_code, self.background, self.body = 200, None, body
+        self.init_headers({"Cache-Control": "no-store"})
+
+
+def poll_answer(state, found: list, last_id: int, reset: bool) -> PollAnswer:
+    """The answer for ``found`` messages, shared by every poll that gets the same ones.
+
+    After a message, every long poll parked at the same cursor wakes and gets the same
+    messages: the answer is encoded once (the last one is kept, per app) and sent to
+    each. Equal lists of (frozen) messages make equal bodies, so a replaced log can't be
+    answered from the cache with its predecessor's texts.
+    """
+    key = (found, last_id, reset)
+    cached = getattr(state, "poll_answer", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    answer = PollAnswer(wire.dumps(wire.messages_body(found, last_id, reset)).encode())
+    state.poll_answer = (key, answer)
+    return answer
 
 
 async def post_message(request: Request, hub: Hub) -> Response:
@@ -202,18 +226,111 @@ async def events(request: Request) -> Response:
     outbox = hub.subscribe("sse", user)
     stuck: StuckWatch = request.app.state.stuck
     stuck.watch(request.scope, outbox)
+    return EventStream(hub, outbox, start, reset, stuck)
 
-    async def stream():
+
+class EventStream(Response):
+    """The ``text/event-stream`` response of :func:`events`: ``retry:``, then the batches
+    of :meth:`Hub.push`, one HTTP chunk each (``: ping`` for an empty one), until the
+    outbox closes (1013, shutdown) or the client hangs up.
+
+    Starlette's StreamingResponse ran three layers per chunk (its generator, its send
+    through two exception-handling wrappers) and its own disconnect task group. Here the
+    status line and headers go through Starlette's ``send`` (so that its error handling
+    knows the response started); the chunks go to the server's own send (``RAW_SEND``,
+    see ChatApp), and live events, while the connection can take them, straight to the
+    transport (:func:`sse_sink`), as WebSocket frames do. One task per stream waits for
+    the client to hang up and closes the outbox then: uvicorn ignores what is sent to a
+    connection that is gone, so the stream would otherwise never end.
+    Server CPU per SSE delivery at N=100: 17.8 -> see bench/README.md "SSE and long polling".
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, hub: Hub, outbox: Outbox, start: int, reset: bool,
+                 stuck: StuckWatch) -> None:
+        self.status_code, self.background = 200, None
+        # No self.body: Response.init_headers then adds no Content-Length (chunked body).
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.hub, self.outbox, self.start, self.reset, self.stuck = (
+            hub, outbox, start, reset, stuck)
+
+    async def __call__(self, scope, receive, send) -> None:
+        hub, outbox = self.hub, self.outbox
+        hang_up = asyncio.ensure_future(wait_disconnect(receive))
+        hang_up.add_done_callback(lambda _: outbox.close(GOING_AWAY))
         try:
-            yield wire.SSE_RETRY
-            async for batch in hub.push(outbox, start, reset, hub.limits.heartbeat):
-                yield "".join(batch) if batch else wire.SSE_PING
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
+            raw = scope.get(RAW_SEND) or send
+            if scope.get("method") == "GET" and scope.get("http_version") == "1.1":
+                outbox.sink = sse_sink(getattr(raw, "__self__", None))
+            more = {"type": "http.response.body", "body": SSE_RETRY, "more_body": True}
+            await raw(more)
+            async for batch in hub.push(outbox, self.start, self.reset, hub.limits.heartbeat):
+                more["body"] = "".join(batch).encode() if batch else SSE_PING
+                await raw(more)
+            await raw({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            stuck.forget(outbox)
+            hang_up.cancel()
+            self.stuck.forget(outbox)
             hub.unsubscribe(outbox)
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+SSE_RETRY, SSE_PING = wire.SSE_RETRY.encode(), wire.SSE_PING.encode()
+
+
+async def wait_disconnect(receive) -> None:
+    """Return when the client hangs up (the request's body was read: only
+    ``http.disconnect`` can come)."""
+    for _ in range(1000):  # bounded
+        if (await receive())["type"] == "http.disconnect":
+            return
+
+
+def sse_sink(cycle) -> Callable[[str], bool] | None:
+    """A function that writes one SSE event on uvicorn's h11 request ``cycle`` at once and
+    returns True, or returns False when it must not now (see :func:`direct_sink`); None
+    for any other server (the stream then sends everything through ASGI).
+
+    It writes only while uvicorn's ``send`` would write without waiting (not paused by
+    flow control) and the response is still streaming: h11 in its body state, the client
+    connected, the transport not closing. The bytes are exactly what h11 writes for a
+    chunk of a chunked body (``SIZE CRLF DATA CRLF``), which keeps no state between
+    chunks; only GET over HTTP/1.1 is chunked (:class:`EventStream` checks).
+    """
+    conn = getattr(cycle, "conn", None)
+    transport = getattr(cycle, "transport", None)
+    flow = getattr(cycle, "flow", None)
+    if conn is None or transport is None or not hasattr(flow, "write_paused") or (
+            getattr(conn, "our_state", None) is not h11.SEND_BODY
+            or not hasattr(cycle, "disconnected")):
+        return None
+    write, is_closing = transport.write, transport.is_closing
+
+    def sink(payload: str) -> bool:
+        if (flow.write_paused or cycle.disconnected or conn.our_state is not h11.SEND_BODY
+                or is_closing()):
+            return False
+        write(http_chunk(payload))
+        return True
+
+    return sink
+
+
+_last_chunk: tuple[str, bytes] = ("", b"")
+
+
+def http_chunk(payload: str) -> bytes:
+    """``payload`` as one chunk of a chunked HTTP/1.1 body (RFC 9112 7.1), the last one
+    kept: a fan-out asks for the same ``str`` once per client (as :func:`text_frame`)."""
+    global _last_chunk
+    if payload is _last_chunk[0]:
+        return _last_chunk[1]
+    data = payload.encode()
+    chunk = b"%x\r\n%b\r\n" % (len(data), data)
+    _last_chunk = (payload, chunk)
+    return chunk
 
 
 # -- WebSocket --------------------------------------------------------------------------
