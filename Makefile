@@ -66,11 +66,12 @@ notebooks: setup
 
 # The fan-out tables' third row, a Node.js `ws` server (bench/node/), needs node and npm:
 # npm ci installs the locked `ws`; without them fanout.py says so and skips that row.
+# make bench ARGS=--quick (< 2 min), ARGS='--sections ws-closed,ws-open --reps 7', ...
 bench: setup
 	@if command -v node >/dev/null && command -v npm >/dev/null; then \
 	  npm ci --prefix bench/node --no-audit --no-fund --loglevel=error; \
 	else echo "node/npm not found: the Node.js ws reference row of the fan-out tables is skipped"; fi
-	$(BIN)/python bench/fanout.py
+	$(BIN)/python bench/fanout.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis tests/artifacts bench/results

@@ -195,9 +195,12 @@ def plan(section: str, quick: bool, reps: int | None) -> list[dict]:
     elif section == "http":
         k = reps or (1 if quick else 5)
         for rep in range(k):
-            for transport in ("longpoll", "sse", "ws"):
+            # ws-post: WebSocket receivers under the HTTP rows' own sender (one POST at a time),
+            # the like-for-like comparison for SSE; ws: WebSocket receivers and a frame burst.
+            for transport in ("longpoll", "sse", "ws-post", "ws"):
                 load = (["load_client.py", "-n", "100", "-m", "300"] if transport == "ws" else
-                        ["http_fanout.py", "--transport", transport, "-n", "100", "-m", "300"])
+                        ["http_fanout.py", "--transport", transport.removesuffix("-post"),
+                         "-n", "100", "-m", "300"])
                 runs.append(dict(section=section, stack="chatlib", rep=rep, compression=False,
                                  transport=transport, load=load))
     elif section == "rss":
@@ -410,17 +413,21 @@ def http_table(results: list[dict]) -> list[str]:
     if not rows:
         return []
     out = [f"\n**http: chatlib fan-out by transport, N=100 receivers, M={rows[0]['M']} messages "
-           f"in a burst** — median of {len(rows) // 3 or 1} runs [min–max]\n",
+           f"** — median of {len(rows) // 4 or 1} runs [min–max]\n",
            "| transport | sender | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery "
            "(user+sys) | responses per client | all delivered |",
            "|---|---|---:|---:|---:|---:|---:|---|"]
     names = {"longpoll": "long poll (`GET /api/messages?after=&wait=25`)",
-             "sse": "SSE (`GET /api/events`)", "ws": "WebSocket (`/ws`)"}
-    for transport in ("longpoll", "sse", "ws"):
+             "sse": "SSE (`GET /api/events`)", "ws-post": "WebSocket (`/ws`)",
+             "ws": "WebSocket (`/ws`)"}
+    cpu = {}
+    for transport in ("longpoll", "sse", "ws-post", "ws"):
         rr = [r for r in rows if r.get("transport", "ws") == transport]
         if not rr:
             continue
-        sender = "WebSocket frames" if transport == "ws" else "`POST /api/messages`, one at a time"
+        cpu[transport] = med([r["server_cpu_us_per_delivery"] for r in rr])
+        sender = ("WebSocket frames, back to back" if transport == "ws" else
+                  "`POST /api/messages`, one at a time")
         polls = med([r.get("responses_per_client") for r in rr])
         dps = spread([r["deliveries_per_s"] for r in rr], ",.0f")
         p50, p99 = med([r["lat_p50_ms"] for r in rr]), med([r["lat_p99_ms"] for r in rr])
@@ -431,6 +438,12 @@ def http_table(results: list[dict]) -> list[str]:
             f"+{med([r['server_sys_us_per_delivery'] for r in rr]):.1f}) "
             f"| {'-' if polls != polls else f'{polls:.0f}'} "
             f"| {all(r['delivered'] == r['expected'] for r in rr)} |")
+    if "ws-post" in cpu:
+        out.append("\nServer CPU per delivery under the same sender (one `POST` at a time), "
+                   "× WebSocket: " + ", ".join(
+                       f"{name} {cpu[t] / cpu['ws-post']:.2f}×"
+                       for t, name in (("sse", "SSE"), ("longpoll", "long poll")) if t in cpu)
+                   + ".")
     return out
 
 

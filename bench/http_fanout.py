@@ -10,7 +10,10 @@ cost would make the load process, not the server, the bottleneck on 2 cores):
   cursor to the newest id it got (a response carries every message after the cursor, so under a
   burst one response delivers many);
 * ``sse``: each client holds one ``GET /api/events?after=0`` stream (chunked) and parses
-  ``event: message`` / ``data: {...}`` blocks.
+  ``event: message`` / ``data: {...}`` blocks;
+* ``ws``: each client is a WebSocket on ``/ws`` (load_client's lean ``RawReceiver``), so that
+  WebSocket's cost per delivery is measured under the *same* sender as SSE and long polling
+  (one ``POST`` at a time: one message in flight), not under a burst of frames.
 
 One more connection is the sender: it ``POST``s ``/api/messages`` ``{"user": "sender", "text":
 "m <seq> <monotonic ns> <pad>"}`` M times back-to-back (each waits for its 201). The server's
@@ -25,8 +28,9 @@ import argparse
 import asyncio
 import json
 import time
+from functools import partial
 
-from load_client import PAD, proc_cpu, status_kb, summary, system_busy_s, timed_phase
+from load_client import PAD, RawReceiver, proc_cpu, status_kb, summary, system_busy_s, timed_phase
 
 
 class Http:
@@ -144,16 +148,33 @@ async def run(a: argparse.Namespace) -> dict:
                 data = event[event.index("data: ") + 6:]
                 deliver(i, loads(data)["text"], now)
 
-    clients = [Http(a.port) for _ in range(n)]
+    def ws_frame(i: int, raw: bytes, now: int) -> None:
+        data = json.loads(raw)
+        if data.get("type") == "message":
+            deliver(i, data["text"], now)
+
+    def ws_gone(i: int, code) -> None:
+        if remaining[0]:
+            errors.append(f"WebSocket {i} closed ({code})")
+
+    async def ws_open(i: int) -> RawReceiver:
+        return await RawReceiver.connect(a.port, "load", partial(ws_frame, i),
+                                         partial(ws_gone, i))
+
+    clients = [Http(a.port) for _ in range(n)] if a.transport != "ws" else []
     sender = Http(a.port)
     tasks: list[asyncio.Task] = []
     try:
         t_c0 = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(sender.open(), *(c.open() for c in clients)),
-                               a.timeout)
+        opened = await asyncio.wait_for(asyncio.gather(
+            sender.open(), *(c.open() for c in clients),
+            *(ws_open(i) for i in range(n) if a.transport == "ws")), a.timeout)
         connect_s = time.monotonic() - t_c0
-        body_of = {"longpoll": long_poller, "sse": sse_reader}[a.transport]
-        tasks = [asyncio.create_task(body_of(i, c)) for i, c in enumerate(clients)]
+        if a.transport == "ws":
+            clients = opened[1:]
+        else:
+            body_of = {"longpoll": long_poller, "sse": sse_reader}[a.transport]
+            tasks = [asyncio.create_task(body_of(i, c)) for i, c in enumerate(clients)]
 
         async def post(text: str) -> None:
             body = json.dumps({"user": "sender", "text": text}).encode()
@@ -194,13 +215,17 @@ async def run(a: argparse.Namespace) -> dict:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for c in [sender, *clients]:
-            c.close()
+        sender.close()
+        for c in clients:
+            if isinstance(c, RawReceiver):
+                await c.close()
+            else:
+                c.close()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--transport", choices=["longpoll", "sse"], required=True)
+    p.add_argument("--transport", choices=["longpoll", "sse", "ws"], required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("-n", type=int, required=True, help="receiving clients")
     p.add_argument("-m", type=int, required=True, help="messages the sender posts")
