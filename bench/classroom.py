@@ -45,23 +45,13 @@ import threading
 import time
 
 from jupyter_client.manager import KernelManager
+from load_client import status_kb
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 PY = sys.executable
 START_CELL = "import chatlib\nserver = await chatlib.start_server()\nserver.port"
 PIN = True
-
-
-def status_kb(pid: int, key: str = "VmRSS") -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def taskset(cpu: int) -> list[str]:

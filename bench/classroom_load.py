@@ -34,6 +34,8 @@ import struct
 import sys
 import time
 
+from load_client import status_kb
+
 PAD = "x" * 40
 MESSAGE = b'{"type":"message"'
 
@@ -45,19 +47,6 @@ def raise_nofile(wanted: int) -> tuple[int, int]:
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def status_kb(pid: int | None, key: str = "VmRSS") -> int | None:
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def masked(opcode: int, payload: bytes) -> bytes:
