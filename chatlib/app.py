@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.protocol import State
 
-from . import wire
+from . import frames, wire
 from .auth import TokenGate
 from .guard import Guard, HostPolicy
 from .hub import GOING_AWAY, TRY_AGAIN_LATER, Hub, Outbox
@@ -318,7 +318,7 @@ def sse_sink(cycle) -> Callable[[str], bool] | None:
     return sink
 
 
-_last_chunk: tuple[str, bytes] = ("", b"")
+_last_chunk: tuple[str | None, bytes] = (None, b"")
 
 
 def http_chunk(payload: str) -> bytes:
@@ -493,7 +493,7 @@ def direct_sink(protocol) -> Callable[[str], bool] | None:
     return sink
 
 
-_last_frame: tuple[str, bytes] = ("", b"")
+_last_frame: tuple[str | None, bytes] = (None, b"")  # None: not "", which is a payload
 
 
 def text_frame(payload: str) -> bytes:
@@ -506,15 +506,7 @@ def text_frame(payload: str) -> bytes:
     global _last_frame
     if payload is _last_frame[0]:
         return _last_frame[1]
-    data = payload.encode()
-    n = len(data)
-    if n < 126:
-        head = bytes((0x81, n))
-    elif n < 65536:
-        head = struct.pack("!BBH", 0x81, 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x81, 127, n)
-    frame = head + data
+    frame = frames.text(payload, mask_key=None)  # the course's own encoder (chapter 6)
     _last_frame = (payload, frame)
     return frame
 
