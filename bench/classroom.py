@@ -36,7 +36,6 @@ import json
 import os
 import queue
 import selectors
-import signal
 import socket
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ import sys
 import threading
 import time
 
+from fanout import stop_server
 from jupyter_client.manager import KernelManager
 from load_client import status_kb
 
@@ -285,15 +285,9 @@ def cli_run(a: argparse.Namespace, n: int) -> dict:
     finally:
         if load is not None:
             load.stop()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        err = proc.stderr.read()
+        err = stop_server(proc)
         if "Traceback" in err:
-            sys.stderr.write(f"[chatlib serve stderr] {err[-1500:]}\n")
+            sys.stderr.write(f"[chatlib serve stderr] {err}\n")
 
 
 def mib(kb) -> str:
