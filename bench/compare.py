@@ -27,13 +27,7 @@ def start(where: str, port: int) -> subprocess.Popen:
     if where == "baseline":
         return fanout.start_server("baseline", port, False)
     cmd = [fanout.PY, "-m", "chatlib", "serve", "--port", str(port), *fanout.RATE_ARGS]
-    proc = subprocess.Popen(fanout.taskset(0) + cmd, cwd=where, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()  # "chatlib serving on ..." (or EOF if it died)
-    if "serving on" not in line:
-        fanout.stop_server(proc)
-        raise RuntimeError(f"chatlib in {where} did not start")
-    return proc
+    return fanout.start_command(cmd, f"chatlib in {where}", cwd=where)
 
 
 def main() -> None:
@@ -74,7 +68,9 @@ def main() -> None:
             print(f"rep {rep} {where[-32:]:>32}: {r['deliveries_per_s']:>9,.0f} del/s "
                   f"p50 {r['lat_p50_ms']:.2f} p99 {r['lat_p99_ms']:.2f} ms "
                   f"{r['server_cpu_us_per_delivery']:.2f} µs/delivery "
-                  f"other_cpu={r['other_cpu_s']:.2f}s", flush=True)
+                  + (f"{r['responses_per_client']:.0f} responses/client "
+                     if r.get("responses_per_client") else "")
+                  + f"other_cpu={r['other_cpu_s']:.2f}s", flush=True)
     med = statistics.median
     last = results[stacks[-1]]
     base_cpu = med([r["server_cpu_us_per_delivery"] for r in last]) if last else float("nan")

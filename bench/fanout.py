@@ -108,14 +108,19 @@ def start_server(stack: str, port: int, compression: bool) -> subprocess.Popen:
         cmd = ["node", NODE_SERVER, str(port)]
     else:
         cmd = [PY, os.path.join(BENCH, "baseline_server.py"), str(port)]
-    proc = subprocess.Popen(taskset(0) + cmd, cwd=ROOT, stdout=subprocess.PIPE,
+    return start_command(cmd, stack)
+
+
+def start_command(cmd: list[str], label: str, cwd: str = ROOT) -> subprocess.Popen:
+    """Start a server on CPU 0; return once it prints its "serving on" line (<= 20 s)."""
+    proc = subprocess.Popen(taskset(0) + cmd, cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:  # ready when it prints its "serving on" line (bounded: 20 s)
+    try:
         with selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
             if not sel.select(timeout=20) or "serving on" not in proc.stdout.readline():
-                raise RuntimeError(f"{stack} did not start: {proc.stderr.read()[-500:]!r}"
-                                   if proc.poll() is not None else f"{stack} did not start")
+                raise RuntimeError(f"{label} did not start: {proc.stderr.read()[-500:]!r}"
+                                   if proc.poll() is not None else f"{label} did not start")
     except BaseException:
         stop_server(proc)
         raise
@@ -137,8 +142,10 @@ def stop_server(proc: subprocess.Popen) -> str:
         return ""
 
 
-def one_run(stack: str, load: list[str], port: int, compression: bool, timeout: float) -> dict:
-    proc = start_server(stack, port, compression)
+def one_run(stack: str, load: list[str], port: int, compression: bool, timeout: float,
+            start=None) -> dict:
+    """One server (``start(port)``, default :func:`start_server`) under one load process."""
+    proc = start(port) if start else start_server(stack, port, compression)
     try:
         time.sleep(0.3)
         rss_idle = status_kb(proc.pid, "VmRSS")
