@@ -180,10 +180,10 @@ async def until_disconnected(receive, work):
     should free it at once rather than hold it until the timeout.
 
     Two tasks and asyncio.wait, on purpose. One watch task that cancels this one on a
-    hang-up (no task for ``work``) made each answer ~12 % cheaper, but woken polls read
-    the log a loop step sooner, before the sender's next message was in: one message per
-    answer instead of two, twice the answers, 245 instead of 139 µs of server CPU per
-    delivery (bench/README.md, "Long polling: the floor").
+    hang-up (no task for ``work``) made each answer ~12 % cheaper, but the answers went
+    out a loop step sooner and carried one message instead of two: twice the answers,
+    245 instead of 139 µs of server CPU per delivery (bench/README.md, "Long polling:
+    the floor").
     """
     waiting = asyncio.ensure_future(work)
     watching = asyncio.ensure_future(wait_disconnect(receive))
