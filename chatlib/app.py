@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute, request_response
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.protocol import State
@@ -115,17 +115,6 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
-async def messages(request: Request) -> Response:
-    hub: Hub = request.app.state.hub
-    if request.method == "POST":
-        return await post_message(request, hub)
-    # GET reaches this only if ChatApp's own path did not take it (e.g. under a root_path).
-    body = await poll(request.app.state, request.scope, request.receive)
-    if body is None:
-        return Response(status_code=499)  # nobody is listening any more
-    return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
-
-
 async def poll(state, scope, receive) -> bytes | None:
     """``GET /api/messages``: the JSON body of the 200 answer, or None if the client hung up
     while its long poll waited (499). Raises ChatError (4xx) and StoreUnavailable (503)."""
@@ -149,28 +138,39 @@ async def poll(state, scope, receive) -> bytes | None:
     return poll_answer(state, found, await hub.last_id(), reset)
 
 
-JSON_TYPE = (b"content-type", b"application/json")
-POLL_HEADERS = [JSON_TYPE, (b"cache-control", b"no-store")]
+POLL_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
 
 
-async def long_poll(state, scope, receive, send) -> None:
-    """``GET /api/messages`` as a raw ASGI app (see :class:`ChatApp`), behind the same
-    middleware (Guard, TokenGate) as every route, with the same answers as through
-    Starlette: the poll's JSON, 499 after a hang-up, ``{"error": ...}`` for a ChatError,
-    503 with ``Retry-After`` for StoreUnavailable. An unexpected exception is uvicorn's
-    (a 500 and a log line, as Starlette's ServerErrorMiddleware would give)."""
-    try:
-        body = await poll(state, scope, receive)
+class Messages:
+    """``/api/messages``: ``GET`` polls (long and short), ``POST`` posts.
+
+    A raw ASGI endpoint, for the polls' sake: a function endpoint would run Starlette's
+    ``Request``, ``Response`` and two exception-handling ``send`` wrappers for every
+    answer, which a poll needs none of. Its errors still go to the app's handlers
+    (ChatError's JSON, 503 with ``Retry-After``; nothing has been sent when they are
+    raised) and its answer goes to the server's own send (``RAW_SEND``, see
+    :class:`ChatApp`): server CPU per long-poll delivery about 0.9x a function
+    endpoint's at N=100 (bench/README.md, "Long polling: the floor"). A ``POST`` is an
+    ordinary Starlette endpoint.
+    """
+
+    def __init__(self) -> None:
+        self.post = request_response(post_message)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["method"] == "POST":
+            await self.post(scope, receive, send)
+            return
+        body = await poll(scope["app"].state, scope, receive)
         status, headers = (200, POLL_HEADERS) if body is not None else (499, [])
-    except ChatError as exc:
-        status, headers, body = exc.status, [JSON_TYPE], wire.dumps({"error": exc.error})
-    except StoreUnavailable as exc:
-        status, headers = 503, [JSON_TYPE, (b"retry-after", b"1")]
-        body = wire.dumps({"error": str(exc)})
-    body = body.encode() if isinstance(body, str) else body or b""
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, (b"content-length", b"%d" % len(body))]})
-    await send({"type": "http.response.body", "body": body})
+        body = body or b""
+        send = scope.get(RAW_SEND, send)
+        try:
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [*headers, (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+        except OSError:  # uvicorn's ClientDisconnected: nobody to answer
+            pass
 
 
 async def until_disconnected(receive, work):
@@ -213,12 +213,13 @@ def poll_answer(state, found: list, last_id: int, reset: bool) -> bytes:
     return answer
 
 
-async def post_message(request: Request, hub: Hub) -> Response:
+async def post_message(request: Request) -> Response:
     """201 and the stored message; a repeat of (user, client_id): 200 and the original.
 
     The client id comes in the body (``"client_id"``) or in an ``Idempotency-Key`` header
     (the IETF httpapi draft's name for it); both at once must agree.
     """
+    hub: Hub = request.app.state.hub
     data = await read_json(request, hub.limits)
     user = nickname(data, hub.limits)
     text = message_text(data, hub.limits)
@@ -701,28 +702,10 @@ class ChatApp(Starlette):
     matter for HTTP). Fanning out one message to N clients runs them N times; write_frames
     uses this ``send`` directly instead. Everything else (accept, receive, close, errors)
     still goes through Starlette's WebSocket, whose state is unaffected.
-
-    ``GET /api/messages`` (long and short polls) goes to :func:`long_poll`, a raw ASGI app
-    behind the same middleware, instead of Starlette's error middleware, router,
-    ``Request``, ``Response`` and send wrappers: server CPU per long-poll delivery
-    0.79x at N=100 (bench/README.md, "Long polling: the floor").
     """
-
-    poll_stack = None
 
     async def __call__(self, scope, receive, send) -> None:
         scope[RAW_SEND] = send
-        if scope["type"] == "http" and scope["path"] == "/api/messages" and (
-                scope["method"] == "GET" or scope["method"] == "HEAD"):
-            # Long polls skip Starlette's layers (error middleware, router, Request,
-            # Response and its two send wrappers) but not the middleware: Guard, TokenGate.
-            if self.poll_stack is None:
-                app = partial(long_poll, self.state)
-                for cls, args, kwargs in reversed(self.user_middleware):
-                    app = cls(app, *args, **kwargs)
-                self.poll_stack = app
-            await self.poll_stack(scope, receive, send)
-            return
         await super().__call__(scope, receive, send)
 
 
@@ -733,7 +716,7 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
     routes = [
         Route("/", index),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-        Route("/api/messages", messages, methods=["GET", "POST"]),
+        Route("/api/messages", Messages(), methods=["GET", "POST"]),
         Route("/api/typing", typing, methods=["POST"]),
         Route("/api/events", events),
         Route("/api/presence", presence),
