@@ -37,8 +37,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
+import socket
 import struct
 import time
 from functools import partial
@@ -61,8 +63,9 @@ class RawReceiver(asyncio.Protocol):
     busy and its own queueing, not the server, makes the tail latency. This one parses
     the server's frames in ``data_received`` (unmasked, unfragmented text frames; pings
     are answered, a close ends it) and hands each to ``deliver(raw, now)`` at once, so
-    that latency is the server's plus one ``json.loads``. Used for the receivers of
-    ``--mode open`` only (the sender, client #0, stays a websockets client).
+    that latency is the server's plus one ``json.loads``. ``--mode open`` uses its
+    subclass :class:`StampedReceiver` for the receivers (the sender, client #0, stays a
+    websockets client); bench/http_fanout.py uses it for its WebSocket rows.
     """
 
     def __init__(self, deliver, gone) -> None:
@@ -76,6 +79,10 @@ class RawReceiver(asyncio.Protocol):
     async def connect(cls, port: int, user: str, deliver, gone) -> RawReceiver:
         loop = asyncio.get_running_loop()
         _, self = await loop.create_connection(lambda: cls(deliver, gone), "127.0.0.1", port)
+        return await self._handshake(port, user)
+
+    async def _handshake(self, port: int, user: str) -> RawReceiver:
+        """The opening handshake, then chatlib's hello."""
         key = base64.b64encode(os.urandom(16)).decode()
         self.transport.write(
             f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
@@ -98,16 +105,23 @@ class RawReceiver(asyncio.Protocol):
         self.transport.write(head + mask + (int.from_bytes(data, "big") ^ key).to_bytes(n, "big"))
 
     def data_received(self, data: bytes) -> None:
-        now = time.monotonic_ns()
+        self.feed(data, (time.monotonic_ns(),))
+
+    def feed(self, data: bytes, stamps: tuple) -> int:
+        """Parse what arrived; each text frame completed goes to ``deliver(payload, *stamps)``.
+
+        Returns how many text frames this completed.
+        """
         buffer = self.buffer
+        frames = 0
         buffer += data
         if not self.opened.done():
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
-                return
+                return 0
             if not buffer.startswith(b"HTTP/1.1 101"):
                 self.opened.set_exception(RuntimeError(bytes(buffer[:200])))
-                return
+                return 0
             del buffer[:end + 4]
             self.opened.set_result(None)
         pos, size = 0, len(buffer)
@@ -125,7 +139,8 @@ class RawReceiver(asyncio.Protocol):
             pos = start + length
             opcode = first & 0x0F
             if opcode == 0x1:
-                self.deliver(payload, now)
+                self.deliver(payload, *stamps)
+                frames += 1
             elif opcode == 0x9:  # ping: pong (the baseline pings every 20 s)
                 self.send(0xA, payload)
             elif opcode == 0x8:
@@ -134,6 +149,7 @@ class RawReceiver(asyncio.Protocol):
                 self.transport.close()
                 break
         del buffer[:pos]
+        return frames
 
     def connection_lost(self, exc) -> None:
         if not self.closed:
@@ -145,6 +161,125 @@ class RawReceiver(asyncio.Protocol):
             self.closed = True  # ours: not the server closing early
             self.send(0x8, struct.pack("!H", 1000))
         self.transport.close()
+
+
+# The kernel's receive timestamps (socket(7)): Python's socket module does not name them.
+# 35 is SO_TIMESTAMPNS (= SCM_TIMESTAMPNS) in asm-generic/socket.h, the value on x86-64 and
+# arm64; its cmsg is a struct timespec (two C longs).
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@ll")
+CMSG_SPACE = socket.CMSG_SPACE(TIMESPEC.size)
+# One read buffer for all StampedReceivers (one read at a time, copied out at once). CPython's
+# recv(n)/recvmsg(n) allocate n bytes, then shrink them to what was read; for n = 256 KiB (as
+# asyncio's transports read, and as this did first) glibc may answer with mmap, mremap and
+# munmap: three system calls per read (strace: ~18,000 of each in a 2 s run at N=1000),
+# depending on whether the process's history has raised glibc's dynamic mmap threshold.
+# The load process was 78-86 % busy at N=1000 x 20/s that way, 49-51 % with this buffer.
+READ_BUFFER = [bytearray(262144)]
+READ_VIEW = memoryview(READ_BUFFER[0])
+
+
+def realtime_offset_ns() -> int:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC now, in ns, to within ~1 µs.
+
+    SO_TIMESTAMPNS stamps are CLOCK_REALTIME; the load process's send schedule and its own
+    receive times are CLOCK_MONOTONIC. The two clocks run at the same rate (NTP's frequency
+    adjustment slews both; only a step, e.g. settimeofday, moves REALTIME alone), so a stamp
+    minus this offset is a monotonic time. It is taken as the reading of REALTIME between two
+    of MONOTONIC closest together (of 20), and again at the end of the run to catch a step.
+    """
+    best = None
+    for _ in range(20):
+        before = time.monotonic_ns()
+        real = time.time_ns()
+        after = time.monotonic_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, real - (before + after) // 2)
+    return best[1]
+
+
+class _SocketWriter:
+    """The two transport methods RawReceiver uses, on a plain non-blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def write(self, data: bytes) -> None:
+        # Only the handshake and control frames (< 300 bytes) are written, into a send buffer
+        # that nothing else fills: send() takes them whole.
+        with contextlib.suppress(OSError):  # gone: the reader sees EOF or the close frame
+            self.sock.send(data)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+class StampedReceiver(RawReceiver):
+    """RawReceiver that also hands over when the kernel received the bytes.
+
+    Latency measured where the load process reads a frame includes the load process's own
+    queue: at N=1000 it reads 1,000 copies of each message, ~20 µs each, on one core, so the
+    last copy is read ~20 ms after it arrived whatever the server did. The kernel stamps
+    each incoming segment when it enters the receive path (SO_TIMESTAMPNS; on 127.0.0.1 that
+    is inside the server's ``send()``, on the server's core) and ``recvmsg`` returns, with
+    the bytes, the stamp of the *last* segment it copied: the one that completed the last
+    frame of the read. So ``deliver(payload, now, kernel)`` gets the application's receive
+    time ``now`` and the kernel's ``kernel`` (monotonic ns, see :func:`realtime_offset_ns`;
+    None if the read carried no stamp). A frame read together with a later one gets the later
+    one's stamp (an upper bound: its latency can only be overstated); ``shared_reads`` counts
+    such frames. asyncio's transports do not pass ancillary data, hence a socket of its own,
+    read with ``loop.add_reader`` and ``recvmsg`` (the same one system call per read).
+    """
+
+    offset_ns = 0  # CLOCK_REALTIME - CLOCK_MONOTONIC, set by the load before connecting
+
+    def __init__(self, deliver, gone) -> None:
+        super().__init__(deliver, gone)
+        self.sock: socket.socket | None = None
+        self.shared_reads = self.unstamped_reads = 0
+
+    @classmethod
+    async def connect(cls, port: int, user: str, deliver, gone) -> StampedReceiver:
+        loop = asyncio.get_running_loop()
+        self = cls(deliver, gone)
+        self.sock = sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio's
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+        except BaseException:
+            sock.close()
+            raise
+        self.transport = _SocketWriter(sock)
+        loop.add_reader(sock.fileno(), self._read_ready)
+        return await self._handshake(port, user)
+
+    def _read_ready(self) -> None:
+        try:
+            size, ancillary, _, _ = self.sock.recvmsg_into(READ_BUFFER, CMSG_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            size, ancillary = 0, []
+        now = time.monotonic_ns()
+        data = READ_VIEW[:size]  # feed() copies it into the connection's buffer at once
+        if not size:  # EOF or reset
+            self.transport.close()
+            self.connection_lost(None)
+            return
+        kernel = None
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = TIMESPEC.unpack(value)
+                kernel = sec * 1_000_000_000 + nsec - self.offset_ns
+        if kernel is None:
+            self.unstamped_reads += 1
+        frames = self.feed(data, (now, kernel))
+        if frames > 1:
+            self.shared_reads += frames - 1
 
 
 def proc_cpu(pid: int) -> tuple[float, float, float]:
@@ -213,6 +348,36 @@ def summary(n, m, delivered, lat_ns, t0, t_end, cpu0, cpu1, my0, my1, sys0, sys1
     )
 
 
+def kernel_arrival(kern_lat: list[int], gap_by_decile: list[list[int]], first_kern: list[int],
+                   last_kern: list[int]) -> dict:
+    """Open mode's second view of latency, from the kernel's receive stamps (ms).
+
+    ``kern_*``: kernel arrival - due, the server's delivery latency without the load
+    process's queue. ``gap_*``: application receive time - kernel arrival, the load
+    process's queue, overall and by the delivery's place in its message's read order
+    (deciles: the first 10 % of receivers to read it, ..., the last 10 %). ``first_*``: the
+    earliest kernel arrival - due, per message (the server's reaction time); ``spread_*``:
+    latest - earliest kernel arrival per message, how long the server took to write it to
+    everyone.
+    """
+    kern_lat.sort()
+    gaps = sorted(g for decile in gap_by_decile for g in decile)
+    got = [i for i, first in enumerate(first_kern) if first is not None]  # seen with a stamp
+    firsts = sorted(first_kern[i] for i in got)
+    spreads = sorted(last_kern[i] - first_kern[i] for i in got)
+    ms = 1e6
+    return dict(
+        kern_n=len(kern_lat),
+        kern_p50_ms=percentile(kern_lat, 50) / ms, kern_p99_ms=percentile(kern_lat, 99) / ms,
+        kern_p999_ms=percentile(kern_lat, 99.9) / ms, kern_max_ms=kern_lat[-1] / ms,
+        gap_p50_ms=percentile(gaps, 50) / ms, gap_p99_ms=percentile(gaps, 99) / ms,
+        gap_by_decile_p50_ms=[percentile(sorted(d), 50) / ms for d in gap_by_decile],
+        first_p50_ms=percentile(firsts, 50) / ms, first_p99_ms=percentile(firsts, 99) / ms,
+        spread_p50_ms=percentile(spreads, 50) / ms, spread_p99_ms=percentile(spreads, 99) / ms,
+        spread_max_ms=spreads[-1] / ms if spreads else float("nan"),
+    )
+
+
 async def timed_phase(send_all, all_done: asyncio.Event, timeout: float, server_pid: int):
     """Run ``send_all()`` until every delivery is in (``all_done``) or ``timeout`` passes.
 
@@ -244,10 +409,10 @@ async def run(a: argparse.Namespace) -> dict:
         return f"load{i}" if a.users == "distinct" else "load"
 
     async def open_one(i: int) -> None:
-        if a.mode == "open" and i > 0:  # receivers only: see RawReceiver
+        if a.mode == "open" and i > 0:  # receivers only: see RawReceiver, StampedReceiver
             async with gate:
-                conns[i] = await RawReceiver.connect(a.port, nickname(i), partial(deliver, i),
-                                                     partial(gone, i))
+                conns[i] = await StampedReceiver.connect(a.port, nickname(i),
+                                                         partial(deliver, i), partial(gone, i))
             return
         async with gate:
             ws = await connect(url, compression=compression, ping_interval=None,
@@ -269,9 +434,30 @@ async def run(a: argparse.Namespace) -> dict:
 
     loads, record = json.loads, lat.append
     closed_mode = a.mode == "closed"
+    # Open mode, StampedReceivers only: when the kernel received each delivery.
+    kern_lat: list[int] = []  # kernel arrival - due
+    readers_before = [0] * m  # per message: receivers that read it so far (its read order)
+    first_kern: list = [None] * m  # per message: earliest kernel latency ...
+    last_kern: list = [None] * m  # ... and latest
+    gap_by_decile: list[list[int]] = [[] for _ in range(10)]  # app - kernel, by read order
 
-    def deliver(i: int, raw, now: int) -> None:
-        """One frame received by client ``i`` at ``now`` (monotonic ns)."""
+    def stamped(seq: int, due: int, now: int, kernel: int) -> None:
+        """Bookkeeping of one delivery whose kernel arrival time is known."""
+        latency = kernel - due
+        kern_lat.append(latency)
+        position = readers_before[seq]
+        readers_before[seq] = position + 1
+        gap_by_decile[position * 10 // n].append(now - kernel)
+        if position == 0:
+            first_kern[seq] = last_kern[seq] = latency
+        elif latency < first_kern[seq]:
+            first_kern[seq] = latency
+        elif latency > last_kern[seq]:
+            last_kern[seq] = latency
+
+    def deliver(i: int, raw, now: int, kernel: int | None = None) -> None:
+        """One frame received by client ``i`` at ``now`` (monotonic ns), which the kernel
+        received at ``kernel`` (monotonic ns; StampedReceivers only)."""
         frame = loads(raw)
         if frame.get("type") != "message":
             other_frames[0] += 1  # presence, typing, error
@@ -281,7 +467,10 @@ async def run(a: argparse.Namespace) -> dict:
             synced[i] = True
             return
         _, seq, ts, _ = text.split(" ", 3)
-        record(now - int(ts))
+        due = int(ts)
+        record(now - due)
+        if kernel is not None:
+            stamped(int(seq), due, now, kernel)
         got[i] += 1
         last_recv[i] = now
         if closed_mode:
@@ -313,6 +502,7 @@ async def run(a: argparse.Namespace) -> dict:
 
     t_c0 = time.monotonic()
     readers = []
+    StampedReceiver.offset_ns = offset0 = realtime_offset_ns()
     try:
         await asyncio.wait_for(asyncio.gather(*(open_one(i) for i in range(n))), a.timeout)
         connect_s = time.monotonic() - t_c0
@@ -377,6 +567,12 @@ async def run(a: argparse.Namespace) -> dict:
             lags.sort()
             res.update(rate=a.rate, send_lag_p50_ms=percentile(lags, 50) / 1e6,
                        send_lag_p99_ms=percentile(lags, 99) / 1e6)
+        if kern_lat:
+            stamped_conns = [c for c in conns if isinstance(c, StampedReceiver)]
+            res.update(kernel_arrival(kern_lat, gap_by_decile, first_kern, last_kern),
+                       clock_step_us=(realtime_offset_ns() - offset0) / 1e3,
+                       shared_reads=sum(c.shared_reads for c in stamped_conns),
+                       unstamped_reads=sum(c.unstamped_reads for c in stamped_conns))
         res.update(mode=a.mode, compression=a.compression, negotiated_ext=ext,
                    users=a.users, connect_s=round(connect_s, 3), ready_s=round(ready_s, 3),
                    timed_out=timed_out,
