@@ -30,6 +30,11 @@ def start(where: str, port: int) -> subprocess.Popen:
     return fanout.start_command(cmd, f"chatlib in {where}", cwd=where)
 
 
+def segments(r: dict) -> float:
+    """TCP segments sent on the machine (data and ACKs, both ways) per delivery."""
+    return r.get("counters", {}).get("OutSegs", float("nan")) / max(r["delivered"], 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stacks", nargs="+", help="chatlib checkout directories, or 'baseline'")
@@ -41,6 +46,7 @@ def main() -> None:
                    help="longpoll, sse: bench/http_fanout.py's load (burst only)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--port", type=int, default=19100)
+    p.add_argument("--jsonl", help="append every run's record (with its 'stack') to this file")
     a = p.parse_args()
     stacks = [s if s == "baseline" else os.path.abspath(s) for s in a.stacks]
     results: dict[str, list[dict]] = {s: [] for s in stacks}
@@ -65,6 +71,9 @@ def main() -> None:
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             results[where].append(r)
+            if a.jsonl:
+                with open(a.jsonl, "a") as f:
+                    f.write(json.dumps({"stack": where, "rep": rep, **r}) + "\n")
             print(f"rep {rep} {where[-32:]:>32}: {r['deliveries_per_s']:>9,.0f} del/s "
                   f"p50 {r['lat_p50_ms']:.2f} p99 {r['lat_p99_ms']:.2f} ms "
                   f"{r['server_cpu_us_per_delivery']:.2f} µs/delivery "
@@ -75,15 +84,20 @@ def main() -> None:
     last = results[stacks[-1]]
     base_cpu = med([r["server_cpu_us_per_delivery"] for r in last]) if last else float("nan")
     print(f"\n{a.transport} N={a.n} M={a.m} {a.mode}, medians of {a.reps}:")
-    print("| server | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | × last |\n"
-          "|---|---:|---:|---:|---:|---:|")
+    # CPU (user+sys): the split from /proc/PID/stat ticks (10 ms), medians of each. TCP
+    # segments: all of the machine's (load_client.kernel_counters), per delivery.
+    print("| server | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery (user+sys) "
+          "| × last | TCP segments/delivery |\n|---|---:|---:|---:|---:|---:|---:|")
     for where, rr in results.items():
         if rr:
             cpu = med([r["server_cpu_us_per_delivery"] for r in rr])
             print(f"| {where} | {med([r['deliveries_per_s'] for r in rr]):,.0f} "
                   f"| {med([r['lat_p50_ms'] for r in rr]):.2f} "
                   f"| {med([r['lat_p99_ms'] for r in rr]):.2f} | {cpu:.2f} "
-                  f"| {cpu / base_cpu:.2f} |")
+                  f"({med([r['server_user_us_per_delivery'] for r in rr]):.1f}"
+                  f"+{med([r['server_sys_us_per_delivery'] for r in rr]):.1f}) "
+                  f"| {cpu / base_cpu:.2f} "
+                  f"| {med([segments(r) for r in rr]):.2f} |")
 
 
 if __name__ == "__main__":

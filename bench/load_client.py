@@ -320,6 +320,40 @@ def status_kb(pid: int, key: str = "VmRSS") -> int | None:
     return None
 
 
+def kernel_counters(pid: int) -> dict[str, int]:
+    """Counters that explain a run's system time: the machine's TCP segments and ACKs
+    (/proc/net/snmp, /proc/net/netstat; machine-wide, so read them on a quiet machine), and
+    the server's context switches (a voluntary one is its event loop sleeping in epoll).
+    (/proc/PID/io's syscw does not count ``send()`` on a socket: it stays 0 here.)"""
+    out: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if "ctxt_switches:" in line:
+                key, value = line.split(":")
+                out[f"server_{key.split('_')[0]}_switches"] = int(value)
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        with contextlib.suppress(OSError), open(path) as f:
+            lines = f.read().splitlines()
+            for names, values in zip(lines[::2], lines[1::2], strict=False):
+                kind, names = names.split(":")
+                for name, value in zip(names.split(), values.split(":")[1].split(),
+                                       strict=False):
+                    if (kind, name) in _TCP_COUNTERS:
+                        out[name] = int(value)
+    return out
+
+
+_TCP_COUNTERS = {("Tcp", "OutSegs"), ("Tcp", "InSegs"), ("TcpExt", "DelayedACKs"),
+                 ("TcpExt", "TCPHPAcks"), ("TcpExt", "TCPPureAcks"), ("TcpExt", "TCPHPHits"),
+                 ("TcpExt", "TCPBacklogCoalesce"), ("TcpExt", "TCPRcvCoalesce"),
+                 ("TcpExt", "TCPDelivered")}
+
+
+def counters_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """What happened between two :func:`kernel_counters` readings."""
+    return {key: after[key] - before[key] for key in before if key in after}
+
+
 def percentile(sorted_values: list, p: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -523,6 +557,7 @@ async def run(a: argparse.Namespace) -> dict:
         await asyncio.sleep(0.3)  # let in-flight sync copies drain
         rss_connected = status_kb(a.server_pid)
 
+        counters0 = kernel_counters(a.server_pid)
         cpu0, my0, sys0 = proc_cpu(a.server_pid), time.process_time(), system_busy_s()
         t0 = time.monotonic_ns()
 
@@ -560,6 +595,7 @@ async def run(a: argparse.Namespace) -> dict:
 
         timed_out, t_stop, (cpu1, my1, sys1) = await timed_phase(
             send_all, all_done, deadline - loop.time(), a.server_pid)
+        counters = counters_delta(counters0, kernel_counters(a.server_pid))
         t_end = max(last_recv) if any(last_recv) else t_stop
         rss_after = status_kb(a.server_pid)
         res = summary(n, m, sum(got), lat, t0, t_end, cpu0, cpu1, my0, my1, sys0, sys1)
@@ -578,7 +614,7 @@ async def run(a: argparse.Namespace) -> dict:
                    timed_out=timed_out,
                    server_VmRSS_connected_kB=rss_connected, server_VmRSS_after_kB=rss_after,
                    early_closes=len(closes), early_close_codes=sorted({c for _, c in closes}),
-                   other_frames=other_frames[0])
+                   other_frames=other_frames[0], counters=counters)
         return res
     finally:
         for task in readers:

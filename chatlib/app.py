@@ -321,10 +321,11 @@ async def wait_disconnect(receive) -> None:
             return
 
 
-def sse_sink(cycle) -> Callable[[str], bool] | None:
-    """A function that writes one SSE event on uvicorn's h11 request ``cycle`` at once and
-    returns True, or returns False when it must not now (see :func:`direct_sink`); None
-    for any other server (the stream then sends everything through ASGI).
+def sse_sink(cycle) -> Callable[[tuple[str, ...]], bool] | None:
+    """A function that writes SSE events (one or more, in one chunk) on uvicorn's h11
+    request ``cycle`` at once and returns True, or returns False when it must not now (see
+    :func:`direct_sink`); None for any other server (the stream then sends everything
+    through ASGI).
 
     It writes only while uvicorn's ``send`` would write without waiting (not paused by
     flow control) and the response is still streaming: h11 in its body state, the client
@@ -341,11 +342,11 @@ def sse_sink(cycle) -> Callable[[str], bool] | None:
         return None
     write, is_closing = transport.write, transport.is_closing
 
-    def sink(payload: str) -> bool:
+    def sink(payloads: tuple[str, ...]) -> bool:
         if (flow.write_paused or cycle.disconnected or conn.our_state is not h11.SEND_BODY
                 or is_closing()):
             return False
-        write(http_chunk(payload))
+        write(http_chunks(payloads))
         return True
 
     return sink
@@ -363,6 +364,19 @@ def http_chunk(payload: str) -> bytes:
     data = payload.encode()
     chunk = b"%x\r\n%b\r\n" % (len(data), data)
     _last_chunk = (payload, chunk)
+    return chunk
+
+
+_last_chunks: tuple[tuple[str, ...] | None, bytes] = (None, b"")
+
+
+def http_chunks(payloads: tuple[str, ...]) -> bytes:
+    """The events of ``payloads`` as one chunk, the last one kept (as :func:`text_frames`)."""
+    global _last_chunks
+    if payloads is _last_chunks[0]:
+        return _last_chunks[1]
+    chunk = http_chunk(payloads[0] if len(payloads) == 1 else "".join(payloads))
+    _last_chunks = (payloads, chunk)
     return chunk
 
 
@@ -486,10 +500,11 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, rese
             await ws.close(TRY_AGAIN_LATER)
 
 
-def direct_sink(protocol) -> Callable[[str], bool] | None:
-    """A function that writes one text frame on ``protocol`` (uvicorn's websockets-sansio
-    protocol) at once and returns True, or returns False when it must not now; None for
-    any other server (the writer then sends everything, through ASGI).
+def direct_sink(protocol) -> Callable[[tuple[str, ...]], bool] | None:
+    """A function that writes text frames (one per payload, in one ``write``) on
+    ``protocol`` (uvicorn's websockets-sansio protocol) at once and returns True, or
+    returns False when it must not now; None for any other server (the writer then sends
+    everything, through ASGI).
 
     It writes only while uvicorn's ``send`` would write without waiting: not paused by
     flow control (``writable``, cleared when asyncio's buffer passes its high-water mark),
@@ -499,9 +514,10 @@ def direct_sink(protocol) -> Callable[[str], bool] | None:
     stops reading still fills its queue (1013) or is reset by :class:`StuckWatch`.
 
     Without an extension (no permessage-deflate) the frame is the same bytes for every
-    client (a server's frames are not masked, RFC 6455 5.1): :func:`text_frame` builds it
-    once per message. With permessage-deflate each connection compresses with its own
-    context, through websockets as uvicorn does.
+    client (a server's frames are not masked, RFC 6455 5.1): :func:`text_frames` builds
+    them once per message (or group of messages, see :func:`chatlib.hub.put_group`). With
+    permessage-deflate each connection compresses with its own context, through websockets
+    as uvicorn does.
     """
     conn = getattr(protocol, "conn", None)
     transport = getattr(protocol, "transport", None)
@@ -512,14 +528,15 @@ def direct_sink(protocol) -> Callable[[str], bool] | None:
     plain = not conn.extensions
     write, is_closing, is_writable = transport.write, transport.is_closing, writable.is_set
 
-    def sink(payload: str) -> bool:
+    def sink(payloads: tuple[str, ...]) -> bool:
         if (not is_writable() or protocol.close_sent or conn.state is not WS_OPEN
                 or conn.writes or is_closing()):
             return False
         if plain:
-            write(text_frame(payload))
+            write(text_frames(payloads))
         else:
-            conn.send_text(payload.encode())
+            for payload in payloads:
+                conn.send_text(payload.encode())
             write(b"".join(conn.data_to_send()))
         return True
 
@@ -542,6 +559,20 @@ def text_frame(payload: str) -> bytes:
     frame = frames.text(payload, mask_key=None)  # the course's own encoder (chapter 6)
     _last_frame = (payload, frame)
     return frame
+
+
+_last_frames: tuple[tuple[str, ...] | None, bytes] = (None, b"")
+
+
+def text_frames(payloads: tuple[str, ...]) -> bytes:
+    """The frames of ``payloads`` (the hub's tuple, the same object for every client of a
+    fan-out), joined, the last ones kept (as :func:`text_frame`)."""
+    global _last_frames
+    if payloads is _last_frames[0]:
+        return _last_frames[1]
+    data = text_frame(payloads[0]) if len(payloads) == 1 else b"".join(map(text_frame, payloads))
+    _last_frames = (payloads, data)
+    return data
 
 
 def writer_done(ws: WebSocket, writer: asyncio.Task) -> None:

@@ -55,10 +55,11 @@ class Outbox:
         self.close_code = 0
         self.on_close: Callable[[int], None] | None = None
         """Called with the close code when the outbox closes (the transport's business)."""
-        self.sink: Callable[[str], bool] | None = None
-        """Set by the transport: writes one payload now and returns True, or returns False
-        (cannot write now: the payload is queued for the writer instead)."""
-        self.direct: Callable[[str], bool] | None = None
+        self.sink: Callable[[tuple[str, ...]], bool] | None = None
+        """Set by the transport: writes the payloads now (in order, one write) and returns
+        True, or returns False (cannot write now: they are queued for the writer instead).
+        The tuple is the same object for every client of a fan-out (a cache key)."""
+        self.direct: Callable[[tuple[str, ...]], bool] | None = None
         """``sink`` while the writer is idle in :meth:`get` (nothing queued, nothing in
         flight): only then may a payload skip the queue without overtaking older ones."""
         self.sent = 0
@@ -115,6 +116,7 @@ def put_all(outboxes, item: tuple[int, str]) -> None:
     history (id <= ``sent``) is queued, for the writer to skip.
     """
     message_id, payload = item
+    payloads = (payload,)  # one tuple for every client: the sink's frame cache keys on it
     for outbox in outboxes:
         if outbox.closed:
             continue
@@ -122,7 +124,7 @@ def put_all(outboxes, item: tuple[int, str]) -> None:
         if not items:
             direct = outbox.direct
             if (direct is not None and (not message_id or message_id > outbox.sent)
-                    and direct(payload)):
+                    and direct(payloads)):
                 continue
         elif len(items) >= outbox.limit:
             outbox.close(TRY_AGAIN_LATER)  # too slow: don't let it hold the others back
@@ -134,6 +136,36 @@ def put_all(outboxes, item: tuple[int, str]) -> None:
             outbox._ready.set()
 
 
+def put_group(outboxes, items: list[tuple[int, str]]) -> None:
+    """``put_all(outboxes, item)`` for each of ``items`` (in order), client by client: an
+    idle client gets all of them in one write (one ``send()``, one TCP segment).
+
+    This is what a burst costs the kernel: on loopback the server's ``send()`` also runs
+    the receiving socket's TCP input and its ACK, so a delivery costs per *segment*, and
+    one frame to each client in turn (message by message) is one segment, and about one
+    ACK, per delivery (bench/README.md, "The burst at N=1000").
+    """
+    payloads = tuple(payload for _, payload in items)  # shared by all: see Outbox.sink
+    first = next((message_id for message_id, _ in items if message_id), 0)  # ids only grow
+    for outbox in outboxes:
+        if outbox.closed:
+            continue
+        queue = outbox._items
+        was_empty = not queue
+        if was_empty:
+            direct = outbox.direct
+            if direct is not None and (not first or first > outbox.sent) and direct(payloads):
+                continue
+        for item in items:
+            if queue and len(queue) >= outbox.limit:
+                outbox.close(TRY_AGAIN_LATER)  # too slow: don't let it hold the others back
+                break
+            queue.append(item)
+        else:
+            if was_empty:
+                outbox._ready.set()
+
+
 FANOUT_SLICE = 256
 """Deliveries one event-loop step makes before the loop may run anything else.
 
@@ -142,6 +174,10 @@ in a Jupyter kernel with 5,000 clients one message held the loop ~50 ms, and a c
 waiting behind it took as long (``1+1``: p99 71-180 ms at 10 messages/s, bench/classroom.py).
 Bigger fan-outs go in slices of this many clients, one per loop step, all of one
 message's before the next message's (see :meth:`Hub._fan_out`)."""
+
+FANOUT_GROUP = 32
+"""At most this many fan-outs waiting for the same clients go out together, client by
+client (:func:`put_group`): a burst's frames to one client in one write."""
 
 
 class Hub:
@@ -162,7 +198,10 @@ class Hub:
         self._presence_due: asyncio.TimerHandle | None = None
         self._published = 0  # every message up to this id has been fanned out
         self._fanning: deque[tuple[list[Outbox], tuple[int, str]]] = deque()  # _fan_out
-        self._fanned = 0  # outboxes of _fanning[0] done
+        self._fanned = 0  # outboxes of _fanning[0] done (of each fan-out of the group)
+        self._group: list[tuple[int, str]] = []  # the items of _fanning's first fan-outs
+        self._roster = 0  # changes of _outboxes (subscribe, unsubscribe)
+        self._snapshot: tuple[set[Outbox] | None, int, list[Outbox]] = (None, -1, [])
         self._publishing = asyncio.Lock()
         self._follower: asyncio.Task | None = None
         self._pushed = False  # the log tells us about every message (RedisLog.follow)
@@ -338,20 +377,45 @@ class Hub:
         if not self._fanning and len(outboxes) <= FANOUT_SLICE:
             put_all(outboxes, item)
             return
-        self._fanning.append((list(outboxes), item))
+        # Fan-outs to the same clients share one snapshot, so that a burst's can go out
+        # together (see _fan_out_step).
+        snapshot_of, roster, snapshot = self._snapshot
+        if snapshot_of is not outboxes or roster != self._roster:
+            snapshot = list(outboxes)
+            self._snapshot = (outboxes, self._roster, snapshot)
+        self._fanning.append((snapshot, item))
         if len(self._fanning) == 1:  # else a step is already scheduled
             self._fan_out_step()
 
     def _fan_out_step(self) -> None:
+        """One slice: :data:`FANOUT_SLICE` deliveries, then the next step is scheduled.
+
+        The first fan-outs of the queue that go to the same snapshot (a burst, published
+        while an earlier one was still going out) make a group, up to :data:`FANOUT_GROUP`:
+        each client of the slice gets the whole group at once (:func:`put_group`). Every
+        client still gets the messages in order, and a fan-out queued later (an ack, a
+        client that joined) still waits for the group to end.
+        """
         budget = FANOUT_SLICE
         while self._fanning and budget > 0:  # bounded: every turn spends budget or pops
-            outboxes, item = self._fanning[0]
+            outboxes = self._fanning[0][0]
             start = self._fanned
-            chunk = outboxes[start:start + budget]
-            put_all(chunk, item)
-            budget -= len(chunk)
+            if not start:  # a new group: the leading fan-outs to the same snapshot
+                group = self._group = []
+                for snapshot, item in self._fanning:
+                    if snapshot is not outboxes or len(group) == FANOUT_GROUP:
+                        break
+                    group.append(item)
+            group = self._group
+            chunk = outboxes[start:start + max(1, budget // len(group))]
+            if len(group) == 1:
+                put_all(chunk, group[0])
+            else:
+                put_group(chunk, group)
+            budget -= len(chunk) * len(group)
             if start + len(chunk) >= len(outboxes):
-                self._fanning.popleft()
+                for _ in group:
+                    self._fanning.popleft()
                 self._fanned = 0
             else:
                 self._fanned = start + len(chunk)
@@ -374,6 +438,7 @@ class Hub:
         """A new push client; ``user`` may be "" for a reader that is not in the chat."""
         outbox = Outbox(kind, user, self.limits.max_queue)
         self._outboxes[kind].add(outbox)
+        self._roster += 1
         if user:
             if user in self._presence_sent:  # a second tab: the list won't change; tell it
                 outbox.put(0, self._payloads("presence", self._presence_data)[kind])
@@ -384,6 +449,7 @@ class Hub:
     def unsubscribe(self, outbox: Outbox) -> None:
         if outbox in self._outboxes[outbox.kind]:
             self._outboxes[outbox.kind].discard(outbox)
+            self._roster += 1
             if outbox.user:
                 self._connected[outbox.user] -= 1
                 if self._connected[outbox.user] <= 0:
@@ -469,6 +535,7 @@ class Hub:
         if self._presence_due is not None:
             self._presence_due.cancel()
         self._fanning.clear()
+        self._fanned = 0
         for outboxes in self._outboxes.values():
             for outbox in outboxes:
                 outbox.close(code)

@@ -157,14 +157,16 @@ class FakeConnection:
         self.gate = asyncio.Event()
         self.gate.set()
         self.in_flight: list[str] = []
+        self.writes = 0  # sink calls
         outbox.sink = self.sink
         self.writer = asyncio.create_task(self.write(hub.push(outbox, cursor, False)))
 
-    def sink(self, payload: str) -> bool:
+    def sink(self, payloads: tuple[str, ...]) -> bool:
         if not self.writable:
             return False
-        self.direct.append(payload)
-        self.wire.append(payload)
+        self.direct += payloads
+        self.wire += payloads
+        self.writes += 1
         return True
 
     async def write(self, batches) -> None:
@@ -265,6 +267,33 @@ async def test_an_ack_never_overtakes_its_message_in_a_sliced_fan_out(monkeypatc
     await until(lambda: not hub._fanning)
     for outbox in room:
         assert [json.loads(p)["type"] for _, p in await drain(outbox)] == ["message", "ack"]
+    hub.close()
+
+
+async def test_a_burst_to_a_sliced_room_goes_out_client_by_client(monkeypatch):
+    """Messages published while a sliced fan-out is still going out go out together
+    (hub.put_group): each idle client gets them in one write, in order; a stuck client
+    still overflows (1013) without holding the others; an ack still comes after them."""
+    monkeypatch.setattr(hub_module, "FANOUT_SLICE", 3)
+    hub = Hub(MemoryLog(), Limits(presence_interval=0, max_queue=3))
+    await hub.start()
+    room = [FakeConnection(hub, hub.subscribe("ws", "")) for _ in range(10)]
+    await idle(*room)
+    stuck = room[4]
+    stuck.writable = False
+    stuck.gate.clear()
+    for i in range(6):  # one loop step: "0" starts going out (one slice), 1-5 wait for it
+        await hub.post("ada", str(i))
+    hub.tell(room[0].outbox, wire.ws_event("ack", {"id": 6}))
+    await until(lambda: not hub._fanning)
+    for client in room:
+        if client is not stuck:
+            assert client.texts() == [str(i) for i in range(6)]
+            assert client.writes == 2 + (client is room[0])  # "0", then 1-5 (then the ack)
+    assert json.loads(room[0].wire[-1])["type"] == "ack"
+    assert stuck.outbox.closed and stuck.outbox.close_code == 1013
+    for client in room:
+        client.writer.cancel()
     hub.close()
 
 
