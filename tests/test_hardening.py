@@ -394,16 +394,17 @@ async def test_a_failing_writer_is_logged_and_closes_1011(server, monkeypatch, c
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536])
 def test_the_shared_frame_of_a_direct_write_is_a_whole_text_frame(size):
-    """text_frame() keeps the last frame it built: the cache must never answer for another
+    """text_frames() keeps the last frames it built: the cache must never answer for another
     payload (the empty one included) and the bytes are a server's unmasked text frame."""
     from chatlib import frames
-    from chatlib.app import text_frame
+    from chatlib.app import text_frames
 
-    text_frame("warm the cache")
+    text_frames(("warm the cache",))
     payload = "é" * (size // 2) + "x" * (size % 2)
-    frame = text_frame(payload)
+    payloads = (payload,)
+    frame = text_frames(payloads)
     assert frames.decode(frame, max_size=None, masked=False)[0].payload == payload.encode()
-    assert text_frame(payload) is frame  # one frame for every client of a fan-out
+    assert text_frames(payloads) is frame  # one frame for every client of a fan-out
 
 
 def test_the_first_direct_frame_of_a_fresh_server_may_be_empty():
@@ -411,8 +412,8 @@ def test_the_first_direct_frame_of_a_fresh_server_may_be_empty():
     import subprocess
     import sys
 
-    code = ("from chatlib.app import text_frame, http_chunk; "
-            "print(text_frame('').hex(), http_chunk('').hex())")
+    code = ("from chatlib.app import text_frames, http_chunks; "
+            "print(text_frames(('',)).hex(), http_chunks(('',)).hex())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert out == ["8100", b"0\r\n\r\n".hex()]
