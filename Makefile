@@ -6,7 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian's Chromium: Playwright drives it (we never download a browser of Playwright's own).
+# Exported: chatlib.browser, the tests and the notebooks' kernels use the same binary.
 CHROMIUM ?= /usr/bin/chromium
+export CHROMIUM
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Jupyter refuses to run as root (containers, some cloud VMs) unless told it may.
 LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
