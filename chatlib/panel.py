@@ -36,6 +36,7 @@ import traitlets
 
 from .clients import ChatRefused, LongPollClient, PollingClient, SSEClient, WebSocketClient
 from .store import Message
+from .validation import printable
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class ChatPanel(anywidget.AnyWidget):
 
     def _snapshot_html(self, last: int = 10) -> str:
         rows = "".join(
-            f"<li><b>{html.escape(m['user'])}</b>: {html.escape(m['text'])}</li>"
+            f"<li><b>{html.escape(m['user'])}</b>: {html.escape(printable(m['text']))}</li>"
             for m in self.history[-last:])
         return (
             '<div class="chatlib-snapshot" style="border:1px solid #bbb;border-radius:6px;'

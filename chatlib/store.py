@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .validation import printable
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -47,6 +49,10 @@ class Message:
     user: str
     text: str
     client_id: str | None = None
+
+    def __str__(self) -> str:
+        """``#id user: text``, safe to print: see :func:`chatlib.validation.printable`."""
+        return f"#{self.id} {printable(self.user)}: {printable(self.text)}"
 
     def to_dict(self) -> dict:
         # Spelled out rather than dataclasses.asdict(), which copies field by field

@@ -58,15 +58,35 @@ def _string(data: dict, field: str, limit: int) -> str:
     return value
 
 
-# Characters that are letters or symbols to Unicode yet draw nothing (Hangul fillers, the
-# blank Braille pattern): a name of only these would look empty.
-INVISIBLE = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+# Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt, Unicode 15.1):
+# characters a renderer shows as nothing when it does not support them, and often when it
+# does (variation selectors, joiners, Hangul fillers, Mongolian selectors, tags). Python's
+# unicodedata has no accessor for the property, hence the table. A name containing one
+# looks like the same name without it: "admin\u2800" or "ad\u034fmin" render as "admin".
+DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
+# Not default-ignorable, yet blank in every font: the Braille pattern with no dots.
+FILLERS = "\u2800"
+INVISIBLE = frozenset(FILLERS).union(
+    chr(code) for low, high in DEFAULT_IGNORABLE for code in range(low, high + 1))
+
+
+def invisible(c: str) -> bool:
+    """Does ``c`` draw nothing: a default-ignorable code point or a filler."""
+    return c in INVISIBLE
+
+
 # Categories refused anywhere in a nickname: Cc control (incl. C1, U+0085), Cf format
 # (zero-width space/joiners, bidi overrides U+202A-202E and isolates U+2066-2069, tags
 # U+E0000-E007F, soft hyphen U+00AD, BOM), Zl/Zp line and paragraph separators, Co
 # private use, Cs surrogates, Cn unassigned: all can hide or disguise what a name says.
 REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
-# What draws nothing on its own: combining marks, variation selectors (Mn), spaces.
+# What draws nothing on its own: combining marks, spaces.
 BLANK_CATEGORIES = frozenset({"Mn", "Me", "Zs"})
 
 
@@ -76,7 +96,8 @@ def nickname(data: dict, limits: Limits) -> str:
     NFKC folds look-alike forms (fullwidth "ａｌｉｃｅ", ligatures, superscripts) into one
     spelling, so "ａｌｉｃｅ" *is* "alice". Refused (400), with the reason and the code
     point: control, format, separator and unassigned characters (see REFUSED_CATEGORIES),
-    and names that would render empty (only marks, spaces and invisible letters).
+    every default-ignorable code point and filler (:func:`invisible`: "admin" followed by
+    U+2800 would be a second "admin" on screen), and names that would render empty.
     """
     too_long = ChatError(413, f"user is longer than {limits.max_user} characters")
     try:
@@ -86,18 +107,57 @@ def nickname(data: dict, limits: Limits) -> str:
     user = unicodedata.normalize("NFKC", user).strip()
     for c in user:
         category = unicodedata.category(c)
-        if category in REFUSED_CATEGORIES:
+        if category in REFUSED_CATEGORIES or invisible(c):
             kind = "a control" if category == "Cc" else "an invisible or formatting"
             raise ChatError(400, f"user contains {kind} character (U+{ord(c):04X})")
-    if all(c in INVISIBLE or unicodedata.category(c) in BLANK_CATEGORIES for c in user):
+    if all(unicodedata.category(c) in BLANK_CATEGORIES for c in user):
         raise ChatError(400, "user would show as empty")
     if len(user) > limits.max_user:
         raise too_long
     return user
 
 
+# Control characters a message may carry: tab and the line breaks of str.splitlines (CR
+# too: a pasted Windows line end; the transports carry each intact). Every other C0/C1
+# control (ESC, backspace, NUL, bell, DEL, the 8-bit CSI U+009B ...) has no meaning in
+# chat text and only rewrites what a terminal or a notebook's output shows.
+TEXT_CONTROLS_ALLOWED = frozenset("\t\n\x0b\x0c\r\x1c\x1d\x1e\x85")
+
+
 def message_text(data: dict, limits: Limits) -> str:
-    return _string(data, "text", limits.max_text)
+    """A message's text, kept exactly as sent, unless it cannot be shown honestly (400).
+
+    Refused: C0/C1 control characters other than tab and line breaks (see
+    TEXT_CONTROLS_ALLOWED), and text that would render empty (only spaces, line breaks,
+    marks and invisible characters: "\u200b\u200b" is a message nobody can see). Bidi
+    controls and CR stay: right-to-left text and pasted line ends need them; they are
+    neutralised where text is printed (:func:`printable`), as the page neutralises markup.
+    """
+    text = _string(data, "text", limits.max_text)
+    if not text.isprintable():  # in C; false for line breaks too, then look closer
+        for c in text:
+            if unicodedata.category(c) == "Cc" and c not in TEXT_CONTROLS_ALLOWED:
+                raise ChatError(400, f"text contains a control character (U+{ord(c):04X})")
+    for c in text:  # returns at the first visible character: usually the first one
+        if not (c.isspace() or c in INVISIBLE
+                or unicodedata.category(c) in SHOWS_NOTHING_IN_TEXT):
+            return text
+    raise ChatError(400, "text would show as empty")
+
+
+# What draws nothing in a message: marks and spaces on their own, format characters
+# (zero-width space, bidi controls) and line separators.
+SHOWS_NOTHING_IN_TEXT = BLANK_CATEGORIES | {"Cf", "Zl", "Zp"}
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print into a terminal or a notebook's output: LF and tab kept,
+    every other control character (CR and the other line breaks too), bidi control and
+    invisible character shown as ``<U+XXXX>``, so that CR cannot rewrite a line, ESC
+    start a terminal sequence, U+202E reverse what follows it, or U+200B hide in a word."""
+    return "".join(
+        c if c == "\n" or c == "\t" or c.isprintable() and not invisible(c)
+        else f"<U+{ord(c):04X}>" for c in text)
 
 
 MAX_CLIENT_ID = 64
