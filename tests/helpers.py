@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
+
+from chatlib import browser
+
 
 async def shut_down(things, method: str, timeout: float) -> None:
     """Call ``thing.<method>()`` on each, newest first; one failure never stops the rest."""
@@ -22,3 +26,13 @@ async def end_process(process: asyncio.subprocess.Process, timeout: float = 10) 
     except TimeoutError:
         process.kill()
         await process.wait()
+
+
+def needs_chromium() -> pytest.MarkDecorator:
+    """Skip unless a real Chromium starts here (``chatlib.browser.unavailable``'s reason).
+
+    The check starts the browser once per test process, so call this only in modules that
+    drive Chromium; they launch it with ``await chatlib.browser.launch(playwright)``.
+    """
+    reason = browser.unavailable()
+    return pytest.mark.skipif(reason is not None, reason=reason or "")

@@ -27,14 +27,12 @@ from urllib.parse import quote
 
 import pytest
 import pytest_asyncio
-from helpers import shut_down
+from helpers import needs_chromium, shut_down
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 
 from chatlib import ChatServer, MemoryLog, WebSocketClient
+from chatlib.browser import launch
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 TRANSPORTS = ["ws", "sse", "longpoll", "poll"]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -48,7 +46,7 @@ XSS_NICK = "<b onmouseover=x>"
 
 pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+    needs_chromium(),
     pytest.mark.timeout(120),
 ]
 
@@ -60,7 +58,7 @@ pytestmark = [
 async def browser():
     """One headless Chromium for the module."""
     async with async_playwright() as p:
-        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = await launch(p)
         try:
             yield chromium
         finally:

@@ -26,13 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import needs_chromium
 
 from chatlib import WebSocketClient, frames, handmade, handshake
+from chatlib.browser import launch
 from chatlib.frames import CloseCode, Opcode
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "10-build-your-own-websocket-server.ipynb"
 TIMEOUT = 10.0
 
@@ -380,13 +379,13 @@ async def test_serves_the_chat_page(server, http):
 # -- the real chat page in Chromium ------------------------------------------------------------
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+@needs_chromium()
 async def test_chat_page_in_chromium(server):
     from playwright.async_api import async_playwright, expect
 
     errors: list[str] = []
     async with async_playwright() as p, WebSocketClient(server.url, "python") as python:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             pages = {}
             for user, transport in (("alice", "ws"), ("bob", "auto")):

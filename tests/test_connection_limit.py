@@ -20,14 +20,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+from chatlib.browser import launch
 
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+    needs_chromium(),
     pytest.mark.timeout(180),
 ]
 
@@ -54,7 +53,7 @@ async def open_tabs(context, url: str, transport: str, count: int) -> list:
 
 async def test_six_sse_tabs_stall_a_post_until_one_closes(server, http):
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             context = await browser.new_context()  # one profile: one connection pool
             pages = await open_tabs(context, server.url, "sse", 6)
@@ -76,7 +75,7 @@ async def test_six_sse_tabs_stall_a_post_until_one_closes(server, http):
 
 async def test_eight_websocket_tabs_do_not_stall(server):
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             context = await browser.new_context()
             pages = await open_tabs(context, server.url, "ws", 8)
@@ -94,7 +93,7 @@ async def test_eight_sse_tabs_over_http2_do_not_stall():
     server = await H2Server().start()
     try:
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = await launch(p)
             try:
                 context = await browser.new_context(ignore_https_errors=True)
                 pages = await open_tabs(context, server.url, "sse", 8)

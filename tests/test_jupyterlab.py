@@ -51,18 +51,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+from chatlib.browser import launch
+
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "07-chat-notebook-and-browser.ipynb"
 ARTIFACTS = Path(__file__).parent / "artifacts"
 JUPYTER = Path(sys.prefix) / "bin" / "jupyter"
 
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+    needs_chromium(),
     pytest.mark.skipif(not JUPYTER.exists(), reason=f"no jupyter at {JUPYTER}"),
     pytest.mark.timeout(300),
 ]
@@ -312,7 +312,7 @@ async def shown_in_log(message) -> bool:
 async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
     base = jupyter_lab["base"]
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             lab_context = await browser.new_context(viewport={"width": 1300, "height": 1000})
             lab = await lab_context.new_page()
@@ -486,7 +486,7 @@ async def test_panel_as_a_chat_window(jupyter_lab):
     base = jupyter_lab["base"]
     report: list[str] = []
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             lab_context = await browser.new_context(viewport={"width": 1100, "height": 900})
             lab = await lab_context.new_page()

@@ -27,18 +27,15 @@ import signal
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import websockets
 from conftest import CLIENT_CLASSES, CLIENT_DEFAULTS, TRANSPORTS
+from helpers import needs_chromium
 
 from chatlib import netem
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+from chatlib.browser import launch
 
 # Generous: only a broken proxy (delay applied twice, bytes held forever) exceeds these.
 SLACK = 0.25
@@ -321,7 +318,7 @@ async def test_every_client_sees_a_cut_and_resumes_without_loss(transport, serve
 # -- the chat page in Chromium, through the proxy ---------------------------------------------
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+@needs_chromium()
 @pytest.mark.parametrize("transport", ["ws", "sse", "longpoll"])
 async def test_chat_page_works_through_the_proxy(transport, server, start_proxy, http):
     from playwright.async_api import async_playwright, expect
@@ -330,7 +327,7 @@ async def test_chat_page_works_through_the_proxy(transport, server, start_proxy,
     proxy = await start_proxy(server, delay=delay)
     errors: list[str] = []
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             page = await browser.new_page()
             page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -9,21 +9,22 @@ message exactly once, in id order, equal to the shared log.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import httpx
 import pytest
+from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
 from redis_fixtures import require_programs
-from test_browser import CHROMIUM, CHROMIUM_ARGS, CONNECT_MS, DELIVER_MS, ChatPage
+from test_browser import CONNECT_MS, DELIVER_MS, ChatPage
 
+from chatlib.browser import launch
 from chatlib.cluster import Cluster
 
 # One page per transport; names that are not substrings of each other (text matching).
 USERS = {"ws": "ada", "sse": "bob", "longpoll": "cyd", "poll": "dee"}
 
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+    needs_chromium(),
     pytest.mark.timeout(180),
 ]
 
@@ -35,7 +36,7 @@ async def test_pages_chat_across_processes_and_survive_a_killed_process():
     pages: list[ChatPage] = []
     try:
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = await launch(p)
             try:
                 for transport, user in USERS.items():
                     context = await browser.new_context()

@@ -8,20 +8,17 @@ remembered nick stays as it is.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
 
 from chatlib import ChatServer
+from chatlib.browser import launch
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 UI_MS = 15_000
 
 pytestmark = [
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+    needs_chromium(),
     pytest.mark.timeout(120),
 ]
 
@@ -36,7 +33,7 @@ async def join(page, nick: str | None = None) -> None:
 
 async def test_a_second_tab_gets_a_free_nick():
     async with ChatServer(port=0) as server, async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             context = await browser.new_context()  # tabs share localStorage, as in a browser
             first = await context.new_page()

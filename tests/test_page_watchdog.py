@@ -10,20 +10,17 @@ reconnect and show what was said meanwhile, once.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import needs_chromium
 
 from chatlib import netem
+from chatlib.browser import launch
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 STALL_S = 8.0  # far longer than the 1 s watchdog period and its 1 s deadline
 UI_MS = 20_000  # generous bounds: the machine is shared
 
 pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")]
+              needs_chromium()]
 
 
 @pytest.mark.parametrize("transport", ["ws", "sse"])
@@ -34,7 +31,7 @@ async def test_a_stalled_network_is_noticed_and_survived(transport, server, http
     errors: list[str] = []
     try:
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = await launch(p)
             try:
                 page = await browser.new_page()
                 page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -44,6 +44,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatlib import PollingClient, WebSocketClient
+from chatlib.browser import launch, unavailable
 from chatlib.clients import ChatRefused
 from chatlib.proxy import public_url
 
@@ -53,9 +54,6 @@ BASE_URL = "/user/learner/"
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 FOREIGN_ORIGIN = "http://evil.example"
 JUPYTER_ALLOWED_ORIGIN = "http://thebe.example"  # Jupyter lets it in; chatlib must not
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 STARTUP_TIMEOUT = 30.0  # hang guard for the Jupyter server to answer
 IO_TIMEOUT = 10.0  # hang guard for one client operation
 
@@ -347,8 +345,8 @@ async def test_public_url_from_parent_jupyter_server(jupyter, server, clean_env)
 ])
 async def test_browser_pages_chat_through_proxy(jupyter, server, first, second):
     playwright_api = pytest.importorskip("playwright.async_api")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM} (make chromium)")
+    if reason := unavailable():
+        pytest.skip(reason)
     expect = playwright_api.expect
     url = jupyter.proxied(server)
     responses: list[tuple[str, int]] = []
@@ -357,7 +355,7 @@ async def test_browser_pages_chat_through_proxy(jupyter, server, first, second):
     errors: list[str] = []
 
     async with playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(pw)
         try:
             context = await browser.new_context()
             context.on("request", lambda r: requests.append(r))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +21,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from chatlib import MemoryLog, SQLiteLog, wire
+from chatlib.browser import launch, unavailable
 from chatlib.clients import ChatRefused
 from chatlib.store import StoreUnavailable
 
@@ -324,20 +324,17 @@ async def test_websocket_bad_client_id_is_an_error_frame_and_the_socket_stays(se
 
 # -- the chat page, in Chromium ------------------------------------------------------------
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 PAGE_MS = 20_000  # generous: it only matters when something is broken
 
 
 @pytest.fixture
 async def chromium():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium at {CHROMIUM}")
+    if reason := unavailable():
+        pytest.skip(reason)
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             yield browser
         finally:

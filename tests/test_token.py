@@ -20,21 +20,20 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import TRANSPORTS
+from helpers import needs_chromium
 from test_proxy import jupyter  # noqa: F401  (a module fixture: a real Jupyter server)
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatlib import ChatServer, start_server, stop_server, wire
 from chatlib.auth import ERROR
+from chatlib.browser import launch
 from chatlib.clients import ChatRefused
 from chatlib.proxy import public_url
 
 pytestmark = pytest.mark.timeout(120)
 
 TOKEN = "s3cret-T0ken_with.all~chars"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 # (method, path, JSON body): every HTTP endpoint, the page and a static file.
 ENDPOINTS = [
     ("GET", "", None),
@@ -275,7 +274,7 @@ async def test_through_jupyter_server_proxy(jupyter, token_server, make_client, 
 # -- in Chromium ---------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")
+@needs_chromium()
 @pytest.mark.parametrize("where", ["direct", "proxy"])
 async def test_chromium_page_from_the_token_link_chats_on_every_transport(
         token_server, make_client, where, request):
@@ -285,7 +284,7 @@ async def test_chromium_page_from_the_token_link_chats_on_every_transport(
             else token_server.url)
     python = await make_client("ws", token_server, "python", token=TOKEN, ready=False)
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             for transport in ("ws", "sse", "longpoll", "poll"):
                 context = await browser.new_context()
