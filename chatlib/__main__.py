@@ -27,7 +27,8 @@ async def serve(args: argparse.Namespace) -> None:
                     rate=args.rate, burst=args.burst, max_queue=args.max_queue,
                     header_timeout=args.header_timeout)
     server = ChatServer(args.host, args.port, log=log, limits=limits,
-                        compression=args.compression, token=args.token)
+                        compression=args.compression, token=args.token,
+                        forwarded_allow_ips=args.forwarded_allow_ips)
     await server.start()
     # What exists now (uvicorn, Starlette, websockets, chatlib: ~30,000 objects) lives as long
     # as the process: take it out of the cyclic GC's full collections, which otherwise walk it
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--token", nargs="?", const=True, default=None,
                    help="token mode: every request must carry this token (without a value:"
                         " make one); the printed link carries it")
+    p.add_argument("--forwarded-allow-ips", metavar="IPS", default=None,
+                   help="behind a reverse proxy: its addresses (comma-separated, or '*'),"
+                        " whose X-Forwarded-For names the client (default: trust nobody's)")
     p.add_argument("--compression", action="store_true",
                    help="offer permessage-deflate to WebSocket clients")
     defaults = Limits()

@@ -189,8 +189,11 @@ class ChatProcess(ChildProcess):
         return f"http://127.0.0.1:{self.port}/"
 
     def command(self) -> list[str]:
+        # nginx (deploy/nginx.conf) connects from 127.0.0.1 and sets X-Forwarded-For to
+        # the address its client connected from: the per-address budgets count that one.
         return [sys.executable, "-m", "chatlib", "serve", "--port", str(self.port),
-                "--redis", self.redis_url, "--redis-key", self.key, *self.args]
+                "--redis", self.redis_url, "--redis-key", self.key,
+                "--forwarded-allow-ips", "127.0.0.1", *self.args]
 
     def stderr(self):
         return None  # a traceback belongs in the output of whoever started it

@@ -205,6 +205,7 @@ class ChatServer:
         ws_ping_interval: float | None = 20.0,
         shutdown_timeout: float = 2.0,
         token: str | bool | None = None,
+        forwarded_allow_ips: str | list[str] | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
@@ -215,6 +216,13 @@ class ChatServer:
         self.shutdown_timeout = shutdown_timeout
         self.token = checked_token(token)
         """Token mode (chatlib.auth): every request must carry it. ``token=True`` makes one."""
+        self.forwarded_allow_ips = forwarded_allow_ips
+        """The proxies (addresses, networks, ``"*"``) whose ``X-Forwarded-For`` and
+        ``X-Forwarded-Proto`` are believed; None (the default): nobody's. Every client
+        comes from 127.0.0.1 when it runs on this machine, so trusting loopback (uvicorn's
+        default) let any client pick its address per request and escape every per-address
+        budget. Behind a reverse proxy, name the proxy's address (chatlib.cluster passes
+        nginx's) and make the proxy *set* the header, not append to the client's."""
         self.hub: Hub | None = None
         self.port: int | None = None
         self._server: KernelFriendlyServer | None = None
@@ -263,6 +271,8 @@ class ChatServer:
             log_config=None,  # don't reconfigure the kernel's logging
             log_level="warning",
             access_log=False,
+            proxy_headers=bool(self.forwarded_allow_ips),
+            forwarded_allow_ips=self.forwarded_allow_ips or None,
             timeout_graceful_shutdown=self.shutdown_timeout,
         )
         quiet_client_mistakes()
