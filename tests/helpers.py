@@ -8,6 +8,7 @@ import contextlib
 import pytest
 
 from chatlib import browser
+from chatlib.cluster import free_port  # noqa: F401 (the one free_port, for tests to import)
 
 
 async def shut_down(things, method: str, timeout: float) -> None:

@@ -12,17 +12,16 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import socket
 import subprocess
 import sys
+
+from helpers import free_port
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 def test_open_loop_receivers_carry_kernel_stamps() -> None:
-    with socket.socket() as s:  # an ephemeral port for the baseline server
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # for the baseline server
     server = subprocess.Popen([sys.executable, os.path.join(BENCH, "baseline_server.py"),
                                str(port)], stdout=subprocess.PIPE, text=True)
     try:

@@ -7,12 +7,12 @@ import asyncio
 import base64
 import contextlib
 import doctest
-import socket
 import string
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import websockets.utils
+from helpers import free_port
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.server import ServerConnection, serve
@@ -437,9 +437,7 @@ async def test_open_raw_when_the_server_hangs_up() -> None:
 
 async def test_open_raw_connection_refused() -> None:
     # A port that was free a moment ago: nothing listens there now.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     with pytest.raises(OSError):
         await open_raw("127.0.0.1", port, timeout=2)
 

@@ -42,7 +42,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import needs_chromium
+from helpers import free_port, needs_chromium
 from playwright.async_api import async_playwright, expect
 
 from chatlib.browser import launch
@@ -71,12 +70,6 @@ STARTUP_S = 60         # jupyter lab answering /api/status
 KERNEL_IDLE_MS = 60_000
 RUN_ALL_S = 120        # every cell of notebook 7 (it takes ~10 s here)
 UI_MS = 20_000         # a widget, a message, a status to show up
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # -- processes (from /proc: psutil is not a dependency of the course) -------------------

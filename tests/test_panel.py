@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import socket
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from test_send_path import Relay, stored
 
 from chatlib import ChatPanel, ChatServer, Limits, Message, WebSocketClient
@@ -83,8 +83,8 @@ async def test_send_returns_once_sent_and_the_echo_settles_it(server, panel):
     assert panel.history[-1]["id"] == message.id
 
 
-async def test_messages_wait_while_disconnected_and_go_after_reconnect(unused_port):
-    server = ChatServer(port=unused_port)
+async def test_messages_wait_while_disconnected_and_go_after_reconnect():
+    server = ChatServer(port=free_port())
     await server.start()
     panel = ChatPanel(server, user="notebook")
     try:
@@ -269,8 +269,3 @@ def test_the_view_renders_text_never_html():
                          r"|document\.write", source)
 
 
-@pytest.fixture
-def unused_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
