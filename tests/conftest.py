@@ -28,7 +28,7 @@ import contextlib
 import httpx
 import pytest
 from helpers import shut_down
-from redis_fixtures import redis_server  # noqa: F401 (a fixture: tests/test_redis*.py)
+from redis_fixtures import make_log, redis_server  # noqa: F401 (fixtures: tests/test_redis*.py)
 
 from chatlib import (
     ChatServer,

@@ -1,9 +1,9 @@
 """Fixtures for tests that need a real redis-server (and nginx): each test starts its own.
 
-tests/conftest.py makes ``redis_server`` a fixture for every test; tests import the helpers
-they use. ``make test`` installs redis-server and nginx
-from Debian; without them these tests fail under CI and are skipped elsewhere, with the
-command that installs them.
+tests/conftest.py makes ``redis_server`` and ``make_log`` fixtures for every test; tests
+import the helpers they use. ``make test`` installs redis-server and nginx from Debian;
+without them these tests fail under CI and are skipped elsewhere, with the command that
+installs them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import pytest
 
 from chatlib.cluster import RedisProcess, missing_programs
+from chatlib.redis_log import RedisLog
 
 
 def require_programs(*names: str) -> None:
@@ -70,3 +71,24 @@ async def until_client(client, predicate, timeout: float = 15.0) -> None:
         while not predicate():  # bounded by the timeout
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(client._fetch(), 0.05)  # a WebSocket recv: cancel-safe
+
+
+@pytest.fixture
+async def make_log(redis_server):
+    """``make_log(url=None, **options)``: a :class:`RedisLog` on ``redis_server`` (or ``url``),
+    quick to notice a peer or a fault (short heartbeat, presence TTL, backoff and command
+    timeout); every log is closed at teardown."""
+    logs: list[RedisLog] = []
+
+    def make(url: str | None = None, **options) -> RedisLog:
+        log = RedisLog(url or redis_server.url,
+                       **{"heartbeat": 0.2, "presence_ttl": 1.0, "backoff": (0.05, 0.5),
+                          "timeout": 3.0, **options})
+        logs.append(log)
+        return log
+
+    try:
+        yield make
+    finally:
+        for log in reversed(logs):
+            await log.close()

@@ -11,26 +11,11 @@ import asyncio
 
 import httpx
 import pytest
+from helpers import free_port
 from redis_fixtures import recording, until_client
 
 from chatlib import Limits
 from chatlib.redis_log import RedisLog
-
-
-@pytest.fixture
-async def make_log(redis_server):
-    logs: list[RedisLog] = []
-
-    def make(**options) -> RedisLog:
-        log = RedisLog(redis_server.url, **{"heartbeat": 0.2, "presence_ttl": 1.0, **options})
-        logs.append(log)
-        return log
-
-    try:
-        yield make
-    finally:
-        for log in reversed(logs):
-            await log.close()
 
 
 async def test_ids_strictly_increase_across_writers(make_log):
@@ -72,7 +57,6 @@ async def test_the_stream_is_trimmed_to_about_max_len(make_log, redis_server):
 
 
 async def test_unreachable_redis_raises_store_unavailable():
-    from chatlib.cluster import free_port
     from chatlib.store import StoreUnavailable
 
     log = RedisLog(f"redis://127.0.0.1:{free_port()}/0", timeout=2)

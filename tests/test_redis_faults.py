@@ -18,25 +18,6 @@ from redis_fixtures import recording, until
 from chatlib import netem
 from chatlib.clients import ChatRefused
 from chatlib.cluster import ChatProcess
-from chatlib.redis_log import RedisLog
-
-
-@pytest.fixture
-async def make_log(redis_server):
-    logs: list[RedisLog] = []
-
-    def make(url: str | None = None, **options) -> RedisLog:
-        log = RedisLog(url or redis_server.url,
-                       **{"heartbeat": 0.2, "presence_ttl": 1.0, "backoff": (0.05, 0.5),
-                          "timeout": 3.0, **options})
-        logs.append(log)
-        return log
-
-    try:
-        yield make
-    finally:
-        for log in reversed(logs):
-            await log.close()
 
 
 async def post(http: httpx.AsyncClient, server, user: str, text: str) -> httpx.Response:
