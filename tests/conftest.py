@@ -139,13 +139,13 @@ async def http():
         yield client
 
 
-async def send_raw_http(port: int, data: bytes, *, timeout: float = 5.0,
+async def send_raw_http(port: int, data: bytes, *, timeout: float = 10.0,
                         head_only: bool = False):
     """Send ``data`` as is on a new TCP connection; parse the first response.
 
     Returns ``(status, headers, body)`` with lower-case header names; ``(None, {}, b"")``
     if the server closed the connection without answering. ``head_only`` skips the body
-    (for a response that never ends, such as an event stream).
+    (for a response that never ends, such as an event stream); a ``101`` has none.
     """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -163,7 +163,7 @@ async def send_raw_http(port: int, data: bytes, *, timeout: float = 5.0,
                 if ":" in line:
                     name, _, value = line.partition(":")
                     headers[name.strip().lower()] = value.strip()
-            if head_only:
+            if head_only or status == 101:
                 body = b""
             elif "content-length" in headers:
                 body = await reader.readexactly(int(headers["content-length"]))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import send_raw_http
 from helpers import end_process
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
@@ -24,32 +25,6 @@ from websockets.exceptions import ConnectionClosed
 from chatlib import Limits
 
 T = 10.0  # hang guard for one exchange
-
-
-async def raw_request(port: int, data: bytes, timeout: float = T) -> tuple[int | None, bytes]:
-    """Send ``data`` on a new connection; ``(status, body)`` of the answer, ``None`` if none."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        async with asyncio.timeout(timeout):
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError:
-                return None, b""
-            status = int(head.split()[1])
-            length = [line for line in head.lower().split(b"\r\n")
-                      if line.startswith(b"content-length:")]
-            if status == 101:
-                body = b""
-            elif length:
-                body = await reader.readexactly(int(length[0].split(b":")[1]))
-            else:
-                body = await reader.read()
-        return status, body
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 def request(method: str, path: str, host: str, *headers: str, body: bytes = b"") -> bytes:
@@ -89,7 +64,7 @@ async def test_rebinding_host_is_refused_on_every_transport(server):
         "websocket": handshake(host, f"http://{host}"),
     }
     for name, data in attempts.items():
-        status, body = await raw_request(server.port, data)
+        status, _, body = await send_raw_http(server.port, data)
         assert status == 403, name
         error = json.loads(body)["error"]
         assert "evil.example" in error and "--allow-host" in error, name
@@ -101,9 +76,9 @@ async def test_rebinding_host_is_refused_on_every_transport(server):
                                   "10.1.2.3", "[fe80::1]"])
 async def test_local_names_and_ip_literals_are_allowed(server, host):
     for with_port in (f"{host}:{server.port}", host):
-        status, _ = await raw_request(server.port, request("GET", "/api/presence", with_port))
+        status, _, _ = await send_raw_http(server.port, request("GET", "/api/presence", with_port))
         assert status == 200, with_port
-    status, _ = await raw_request(server.port, handshake(f"{host}:{server.port}"))
+    status, _, _ = await send_raw_http(server.port, handshake(f"{host}:{server.port}"))
     assert status == 101
 
 
@@ -111,21 +86,21 @@ async def test_local_names_and_ip_literals_are_allowed(server, host):
 async def test_allowed_hosts_are_configurable(server):
     ok = request("POST", "/api/messages", f"chat.example:{server.port}", JSON,
                  f"Origin: http://chat.example:{server.port}", body=MESSAGE)
-    assert (await raw_request(server.port, ok))[0] == 201
+    assert (await send_raw_http(server.port, ok))[0] == 201
     other = request("GET", "/api/presence", f"other.example:{server.port}")
-    assert (await raw_request(server.port, other))[0] == 403
+    assert (await send_raw_http(server.port, other))[0] == 403
 
 
 @pytest.mark.parametrize("limits", [Limits(allowed_hosts={"*"})])
 async def test_star_allows_any_host(server):
-    status, _ = await raw_request(server.port, request("GET", "/api/presence", "any.example"))
+    status, _, _ = await send_raw_http(server.port, request("GET", "/api/presence", "any.example"))
     assert status == 200
 
 
 async def test_public_url_host_is_allowed(start_chat, monkeypatch):
     monkeypatch.setenv("CHATLIB_PUBLIC_URL", "https://ada-{port}.app.example.dev/")
     server = await start_chat()
-    status, _ = await raw_request(
+    status, _, _ = await send_raw_http(
         server.port, request("GET", "/api/presence", f"ada-{server.port}.app.example.dev"))
     assert status == 200
 
@@ -137,12 +112,12 @@ async def test_behind_jupyterhub_a_relayed_host_is_allowed(start_chat, monkeypat
     monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
     server = await start_chat()
     for host in ("hub.example.org", "hub.example.org:8443"):
-        status, _ = await raw_request(server.port, request("GET", "/api/presence", host))
+        status, _, _ = await send_raw_http(server.port, request("GET", "/api/presence", host))
         assert status == 200, host
-        status, _ = await raw_request(server.port, handshake(host, f"https://{host}"))
+        status, _, _ = await send_raw_http(server.port, handshake(host, f"https://{host}"))
         assert status == 101, host
     direct = f"evil.example:{server.port}"
-    status, _ = await raw_request(server.port, request("GET", "/api/presence", direct))
+    status, _, _ = await send_raw_http(server.port, request("GET", "/api/presence", direct))
     assert status == 403
 
 
@@ -186,11 +161,11 @@ async def test_too_many_chunks_is_413_at_once(server, http):
     head = request("POST", "/api/messages", "127.0.0.1", JSON, "Transfer-Encoding: chunked")
     # 2,000 chunks of one byte of JSON whitespace: a valid body, but 1,984 chunks too many.
     body = chunked(*[b" "] * 2000, MESSAGE)
-    status, answer = await raw_request(server.port, head + body)
+    status, _, answer = await send_raw_http(server.port, head + body)
     assert status == 413
     assert b"more than 16 chunks" in answer
     # A body in a few chunks is fine.
-    status, _ = await raw_request(server.port, head + chunked(MESSAGE[:10], MESSAGE[10:]))
+    status, _, _ = await send_raw_http(server.port, head + chunked(MESSAGE[:10], MESSAGE[10:]))
     assert status == 201
     assert await server.hub.log.last_id() == 1
 
@@ -199,7 +174,7 @@ async def test_too_many_chunks_is_413_at_once(server, http):
 async def test_slow_body_is_408(server):
     """A body that stops arriving is cut off after body_timeout (not held forever)."""
     head = request("POST", "/api/messages", "127.0.0.1", JSON, "Content-Length: 100")
-    status, answer = await raw_request(server.port, head + b'{"user": "slow"')
+    status, _, answer = await send_raw_http(server.port, head + b'{"user": "slow"')
     assert status == 408
     assert b"request body not complete within 0.3 s" in answer
 
@@ -209,7 +184,7 @@ async def test_slow_body_is_408(server):
 
 @pytest.mark.parametrize("limits", [Limits(header_timeout=0.3)])
 async def test_slow_headers_are_408(server):
-    status, answer = await raw_request(server.port, b"GET /api/presence HTTP/1.1\r\nHost: 12")
+    status, _, answer = await send_raw_http(server.port, b"GET /api/presence HTTP/1.1\r\nHost: 12")
     assert status == 408
     assert b"request headers not complete within 0.3 s" in answer
 
@@ -258,7 +233,7 @@ async def test_incomplete_request_then_eof_is_400_at_once(server):
 
 
 async def test_malformed_request_is_400_with_a_short_reason(server):
-    status, answer = await raw_request(server.port, b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, _, answer = await send_raw_http(server.port, b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 400
     assert answer == b"400 illegal request line\n"  # the client's bytes are not echoed
 
@@ -266,7 +241,7 @@ async def test_malformed_request_is_400_with_a_short_reason(server):
 async def test_unsupported_transfer_coding_is_400_not_501(server):
     """h11 suggests 501 for it; but no client input may get a 5xx."""
     data = request("POST", "/api/messages", "127.0.0.1", JSON, "Transfer-Encoding: gzip")
-    status, answer = await raw_request(server.port, data)
+    status, _, answer = await send_raw_http(server.port, data)
     assert status == 400, answer
 
 
@@ -281,7 +256,7 @@ async def test_handshake_h11_accepts_but_websockets_refuses_is_400(server, extra
                                           + b"\r\n\r\n")
     if "chunked" in extra[0]:
         data += b"0\r\n\r\n"
-    status, answer = await raw_request(server.port, data)
+    status, _, answer = await send_raw_http(server.port, data)
     assert status == 400
     assert answer.startswith(b"400 ") and len(answer) < 100
 
@@ -376,7 +351,7 @@ async def test_serve_allow_host_option(served):
     _, port = await served("--allow-host", "chat.example", "--allow-host", "other.example")
     for host, status in (("chat.example", 200), (f"other.example:{port}", 200),
                          ("evil.example", 403)):
-        assert (await raw_request(port, request("GET", "/api/presence", host)))[0] == status
+        assert (await send_raw_http(port, request("GET", "/api/presence", host)))[0] == status
 
 
 # -- file descriptors --------------------------------------------------------------------------
