@@ -18,7 +18,6 @@ import sys
 
 import pytest
 from torturekit import (
-    _CLI_WITH_RLIMIT,
     ARTIFACTS,
     FIGURES,
     HERE,
@@ -26,10 +25,7 @@ from torturekit import (
     Bystander,
     ServerProcess,
     _fmt,
-    raise_open_files,
 )
-
-raise_open_files()
 
 
 @pytest.fixture
@@ -65,7 +61,7 @@ async def spawn(tmp_path):
         count += 1
         stderr_path = tmp_path / f"server-{count}.stderr"
         if cli is not None:
-            argv = [sys.executable, "-c", _CLI_WITH_RLIMIT, "serve", "--port", "0", *cli]
+            argv = [sys.executable, "-m", "chatlib", "serve", "--port", "0", *cli]
         else:
             argv = [sys.executable, str(HERE / "launch.py"), json.dumps(limits or {})]
         with open(stderr_path, "wb") as stderr:

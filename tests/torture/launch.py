@@ -5,8 +5,9 @@ port 0, with those :class:`chatlib.Limits` overrides, prints ``PORT <n>`` and se
 SIGTERM. Overrides naming a field this version of ``Limits`` lacks are ignored (and
 reported on stderr), so the suite can ask for a limit before the server grows it.
 
-The open-files soft limit is raised to the hard limit (at most 65536): the exhaustion tests
-hold thousands of connections, and a server that runs out of descriptors fails everyone.
+ChatServer.start raises the open-files soft limit to the hard limit (``raise_fd_limit``): the
+exhaustion tests hold thousands of connections, and a server that runs out of descriptors
+fails everyone.
 """
 
 from __future__ import annotations
@@ -14,19 +15,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import resource
 import signal
 import sys
 
 from chatlib import ChatServer, Limits
-
-
-def raise_open_files(want: int = 65536) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 async def main(overrides: dict) -> None:
@@ -47,5 +39,4 @@ async def main(overrides: dict) -> None:
 
 
 if __name__ == "__main__":
-    raise_open_files()
     asyncio.run(main(json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}))

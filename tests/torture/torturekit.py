@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import signal
 import time
 from pathlib import Path
 
 from websockets.asyncio.client import connect as ws_connect
+
+from chatlib.server import raise_fd_limit
 
 SEED = int(os.environ.get("TORTURE_SEED", "20261129"))
 HERE = Path(__file__).resolve().parent
@@ -30,16 +31,7 @@ BYSTANDER_ADDR = "127.0.0.2"
 """Source address of bystanders: all of 127.0.0.0/8 is the loopback interface on Linux."""
 
 
-def raise_open_files(want: int = 65536) -> int:
-    """Raise this process's open-files soft limit (exhaustion tests hold thousands)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-raise_open_files()
+raise_fd_limit()  # this process holds thousands of client connections in the exhaustion tests
 
 # -- figures ------------------------------------------------------------------------------
 
@@ -123,17 +115,6 @@ class ServerProcess:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._drain, 5)
         return self.proc.returncode
-
-
-# ``python -m chatlib`` with the open-files limit raised first (the same as launch.py).
-_CLI_WITH_RLIMIT = (
-    "import resource, sys\n"
-    "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
-    "want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)\n"
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))\n"
-    "from chatlib.__main__ import main\n"
-    "main(sys.argv[1:])\n"
-)
 
 
 # -- bystanders ---------------------------------------------------------------------------
