@@ -54,11 +54,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .store import Message, StoreUnavailable
+from .store import Message, StoreUnavailable, reused_client_id
 
 # KEYS: stream, counter, dedupe key ("" without client_id)
 # ARGV: ts, user, text, client_id, max_len, dedupe_ttl
-# Returns {id, ts, user, text, repeat}: the stored message, or the original one for a repeat.
+# Returns {id, ts, user, text, repeat}: the stored message, or the original one for a repeat
+# (repeat 2: the original has another text, a reused client_id).
 APPEND = """
 if ARGV[4] ~= '' then
   local seen = redis.call('GET', KEYS[3])
@@ -67,7 +68,7 @@ if ARGV[4] ~= '' then
     if entry then
       local f = {}
       for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
-      return {seen, f.ts, f.user, f.text, 1}
+      return {seen, f.ts, f.user, f.text, f.text == ARGV[3] and 1 or 2}
     end
     return {seen, ARGV[1], ARGV[2], ARGV[3], 1}  -- trimmed away: still the same id
   end
@@ -162,14 +163,18 @@ class RedisLog:
     async def append(self, user: str, text: str,
                      client_id: str | None = None) -> tuple[Message, bool]:
         """Store a message with the next id: ``(message, False)``; a repeat of
-        ``(user, client_id)`` within ``dedupe_ttl`` stores nothing: ``(original, True)``."""
+        ``(user, client_id)`` within ``dedupe_ttl`` stores nothing: ``(original, True)``,
+        or raises 422 if the original's text differs (chatlib.store.reused_client_id)."""
         dedupe = f"{self.key}:dedupe:{user}\0{client_id}" if client_id else ""
         reply = await self._call(self._append(
             keys=[self._stream, self._counter, dedupe or self._counter],
             args=[repr(time.time()), user, text, client_id or "", self.max_len,
                   max(1, int(self.dedupe_ttl))]))
         id_, ts, user_, text_, repeat = reply
-        return Message(int(id_), float(ts), user_, text_, client_id), bool(repeat)
+        message = Message(int(id_), float(ts), user_, text_, client_id)
+        if repeat == 2:
+            raise reused_client_id(message)
+        return message, bool(repeat)
 
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         entries = await self._call(

@@ -19,6 +19,12 @@ a repeat of ``(user, client_id)`` only once, returning the original. A client th
 acknowledgement (connection dropped, server restarted) simply sends again with the same
 ``client_id``. MemoryLog remembers the client ids of the messages it still holds (so the
 dedupe window is ``max_messages``); SQLiteLog keeps them in the table, across restarts.
+
+A client id is bound to its user and its text: another user's message with the same
+``client_id`` is a message of its own, and the same user reusing it for a *different*
+text gets :func:`reused_client_id` (422, as the IETF Idempotency-Key draft answers a key
+reused with another payload) rather than the original, which its client would otherwise
+take for an acknowledgement of its own text.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .validation import printable
+from .validation import ChatError, printable
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,12 @@ class Message:
                 "client_id": self.client_id}
 
 
+def reused_client_id(original: Message) -> ChatError:
+    """What a log raises when ``(user, client_id)`` is stored with another text: 422."""
+    return ChatError(422, f"client_id {original.client_id!r} was already used for another"
+                          f" text (message {original.id}): use a new one")
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached right now (e.g. Redis is restarting): nothing was stored
     or read. The server answers 503 and the client may try again."""
@@ -81,7 +93,7 @@ class MessageLog(Protocol):
         """Store a message with the next id and a timestamp: ``(message, False)``.
 
         A repeat of ``(user, client_id)`` (``client_id`` not None) stores nothing and
-        returns ``(original, True)``.
+        returns ``(original, True)``; with another text it raises :func:`reused_client_id`.
         """
 
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
@@ -117,6 +129,8 @@ class MemoryLog:
         if client_id is not None:
             original = self._by_client_id.get((user, client_id))
             if original is not None:
+                if original.text != text:
+                    raise reused_client_id(original)
                 return original, True
         message = Message(self._next_id, time.time(), user, text, client_id)
         self._next_id += 1
@@ -190,7 +204,10 @@ class SQLiteLog:
                 "SELECT id, ts, user, text, client_id FROM messages"
                 " WHERE user = ? AND client_id = ?", (user, client_id),
             ).fetchone()
-            return Message(*row), True
+            original = Message(*row)
+            if original.text != text:
+                raise reused_client_id(original) from None
+            return original, True
         return Message(cursor.lastrowid, ts, user, text, client_id), False
 
     def _select(self, after_id: int, limit: int) -> list[Message]:

@@ -164,7 +164,7 @@ async def test_a_repeated_client_id_returns_the_original(log):
     assert first.client_id == "c-1"
     assert first.to_dict() == {"id": first.id, "ts": first.ts, "user": "ada", "text": "hello",
                                "client_id": "c-1"}
-    again, duplicate = await log.append("ada", "hello (typed again)", "c-1")
+    again, duplicate = await log.append("ada", "hello", "c-1")  # another text: 422
     assert duplicate is True
     assert again == first
     assert await log.after(0) == [first]
@@ -210,7 +210,7 @@ async def test_sqlite_dedupe_survives_a_restart(tmp_path):
         await first_log.close()
     second_log = SQLiteLog(path)
     try:
-        assert await second_log.append("ada", "resent", "c-1") == (original, True)
+        assert await second_log.append("ada", "before the restart", "c-1") == (original, True)
         assert await second_log.after(0) == [original]
     finally:
         await second_log.close()
