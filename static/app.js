@@ -14,8 +14,11 @@
 // at once as pending, kept until the server acknowledges it (the
 // WebSocket `ack` frame, the POST's answer, or the message itself coming back
 // with our client_id), and sent again with the same client_id after every
-// reconnect, on whatever transport that is; the server stores it once. Its line
-// is li.outgoing (data-state "pending", then "sent") until the stored message
+// reconnect, on whatever transport that is; the server stores it once. Own
+// messages go one at a time, in order; one refused for being too fast waits and
+// goes again by itself, one refused for good stays as a failed row with its
+// reason and Retry / Edit / Discard (see "sending"). Its line is li.outgoing
+// (data-state "pending", then "sent", or "failed") until the stored message
 // itself arrives and takes its place as an ordinary li.message.
 //
 // Security: nicknames and texts are data, never markup. The DOM is built with
@@ -34,7 +37,8 @@
   const TYPING_SEND_EVERY_MS = 2000;
   const TYPING_SHOW_MS = 3000;
   const PRESENCE_REFRESH_MS = 5000; // HTTP polling transports get no presence push
-  const RESEND_RETRY_MS = 2000;     // a POST that failed (network, 429, 5xx) is tried again
+  const RESEND_RETRY_MS = 2000;     // a send that failed (network, 5xx) is tried again
+  const RATE_RETRY_MS = 1000;       // a send refused as too fast (429), without Retry-After
   // A quiet stream (WebSocket or SSE) may be idle or dead, and page code can't tell: it sees
   // neither SSE comments nor WebSocket PINGs. So the page checks: every WATCHDOG_EVERY_MS it
   // asks for presence, and no answer within WATCHDOG_DEADLINE_MS means the network is gone.
@@ -69,7 +73,9 @@
     reconnectTimer: null,
     lastId: 0,             // cursor: newest message id shown
     shown: new Set(),      // ids on screen, so redeliveries are ignored
-    own: new Map(),        // client_id -> own message not shown yet: {text, user, t0, el, acked}
+    own: new Map(),        // client_id -> own message not shown yet: {text, user, t0, el, state}
+    inFlight: null,        // the own message on its way (one at a time, in order)
+    holdTimer: null,       // a pause before sending again (429, 5xx, network)
     latencies: [],
     typers: new Map(),     // user -> time (ms) at which to stop showing "typing"
     typingTimer: null,
@@ -98,9 +104,10 @@
   // An error raised for a non-2xx HTTP answer; keeps the status so callers can
   // tell "retry later" (429, 5xx) from "retrying will not help" (400, 403, 413).
   class HttpError extends Error {
-    constructor(status, message) {
+    constructor(status, message, retryAfter = null) {
       super(message);
       this.status = status;
+      this.retryAfter = retryAfter; // seconds, from a Retry-After header (429, 503)
     }
   }
 
@@ -111,7 +118,8 @@
       const body = await res.json();
       if (body && typeof body.error === 'string') message = `${res.status}: ${body.error}`;
     } catch { /* not JSON: keep the status line */ }
-    return new HttpError(res.status, message);
+    const retryAfter = Number(res.headers.get('Retry-After'));
+    return new HttpError(res.status, message, Number.isFinite(retryAfter) ? retryAfter : null);
   }
 
   async function getJson(url, timeoutMs, signal) {
@@ -156,6 +164,7 @@
     if (own) { // ours is stored: its pending line gives way to the real one
       state.own.delete(m.client_id);
       own.el.remove();
+      settled(own); // (its echo may come before its ack)
     }
     renderMessage(m, latency);
     // Someone who just sent a message has stopped typing.
@@ -167,7 +176,7 @@
   function resetLog() {
     // Own messages not acknowledged yet stay (and are sent to the new log); acknowledged
     // ones went with the old log, like everyone else's.
-    for (const [cid, own] of state.own) if (own.acked) state.own.delete(cid);
+    for (const [cid, own] of state.own) if (own.state === 'sent') state.own.delete(cid);
     els.messages.replaceChildren(...[...state.own.values()].map((own) => own.el));
     state.shown.clear();
     state.lastId = 0;
@@ -445,8 +454,10 @@
         case 'ack': acknowledged(frame); break;
         case 'error':
           if (typeof frame.client_id !== 'string') showNotice(`Server: ${frame.error}`);
-          else if (frame.status >= 500) retryLater(frame.client_id); // the server's trouble
-          else refused(frame.client_id, frame.error);
+          else {
+            const own = state.own.get(frame.client_id);
+            if (own) refusedFor(own, frame.status, frame.error, frame.retry_after);
+          }
           break;
         default: break; // unknown frame types are ignored, for forward compatibility
       }
@@ -560,6 +571,14 @@
   }
 
   // ---- sending ----------------------------------------------------------------
+  // Own messages go out one at a time, oldest first (state.own keeps sending order): the
+  // next leaves once the server has stored the previous one. So a burst can neither
+  // overtake itself nor be refused in the middle and arrive with holes. The server's
+  // budget is per connection (rate, burst: chatlib.limits); past it, a message is refused
+  // with 429 / an error frame with status 429, and it waits on screen, saying so, and
+  // goes out on its own once the budget allows (Retry-After when the server gives one).
+  // A refusal that sending again cannot fix (400, 413) leaves the message on screen as
+  // failed, with the reason and Retry / Edit / Discard: nothing typed vanishes.
   const newClientId = () => (crypto.randomUUID ? crypto.randomUUID()
     : Array.from(crypto.getRandomValues(new Uint8Array(16)),
       (b) => b.toString(16).padStart(2, '0')).join(''));
@@ -576,10 +595,13 @@
     els.input.value = '';
     state.lastTypingSent = 0; // the next keystroke is a new "typing" burst
     const cid = newClientId();
-    const own = { cid, text, user: state.nick, t0: performance.now(), acked: false, posting: false };
+    // state: queued (waiting its turn, or for the rate budget) -> sent (acknowledged);
+    // or failed (refused for good: the person decides).
+    const own = { cid, text, user: state.nick, t0: performance.now(), state: 'queued' };
     own.el = renderPending(own);
+    drawOwn(own, 'sending…');
     state.own.set(cid, own);
-    transmit(own);
+    pump();
   }
 
   // Shown at once, below the stored messages, until the real one arrives.
@@ -587,7 +609,6 @@
     const li = document.createElement('li');
     li.className = 'outgoing mine pending';
     li.dataset.clientId = own.cid;
-    li.dataset.state = 'pending'; // 'sent' once acknowledged
     const meta = document.createElement('div');
     meta.className = 'meta';
     const user = document.createElement('span');
@@ -595,69 +616,140 @@
     user.textContent = own.user;
     const status = document.createElement('span');
     status.className = 'send-state';
-    status.textContent = 'sending…';
     meta.append(user, ' ', status);
     const text = document.createElement('div');
     text.className = 'text';
+    text.dir = 'auto';
     text.textContent = own.text;
     li.append(meta, text);
     els.messages.append(li);
-    if (pinned) els.messages.scrollTop = els.messages.scrollHeight;
     return li;
   }
 
-  // Over the WebSocket if one is open (and still has our nick), else with POST:
-  // every transport writes the same log, and the client_id makes a repeat harmless.
-  function transmit(own) {
+  // The row of an own message, for its state: `note` says what is happening to it.
+  function drawOwn(own, note) {
+    const li = own.el;
+    li.dataset.state = own.state === 'queued' ? 'pending' : own.state;
+    li.classList.toggle('pending', own.state !== 'sent');
+    li.classList.toggle('sent', own.state === 'sent');
+    li.classList.toggle('failed', own.state === 'failed');
+    li.querySelector('.send-state').textContent = note;
+    li.querySelector('.actions')?.remove();
+    li.querySelector('.expand')?.remove();
+    if (own.state === 'failed') {
+      const actions = document.createElement('div');
+      actions.className = 'actions';
+      const button = (label, onClick) => {
+        const b = document.createElement('button');
+        b.type = 'button';
+        b.textContent = label;
+        b.addEventListener('click', onClick);
+        actions.append(b);
+      };
+      button('Retry', () => { own.state = 'queued'; drawOwn(own, 'sending…'); pump(); });
+      button('Edit', () => {
+        forget(own);
+        els.input.value = els.input.value ? `${own.text} ${els.input.value}` : own.text;
+        els.input.focus();
+      });
+      button('Discard', () => forget(own));
+      li.append(actions);
+      // A long refused text (a paste over the limit) is cut to a few lines, expandable,
+      // so that it cannot push its reason and the newest messages out of sight.
+      const text = li.querySelector('.text');
+      if (text.scrollHeight > text.clientHeight + 2) {
+        const more = document.createElement('button');
+        more.type = 'button';
+        more.className = 'expand';
+        more.textContent = 'Show all';
+        more.setAttribute('aria-expanded', 'false');
+        more.addEventListener('click', () => {
+          const open = li.classList.toggle('expanded');
+          more.textContent = open ? 'Show less' : 'Show all';
+          more.setAttribute('aria-expanded', String(open));
+        });
+        text.after(more);
+      }
+    }
+    if (pinned) els.messages.scrollTop = els.messages.scrollHeight;
+  }
+
+  function forget(own) {
+    state.own.delete(own.cid);
+    own.el.remove();
+    if (state.inFlight === own) state.inFlight = null;
+  }
+
+  // Send the oldest queued message, if none is on its way and no rate pause is running.
+  function pump() {
+    if (state.inFlight || state.holdTimer) return;
+    const own = [...state.own.values()].find((o) => o.state === 'queued');
+    if (!own) return;
+    state.inFlight = own;
     const conn = state.conn;
     if (conn && conn.sendFrame && own.user === state.nick) {
+      // Over the WebSocket if one is open (and still has our nick), else with POST: every
+      // transport writes the same log, and the client_id makes a repeat harmless.
       conn.sendFrame({ type: 'message', text: own.text, client_id: own.cid });
-      return;
+      return; // the ack (or an error frame) comes on the socket
     }
-    if (own.posting) return; // one POST at a time per message
-    own.posting = true;
     postJson('api/messages', { user: own.user, text: own.text, client_id: own.cid })
-      .then((m) => { own.posting = false; acknowledged(m); })
+      .then((m) => acknowledged(m))
       .catch((err) => {
-        own.posting = false;
-        if (err instanceof HttpError && err.status < 500 && err.status !== 429) {
-          refused(own.cid, err.message); // 400/403/413: sending again will not help
-        } else {
-          retryLater(own.cid); // lost on the way, or 429/5xx (the next reconnect resends it too)
-        }
+        if (!(err instanceof HttpError)) refusedFor(own, 503, 'no answer', null);
+        else refusedFor(own, err.status, err.message, err.retryAfter);
       });
   }
 
-  function retryLater(cid) {
-    const own = state.own.get(cid);
-    setTimeout(() => { if (own && state.own.get(cid) === own && !own.acked) transmit(own); },
-      RESEND_RETRY_MS);
-  }
-
+  // Whatever was on its way when a connection ended goes again on the next one.
   function resendPending() {
-    for (const own of state.own.values()) if (!own.acked) transmit(own);
+    state.inFlight = null;
+    clearTimeout(state.holdTimer);
+    state.holdTimer = null;
+    pump();
   }
 
   // The server stored it (`m` is the stored message: an ack frame or a POST's answer).
   function acknowledged(m) {
     const own = ownMessage(m);
-    if (!own || own.acked) return;
-    own.acked = true;
-    own.el.dataset.state = 'sent';
-    own.el.classList.replace('pending', 'sent');
-    own.el.querySelector('.send-state').textContent = 'sent';
+    if (!own) return;
+    if (own.state !== 'sent') {
+      own.state = 'sent';
+      drawOwn(own, 'sent ✓');
+    }
+    settled(own);
     // The message itself comes on the transport's stream, in id order (not from here,
     // which could skip over an earlier message the stream has not brought yet).
   }
 
-  function refused(cid, error) {
-    const own = state.own.get(cid);
-    if (!own) return;
-    state.own.delete(cid);
-    own.el.remove();
-    showNotice(`Not sent: ${error}`);
-    if (!els.input.value) els.input.value = own.text; // give the text back to retry
+  // `own` is done with (stored, or refused for good): the next one may go.
+  function settled(own) {
+    if (state.inFlight !== own) return;
+    state.inFlight = null;
+    pump();
   }
+
+  // The server did not store `own`: 429 and 5xx pass (it waits, then goes again on its
+  // own); anything else will not (it stays, failed, with the reason and what to do).
+  function refusedFor(own, status, error, retryAfterS) {
+    if (state.own.get(own.cid) !== own || own.state !== 'queued') return;
+    if (state.inFlight === own) state.inFlight = null;
+    if (status === 429 || status >= 500 || status === 408) {
+      const waitMs = retryAfterS > 0 ? retryAfterS * 1000
+        : status === 429 ? RATE_RETRY_MS : RESEND_RETRY_MS;
+      drawOwn(own, status === 429
+        ? `waiting: ${stripStatus(error)}; sends by itself in ${Math.ceil(waitMs / 1000)} s`
+        : `waiting: ${stripStatus(error)}; trying again`);
+      clearTimeout(state.holdTimer);
+      state.holdTimer = setTimeout(() => { state.holdTimer = null; pump(); }, waitMs);
+      return;
+    }
+    own.state = 'failed';
+    drawOwn(own, `not sent: ${stripStatus(error)}`);
+    pump(); // a message refused for good does not hold up the ones after it
+  }
+
+  const stripStatus = (error) => String(error).replace(/^\d{3}: /, '');
 
   // Tell the others we are typing, at most once every 2 s. Best effort: a lost
   // or rate-limited typing notice is not worth bothering the user about.
@@ -665,6 +757,7 @@
     if (!state.joined || !els.input.value) return;
     const now = Date.now();
     if (now - state.lastTypingSent < TYPING_SEND_EVERY_MS) return;
+    if (state.holdTimer) return; // the send budget is spent: messages first
     state.lastTypingSent = now;
     const conn = state.conn;
     if (conn && conn.sendFrame) conn.sendFrame({ type: 'typing' });
