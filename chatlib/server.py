@@ -23,11 +23,13 @@ import contextlib
 import errno
 import functools
 import html
+import json
 import logging
 import os
 import resource
 import socket
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -349,12 +351,53 @@ class ChatServer:
 
 _current: ChatServer | None = None
 
+PORT_REUSE_OFF = "CHATLIB_NO_PORT_REUSE"
+"""Set (to anything but "" or "0") to turn :func:`notebook_port` off: test runs that start
+kernels in parallel set it, so that two of them never ask for the same port."""
+
+
+def notebook_port(host: str, port: int | None = None) -> int:
+    """The port this notebook's server had last time (0: none known), or, given ``port``,
+    remember it.
+
+    A kernel restart loses :func:`start_server`'s memory, and open chat tabs would keep
+    knocking at the old port. So the port is remembered per user and notebook: in the user's
+    Jupyter runtime directory, keyed by the notebook's path that Jupyter Server gives its
+    kernels (``JPY_SESSION_NAME``; ipykernel's ``__session__``) and the host. Without a
+    notebook (nbconvert, nbval, a script) or with ``CHATLIB_NO_PORT_REUSE`` set, nothing is
+    remembered and 0 is returned.
+    """
+    session = os.environ.get("JPY_SESSION_NAME", "")
+    if not session or os.environ.get(PORT_REUSE_OFF, "0") not in ("", "0"):
+        return 0
+    try:
+        from jupyter_core.paths import jupyter_runtime_dir
+        path = Path(jupyter_runtime_dir()) / "chatlib-ports.json"
+        try:
+            ports = json.loads(path.read_text())
+        except (OSError, ValueError):
+            ports = {}
+        if not isinstance(ports, dict):
+            ports = {}
+        key = f"{host} {session}"
+        if port is None:
+            known = ports.get(key, 0)
+            return known if isinstance(known, int) and 0 < known < 65536 else 0
+        ports[key] = port
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ports))
+    except (ImportError, OSError):  # no Jupyter, a read-only runtime dir: no memory
+        pass
+    return 0
+
 
 async def start_server(port: int = 0, host: str = "127.0.0.1", **options) -> ChatServer:
     """Start the chat server in the running loop and return it at once.
 
     Call it again (re-run the cell) and the previous server is stopped first; its message
-    log is kept unless you pass ``log=``. ``port=0`` (the default) picks a free port.
+    log is kept unless you pass ``log=``. ``port=0`` (the default) takes the previous
+    server's port, or after a kernel restart this notebook's last one
+    (:func:`notebook_port`), when it is free, else a free port.
     ``token=True`` makes a token (chatlib.auth); a re-run keeps the previous one, so open
     tabs keep working.
     """
@@ -365,15 +408,18 @@ async def start_server(port: int = 0, host: str = "127.0.0.1", **options) -> Cha
         options.setdefault("log", previous.log)
         if options.get("token") is True and previous.token:
             options["token"] = previous.token
-        if port == 0 and previous.port:
-            port = previous.port  # same URL for open browser tabs, when it is still free
-    server = ChatServer(host, port, **options)
+    # Same URL for open browser tabs when the port is still free: the previous server's
+    # (a re-run), or this notebook's last one (a kernel restart).
+    reused = port == 0 and ((previous.port if previous else 0) or notebook_port(host))
+    server = ChatServer(host, reused or port, **options)
     try:
         await server.start()
     except OSError:
-        if port == 0 or previous is None or port != previous.port:
+        if not reused:
             raise
         server = await ChatServer(host, 0, **options).start()
+    if port == 0:
+        notebook_port(host, server.port)
     _current = server
     return server
 

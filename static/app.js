@@ -33,7 +33,8 @@
   const LONG_POLL_WAIT_S = 25;      // server caps wait at 25 s
   const CONNECT_TIMEOUT_MS = 5000;  // a transport that has not opened by then counts as failed
   const BACKOFF_MIN_MS = 500;
-  const BACKOFF_MAX_MS = 10000;
+  const BACKOFF_MAX_MS = 5000;     // a server back on its port is found within ~5 s
+  const GONE_AFTER_TRIES = 3;       // failed tries in a row before saying the server is gone
   const TYPING_SEND_EVERY_MS = 2000;
   const TYPING_SHOW_MS = 3000;
   const PRESENCE_REFRESH_MS = 5000; // HTTP polling transports get no presence push
@@ -70,6 +71,7 @@
     autoIndex: 0,          // auto mode: which entry of AUTO_ORDER we are trying
     autoLocked: false,     // auto mode: a transport worked, so stick with it
     attempt: 0,            // failed attempts since the last success (backoff exponent)
+    failedTries: 0,        // connections since the last success that never opened
     reconnectTimer: null,
     lastId: 0,             // cursor: newest message id shown
     shown: new Set(),      // ids on screen, so redeliveries are ignored
@@ -100,6 +102,8 @@
     els.noticeText.textContent = text;
     els.notice.hidden = false;
   }
+
+  function hideNotice() { els.notice.hidden = true; }
 
   // An error raised for a non-2xx HTTP answer; keeps the status so callers can
   // tell "retry later" (429, 5xx) from "retrying will not help" (400, 403, 413).
@@ -356,6 +360,8 @@
         if (conn.closed) return;
         conn.everOpened = true;
         state.attempt = 0;
+        if (state.failedTries >= GONE_AFTER_TRIES) hideNotice(); // the "gone" notice
+        state.failedTries = 0;
         if (state.mode === 'auto') state.autoLocked = true;
         setStatus('connected');
         resendPending(); // whatever was not acknowledged, on this new connection
@@ -392,6 +398,10 @@
       setStatus('disconnected');
       return;
     }
+    if (!conn.everOpened) {
+      state.failedTries += 1;
+      if (state.failedTries === GONE_AFTER_TRIES) serverGone();
+    }
     // Auto mode, nothing has worked yet: fall back to the next transport at
     // once. After the last one, start over from WebSocket, with backoff (the
     // server may simply be down, in which case every transport fails).
@@ -406,14 +416,29 @@
     scheduleReconnect();
   }
 
-  // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... capped at 10 s, each
+  // Nobody answers at this address: most likely the notebook's kernel was restarted and its
+  // server came back on another port (it takes the old one when it is free, and then this
+  // page is back by itself). Say so and where the new link is, instead of "reconnecting"
+  // forever; who is here and typing is not known any more, and older notices are stale.
+  // The page keeps trying in the background.
+  function serverGone() {
+    renderPresence([]);
+    state.typers.clear();
+    renderTyping();
+    showNotice(`The chat server at ${location.host} does not answer (${GONE_AFTER_TRIES} tries). `
+      + 'If its notebook\'s kernel was restarted, the server may have a new address: in the '
+      + 'notebook, run the cell that starts the server and open the link it shows. This page '
+      + 'keeps trying this address.');
+  }
+
+  // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... capped at 5 s, each
   // randomised to 50–100 % so that many clients of a restarted server do not
   // all come back in the same millisecond.
   function scheduleReconnect() {
     const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** state.attempt);
     const delay = base / 2 + Math.random() * base / 2;
     state.attempt += 1;
-    setStatus('reconnecting');
+    setStatus(state.failedTries >= GONE_AFTER_TRIES ? 'disconnected' : 'reconnecting');
     clearTimeout(state.reconnectTimer);
     state.reconnectTimer = setTimeout(connect, delay);
   }
@@ -841,7 +866,7 @@
   });
   els.input.addEventListener('input', sendTyping);
 
-  els.noticeClose.addEventListener('click', () => { els.notice.hidden = true; });
+  els.noticeClose.addEventListener('click', hideNotice);
 
   // Back online: skip the rest of the backoff wait.
   window.addEventListener('online', () => {
