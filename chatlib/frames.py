@@ -72,6 +72,8 @@ import secrets
 import struct
 from dataclasses import dataclass
 
+from .closecode import CloseCode
+
 __all__ = [
     "DEFAULT_MAX_SIZE",
     "CloseCode",
@@ -116,21 +118,6 @@ class Opcode(enum.IntEnum):
 
 
 _OPCODES = frozenset(Opcode)  # IntEnum members hash like ints: `3 in _OPCODES` is False
-
-
-class CloseCode(enum.IntEnum):
-    """Status codes sent in CLOSE frames (RFC 6455, section 7.4.1) that the course uses."""
-
-    NORMAL = 1000  # done, goodbye
-    GOING_AWAY = 1001  # server shutting down, or browser tab closed
-    PROTOCOL_ERROR = 1002  # the peer broke RFC 6455
-    UNSUPPORTED_DATA = 1003  # e.g. binary sent to an endpoint that only takes text
-    INVALID_DATA = 1007  # e.g. a TEXT message that isn't valid UTF-8
-    POLICY_VIOLATION = 1008  # generic "not allowed" (the chat: foreign Origin)
-    MESSAGE_TOO_BIG = 1009  # bigger than the receiver accepts
-    INTERNAL_ERROR = 1011  # the server hit a bug
-    SERVICE_RESTART = 1012  # come back in a moment
-    TRY_AGAIN_LATER = 1013  # overloaded (the chat: this client could not keep up)
 
 
 _CLOSE_CODES = frozenset(CloseCode)
