@@ -1,20 +1,17 @@
 """Fan-out: one published message reaches every connected client, whatever its transport.
 
-Push transports (WebSocket, SSE) each get an :class:`Outbox`, a bounded queue drained by
-that connection's own writer. Publishing never waits for a client: it appends to every
-outbox and returns. A client that stops reading fills its outbox and is closed (1013,
-"try again later"); it can resume from its last id, and nobody else was slowed down.
+The hub keeps the log, who is connected, and the fan-out between them. It knows no
+transport: a push client (WebSocket, SSE) is a :class:`Subscriber`, which takes
+:class:`Batch` es of payloads and can be closed. Subscribers are grouped by their
+:attr:`~Subscriber.encoding` (chatlib.wire), so that each message is encoded once per
+encoding, not once per client; :class:`chatlib.outbox.Outbox` is the one the transports use.
 
-A transport may give its outbox a :attr:`Outbox.sink`: a function that writes one payload
-at once if the connection can take it. While the writer is idle (history sent, queue
-empty, nothing in flight) publishing calls the sink instead of queueing, so that a message
-costs no task wake-up per client; anything that cannot be written at once (the transport
-is paused by flow control, closing, ...) is queued and the writer takes over, in order.
-
-Pull transports (polling, long polling) need no outbox: they read the log after their
+Pull transports (polling, long polling) need no subscriber: they read the log after their
 cursor; long polls sleep on an :class:`asyncio.Event` that every publish sets.
 
-Each message is encoded once per transport, not once per client.
+A message reaches the subscribers one way only: appended to the log, then read back in id
+order by :meth:`Hub.catch_up` (or handed over, in id order, by :meth:`Hub.deliver` when
+something else reads the log), then :meth:`Hub._publish`.
 """
 
 from __future__ import annotations
@@ -22,162 +19,59 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
-from . import wire
-from .limits import Limits, RateLimits
+from .closecode import CloseCode
+from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits
 from .store import Message, MessageLog
 
-GOING_AWAY = 1001
-SERVICE_RESTART = 1012  # IANA close code registry (RFC 6455 11.7): "come back in a moment"
-TRY_AGAIN_LATER = 1013
 
-# How each push transport frames a message, and a reset.
-FRAME = {"ws": wire.ws_frame, "sse": wire.sse_message}
-RESET = {"ws": wire.WS_RESET, "sse": wire.SSE_RESET}
+class Batch:
+    """What one fan-out delivers: ``(message_id, payload)`` items, in order (``message_id``
+    0 for an event that is not a message).
 
-
-class Outbox:
-    """A bounded queue of ``(message_id, payload)`` for one push client.
-
-    ``message_id`` is 0 for events that are not messages (presence, typing); writers use
-    it to skip messages they already sent as history.
+    Every subscriber of a fan-out gets the very same object, so a transport may encode it
+    once for all of them, keyed by identity (chatlib.fastpath's frame caches).
     """
 
-    __slots__ = ("kind", "user", "limit", "closed", "close_code", "on_close", "sink",
-                 "direct", "sent", "_items", "_ready")
+    __slots__ = ("items", "payloads", "first_id")
 
-    def __init__(self, kind: str, user: str, limit: int) -> None:
-        self.kind = kind
-        self.user = user
-        self.limit = limit
-        self.closed = False
-        self.close_code = 0
-        self.on_close: Callable[[int], None] | None = None
-        """Called with the close code when the outbox closes (the transport's business)."""
-        self.sink: Callable[[tuple[str, ...]], bool] | None = None
-        """Set by the transport: writes the payloads now (in order, one write) and returns
-        True, or returns False (cannot write now: they are queued for the writer instead).
-        The tuple is the same object for every client of a fan-out (a cache key)."""
-        self.direct: Callable[[tuple[str, ...]], bool] | None = None
-        """``sink`` while the writer is idle in :meth:`get` (nothing queued, nothing in
-        flight): only then may a payload skip the queue without overtaking older ones."""
-        self.sent = 0
-        """Messages up to this id were sent as history: ``direct`` skips them (see push)."""
-        self._items: deque[tuple[int, str]] = deque()
-        self._ready = asyncio.Event()
+    def __init__(self, items: tuple[tuple[int, str], ...]) -> None:
+        self.items = items
+        self.payloads = tuple(payload for _, payload in items)
+        self.first_id = next((message_id for message_id, _ in items if message_id), 0)
+        """The first message's id (ids only grow within a batch); 0 if none is a message."""
 
-    def put(self, message_id: int, payload: str) -> None:
-        put_all((self,), (message_id, payload))
+
+class Encoding(Protocol):
+    """How a group of subscribers writes events (chatlib.wire.WEBSOCKET, chatlib.wire.SSE)."""
+
+    def message(self, message: Message) -> str: ...
+    def event(self, event: str, data: dict) -> str: ...
+
+
+class Subscriber(Protocol):
+    """A push client, as the hub sees it."""
+
+    user: str
+    """Its nickname, "" for a reader that is not in the chat (no presence)."""
+    encoding: Encoding
+    """How its payloads are written (chatlib.wire); the hub encodes once per encoding."""
+
+    def deliver(self, batch: Batch) -> bool:
+        """Take ``batch`` without waiting; False if it cannot keep up (the hub closes it)."""
 
     def close(self, code: int) -> None:
-        if not self.closed:
-            self.closed, self.close_code = True, code
-            self._items.clear()
-            self._ready.set()
-            if self.on_close is not None:
-                self.on_close(code)
-
-    async def get(self, timeout: float | None = None) -> list[tuple[int, str]]:
-        """Everything queued (waiting up to ``timeout`` for something); [] on timeout/close."""
-        if not self._items and not self.closed:
-            self._ready.clear()
-            # Idle: from now until we wake, put_all may write straight to the sink (what
-            # the caller took before has all been written: it called us again).
-            self.direct = self.sink
-            try:
-                if timeout is None:  # the WebSocket writer's case: no wait_for() per wake-up
-                    await self._ready.wait()
-                else:
-                    try:
-                        await asyncio.wait_for(self._ready.wait(), timeout)
-                    except TimeoutError:
-                        return []
-            finally:
-                # Awake (something was queued, or closed): what we take now is in flight
-                # until the next get(), and nothing may overtake it.
-                self.direct = None
-        items = list(self._items)
-        self._items.clear()
-        return items
+        """Stop: the transport ends the connection with ``code`` (a WebSocket close code)."""
 
 
-def put_all(outboxes, item: tuple[int, str]) -> None:
-    """``outbox.put(*item)`` for every outbox: what each publish does, once per client.
-
-    Outbox.put's body lives here, inlined into the loop, because this loop runs once per
-    delivery: no method call and one shared tuple per client, 118 -> 48 ns (measured).
-
-    An idle outbox (``direct`` set: empty queue, writer asleep) with a sink that can write
-    now gets the payload written at once, skipping the queue and its writer's wake-up: one
-    message in flight (the chat's normal state) then costs no task switch per client.
-    ``direct`` is only set while the queue is empty and the writer has nothing in flight,
-    so a direct write never overtakes a queued one; a message the writer already sent as
-    history (id <= ``sent``) is queued, for the writer to skip.
-    """
-    message_id, payload = item
-    payloads = (payload,)  # one tuple for every client: the sink's frame cache keys on it
-    for outbox in outboxes:
-        if outbox.closed:
-            continue
-        items = outbox._items
-        if not items:
-            direct = outbox.direct
-            if (direct is not None and (not message_id or message_id > outbox.sent)
-                    and direct(payloads)):
-                continue
-        elif len(items) >= outbox.limit:
-            outbox.close(TRY_AGAIN_LATER)  # too slow: don't let it hold the others back
-            continue
-        items.append(item)
-        if len(items) == 1:
-            # Only the first item can find the writer asleep (it sleeps only when the queue
-            # is empty): a fan-out burst skips an Event.set() call per item.
-            outbox._ready.set()
-
-
-def put_group(outboxes, items: list[tuple[int, str]]) -> None:
-    """``put_all(outboxes, item)`` for each of ``items`` (in order), client by client: an
-    idle client gets all of them in one write (one ``send()``, one TCP segment).
-
-    This is what a burst costs the kernel: on loopback the server's ``send()`` also runs
-    the receiving socket's TCP input and its ACK, so a delivery costs per *segment*, and
-    one frame to each client in turn (message by message) is one segment, and about one
-    ACK, per delivery (bench/README.md, "The burst at N=1000").
-    """
-    payloads = tuple(payload for _, payload in items)  # shared by all: see Outbox.sink
-    first = next((message_id for message_id, _ in items if message_id), 0)  # ids only grow
-    for outbox in outboxes:
-        if outbox.closed:
-            continue
-        queue = outbox._items
-        was_empty = not queue
-        if was_empty:
-            direct = outbox.direct
-            if direct is not None and (not first or first > outbox.sent) and direct(payloads):
-                continue
-        for item in items:
-            if queue and len(queue) >= outbox.limit:
-                outbox.close(TRY_AGAIN_LATER)  # too slow: don't let it hold the others back
-                break
-            queue.append(item)
-        else:
-            if was_empty:
-                outbox._ready.set()
-
-
-FANOUT_SLICE = 256
-"""Deliveries one event-loop step makes before the loop may run anything else.
-
-A fan-out is a loop over every client, and nothing else runs on the event loop meanwhile:
-in a Jupyter kernel with 5,000 clients one message held the loop ~50 ms, and a cell
-waiting behind it took as long (``1+1``: p99 71-180 ms at 10 messages/s, bench/classroom.py).
-Bigger fan-outs go in slices of this many clients, one per loop step, all of one
-message's before the next message's (see :meth:`Hub._fan_out`)."""
-
-FANOUT_GROUP = 32
-"""At most this many fan-outs waiting for the same clients go out together, client by
-client (:func:`put_group`): a burst's frames to one client in one write."""
+def deliver_all(subscribers: Iterable[Subscriber], batch: Batch) -> None:
+    """``batch`` to each subscriber; one that refuses (too slow) is closed with 1013 rather
+    than hold the others back."""
+    for subscriber in subscribers:
+        if not subscriber.deliver(batch):
+            subscriber.close(CloseCode.TRY_AGAIN_LATER)
 
 
 class Hub:
@@ -186,7 +80,7 @@ class Hub:
     def __init__(self, log: MessageLog, limits: Limits) -> None:
         self.log = log
         self.limits = limits
-        self._outboxes: dict[str, set[Outbox]] = {"ws": set(), "sse": set()}
+        self._subscribers: dict[Encoding, set[Subscriber]] = {}  # grouped by encoding
         self._new_message = asyncio.Event()
         self._connected: Counter[str] = Counter()  # WebSocket and SSE users
         self._polled: dict[str, tuple[float, str]] = {}  # HTTP user -> (last seen, address)
@@ -197,11 +91,12 @@ class Hub:
         self._presence_sent_at = float("-inf")  # loop time of the last presence broadcast
         self._presence_due: asyncio.TimerHandle | None = None
         self._published = 0  # every message up to this id has been fanned out
-        self._fanning: deque[tuple[list[Outbox], tuple[int, str]]] = deque()  # _fan_out
-        self._fanned = 0  # outboxes of _fanning[0] done (of each fan-out of the group)
-        self._group: list[tuple[int, str]] = []  # the items of _fanning's first fan-outs
-        self._roster = 0  # changes of _outboxes (subscribe, unsubscribe)
-        self._snapshot: tuple[set[Outbox] | None, int, list[Outbox]] = (None, -1, [])
+        self._fanning: deque[tuple[list[Subscriber], Batch]] = deque()  # see _fan_out
+        self._fanned = 0  # subscribers of _fanning[0] done (of each fan-out of the group)
+        self._group: Batch | None = None  # the items of _fanning's first fan-outs, together
+        self._group_size = 0  # how many fan-outs _group holds
+        self._roster = 0  # changes of _subscribers (subscribe, unsubscribe)
+        self._snapshot: tuple[set[Subscriber] | None, int, list[Subscriber]] = (None, -1, [])
         self._publishing = asyncio.Lock()
         self._follower: asyncio.Task | None = None
         self._pushed = False  # the log tells us about every message (RedisLog.follow)
@@ -249,33 +144,36 @@ class Hub:
         """
         async with self._publishing:
             async for page in self.history(self._published):
-                for message in page:
-                    self._publish(message)
-                self._published = page[-1].id
+                self._publish(page)
 
     async def deliver(self, messages: list[Message]) -> None:
         """Fan out ``messages`` (consecutive, in id order) that a follower read from the
         log, skipping those already published."""
         async with self._publishing:
-            for message in messages:
-                if message.id > self._published:
-                    self._publish(message)
-                    self._published = message.id
+            self._publish(messages)
 
     async def _follow(self, interval: float) -> None:
         while not self.closing.is_set():
             await asyncio.sleep(interval)
             await self.catch_up()
 
-    def _publish(self, message: Message) -> None:
-        ws, sse = self._outboxes["ws"], self._outboxes["sse"]
-        if ws:
-            self._fan_out(ws, (message.id, wire.ws_frame(message)))
-        if sse:
-            self._fan_out(sse, (message.id, wire.sse_message(message)))
-        # Wake every long poll, then arm a fresh event for the next message.
-        self._new_message.set()
-        self._new_message = asyncio.Event()
+    def _publish(self, messages: list[Message]) -> None:
+        """The one way a message reaches the subscribers: each of ``messages`` (read from
+        the log, in id order) not published yet, encoded once per encoding, then every long
+        poll wakes. Called with ``_publishing`` held, so ids go out in order."""
+        published = False
+        for message in messages:
+            if message.id <= self._published:
+                continue
+            for encoding, subscribers in self._subscribers.items():
+                if subscribers:
+                    self._fan_out(subscribers, Batch(((message.id, encoding.message(message)),)))
+            self._published = message.id
+            published = True
+        if published:
+            # Wake every long poll, then arm a fresh event for the next message.
+            self._new_message.set()
+            self._new_message = asyncio.Event()
 
     async def last_id(self) -> int:
         """The newest message's id (0 for an empty log)."""
@@ -299,41 +197,6 @@ class Hub:
             return 0, True
         return max(after, 0), False
 
-    async def push(self, outbox: Outbox, cursor: int, reset: bool,
-                   heartbeat: float | None = None) -> AsyncIterator[list[str]]:
-        """What one push client (WebSocket or SSE) is sent, as batches of encoded payloads.
-
-        A reset if asked, the history after ``cursor`` page by page, then what the hub queues
-        in ``outbox``, skipping messages already sent as history (the outbox was subscribed
-        before the history was read, so nothing falls between the two). An empty batch means
-        ``heartbeat`` seconds passed with nothing to send. Ends when the outbox is closed;
-        the transport only frames and writes the batches.
-        """
-        kind = outbox.kind
-        if reset:
-            yield [RESET[kind]]
-        sent = cursor
-        frame = FRAME[kind]
-        async for page in self.history(cursor):
-            yield [frame(message) for message in page]
-            sent = page[-1].id
-        while True:
-            outbox.sent = sent  # for put_all's direct writes: history not to send again
-            items = await outbox.get(heartbeat)
-            if outbox.closed:
-                return
-            if not items or items[0][0] > sent:
-                # The usual case: a message's id is > sent, and so are the rest (ids only
-                # grow in an outbox); one test per batch, not one per item.
-                yield [payload for _, payload in items]
-            else:
-                yield [payload for message_id, payload in items
-                       if not message_id or message_id > sent]
-            for message_id, _ in reversed(items):
-                if message_id:
-                    sent = max(sent, message_id)
-                    break
-
     async def wait_after(self, after: int, timeout: float) -> list[Message]:
         """Messages after ``after``, waiting up to ``timeout`` s for the first (long poll)."""
         # Take the event *before* reading the log: a message appended while we read sets
@@ -354,36 +217,36 @@ class Hub:
 
     # -- events that are not messages ----------------------------------------------------
 
-    @staticmethod
-    def _payloads(event: str, data: dict) -> dict[str, str]:
-        """An event that is not a message, encoded for each push transport."""
-        return {"ws": wire.ws_event(event, data), "sse": wire.sse_event(event, data)}
-
     def _broadcast(self, event: str, data: dict) -> None:
-        payloads = self._payloads(event, data)
-        for kind, outboxes in self._outboxes.items():
-            if outboxes:
-                self._fan_out(outboxes, (0, payloads[kind]))
+        for encoding, subscribers in self._subscribers.items():
+            if subscribers:
+                self._fan_out(subscribers, Batch(((0, encoding.event(event, data)),)))
 
-    def _fan_out(self, outboxes: set[Outbox], item: tuple[int, str]) -> None:
-        """``put_all(outboxes, item)``, at most :data:`FANOUT_SLICE` deliveries per loop step.
+    def _fan_out(self, subscribers: set[Subscriber] | tuple[Subscriber],
+                 batch: Batch) -> None:
+        """``deliver_all(subscribers, batch)``, at most :data:`~chatlib.limits.FANOUT_SLICE`
+        deliveries per event-loop step.
+
+        A fan-out is a loop over every client, and nothing else runs on the event loop
+        meanwhile (in a Jupyter kernel, a cell waiting behind it waits as long): bigger
+        fan-outs go in slices, one per loop step.
 
         Fan-outs form one queue, served in order: every client gets message 1 before any
         client gets message 2, as when each ran at once. A big one takes a snapshot of the
-        outboxes: a client that subscribes meanwhile reads the message from the log, one
-        that leaves is closed (``put_all`` skips it). Small ones with nothing queued run
-        at once, as before.
+        subscribers: a client that subscribes meanwhile reads the message from the log, one
+        that leaves is closed (its ``deliver`` ignores it). Small ones with nothing queued
+        run at once.
         """
-        if not self._fanning and len(outboxes) <= FANOUT_SLICE:
-            put_all(outboxes, item)
+        if not self._fanning and len(subscribers) <= FANOUT_SLICE:
+            deliver_all(subscribers, batch)
             return
         # Fan-outs to the same clients share one snapshot, so that a burst's can go out
         # together (see _fan_out_step).
         snapshot_of, roster, snapshot = self._snapshot
-        if snapshot_of is not outboxes or roster != self._roster:
-            snapshot = list(outboxes)
-            self._snapshot = (outboxes, self._roster, snapshot)
-        self._fanning.append((snapshot, item))
+        if snapshot_of is not subscribers or roster != self._roster:
+            snapshot = list(subscribers)
+            self._snapshot = (subscribers, self._roster, snapshot)
+        self._fanning.append((snapshot, batch))
         if len(self._fanning) == 1:  # else a step is already scheduled
             self._fan_out_step()
 
@@ -391,30 +254,33 @@ class Hub:
         """One slice: :data:`FANOUT_SLICE` deliveries, then the next step is scheduled.
 
         The first fan-outs of the queue that go to the same snapshot (a burst, published
-        while an earlier one was still going out) make a group, up to :data:`FANOUT_GROUP`:
-        each client of the slice gets the whole group at once (:func:`put_group`). Every
-        client still gets the messages in order, and a fan-out queued later (an ack, a
-        client that joined) still waits for the group to end.
+        while an earlier one was still going out) make a group, up to :data:`FANOUT_GROUP`,
+        delivered as one batch: each client of the slice gets the whole group in one write.
+        On loopback the server's ``send()`` also runs the receiver's TCP input and its ACK,
+        so a delivery costs per *segment*: one frame to each client in turn would be one
+        segment, and about one ACK, per delivery (bench/README.md, "The burst at N=1000").
+        Every client still gets the messages in order, and a fan-out queued later (an ack,
+        a client that joined) still waits for the group to end.
         """
         budget = FANOUT_SLICE
         while self._fanning and budget > 0:  # bounded: every turn spends budget or pops
-            outboxes = self._fanning[0][0]
+            subscribers = self._fanning[0][0]
             start = self._fanned
             if not start:  # a new group: the leading fan-outs to the same snapshot
-                group = self._group = []
-                for snapshot, item in self._fanning:
-                    if snapshot is not outboxes or len(group) == FANOUT_GROUP:
+                batches = []
+                for snapshot, batch in self._fanning:
+                    if snapshot is not subscribers or len(batches) == FANOUT_GROUP:
                         break
-                    group.append(item)
-            group = self._group
-            chunk = outboxes[start:start + max(1, budget // len(group))]
-            if len(group) == 1:
-                put_all(chunk, group[0])
-            else:
-                put_group(chunk, group)
-            budget -= len(chunk) * len(group)
-            if start + len(chunk) >= len(outboxes):
-                for _ in group:
+                    batches.append(batch)
+                self._group_size = len(batches)
+                self._group = batches[0] if len(batches) == 1 else Batch(
+                    tuple(item for batch in batches for item in batch.items))
+            size = self._group_size
+            chunk = subscribers[start:start + max(1, budget // size)]
+            deliver_all(chunk, self._group)
+            budget -= len(chunk) * size
+            if start + len(chunk) >= len(subscribers):
+                for _ in range(size):
                     self._fanning.popleft()
                 self._fanned = 0
             else:
@@ -422,10 +288,10 @@ class Hub:
         if self._fanning:
             asyncio.get_running_loop().call_soon(self._fan_out_step)
 
-    def tell(self, outbox: Outbox, payload: str) -> None:
+    def tell(self, subscriber: Subscriber, payload: str) -> None:
         """An event for one client only (its ack, an error): queued behind any fan-out
         still going out in slices, so that an ack never overtakes its own message."""
-        self._fan_out((outbox,), (0, payload))
+        self._fan_out((subscriber,), Batch(((0, payload),)))
 
     def typing(self, user: str, relay: bool = True) -> None:
         self._broadcast("typing", {"user": user})
@@ -434,27 +300,40 @@ class Hub:
 
     # -- presence ------------------------------------------------------------------------
 
-    def subscribe(self, kind: str, user: str) -> Outbox:
-        """A new push client; ``user`` may be "" for a reader that is not in the chat."""
-        outbox = Outbox(kind, user, self.limits.max_queue)
-        self._outboxes[kind].add(outbox)
+    def subscribe(self, subscriber: Subscriber) -> Subscriber:
+        """Fan out to ``subscriber`` from now on (and count its user as here)."""
+        self._subscribers.setdefault(subscriber.encoding, set()).add(subscriber)
         self._roster += 1
+        user = subscriber.user
         if user:
             if user in self._presence_sent:  # a second tab: the list won't change; tell it
-                outbox.put(0, self._payloads("presence", self._presence_data)[kind])
+                payload = subscriber.encoding.event("presence", self._presence_data)
+                self._fan_out((subscriber,), Batch(((0, payload),)))
             self._connected[user] += 1
             self.presence_changed()
-        return outbox
+        return subscriber
 
-    def unsubscribe(self, outbox: Outbox) -> None:
-        if outbox in self._outboxes[outbox.kind]:
-            self._outboxes[outbox.kind].discard(outbox)
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        subscribers = self._subscribers.get(subscriber.encoding, ())
+        if subscriber in subscribers:
+            subscribers.discard(subscriber)
             self._roster += 1
-            if outbox.user:
-                self._connected[outbox.user] -= 1
-                if self._connected[outbox.user] <= 0:
-                    del self._connected[outbox.user]
+            user = subscriber.user
+            if user:
+                self._connected[user] -= 1
+                if self._connected[user] <= 0:
+                    del self._connected[user]
                 self.presence_changed()
+
+    @property
+    def subscribers(self) -> list[Subscriber]:
+        """Every push client subscribed now."""
+        return [s for group in self._subscribers.values() for s in group]
+
+    @property
+    def fanning_out(self) -> bool:
+        """Whether a fan-out is still going out in slices."""
+        return bool(self._fanning)
 
     def touch(self, user: str, address: str = "") -> str:
         """An HTTP (polling) client named ``user`` at ``address`` just made a request.
@@ -527,7 +406,7 @@ class Hub:
 
     # -- shutdown ------------------------------------------------------------------------
 
-    def close(self, code: int = GOING_AWAY) -> None:
+    def close(self, code: int = CloseCode.GOING_AWAY) -> None:
         """The server is stopping: end long polls and SSE streams, close WebSockets (``code``)."""
         self.closing.set()
         if self._follower is not None:
@@ -536,6 +415,5 @@ class Hub:
             self._presence_due.cancel()
         self._fanning.clear()
         self._fanned = 0
-        for outboxes in self._outboxes.values():
-            for outbox in outboxes:
-                outbox.close(code)
+        for subscriber in self.subscribers:
+            subscriber.close(code)

@@ -31,10 +31,10 @@ import sys
 from http import HTTPStatus
 
 import h11
-from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from .fastpath import H11_MAX_INCOMPLETE_EVENT_SIZE
 from .limits import Limits
 
 LINGER_SECONDS = 2.0
@@ -130,7 +130,7 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         self.limits = limits
         self.conn = ChunkCountingConnection(
             limits.max_body_chunks,
-            self.config.h11_max_incomplete_event_size or DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
+            self.config.h11_max_incomplete_event_size or H11_MAX_INCOMPLETE_EVENT_SIZE)
         self.upgraded = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None

@@ -35,8 +35,9 @@ import uvicorn
 
 from .app import create_app
 from .auth import checked_token
+from .closecode import CloseCode
 from .guard import host_policy
-from .hub import GOING_AWAY, SERVICE_RESTART, Hub
+from .hub import Hub
 from .limits import Limits
 from .protocols import BoundedH11Protocol, BoundedWebSocketProtocol
 from .proxy import public_url
@@ -300,7 +301,7 @@ class ChatServer:
             await asyncio.sleep(min(5.0, self.limits.presence_ttl / 3))
             self.hub.presence_changed()
 
-    async def stop(self, code: int = GOING_AWAY) -> None:
+    async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
         """Stop serving and free the port; every client is told (``code`` / end of stream).
 
         WebSockets get 1001 (going away) by default; :func:`start_server` restarting a server
@@ -404,7 +405,7 @@ async def start_server(port: int = 0, host: str = "127.0.0.1", **options) -> Cha
     global _current
     previous = _current
     if previous is not None:
-        await previous.stop(SERVICE_RESTART)
+        await previous.stop(CloseCode.SERVICE_RESTART)
         options.setdefault("log", previous.log)
         if options.get("token") is True and previous.token:
             options["token"] = previous.token

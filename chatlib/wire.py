@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import codecs
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .store import Message
@@ -92,6 +93,23 @@ SSE_RETRY = "retry: 1000\n\n"
 SSE_RESET = sse_event("reset", {})
 SSE_PING = ": ping\n\n"
 """A comment line: keeps idle proxies from closing the stream; parsers ignore it."""
+
+
+@dataclass(frozen=True, eq=False)
+class Encoding:
+    """How one push transport writes events: the hub fans out to subscribers grouped by
+    their encoding, and encodes each message once per encoding, not once per client."""
+
+    message: Callable[[Message], str]
+    """The payload for a message."""
+    event: Callable[[str, dict], str]
+    """The payload for an event that is not a message (``event`` name, ``data``)."""
+    reset: str
+    """The payload telling the client that the log was replaced: start over from id 0."""
+
+
+WEBSOCKET = Encoding(ws_frame, ws_event, WS_RESET)
+SSE = Encoding(sse_message, sse_event, SSE_RESET)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import pytest
 from chatlib import Limits, MemoryLog
 from chatlib import hub as hub_module
 from chatlib.hub import Hub
+from chatlib.outbox import Outbox
+from chatlib.wire import WEBSOCKET
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,21 +28,21 @@ async def test_sliced_fan_outs_keep_every_clients_order(monkeypatch):
     monkeypatch.setattr(hub_module, "FANOUT_SLICE", 3)
     hub = Hub(MemoryLog(), Limits(presence_interval=0))
     await hub.start()
-    room = [hub.subscribe("ws", "") for _ in range(10)]  # readers: no presence frames
+    room = [hub.subscribe(Outbox(WEBSOCKET, "")) for _ in range(10)]  # readers: no presence frames
     first, _ = await hub.post("u0", "one")  # slice 1 now, slices 2-4 on later loop steps
     # Before the first fan-out is done, one more message, a client leaves, one joins.
-    assert sum(bool(o._items) for o in room) < 10, "sent in slices"
+    assert sum(bool(o.queued) for o in room) < 10, "sent in slices"
     second, _ = await hub.post("u1", "two")
     hub.unsubscribe(room[9])
     room[9].close(1000)
-    late = hub.subscribe("ws", "")
+    late = hub.subscribe(Outbox(WEBSOCKET, ""))
     third, _ = await hub.post("u2", "three")
     for _ in range(50):  # bounded: the slices run on the next loop steps
         await asyncio.sleep(0)
     for outbox in room[:9]:
         assert message_ids(await outbox.get(timeout=0)) == [first.id, second.id, third.id]
     # The late client was not in the first two snapshots: it reads those from the log
-    # (hub.push), and is sent the third live.
+    # (Outbox.stream), and is sent the third live.
     assert message_ids(await late.get(timeout=0)) == [third.id]
     hub.close()
 
@@ -49,8 +51,8 @@ async def test_small_fan_outs_are_sent_at_once(monkeypatch):
     monkeypatch.setattr(hub_module, "FANOUT_SLICE", 3)
     hub = Hub(MemoryLog(), Limits(presence_interval=0))
     await hub.start()
-    room = [hub.subscribe("ws", "u") for _ in range(3)]
+    room = [hub.subscribe(Outbox(WEBSOCKET, "u")) for _ in range(3)]
     message, _ = await hub.post("u", "hi")
     for outbox in room:  # no loop step needed
-        assert message.id in message_ids(outbox._items)
+        assert message.id in message_ids(await outbox.get(timeout=0))
     hub.close()

@@ -17,8 +17,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from chatlib import Limits
-from chatlib.hub import Hub
 from chatlib.limits import RateLimits
+from chatlib.outbox import Outbox
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -139,8 +139,8 @@ async def test_a_client_that_never_reads_is_reset_after_stuck_timeout(server, ma
                (b"GET /api/events?user=stuck HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b""))
     sock = await stuck_socket(server.port, *request)
     try:
-        await eventually(lambda: len(server.hub._outboxes[kind]) == 1)
-        stuck = next(iter(server.hub._outboxes[kind]))
+        await eventually(lambda: len(server.hub.subscribers) == 1)
+        [stuck] = server.hub.subscribers
         for i in range(1000):  # ends once the server gave up on it
             assert (await post(http, server, "poster", f"{i}:" + "x" * BIG)).status_code == 201
             assert (await fast.receive(timeout=T)).text.startswith(f"{i}:")
@@ -150,7 +150,7 @@ async def test_a_client_that_never_reads_is_reset_after_stuck_timeout(server, ma
                 await eventually(lambda: stuck.closed)
         assert stuck.close_code == 1013
         # Gone from the hub, and its TCP connection reset: nothing is kept for it.
-        await eventually(lambda: not server.hub._outboxes[kind])
+        await eventually(lambda: not server.hub.subscribers)
         assert isinstance(await read_until_gone(sock), ConnectionResetError)
     finally:
         sock.close()
@@ -162,8 +162,8 @@ async def test_a_client_that_never_reads_is_reset_after_stuck_timeout(server, ma
 async def test_a_slow_client_that_reads_in_time_gets_1013_not_a_reset(server, http):
     async with ws_connect(server.ws_url, max_queue=1, compression=None, max_size=None) as ws:
         await ws.send(json.dumps({"type": "hello", "user": "slow"}))
-        await eventually(lambda: len(server.hub._outboxes["ws"]) == 1)
-        outbox = next(iter(server.hub._outboxes["ws"]))
+        await eventually(lambda: len(server.hub.subscribers) == 1)
+        [outbox] = server.hub.subscribers
         ws.transport.pause_reading()
         for i in range(300):
             assert (await post(http, server, "poster", f"{i}:" + "x" * BIG)).status_code == 201
@@ -198,8 +198,8 @@ async def test_live_frames_stay_in_order_through_backpressure(server, http):
             ws_connect(server.ws_url, compression=None, max_size=None) as fast:
         for ws, user in ((slow, "slow"), (fast, "fast")):
             await ws.send(json.dumps({"type": "hello", "user": user}))
-        await eventually(lambda: len(server.hub._outboxes["ws"]) == 2)
-        outbox = next(o for o in server.hub._outboxes["ws"] if o.user == "slow")
+        await eventually(lambda: len(server.hub.subscribers) == 2)
+        outbox = next(o for o in server.hub.subscribers if o.user == "slow")
         assert (await post(http, server, "poster", "first")).status_code == 201
         assert await messages(slow, 1) == await messages(fast, 1) == ["first"]
         slow.transport.pause_reading()
@@ -378,9 +378,9 @@ async def test_a_hello_with_a_cursor_beyond_any_id_is_refused(server):
 async def test_a_failing_writer_is_logged_and_closes_1011(server, monkeypatch, caplog):
     async def broken_push(self, *args, **kwargs):
         raise RuntimeError("a bug in the writer")
-        yield  # an async generator, like Hub.push
+        yield  # an async generator, like Outbox.stream
 
-    monkeypatch.setattr(Hub, "push", broken_push)
+    monkeypatch.setattr(Outbox, "stream", broken_push)
     caplog.set_level(logging.ERROR, logger="chatlib")
     async with ws_connect(server.ws_url) as ws:
         await ws.send(json.dumps({"type": "hello", "user": "ada"}))
@@ -395,16 +395,17 @@ async def test_a_failing_writer_is_logged_and_closes_1011(server, monkeypatch, c
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536])
 def test_the_shared_frame_of_a_direct_write_is_a_whole_text_frame(size):
     """text_frames() keeps the last frames it built: the cache must never answer for another
-    payload (the empty one included) and the bytes are a server's unmasked text frame."""
+    batch (the empty payload included) and the bytes are a server's unmasked text frame."""
     from chatlib import frames
-    from chatlib.app import text_frames
+    from chatlib.fastpath import text_frames
+    from chatlib.hub import Batch
 
-    text_frames(("warm the cache",))
+    text_frames(Batch(((0, "warm the cache"),)))
     payload = "é" * (size // 2) + "x" * (size % 2)
-    payloads = (payload,)
-    frame = text_frames(payloads)
+    batch = Batch(((1, payload),))
+    frame = text_frames(batch)
     assert frames.decode(frame, max_size=None, masked=False)[0].payload == payload.encode()
-    assert text_frames(payloads) is frame  # one frame for every client of a fan-out
+    assert text_frames(batch) is frame  # one frame for every client of a fan-out
 
 
 def test_the_first_direct_frame_of_a_fresh_server_may_be_empty():
@@ -412,8 +413,9 @@ def test_the_first_direct_frame_of_a_fresh_server_may_be_empty():
     import subprocess
     import sys
 
-    code = ("from chatlib.app import text_frames, http_chunks; "
-            "print(text_frames(('',)).hex(), http_chunks(('',)).hex())")
+    code = ("from chatlib.fastpath import text_frames, http_chunk; "
+            "from chatlib.hub import Batch; "
+            "print(text_frames(Batch(((0, ''),))).hex(), http_chunk(Batch(((0, ''),))).hex())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert out == ["8100", b"0\r\n\r\n".hex()]

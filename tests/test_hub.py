@@ -9,8 +9,9 @@ import pytest
 
 from chatlib import Limits, MemoryLog, Message, wire
 from chatlib import hub as hub_module
-from chatlib.hub import Hub, Outbox
-from chatlib.wire import SSEParser
+from chatlib.hub import Hub
+from chatlib.outbox import Outbox
+from chatlib.wire import SSE, WEBSOCKET, SSEParser
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,6 +38,11 @@ def sse_fields(payload: str) -> dict:
     return {"event": event.event, "id": event.last_event_id, "data": event.data}
 
 
+def join(hub: Hub, encoding, user: str) -> Outbox:
+    """A push client subscribed as the transports subscribe theirs."""
+    return hub.subscribe(Outbox(encoding, user, hub.limits.max_queue))
+
+
 async def drain(outbox: Outbox):
     """Everything already queued in ``outbox``, without waiting."""
     return await outbox.get(timeout=0)
@@ -46,7 +52,7 @@ async def drain(outbox: Outbox):
 
 
 async def test_outbox_keeps_order_and_gets_everything_queued():
-    outbox = Outbox("ws", "ada", limit=10)
+    outbox = Outbox(WEBSOCKET, "ada", limit=10)
     for i in range(1, 6):
         outbox.put(i, f"p{i}")
     assert await outbox.get(timeout=1) == [(i, f"p{i}") for i in range(1, 6)]
@@ -55,7 +61,7 @@ async def test_outbox_keeps_order_and_gets_everything_queued():
 
 
 async def test_outbox_get_waits_for_a_put():
-    outbox = Outbox("sse", "", limit=10)
+    outbox = Outbox(SSE, "", limit=10)
     getter = asyncio.create_task(outbox.get(timeout=30))
     await asyncio.sleep(0)  # let the getter start waiting
     assert not getter.done()
@@ -65,7 +71,7 @@ async def test_outbox_get_waits_for_a_put():
 
 
 async def test_outbox_overflow_closes_with_1013():
-    outbox = Outbox("ws", "slow", limit=3)
+    outbox = Outbox(WEBSOCKET, "slow", limit=3)
     for i in range(1, 4):
         outbox.put(i, str(i))
     assert not outbox.closed
@@ -81,7 +87,7 @@ async def test_outbox_overflow_closes_with_1013():
 
 
 async def test_outbox_close_wakes_a_waiting_getter():
-    outbox = Outbox("ws", "ada", limit=3)
+    outbox = Outbox(WEBSOCKET, "ada", limit=3)
     getter = asyncio.create_task(outbox.get())
     await asyncio.sleep(0)
     outbox.close(1001)
@@ -94,8 +100,8 @@ async def test_outbox_close_wakes_a_waiting_getter():
 
 
 async def test_publish_reaches_every_push_client(hub):
-    ws = [hub.subscribe("ws", f"w{i}") for i in range(3)]
-    sse = [hub.subscribe("sse", f"s{i}") for i in range(2)] + [hub.subscribe("sse", "")]
+    ws = [join(hub, WEBSOCKET, f"w{i}") for i in range(3)]
+    sse = [join(hub, SSE, f"s{i}") for i in range(2)] + [join(hub, SSE, "")]
     for outbox in ws + sse:
         await drain(outbox)  # presence notices
     message, _ = await hub.post("ada", "hello")
@@ -115,8 +121,8 @@ async def test_publish_encodes_once_per_transport(hub, monkeypatch):
     calls = []
     original = Message.to_dict
     monkeypatch.setattr(Message, "to_dict", lambda self: calls.append(self.id) or original(self))
-    ws = [hub.subscribe("ws", "") for _ in range(20)]
-    sse = [hub.subscribe("sse", "") for _ in range(20)]
+    ws = [join(hub, WEBSOCKET, "") for _ in range(20)]
+    sse = [join(hub, SSE, "") for _ in range(20)]
     message, _ = await hub.post("ada", "once")
     calls_for_message = calls.count(message.id)
     assert 1 <= calls_for_message <= 2  # once per transport at most, not once per client
@@ -128,9 +134,9 @@ async def test_publish_encodes_once_per_transport(hub, monkeypatch):
 
 async def test_slow_outbox_is_closed_and_others_get_everything():
     hub = Hub(MemoryLog(), Limits(max_queue=5))
-    slow = hub.subscribe("ws", "slow")
-    fast = hub.subscribe("ws", "fast")
-    sse = hub.subscribe("sse", "reader")
+    slow = join(hub, WEBSOCKET, "slow")
+    fast = join(hub, WEBSOCKET, "fast")
+    sse = join(hub, SSE, "reader")
     received = {"fast": [], "sse": []}
     for i in range(20):
         await hub.post("ada", str(i))
@@ -159,13 +165,13 @@ class FakeConnection:
         self.in_flight: list[str] = []
         self.writes = 0  # sink calls
         outbox.sink = self.sink
-        self.writer = asyncio.create_task(self.write(hub.push(outbox, cursor, False)))
+        self.writer = asyncio.create_task(self.write(outbox.stream(hub, cursor, False)))
 
-    def sink(self, payloads: tuple[str, ...]) -> bool:
+    def sink(self, batch) -> bool:
         if not self.writable:
             return False
-        self.direct += payloads
-        self.wire += payloads
+        self.direct += batch.payloads
+        self.wire += batch.payloads
         self.writes += 1
         return True
 
@@ -189,13 +195,13 @@ async def until(predicate) -> None:
 
 async def idle(*clients: FakeConnection) -> None:
     """Until every writer is asleep in Outbox.get (its sink armed: nothing in flight)."""
-    await until(lambda: all(c.outbox.direct is not None and not c.outbox._items
+    await until(lambda: all(c.outbox.direct is not None and not c.outbox.queued
                             for c in clients))
 
 
 async def test_direct_writes_happen_only_while_the_writer_is_idle_and_keep_order(log):
     hub = Hub(log, Limits(presence_interval=0, max_queue=100))
-    client = FakeConnection(hub, hub.subscribe("ws", ""))
+    client = FakeConnection(hub, join(hub, WEBSOCKET, ""))
     await idle(client)
     await hub.post("ada", "1")  # idle writer, writable: written at once, no wake-up
     assert client.texts() == ["1"] and len(client.direct) == 1
@@ -222,7 +228,7 @@ async def test_direct_writes_happen_only_while_the_writer_is_idle_and_keep_order
 async def test_direct_writes_never_repeat_what_the_history_sent(log):
     hub = Hub(log, Limits(presence_interval=0))
     await hub.start()
-    outbox = hub.subscribe("ws", "")
+    outbox = join(hub, WEBSOCKET, "")
     # Appended but not yet fanned out when the history is read (a post in progress, or
     # another process's message): the history sends it, the fan-out must not send it again.
     await log.append("ada", "in the log first")
@@ -240,8 +246,8 @@ async def test_direct_writes_never_repeat_what_the_history_sent(log):
 
 async def test_a_client_that_cannot_take_writes_still_overflows_with_1013(log):
     hub = Hub(log, Limits(presence_interval=0, max_queue=5))
-    stuck = FakeConnection(hub, hub.subscribe("ws", ""))
-    fine = FakeConnection(hub, hub.subscribe("ws", ""))
+    stuck = FakeConnection(hub, join(hub, WEBSOCKET, ""))
+    fine = FakeConnection(hub, join(hub, WEBSOCKET, ""))
     await idle(stuck, fine)
     stuck.writable = False
     stuck.gate.clear()
@@ -260,11 +266,11 @@ async def test_an_ack_never_overtakes_its_message_in_a_sliced_fan_out(monkeypatc
     monkeypatch.setattr(hub_module, "FANOUT_SLICE", 1)  # one client per loop step
     hub = Hub(MemoryLog(), Limits(presence_interval=0))
     await hub.start()
-    room = [hub.subscribe("ws", "") for _ in range(5)]
+    room = [join(hub, WEBSOCKET, "") for _ in range(5)]
     message, _ = await hub.post("ada", "hi")  # only the first slice has gone out yet
-    for outbox in room:  # as if each had sent it (app.handle_frame acks with hub.tell)
+    for outbox in room:  # as if each had sent it (ws.handle_frame acks with hub.tell)
         hub.tell(outbox, wire.ws_event("ack", message.to_dict()))
-    await until(lambda: not hub._fanning)
+    await until(lambda: not hub.fanning_out)
     for outbox in room:
         assert [json.loads(p)["type"] for _, p in await drain(outbox)] == ["message", "ack"]
     hub.close()
@@ -272,12 +278,12 @@ async def test_an_ack_never_overtakes_its_message_in_a_sliced_fan_out(monkeypatc
 
 async def test_a_burst_to_a_sliced_room_goes_out_client_by_client(monkeypatch):
     """Messages published while a sliced fan-out is still going out go out together
-    (hub.put_group): each idle client gets them in one write, in order; a stuck client
+    (as one batch): each idle client gets them in one write, in order; a stuck client
     still overflows (1013) without holding the others; an ack still comes after them."""
     monkeypatch.setattr(hub_module, "FANOUT_SLICE", 3)
     hub = Hub(MemoryLog(), Limits(presence_interval=0, max_queue=3))
     await hub.start()
-    room = [FakeConnection(hub, hub.subscribe("ws", "")) for _ in range(10)]
+    room = [FakeConnection(hub, join(hub, WEBSOCKET, "")) for _ in range(10)]
     await idle(*room)
     stuck = room[4]
     stuck.writable = False
@@ -285,7 +291,7 @@ async def test_a_burst_to_a_sliced_room_goes_out_client_by_client(monkeypatch):
     for i in range(6):  # one loop step: "0" starts going out (one slice), 1-5 wait for it
         await hub.post("ada", str(i))
     hub.tell(room[0].outbox, wire.ws_event("ack", {"id": 6}))
-    await until(lambda: not hub._fanning)
+    await until(lambda: not hub.fanning_out)
     for client in room:
         if client is not stuck:
             assert client.texts() == [str(i) for i in range(6)]
@@ -298,8 +304,8 @@ async def test_a_burst_to_a_sliced_room_goes_out_client_by_client(monkeypatch):
 
 
 async def test_typing_is_broadcast_to_both_push_transports(hub):
-    ws = hub.subscribe("ws", "")
-    sse = hub.subscribe("sse", "")
+    ws = join(hub, WEBSOCKET, "")
+    sse = join(hub, SSE, "")
     hub.typing("ada")
     assert ws_events(await drain(ws)) == [{"type": "typing", "user": "ada"}]
     [(message_id, payload)] = await drain(sse)
@@ -429,9 +435,9 @@ async def test_resolve_cursor(hub):
 
 
 async def test_presence_from_every_transport(hub):
-    ws = hub.subscribe("ws", "ada")
-    sse = hub.subscribe("sse", "bob")
-    reader = hub.subscribe("sse", "")  # an anonymous reader is not in the chat
+    ws = join(hub, WEBSOCKET, "ada")
+    sse = join(hub, SSE, "bob")
+    reader = join(hub, SSE, "")  # an anonymous reader is not in the chat
     hub.touch("carol")  # an HTTP (polling) user
     assert hub.presence() == ["ada", "bob", "carol"]
     hub.unsubscribe(ws)
@@ -443,8 +449,8 @@ async def test_presence_from_every_transport(hub):
 
 
 async def test_presence_counts_connections_per_user(hub):
-    first = hub.subscribe("ws", "ada")
-    second = hub.subscribe("sse", "ada")
+    first = join(hub, WEBSOCKET, "ada")
+    second = join(hub, SSE, "ada")
     assert hub.presence() == ["ada"]
     hub.unsubscribe(first)
     assert hub.presence() == ["ada"]  # still connected over SSE
@@ -453,14 +459,14 @@ async def test_presence_counts_connections_per_user(hub):
 
 
 async def test_presence_changes_are_broadcast_once(hub):
-    watcher = hub.subscribe("ws", "")
-    sse_watcher = hub.subscribe("sse", "")
-    ada = hub.subscribe("ws", "ada")
+    watcher = join(hub, WEBSOCKET, "")
+    sse_watcher = join(hub, SSE, "")
+    ada = join(hub, WEBSOCKET, "ada")
     assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada"], "count": 1}]
     [(_, payload)] = await drain(sse_watcher)
     assert sse_fields(payload)["event"] == "presence"
     assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"], "count": 1}
-    again = hub.subscribe("sse", "ada")  # same set of users: nothing to tell
+    again = join(hub, SSE, "ada")  # same set of users: nothing to tell
     assert await drain(watcher) == []
     hub.touch("bob")
     assert ws_events(await drain(watcher)) == [
@@ -475,9 +481,9 @@ async def test_presence_changes_are_broadcast_once(hub):
 
 async def test_polling_users_expire_after_the_ttl():
     hub = Hub(MemoryLog(), Limits(presence_ttl=0.05, presence_interval=0))
-    watcher = hub.subscribe("ws", "")
+    watcher = join(hub, WEBSOCKET, "")
     hub.touch("carol")
-    hub.subscribe("ws", "ada")
+    join(hub, WEBSOCKET, "ada")
     assert hub.presence() == ["ada", "carol"]
     await drain(watcher)
     async with asyncio.timeout(5):
@@ -491,7 +497,7 @@ async def test_polling_users_expire_after_the_ttl():
 
 
 async def test_close_closes_every_outbox_with_1001(hub):
-    outboxes = [hub.subscribe("ws", "ada"), hub.subscribe("sse", "bob")]
+    outboxes = [join(hub, WEBSOCKET, "ada"), join(hub, SSE, "bob")]
     hub.close()
     assert hub.closing.is_set()
     for outbox in outboxes:
@@ -500,10 +506,10 @@ async def test_close_closes_every_outbox_with_1001(hub):
 
 async def test_presence_broadcasts_are_coalesced_when_many_join_at_once():
     hub = Hub(MemoryLog(), Limits(presence_interval=0.2))
-    watcher = hub.subscribe("ws", "watcher")
+    watcher = join(hub, WEBSOCKET, "watcher")
     assert ws_events(await drain(watcher)) == [
         {"type": "presence", "users": ["watcher"], "count": 1}]
-    joined = [hub.subscribe("ws", f"user{i:03}") for i in range(300)]
+    joined = [join(hub, WEBSOCKET, f"user{i:03}") for i in range(300)]
     assert await drain(watcher) == []  # within the interval: told together, later
     async with asyncio.timeout(5):
         events = ws_events(await watcher.get())
@@ -519,9 +525,9 @@ async def test_presence_broadcasts_are_coalesced_when_many_join_at_once():
 
 
 async def test_a_second_tab_of_a_present_user_is_told_who_is_here(hub):
-    first = hub.subscribe("ws", "ada")
+    first = join(hub, WEBSOCKET, "ada")
     assert ws_events(await drain(first)) == [{"type": "presence", "users": ["ada"], "count": 1}]
-    second = hub.subscribe("sse", "ada")  # nobody new: no broadcast, yet it must know
+    second = join(hub, SSE, "ada")  # nobody new: no broadcast, yet it must know
     [(_, payload)] = await drain(second)
     assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"], "count": 1}
     assert await drain(first) == []

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from chatlib import Limits, MemoryLog, Message, wire
 from chatlib.hub import Hub
-from chatlib.wire import SSEEvent, SSEParser
+from chatlib.outbox import Outbox
+from chatlib.wire import SSE, WEBSOCKET, SSEEvent, SSEParser
 
 # Everything str.splitlines() takes for a line end. Only CR, LF and CRLF end an SSE line;
 # the rest must reach the application inside the data, and never appear raw on the wire.
@@ -120,9 +121,9 @@ async def test_typing_and_presence_events_never_carry_a_raw_line_break(char):
     # Nicknames with line breaks are refused at the door (validation); the hub must still
     # never emit one, whatever name it is given.
     hub = Hub(MemoryLog(), Limits(presence_interval=0))
-    sse = hub.subscribe("sse", "")
+    sse = hub.subscribe(Outbox(SSE, ""))
     hub.typing(f"a{char}b")
-    hub.subscribe("ws", f"c{char}d")
+    hub.subscribe(Outbox(WEBSOCKET, f"c{char}d"))
     payloads = [p for _, p in await sse.get(timeout=0)]
     assert len(payloads) == 2
     for payload in payloads:

@@ -1,0 +1,166 @@
+"""A push client's side of the fan-out: a bounded queue, and direct writes while idle.
+
+:class:`Outbox` is the :class:`~chatlib.hub.Subscriber` the WebSocket and SSE transports
+give the hub. Publishing never waits for a client: :meth:`Outbox.deliver` queues the batch
+and returns. A client that stops reading fills its queue, ``deliver`` refuses, and the hub
+closes it (1013, "try again later"); it can resume from its last id, and nobody else was
+slowed down.
+
+A transport may give its outbox a :attr:`Outbox.sink`: a function that writes a batch at
+once if the connection can take it. While the connection's writer is idle (history sent,
+queue empty, nothing in flight) ``deliver`` calls the sink instead of queueing, so that a
+message costs no task wake-up per client; anything that cannot be written at once (the
+transport is paused by flow control, closing, ...) is queued and the writer takes over,
+in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+from .closecode import CloseCode
+from .hub import Batch, Hub
+from .wire import Encoding
+
+
+class Outbox:
+    """A bounded queue of ``(message_id, payload)`` for one push client.
+
+    ``message_id`` is 0 for events that are not messages (presence, typing); writers use
+    it to skip messages they already sent as history.
+    """
+
+    __slots__ = ("encoding", "user", "limit", "closed", "close_code", "on_close", "sink",
+                 "direct", "sent", "_items", "_ready")
+
+    def __init__(self, encoding: Encoding, user: str = "", limit: int = 1024) -> None:
+        self.encoding = encoding
+        """How this client's payloads are encoded (chatlib.wire.WEBSOCKET or SSE)."""
+        self.user = user
+        """The client's nickname; "" for a reader that is not in the chat."""
+        self.limit = limit
+        self.closed = False
+        self.close_code = 0
+        self.on_close: Callable[[int], None] | None = None
+        """Called with the close code when the outbox closes (the transport's business)."""
+        self.sink: Callable[[Batch], bool] | None = None
+        """Set by the transport: writes the batch's payloads now (in order, one write) and
+        returns True, or returns False (cannot write now: they are queued for the writer
+        instead). The batch is the same object for every client of a fan-out (a cache key)."""
+        self.direct: Callable[[Batch], bool] | None = None
+        """``sink`` while the writer is idle in :meth:`get` (nothing queued, nothing in
+        flight): only then may a payload skip the queue without overtaking older ones."""
+        self.sent = 0
+        """Messages up to this id were sent as history: ``direct`` skips them (see push)."""
+        self._items: deque[tuple[int, str]] = deque()
+        self._ready = asyncio.Event()
+
+    @property
+    def queued(self) -> int:
+        """How many payloads wait for the writer."""
+        return len(self._items)
+
+    def deliver(self, batch: Batch) -> bool:
+        """Take ``batch`` (written at once if idle, else queued); False if the queue is full.
+
+        The hub calls this once per client per fan-out. An idle outbox (``direct`` set:
+        empty queue, writer asleep) whose sink can write now gets the payloads written at
+        once, skipping the queue and its writer's wake-up: one message in flight (the
+        chat's normal state) then costs no task switch per client. ``direct`` is only set
+        while the queue is empty and the writer has nothing in flight, so a direct write
+        never overtakes a queued one; a message the writer already sent as history (id <=
+        ``sent``) is queued, for the writer to skip.
+        """
+        if self.closed:
+            return True
+        queue = self._items
+        items = batch.items
+        if not queue:
+            direct = self.direct
+            first = batch.first_id
+            if direct is not None and (not first or first > self.sent) and direct(batch):
+                return True
+            if len(items) > self.limit:
+                return False
+            queue.extend(items)
+            # Only a batch that finds the queue empty can find the writer asleep (it
+            # sleeps only when the queue is empty): a burst skips an Event.set() per item.
+            self._ready.set()
+            return True
+        if len(queue) + len(items) > self.limit:
+            return False  # too slow: the hub closes it rather than let it hold others back
+        queue.extend(items)
+        return True
+
+    def put(self, message_id: int, payload: str) -> None:
+        """Deliver one payload; close with 1013 if the queue is full."""
+        if not self.deliver(Batch(((message_id, payload),))):
+            self.close(CloseCode.TRY_AGAIN_LATER)
+
+    def close(self, code: int) -> None:
+        if not self.closed:
+            self.closed, self.close_code = True, code
+            self._items.clear()
+            self._ready.set()
+            if self.on_close is not None:
+                self.on_close(code)
+
+    async def get(self, timeout: float | None = None) -> list[tuple[int, str]]:
+        """Everything queued (waiting up to ``timeout`` for something); [] on timeout/close."""
+        if not self._items and not self.closed:
+            self._ready.clear()
+            # Idle: from now until we wake, deliver() may write straight to the sink (what
+            # the caller took before has all been written: it called us again).
+            self.direct = self.sink
+            try:
+                if timeout is None:  # the WebSocket writer's case: no wait_for() per wake-up
+                    await self._ready.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(self._ready.wait(), timeout)
+                    except TimeoutError:
+                        return []
+            finally:
+                # Awake (something was queued, or closed): what we take now is in flight
+                # until the next get(), and nothing may overtake it.
+                self.direct = None
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    async def stream(self, hub: Hub, cursor: int, reset: bool,
+                     heartbeat: float | None = None) -> AsyncIterator[list[str]]:
+        """What this client is sent, as batches of encoded payloads.
+
+        A reset if asked, the history after ``cursor`` page by page, then what the hub
+        queues here, skipping messages already sent as history (the outbox was subscribed
+        before the history was read, so nothing falls between the two). An empty batch
+        means ``heartbeat`` seconds passed with nothing to send. Ends when the outbox is
+        closed; the transport only writes the batches.
+        """
+        encoding = self.encoding
+        if reset:
+            yield [encoding.reset]
+        sent = cursor
+        frame = encoding.message
+        async for page in hub.history(cursor):
+            yield [frame(message) for message in page]
+            sent = page[-1].id
+        while True:
+            self.sent = sent  # for deliver's direct writes: history not to send again
+            items = await self.get(heartbeat)
+            if self.closed:
+                return
+            if not items or items[0][0] > sent:
+                # The usual case: a message's id is > sent, and so are the rest (ids only
+                # grow in an outbox); one test per batch, not one per item.
+                yield [payload for _, payload in items]
+            else:
+                yield [payload for message_id, payload in items
+                       if not message_id or message_id > sent]
+            for message_id, _ in reversed(items):
+                if message_id:
+                    sent = max(sent, message_id)
+                    break

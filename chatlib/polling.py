@@ -1,0 +1,156 @@
+"""The HTTP transport: posting (``POST /api/messages``, ``/api/typing``), polling and long
+polling (``GET /api/messages``), and who is here (``GET /api/presence``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import request_response
+
+from . import wire
+from .fastpath import server_send
+from .hub import Hub
+from .validation import (
+    ChatError,
+    client_id,
+    float_param,
+    int_param,
+    message_text,
+    nickname,
+    optional_user,
+)
+from .web import JSONBody, address, read_json, wait_disconnect
+
+
+def rate_check(request: Request, user: str) -> None:
+    if not request.app.state.budget.allow(address(request.scope), user=user):
+        raise ChatError(429, "too many messages: slow down")
+
+
+async def poll(state, scope, receive) -> bytes | None:
+    """``GET /api/messages``: the JSON body of the 200 answer, or None if the client hung up
+    while its long poll waited (499). Raises ChatError (4xx) and StoreUnavailable (503)."""
+    hub: Hub = state.hub
+    limits = hub.limits
+    params = QueryParams(scope["query_string"])
+    after = int_param(params, "after", 0)
+    wait = min(max(float_param(params, "wait", 0.0), 0.0), limits.max_wait)
+    user = optional_user(params, limits)
+    if user:
+        refused = hub.touch(user, address(scope))
+        if refused:
+            raise ChatError(429, refused)
+    start, reset = await hub.resolve_cursor(after)
+    if wait > 0:
+        found = await until_disconnected(receive, hub.wait_after(start, wait))
+        if found is None:
+            return None
+    else:
+        found = await hub.wait_after(start, 0)
+    return poll_answer(state, found, await hub.last_id(), reset)
+
+
+POLL_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
+
+
+class Messages:
+    """``/api/messages``: ``GET`` polls (long and short), ``POST`` posts.
+
+    A raw ASGI endpoint, for the polls' sake: a function endpoint would run Starlette's
+    ``Request``, ``Response`` and two exception-handling ``send`` wrappers for every
+    answer, which a poll needs none of. Its errors still go to the app's handlers
+    (ChatError's JSON, 503 with ``Retry-After``; nothing has been sent when they are
+    raised) and its answer goes to the server's own send (chatlib.fastpath.server_send;
+    bench/README.md, "Long polling: the floor"). A ``POST`` is an ordinary Starlette
+    endpoint.
+    """
+
+    def __init__(self) -> None:
+        self.post = request_response(post_message)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["method"] == "POST":
+            await self.post(scope, receive, send)
+            return
+        body = await poll(scope["app"].state, scope, receive)
+        status, headers = (200, POLL_HEADERS) if body is not None else (499, [])
+        body = body or b""
+        send = server_send(scope, send)
+        try:
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [*headers, (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+        except OSError:  # uvicorn's ClientDisconnected: nobody to answer
+            pass
+
+
+async def until_disconnected(receive, work):
+    """Await ``work``, or give up (``None``) if the client hangs up first.
+
+    A long poll parks a handler for up to ``max_wait`` seconds; a client that gives up
+    should free it at once rather than hold it until the timeout.
+
+    Two tasks and asyncio.wait, on purpose: one watch task that cancels this one on a
+    hang-up (no task for ``work``) answers a loop step sooner, with fewer messages per
+    answer, and costs more per delivery (bench/README.md, "Long polling: the floor").
+    """
+    waiting = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(wait_disconnect(receive))
+    try:
+        await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not waiting.done():
+            waiting.cancel()
+    return waiting.result() if waiting.done() and not waiting.cancelled() else None
+
+
+def poll_answer(state, found: list, last_id: int, reset: bool) -> bytes:
+    """The JSON body for ``found`` messages, shared by every poll that gets the same ones.
+
+    After a message, every long poll parked at the same cursor wakes and gets the same
+    messages: the answer is encoded once (the last one is kept, per app) and sent to
+    each. Equal lists of (frozen) messages make equal bodies, so a replaced log can't be
+    answered from the cache with its predecessor's texts.
+    """
+    key = (found, last_id, reset)
+    cached = getattr(state, "poll_answer", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    answer = wire.dumps(wire.messages_body(found, last_id, reset)).encode()
+    state.poll_answer = (key, answer)
+    return answer
+
+
+async def post_message(request: Request) -> Response:
+    """201 and the stored message; a repeat of (user, client_id): 200 and the original.
+
+    The client id comes in the body (``"client_id"``) or in an ``Idempotency-Key`` header
+    (the IETF httpapi draft's name for it); both at once must agree.
+    """
+    hub: Hub = request.app.state.hub
+    data = await read_json(request, hub.limits)
+    user = nickname(data, hub.limits)
+    text = message_text(data, hub.limits)
+    cid = client_id(data.get("client_id"))
+    key = client_id(request.headers.get("idempotency-key"), "Idempotency-Key")
+    if cid is not None and key is not None and cid != key:
+        raise ChatError(400, "client_id and Idempotency-Key differ")
+    rate_check(request, user)
+    message, duplicate = await hub.post(user, text, cid or key)
+    return JSONBody(message.to_dict(), status_code=200 if duplicate else 201)
+
+
+async def typing(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    user = nickname(await read_json(request, hub.limits), hub.limits)
+    rate_check(request, user)
+    hub.typing(user)
+    return Response(status_code=204)
+
+
+async def presence(request: Request) -> Response:
+    return JSONBody(request.app.state.hub.presence_event())

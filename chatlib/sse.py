@@ -1,0 +1,87 @@
+"""The Server-Sent Events transport: ``GET /api/events``, a ``text/event-stream`` response
+that sends the history after the client's cursor, then live events, heartbeats between."""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import wire
+from .closecode import CloseCode
+from .fastpath import server_send, sse_sink
+from .hub import Hub
+from .outbox import Outbox
+from .stuck import StuckWatch
+from .validation import ChatError, cursor, int_param, optional_user
+from .web import wait_disconnect
+
+
+async def events(request: Request) -> Response:
+    """History after the cursor (``after=`` or ``Last-Event-ID``), then live events."""
+    hub: Hub = request.app.state.hub
+    if hub.closing.is_set():
+        raise ChatError(503, "server is stopping")
+    after = int_param(request.query_params, "after", 0)
+    try:  # a reconnecting EventSource knows best; a header that is no id is ignored
+        after = cursor(request.headers["last-event-id"], "Last-Event-ID")
+    except (KeyError, ChatError):
+        pass
+    user = optional_user(request.query_params, hub.limits)
+    start, reset = await hub.resolve_cursor(after)
+    outbox = hub.subscribe(Outbox(wire.SSE, user, hub.limits.max_queue))
+    stuck: StuckWatch = request.app.state.stuck
+    stuck.watch(request.scope, outbox)
+    return EventStream(hub, outbox, start, reset, stuck)
+
+
+SSE_RETRY, SSE_PING = wire.SSE_RETRY.encode(), wire.SSE_PING.encode()
+
+
+class EventStream(Response):
+    """The ``text/event-stream`` response of :func:`events`: ``retry:``, then the batches
+    of :meth:`Outbox.stream`, one HTTP chunk each (``: ping`` for an empty one), until the
+    outbox closes (1013, shutdown) or the client hangs up.
+
+    Not Starlette's StreamingResponse, which runs three layers per chunk (its generator,
+    its send through two exception-handling wrappers) and its own disconnect task group
+    (bench/README.md, "SSE and long polling"). Here the status line and headers go through
+    Starlette's ``send`` (so that its error handling knows the response started); the
+    chunks go to the server's own send (chatlib.fastpath.server_send), and live events,
+    while the connection can take them, straight to the transport
+    (chatlib.fastpath.sse_sink), as WebSocket frames do. One task per stream waits for
+    the client to hang up and closes the outbox then: uvicorn ignores what is sent to a
+    connection that is gone, so the stream would otherwise never end.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, hub: Hub, outbox: Outbox, start: int, reset: bool,
+                 stuck: StuckWatch) -> None:
+        self.status_code, self.background = 200, None
+        # No self.body: Response.init_headers then adds no Content-Length (chunked body).
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.hub, self.outbox, self.start, self.reset, self.stuck = (
+            hub, outbox, start, reset, stuck)
+
+    async def __call__(self, scope, receive, send) -> None:
+        hub, outbox = self.hub, self.outbox
+        hang_up = asyncio.ensure_future(wait_disconnect(receive))
+        hang_up.add_done_callback(lambda _: outbox.close(CloseCode.GOING_AWAY))
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": self.raw_headers})
+            raw = server_send(scope, send)
+            outbox.sink = sse_sink(scope)
+            more = {"type": "http.response.body", "body": SSE_RETRY, "more_body": True}
+            await raw(more)
+            async for batch in outbox.stream(hub, self.start, self.reset,
+                                             hub.limits.heartbeat):
+                more["body"] = "".join(batch).encode() if batch else SSE_PING
+                await raw(more)
+            await raw({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            hang_up.cancel()
+            self.stuck.forget(outbox)
+            hub.unsubscribe(outbox)

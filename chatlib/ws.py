@@ -1,0 +1,160 @@
+"""The WebSocket transport: ``/ws``. A client says hello (its nickname and cursor), gets
+the history after its cursor, then live events; it sends messages and typing notices as
+JSON text frames (chatlib.wire)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from functools import partial
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from . import wire
+from .closecode import CloseCode
+from .fastpath import server_send, websocket_sink
+from .hub import Hub
+from .limits import Limits, RateLimit, SendBudget
+from .outbox import Outbox
+from .store import StoreUnavailable
+from .stuck import StuckWatch
+from .validation import ChatError, client_id, cursor, json_object, message_text, nickname
+from .web import JSONBody, address
+
+log = logging.getLogger("chatlib")
+
+
+async def websocket(ws: WebSocket) -> None:
+    hub: Hub = ws.app.state.hub
+    limits = hub.limits
+    if hub.closing.is_set():
+        await ws.send_denial_response(JSONBody({"error": "server is stopping"}, 503))
+        return
+    await ws.accept()
+    try:
+        user, after = await receive_hello(ws, limits)
+    except ChatError as exc:
+        await ws.send_text(wire.ws_event("error", {"error": exc.error}))
+        await ws.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
+        return
+    except TimeoutError:  # say why before hanging up (a bare TCP close tells nothing)
+        await ws.close(CloseCode.POLICY_VIOLATION, f"no hello within {limits.hello_timeout:g} s")
+        return
+    except WebSocketDisconnect:
+        return
+    start, reset = await hub.resolve_cursor(after)
+    outbox = hub.subscribe(Outbox(wire.WEBSOCKET, user, limits.max_queue))
+    stuck: StuckWatch = ws.app.state.stuck
+    stuck.watch(ws.scope, outbox)
+    writer = asyncio.create_task(write_frames(ws, hub, outbox, start, reset))
+    writer.add_done_callback(partial(writer_done, ws))
+    budget: SendBudget = ws.app.state.budget
+    rate = budget.connection()
+    try:
+        while True:
+            event = await ws.receive()
+            if event["type"] == "websocket.disconnect":
+                break
+            try:
+                await handle_frame(hub, user, address(ws.scope), rate, budget, event, outbox)
+            except ChatError as exc:
+                hub.tell(outbox, wire.ws_event("error", {"error": exc.error}))
+    finally:
+        stuck.forget(outbox)
+        hub.unsubscribe(outbox)
+        writer.cancel()
+
+
+async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
+    event = await asyncio.wait_for(ws.receive(), limits.hello_timeout)
+    if event["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(event.get("code", 1000))
+    if event.get("text") is None:
+        raise ChatError(400, "expected a text frame")
+    data = json_object(event["text"])
+    if data.get("type") != "hello":
+        raise ChatError(400, 'the first frame must be {"type": "hello", "user": ...}')
+    after = data.get("after", 0)
+    if not isinstance(after, int) or isinstance(after, bool):
+        raise ChatError(400, "after must be an integer")
+    return nickname(data, limits), cursor(after)
+
+
+async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget: SendBudget,
+                       event: dict, outbox: Outbox) -> None:
+    text = event.get("text")
+    if text is None:
+        raise ChatError(400, "binary frames are not supported: send JSON text")
+    # Don't parse what can't be valid. JSON may escape each character of the text as
+    # "\ud83d\ude00" (12 characters; json.dumps does by default): bound by that, not less.
+    if len(text) > 12 * hub.limits.max_text + 200:
+        raise ChatError(413, f"text is longer than {hub.limits.max_text} characters")
+    data = json_object(text)
+    kind = data.get("type")
+    if kind not in ("message", "typing"):
+        raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
+    if kind == "typing":
+        if not budget.allow(client, rate):
+            raise ChatError(429, "too many messages: slow down")
+        hub.typing(user)
+        return
+    cid = client_id(data.get("client_id"))
+    try:
+        if not budget.allow(client, rate):
+            raise ChatError(429, "too many messages: slow down")
+        try:
+            message, _ = await hub.post(user, message_text(data, hub.limits), cid)
+        except StoreUnavailable as exc:  # not stored: refused as clearly as HTTP's 503
+            raise ChatError(503, str(exc)) from None
+    except ChatError as exc:
+        if cid is None:
+            raise
+        # Refused: the error names the message, so that its sender stops waiting for an ack,
+        # and gives the HTTP status, so that it knows whether to send it again (5xx) or not.
+        hub.tell(outbox, wire.ws_event("error", {"error": exc.error, "client_id": cid,
+                                              "status": exc.status}))
+        return
+    if cid is not None:  # to the sender only: stored (for a repeat, the original)
+        hub.tell(outbox, wire.ws_event("ack", message.to_dict()))
+
+
+async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, reset: bool):
+    """This connection's writer: one text frame per payload of :meth:`Outbox.stream`.
+
+    Once the history is sent and the queue is empty the writer sleeps, and the hub writes
+    live frames itself through ``outbox.sink`` (chatlib.fastpath.websocket_sink) while the
+    connection can take them; the writer wakes only for a backlog. Frames go to the
+    server's own ASGI send, past Starlette's per-frame layers (chatlib.fastpath.server_send).
+    """
+    send = server_send(ws.scope, ws.send)
+    outbox.sink = websocket_sink(ws.scope)
+    try:
+        async for batch in outbox.stream(hub, start, reset):
+            for payload in batch:
+                await send({"type": "websocket.send", "text": payload})
+        await ws.close(outbox.close_code)
+    except (WebSocketDisconnect, OSError):  # uvicorn's ClientDisconnected is an OSError
+        pass  # the client is gone; the reader sees the disconnect and cleans up
+    except StoreUnavailable:  # history unreadable now: the client resumes when it reconnects
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+            await ws.close(CloseCode.TRY_AGAIN_LATER)
+
+
+def writer_done(ws: WebSocket, writer: asyncio.Task) -> None:
+    """A writer that failed is a bug: log it, and close with 1011 rather than fall silent."""
+    if writer.cancelled() or writer.exception() is None:
+        return
+    log.error("WebSocket writer failed", exc_info=writer.exception())
+    close = asyncio.ensure_future(ws.close(CloseCode.INTERNAL_ERROR))
+    _closing.add(close)  # the loop keeps only a weak reference to a task: keep it till done
+    close.add_done_callback(_closed)
+
+
+_closing: set[asyncio.Task] = set()
+
+
+def _closed(task: asyncio.Task) -> None:
+    _closing.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: a client already gone is no news
