@@ -13,16 +13,19 @@ import signal
 
 from .limits import Limits
 from .server import ChatServer
-from .store import MemoryLog, SQLiteLog
+from .store import RETAIN_BYTES, RETAIN_MESSAGES, MemoryLog, SQLiteLog
 
 
 async def serve(args: argparse.Namespace) -> None:
     if args.redis:
         from .redis_log import RedisLog
 
-        log = RedisLog(args.redis, key=args.redis_key)
+        log = RedisLog(args.redis, key=args.redis_key, max_len=args.retain,
+                       max_bytes=args.retain_bytes)
+    elif args.db:
+        log = SQLiteLog(args.db, max_messages=args.retain, max_bytes=args.retain_bytes)
     else:
-        log = SQLiteLog(args.db) if args.db else MemoryLog()
+        log = MemoryLog(max_messages=args.retain, max_bytes=args.retain_bytes)
     limits = Limits(allowed_origins=set(args.allow_origin), allowed_hosts=set(args.allow_host),
                     rate=args.rate, burst=args.burst, max_queue=args.max_queue,
                     header_timeout=args.header_timeout)
@@ -62,6 +65,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="share one chat with other processes through Redis,"
                         " e.g. redis://127.0.0.1:6379/0 (see chatlib/redis_log.py)")
     p.add_argument("--redis-key", default="chat", help="prefix of the chat's Redis keys")
+    p.add_argument("--retain", type=int, default=RETAIN_MESSAGES, metavar="N",
+                   help="messages the log keeps, the oldest dropped first (any log;"
+                        f" default {RETAIN_MESSAGES:,})")
+    p.add_argument("--retain-bytes", type=int, default=RETAIN_BYTES, metavar="B",
+                   help=f"... and bytes of messages it keeps (default {RETAIN_BYTES:,})")
     p.add_argument("--allow-origin", action="append", default=[],
                    help="another browser origin allowed to connect (repeatable)")
     p.add_argument("--allow-host", action="append", default=[],

@@ -31,8 +31,10 @@ unreachable, appends and reads raise :class:`~chatlib.store.StoreUnavailable` (t
 answers 503: the client knows its message was *not* stored) and the follower reconnects
 with exponential backoff.
 
-Limits: the stream keeps about ``max_len`` messages (``XADD MAXLEN ~``, trimmed in whole
-nodes, so a few more); a client resuming from before that gets what is left. Redis must
+Retention: the stream keeps at most ``max_len`` messages and ``max_bytes`` bytes (64 + the
+field values' bytes per entry, summed in ``chat:bytes`` by the append script, which drops
+the oldest with ``XTRIM MINID`` down to 90 % of a cap it passed); ``first_id()`` is the
+oldest id kept. Redis must
 persist (``appendonly yes``) for ids to survive a Redis restart: if it comes back empty,
 the counter starts again at 1 and clients are told to reset, as with a replaced log.
 """
@@ -54,10 +56,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .store import Message, StoreUnavailable, reused_client_id
+from .store import (
+    RETAIN_BYTES,
+    RETAIN_MESSAGES,
+    Message,
+    StoreUnavailable,
+    reused_client_id,
+)
 
-# KEYS: stream, counter, dedupe key ("" without client_id)
-# ARGV: ts, user, text, client_id, max_len, dedupe_ttl
+# KEYS: stream, counter, dedupe key (the counter's without client_id), bytes held
+# ARGV: ts, user, text, client_id, max_len, dedupe_ttl, max_bytes
 # Returns {id, ts, user, text, repeat}: the stored message, or the original one for a repeat
 # (repeat 2: the original has another text, a reused client_id).
 APPEND = """
@@ -80,7 +88,27 @@ if ARGV[4] ~= '' then
   table.insert(fields, ARGV[4])
   redis.call('SET', KEYS[3], id, 'EX', ARGV[6])
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], id .. '-0', unpack(fields))
+redis.call('XADD', KEYS[1], id .. '-0', unpack(fields))
+-- Retention: an entry holds 64 + its field values' bytes (the same sum below).
+local held = redis.call('INCRBY', KEYS[4], 64 + #ARGV[1] + #ARGV[2] + #ARGV[3] + #ARGV[4])
+local count = redis.call('XLEN', KEYS[1])
+local max_len, max_bytes = tonumber(ARGV[5]), tonumber(ARGV[7])
+if count > max_len or held > max_bytes then
+  -- Drop the oldest down to 90 % of both caps, at most 1000 per append; the newest stays.
+  local keep_len, keep_bytes = math.floor(max_len * 0.9), math.floor(max_bytes * 0.9)
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1000)
+  local cut = nil
+  for i = 1, #oldest - 1 do
+    if count <= keep_len and held <= keep_bytes then break end
+    local size = 64
+    for j = 2, #oldest[i][2], 2 do size = size + #oldest[i][2][j] end
+    held, count, cut = held - size, count - 1, oldest[i][1]
+  end
+  if cut then
+    redis.call('XTRIM', KEYS[1], 'MINID', (tonumber(string.match(cut, '^%d+')) + 1) .. '-0')
+    redis.call('SET', KEYS[4], math.max(held, 0))
+  end
+end
 return {tostring(id), ARGV[1], ARGV[2], ARGV[3], 0}
 """
 
@@ -93,7 +121,8 @@ class RedisLog:
     """A :class:`~chatlib.store.MessageLog` on a Redis stream, shared by server processes.
 
     ``url``: ``redis://host:port/db``. ``key``: prefix of every key (one chat per prefix).
-    ``max_len``: messages the stream keeps (about). ``dedupe_ttl``: seconds a
+    ``max_len`` / ``max_bytes``: messages and bytes the stream keeps (retention, see the
+    module docstring). ``dedupe_ttl``: seconds a
     ``(user, client_id)`` is remembered. ``heartbeat`` / ``presence_ttl``: how often this
     process refreshes its presence, and how long others keep it if it stops (dies).
     ``block``: seconds one blocking ``XREAD`` waits before it is re-issued (it returns at
@@ -106,13 +135,15 @@ class RedisLog:
     poll_interval = None  # the hub follows this log with follow(), not by polling
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, key: str = "chat",
-                 max_len: int = 100_000, dedupe_ttl: float = 3600.0, heartbeat: float = 1.0,
+                 max_len: int = RETAIN_MESSAGES, max_bytes: int = RETAIN_BYTES,
+                 dedupe_ttl: float = 3600.0, heartbeat: float = 1.0,
                  presence_ttl: float = 3.0, block: float = 5.0,
                  backoff: tuple[float, float] = (0.05, 2.0), timeout: float = 5.0,
                  max_connections: int = 32) -> None:
         self.url = url
         self.key = key
         self.max_len = max_len
+        self.max_bytes = max_bytes
         self.dedupe_ttl = dedupe_ttl
         self.heartbeat = heartbeat
         self.presence_ttl = presence_ttl
@@ -122,6 +153,7 @@ class RedisLog:
         self.reconnects = 0  # how often the follower lost Redis and came back
         self._stream = f"{key}:messages"
         self._counter = f"{key}:last_id"
+        self._bytes = f"{key}:bytes"
         self._processes = f"{key}:processes"
         self._typing = f"{key}:typing"
         self._presence = f"{key}:presence"
@@ -167,9 +199,9 @@ class RedisLog:
         or raises 422 if the original's text differs (chatlib.store.reused_client_id)."""
         dedupe = f"{self.key}:dedupe:{user}\0{client_id}" if client_id else ""
         reply = await self._call(self._append(
-            keys=[self._stream, self._counter, dedupe or self._counter],
+            keys=[self._stream, self._counter, dedupe or self._counter, self._bytes],
             args=[repr(time.time()), user, text, client_id or "", self.max_len,
-                  max(1, int(self.dedupe_ttl))]))
+                  max(1, int(self.dedupe_ttl)), self.max_bytes]))
         id_, ts, user_, text_, repeat = reply
         message = Message(int(id_), float(ts), user_, text_, client_id)
         if repeat == 2:
@@ -183,6 +215,12 @@ class RedisLog:
 
     async def last_id(self) -> int:
         return int(await self._call(self._redis.get(self._counter)) or 0)
+
+    async def first_id(self) -> int:
+        oldest = await self._call(self._redis.xrange(self._stream, count=1))
+        if oldest:
+            return int(oldest[0][0].partition("-")[0])
+        return await self.last_id() + 1
 
     async def close(self) -> None:
         for task in self._tasks:

@@ -18,7 +18,14 @@ give each message a ``client_id`` of its own choosing, and :meth:`MessageLog.app
 a repeat of ``(user, client_id)`` only once, returning the original. A client that lost the
 acknowledgement (connection dropped, server restarted) simply sends again with the same
 ``client_id``. MemoryLog remembers the client ids of the messages it still holds (so the
-dedupe window is ``max_messages``); SQLiteLog keeps them in the table, across restarts.
+dedupe window is what it keeps); SQLiteLog keeps them in the table (across restarts, within
+retention).
+
+Retention is explicit and bounded on every log: the newest ``max_messages`` messages
+(:data:`RETAIN_MESSAGES` by default) and at most ``max_bytes`` of them
+(:data:`RETAIN_BYTES`); the oldest go first. ``first_id()`` says which is the oldest
+still kept, so a client resuming from before it can be told so (a gap), not silently
+served what is left.
 
 A client id is bound to its user and its text: another user's message with the same
 ``client_id`` is a message of its own, and the same user reusing it for a *different*
@@ -32,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import sqlite3
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +47,15 @@ from pathlib import Path
 from typing import Protocol
 
 from .validation import ChatError, printable
+
+RETAIN_MESSAGES = 100_000
+"""Messages every log keeps by default (``chatlib serve --retain``)."""
+RETAIN_BYTES = 64 * 2**20
+"""Bytes of messages every log keeps by default (``chatlib serve --retain-bytes``): 64 MiB,
+so that 100,000 messages of 2,000 emoji (848 MB in a MemoryLog) cannot be held."""
+TRIM_TO = 0.9
+"""A log over a cap drops its oldest messages down to this share of the cap, so that
+trimming runs once per ~10 % of the cap, not on every append."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +119,9 @@ class MessageLog(Protocol):
     async def last_id(self) -> int:
         """The newest id in the log, 0 if it is empty."""
 
+    async def first_id(self) -> int:
+        """The oldest id the log still keeps (retention), ``last_id() + 1`` if it is empty."""
+
     async def close(self) -> None:
         """Release what the store holds (files, connections)."""
 
@@ -109,20 +129,32 @@ class MessageLog(Protocol):
 class MemoryLog:
     """The in-memory log: a list ordered by id, searched with :func:`bisect`.
 
-    ``max_messages`` bounds memory: the oldest messages are dropped beyond it (a client
-    that resumes from before the window simply gets what is left). It is also the dedupe
-    window: a repeated ``client_id`` is recognised while its original is still held (at
-    least the newest ``max_messages * 9 // 10`` messages), by one dict entry per message
-    that has a ``client_id``. A repeat of an older one is stored again.
+    ``max_messages`` and ``max_bytes`` bound memory: beyond either, the oldest messages are
+    dropped (down to :data:`TRIM_TO` of the cap). Bytes are what the process holds for a
+    message: its strings (``sys.getsizeof``: 4 bytes per character once a text has an
+    emoji) and :data:`MESSAGE_OVERHEAD`. The log is also the dedupe window: a repeated
+    ``client_id`` is recognised while its original is still held, by one dict entry per
+    message that has a ``client_id``. A repeat of an older one is stored again.
     """
 
-    def __init__(self, max_messages: int = 100_000) -> None:
+    MESSAGE_OVERHEAD = 200
+    """Bytes per message besides its strings: the Message, its id and its list slots."""
+
+    def __init__(self, max_messages: int = RETAIN_MESSAGES,
+                 max_bytes: int = RETAIN_BYTES) -> None:
         self._messages: list[Message] = []
         self._ids: list[int] = []
         self._by_client_id: dict[tuple[str, str], Message] = {}
         self._next_id = 1
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        """Bytes the kept messages hold (see the class docstring)."""
         self.poll_interval = None
+
+    def _size(self, message: Message) -> int:
+        size = self.MESSAGE_OVERHEAD + sys.getsizeof(message.text) + sys.getsizeof(message.user)
+        return size if message.client_id is None else size + sys.getsizeof(message.client_id)
 
     async def append(self, user: str, text: str,
                      client_id: str | None = None) -> tuple[Message, bool]:
@@ -136,17 +168,29 @@ class MemoryLog:
         self._next_id += 1
         self._messages.append(message)
         self._ids.append(message.id)
+        self.bytes += self._size(message)
         if client_id is not None:
             self._by_client_id[(user, client_id)] = message
-        if len(self._messages) > self.max_messages:
-            # Trim in chunks so appends stay O(1) amortised.
-            drop = len(self._messages) - self.max_messages + self.max_messages // 10
-            if self._by_client_id:
-                for old in self._messages[:drop]:
-                    if old.client_id is not None:
-                        self._by_client_id.pop((old.user, old.client_id), None)
-            del self._messages[:drop], self._ids[:drop]
+        if len(self._messages) > self.max_messages or self.bytes > self.max_bytes:
+            self._trim()
         return message, False
+
+    def _trim(self) -> None:
+        """Drop the oldest messages down to TRIM_TO of both caps (in one slice, so that
+        appends stay O(1) amortised); the newest message always stays."""
+        keep_messages = int(self.max_messages * TRIM_TO)
+        keep_bytes = int(self.max_bytes * TRIM_TO)
+        messages, drop, held = self._messages, 0, self.bytes
+        while drop < len(messages) - 1 and (len(messages) - drop > keep_messages
+                                            or held > keep_bytes):
+            held -= self._size(messages[drop])
+            drop += 1
+        if self._by_client_id:
+            for old in messages[:drop]:
+                if old.client_id is not None:
+                    self._by_client_id.pop((old.user, old.client_id), None)
+        del messages[:drop], self._ids[:drop]
+        self.bytes = held
 
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         start = bisect.bisect_right(self._ids, after_id)
@@ -154,6 +198,9 @@ class MemoryLog:
 
     async def last_id(self) -> int:
         return self._next_id - 1
+
+    async def first_id(self) -> int:
+        return self._ids[0] if self._ids else self._next_id
 
     async def close(self) -> None:
         pass
@@ -170,11 +217,22 @@ class SQLiteLog:
     the dedupe survives restarts and holds between processes sharing the file (SQLite
     treats NULLs as distinct, so messages without one never collide). A file made before
     that column existed is migrated when opened (one ``ALTER TABLE``, old rows get NULL).
+
+    Retention: after each insert the oldest rows beyond ``max_messages`` or ``max_bytes``
+    go (down to :data:`TRIM_TO` of the cap). Bytes are the UTF-8 bytes of a row's strings
+    plus :data:`ROW_OVERHEAD`, summed by triggers into the one-row table ``log_size``, so
+    every process sharing the file sees the same total without scanning the table.
     """
 
-    def __init__(self, path: str | Path, poll_interval: float = 0.1) -> None:
+    ROW_OVERHEAD = 64
+    """Bytes per row besides its strings: the id, the timestamp, the record and index."""
+
+    def __init__(self, path: str | Path, poll_interval: float = 0.1, *,
+                 max_messages: int = RETAIN_MESSAGES, max_bytes: int = RETAIN_BYTES) -> None:
         self.path = str(path)
         self.poll_interval = poll_interval  # several server processes may share the file
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
@@ -187,6 +245,22 @@ class SQLiteLog:
             self._db.execute("ALTER TABLE messages ADD COLUMN client_id TEXT")
         self._db.execute("CREATE UNIQUE INDEX IF NOT EXISTS messages_client_id"
                          " ON messages (user, client_id)")
+        size = (f"({self.ROW_OVERHEAD} + length(CAST({{0}}.user AS BLOB))"
+                " + length(CAST({0}.text AS BLOB))"
+                " + COALESCE(length(CAST({0}.client_id AS BLOB)), 0))")
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'log_size'"
+                                ).fetchone():  # a new file, or one from before retention
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("CREATE TABLE IF NOT EXISTS log_size (bytes INTEGER NOT NULL)")
+            self._db.execute("INSERT INTO log_size SELECT COALESCE(SUM("
+                             f"{size.format('messages')}), 0) FROM messages")
+            self._db.execute("CREATE TRIGGER IF NOT EXISTS log_size_in AFTER INSERT ON"
+                             " messages BEGIN UPDATE log_size SET bytes = bytes +"
+                             f" {size.format('NEW')}; END")
+            self._db.execute("CREATE TRIGGER IF NOT EXISTS log_size_out AFTER DELETE ON"
+                             " messages BEGIN UPDATE log_size SET bytes = bytes -"
+                             f" {size.format('OLD')}; END")
+            self._db.execute("COMMIT")
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatlib-sqlite")
 
     async def _run(self, fn, *args):
@@ -208,7 +282,27 @@ class SQLiteLog:
             if original.text != text:
                 raise reused_client_id(original) from None
             return original, True
+        self._trim(cursor.lastrowid)
         return Message(cursor.lastrowid, ts, user, text, client_id), False
+
+    def _trim(self, newest: int) -> None:
+        """Drop the oldest rows beyond either cap, down to TRIM_TO of it; ``newest`` stays.
+        Two index lookups when under both caps (the common case)."""
+        first, held = self._db.execute(
+            "SELECT (SELECT MIN(id) FROM messages), (SELECT bytes FROM log_size)").fetchone()
+        if newest - first + 1 > self.max_messages:  # ids are consecutive: a row count
+            keep = max(int(self.max_messages * TRIM_TO), 1)
+            self._db.execute("DELETE FROM messages WHERE id <= ?", (newest - keep,))
+            held = self._db.execute("SELECT bytes FROM log_size").fetchone()[0]
+        if held <= self.max_bytes:
+            return
+        for _ in range(100):  # the oldest 5 % of rows at a time; bounded
+            first = self._db.execute("SELECT MIN(id) FROM messages").fetchone()[0]
+            if held <= self.max_bytes * TRIM_TO or first >= newest:
+                return
+            cut = min(first + max((newest - first) // 20, 1), newest)
+            self._db.execute("DELETE FROM messages WHERE id < ?", (cut,))
+            held = self._db.execute("SELECT bytes FROM log_size").fetchone()[0]
 
     def _select(self, after_id: int, limit: int) -> list[Message]:
         rows = self._db.execute(
@@ -221,6 +315,10 @@ class SQLiteLog:
     def _max_id(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
 
+    def _min_id(self) -> int:
+        first = self._db.execute("SELECT MIN(id) FROM messages").fetchone()[0]
+        return first if first is not None else self._max_id() + 1
+
     async def append(self, user: str, text: str,
                      client_id: str | None = None) -> tuple[Message, bool]:
         return await self._run(self._insert, user, text, client_id)
@@ -230,6 +328,9 @@ class SQLiteLog:
 
     async def last_id(self) -> int:
         return await self._run(self._max_id)
+
+    async def first_id(self) -> int:
+        return await self._run(self._min_id)
 
     async def close(self) -> None:
         await self._run(self._db.close)
