@@ -175,14 +175,31 @@ class RedisLog:
     def __repr__(self) -> str:
         return f"RedisLog({self.url!r}, key={self.key!r})"
 
-    async def _call(self, coro):
-        """Await a Redis command; an unreachable Redis becomes StoreUnavailable (503)."""
+    async def _call(self, coro, *, writes: bool = False):
+        """Await a Redis command; every Redis failure becomes StoreUnavailable (a JSON 503,
+        or an error frame on a WebSocket), never a 500 with a traceback.
+
+        Unreachable, refusing (OOM at ``maxmemory``, loading, read-only replica, a script
+        error) or not answering in time (hung: SIGSTOP, ``DEBUG SLEEP``). A write
+        (``writes``) that timed out or lost its connection may have been carried out by
+        Redis after all: its error says so, and that resending with the same client_id is
+        the safe way to find out (the script dedupes it); a refusal stored nothing.
+        """
         try:
             return await coro
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             await self._drop_idle_connections()
+            if writes:
+                raise StoreUnavailable(
+                    f"message store did not answer ({exc.__class__.__name__}): the message"
+                    " may or may not be stored; send it again with the same client_id"
+                ) from exc
             raise StoreUnavailable(f"message store unavailable ({exc.__class__.__name__}):"
                                    " try again") from exc
+        except RedisError as exc:  # Redis answered with an error: nothing was done
+            reason = exc.__class__.__name__  # OutOfMemoryError, ReadOnlyError, ...
+            raise StoreUnavailable(f"message store refused ({reason}): nothing was"
+                                   " stored; try again later") from exc
 
     async def _drop_idle_connections(self) -> None:
         """The pool's other idle connections died with the one that failed (Redis
@@ -201,7 +218,7 @@ class RedisLog:
         reply = await self._call(self._append(
             keys=[self._stream, self._counter, dedupe or self._counter, self._bytes],
             args=[repr(time.time()), user, text, client_id or "", self.max_len,
-                  max(1, int(self.dedupe_ttl)), self.max_bytes]))
+                  max(1, int(self.dedupe_ttl)), self.max_bytes]), writes=True)
         id_, ts, user_, text_, repeat = reply
         message = Message(int(id_), float(ts), user_, text_, client_id)
         if repeat == 2:
