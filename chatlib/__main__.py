@@ -11,6 +11,7 @@ import asyncio
 import gc
 import signal
 
+from .auth import page_link
 from .limits import Limits
 from .server import ChatServer
 from .store import RETAIN_BYTES, RETAIN_MESSAGES, MemoryLog, SQLiteLog
@@ -43,7 +44,7 @@ async def serve(args: argparse.Namespace) -> None:
     # young-generation threshold on top did not help: p99 151 ms.)
     gc.collect()
     gc.freeze()
-    link = server.url + (f"?token={server.token}" if server.token else "")
+    link = page_link(server.url, server.token)
     print(f"chatlib serving on {link}  (Ctrl+C to stop)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

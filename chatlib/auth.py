@@ -12,15 +12,24 @@ A request may carry the token three ways, checked in this order:
    and on the WebSocket handshake. A browser cannot: neither ``new WebSocket(url)`` nor
    ``new EventSource(url)`` lets a page set a header.
 2. ``?token=T`` in the URL: the link the server prints and shows in the notebook. A
-   request to the page (``GET /``) authorised this way also gets a cookie:
+   request to the page authorised this way also gets a cookie:
 3. the cookie ``chatlib-token-PORT`` (``HttpOnly``: the page's scripts cannot read it;
    ``SameSite=Strict``: the browser sends it only with requests from our own site, so
-   another site's page cannot ride on it; no ``Path``: behind jupyter-server-proxy it
-   stays under ``.../proxy/PORT``). The browser then sends it with every ``fetch``,
-   ``EventSource`` and WebSocket handshake the page makes: that is how the page's four
-   transports carry the token without headers. The port is in the name because cookies
-   are shared by every port of a host, and two chat servers should not overwrite each
-   other's.
+   another site's page cannot ride on it). The browser then sends it with every
+   ``fetch``, ``EventSource`` and WebSocket handshake the page makes: that is how the
+   page's four transports carry the token without headers.
+
+Cookies ignore ports: a cookie for 127.0.0.1 goes to *every* server on 127.0.0.1, so a
+cookie at path ``/`` handed our token to whatever else a learner opened on another port
+(issue 18). So the page lives under a path of its own, :func:`page_path` (``/t/`` and 16
+hex digits derived from the token, unguessable without it), and the cookie has no
+``Path`` attribute: its default path is the page's directory, so the browser sends it
+only to requests under that path, which no other server's page asks for. The page's
+requests are relative (``api/messages``, ``ws``), so they stay under it; behind
+jupyter-server-proxy the default path is the proxied one. :class:`TokenGate` serves every
+route under that path as well as at ``/`` (``root_path``), and sends a ``GET /?token=T``
+(an old link) there (303). The port stays in the cookie's name, so that two servers' pages
+don't overwrite each other's.
 
 What else people do (README, "Token mode"): a short-lived *ticket* in the WebSocket URL
 (fetched with the token over HTTP just before connecting, valid once for a few seconds, so
@@ -63,6 +72,18 @@ def cookie_name(port: int) -> str:
     return f"chatlib-token-{port}"
 
 
+def page_path(token: str) -> str:
+    """Where the page is served in token mode: ``/t/`` + 16 hex digits of an HMAC of the
+    token (stable across restarts with the same token, so open tabs keep working)."""
+    return "/t/" + hmac.new(token.encode(), b"chatlib page path", "sha256").hexdigest()[:16]
+
+
+def page_link(base: str, token: str | None) -> str:
+    """The page's link on a server whose URL is ``base`` (ending in "/"): ``base`` itself,
+    or in token mode its page path with ``?token=T``."""
+    return f"{base}{page_path(token)[1:]}/?token={token}" if token else base
+
+
 class TokenGate:
     """ASGI middleware: refuse (401) every HTTP request and handshake without ``token``.
 
@@ -73,6 +94,7 @@ class TokenGate:
     def __init__(self, app, token: str) -> None:
         self.app = app
         self.token = token.encode()
+        self.page = page_path(token)
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -84,8 +106,16 @@ class TokenGate:
         if source is None:
             await refuse(kind, send)
             return
-        if source == "query" and kind == "http" and scope["path"] == "/":
-            send = self._setting_cookie(send, cookie_name(port))
+        path, root = scope["path"], scope.get("root_path", "")
+        under = root + self.page
+        if path == under or path.startswith(under + "/"):
+            # The routes see the path below the page's (ASGI: path includes root_path).
+            scope = {**scope, "root_path": under}
+            if source == "query" and kind == "http" and path == under + "/":
+                send = self._setting_cookie(send, cookie_name(port))
+        elif source == "query" and kind == "http" and path == root + "/":
+            await see_other(send, self.page[1:] + "/?" + scope["query_string"].decode("latin-1"))
+            return
         await self.app(scope, receive, send)
 
     def _valid(self, value: str | bytes) -> bool:
@@ -119,6 +149,14 @@ class TokenGate:
             await send(message)
 
         return send_with_cookie
+
+
+async def see_other(send, location: str) -> None:
+    """303 to ``location`` (relative, so that it holds behind a proxy's path too)."""
+    await send({"type": "http.response.start", "status": 303,
+                "headers": [(b"location", location.encode("latin-1")),
+                            (b"content-length", b"0")]})
+    await send({"type": "http.response.body", "body": b""})
 
 
 ERROR = "a token is required: open the link the server printed (it ends in ?token=...)"

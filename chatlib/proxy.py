@@ -35,6 +35,8 @@ import json
 import os
 from pathlib import Path
 
+from .auth import page_link
+
 
 def _with_slash(path: str) -> str:
     return path if path.endswith("/") else path + "/"
@@ -65,15 +67,15 @@ def jupyter_base_url() -> str | None:
 def public_url(server) -> str:
     """Where a browser reaches ``server``: its own URL, or the proxied one under a hub.
 
-    For a server in token mode (chatlib.auth) the link ends in ``?token=T``: opening it
-    gives the browser the cookie that its page's requests then carry.
+    For a server in token mode (chatlib.auth) the link is the page's own path
+    (``t/<16 hex>/``) and ends in ``?token=T``: opening it gives the browser the cookie
+    that its page's requests then carry, scoped to that path.
     """
     token = getattr(server, "token", None)
-    query = f"?token={token}" if token else ""
     override = os.environ.get("CHATLIB_PUBLIC_URL")
     if override:
-        return _with_slash(override.replace("{port}", str(server.port))) + query
+        return page_link(_with_slash(override.replace("{port}", str(server.port))), token)
     base = jupyter_base_url()
     if base is None:
-        return server.url + query
-    return f"{base}proxy/{server.port}/{query}"
+        return page_link(server.url, token)
+    return page_link(f"{base}proxy/{server.port}/", token)

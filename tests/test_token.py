@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chatlib import ChatServer, start_server, stop_server, wire
-from chatlib.auth import ERROR
+from chatlib.auth import ERROR, page_path
 from chatlib.browser import launch
 from chatlib.clients import ChatRefused
 from chatlib.proxy import public_url
@@ -133,12 +133,15 @@ async def test_http_with_the_token_works(token_server, http, method, path, body,
     else:
         headers["Cookie"] = f"other=1; chatlib-token-{token_server.port}={TOKEN}"
     status, _, _ = await request(http, url, method, body, headers)
+    if credentials == "query" and path == "" and method == "GET":
+        assert status == 303  # the link to the page: sent to its own path (below)
+        return
     assert status == {"api/messages": 201, "api/typing": 204}.get(path if method == "POST"
                                                                   else "", 200)
 
 
 async def test_the_page_link_sets_the_cookie(token_server, http):
-    page = await http.get(f"{token_server.url}?token={TOKEN}&user=ada")
+    page = await http.get(public_url(token_server) + "&user=ada")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     cookie = page.headers["set-cookie"]
     assert cookie == f"chatlib-token-{token_server.port}={TOKEN}; HttpOnly; SameSite=Strict"
@@ -156,6 +159,30 @@ async def test_the_page_link_sets_the_cookie(token_server, http):
     # Only the page's link sets it: an API request with ?token= does not.
     api = await http.get(f"{token_server.url}api/presence?token={TOKEN}")
     assert api.status_code == 200 and "set-cookie" not in api.headers
+
+
+async def test_the_cookie_goes_to_no_other_server_on_the_host(token_server, start_chat):
+    # Cookies ignore ports: a cookie at path / went to every server on 127.0.0.1. The page
+    # now lives under its own path, and the cookie's default path is that directory.
+    other = await start_chat()
+    async with httpx.AsyncClient() as browser_like:  # a cookie jar with RFC 6265 paths
+        page = await browser_like.get(public_url(token_server))
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        assert "path" not in page.headers["set-cookie"].lower()
+        for elsewhere in (other.url, other.url + "api/messages", other.url + "t/x/",
+                          token_server.url + "api/presence"):
+            assert "cookie" not in browser_like.build_request("GET", elsewhere).headers
+        own = public_url(token_server).partition("?")[0] + "api/presence"
+        assert "cookie" in browser_like.build_request("GET", own).headers
+        assert (await browser_like.get(own)).status_code == 200  # by the cookie alone
+
+
+async def test_an_old_link_is_sent_to_the_page_path(token_server, http):
+    old = await http.get(f"{token_server.url}?token={TOKEN}&user=ada")
+    assert old.status_code == 303 and "set-cookie" not in old.headers
+    assert old.headers["location"] == f"{page_path(TOKEN)[1:]}/?token={TOKEN}&user=ada"
+    wrong = await http.get(f"{token_server.url}?token=wrong")
+    assert wrong.status_code == 401
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -186,7 +213,7 @@ async def test_generated_token_is_in_the_notebook_link(start_chat, http, monkeyp
     monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX", raising=False)
     server = await start_chat(token=True)
     assert re.fullmatch(r"[A-Za-z0-9_-]{22}", server.token)
-    link = f"{server.url}?token={server.token}"
+    link = f"{server.url}{page_path(server.token)[1:]}/?token={server.token}"
     assert public_url(server) == link
     assert f'href="{link}"' in server._repr_html_()
     assert (await http.get(link)).status_code == 200
@@ -196,7 +223,7 @@ async def test_generated_token_is_in_the_notebook_link(start_chat, http, monkeyp
     assert other.token != server.token
     monkeypatch.setenv("CHATLIB_PUBLIC_URL", "https://hub.example/user/x/proxy/{port}/")
     assert public_url(server) == (f"https://hub.example/user/x/proxy/{server.port}/"
-                                  f"?token={server.token}")
+                                  f"{page_path(server.token)[1:]}/?token={server.token}")
 
 
 async def test_start_server_rerun_keeps_a_generated_token():
@@ -262,7 +289,7 @@ async def test_through_jupyter_server_proxy(jupyter, token_server, make_client, 
                 await ws.send(wire.dumps({"type": "hello", "user": "mallory"}))
                 await asyncio.wait_for(ws.recv(), 10)
     # With: the link sets the cookie under the proxy's path; the Python clients use a header.
-    page = await http.get(f"{url}?token={TOKEN}")
+    page = await http.get(f"{url}?token={TOKEN}", follow_redirects=True)  # to the page path
     assert page.status_code == 200
     assert page.headers["set-cookie"].startswith(f"chatlib-token-{token_server.port}={TOKEN};")
     reader = await make_client("sse", url, "reader", token=TOKEN)
