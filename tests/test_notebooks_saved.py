@@ -3,6 +3,7 @@
 Saved outputs must make sense without a kernel (no dead links to a past run's ephemeral port,
 no widget views that can only say "model not found"), every chapter states its time, and Run
 All ends with a live chat: the only cell that stops the server is the optional last one.
+(That the times agree with the course tables: tests/test_course_consistency.py.)
 """
 
 from __future__ import annotations
@@ -57,22 +58,3 @@ def test_run_all_leaves_the_chat_running(path):
     for i, cell in enumerate(code[:-1]):
         assert "stop_server()" not in cell and "server.stop()" not in cell, (
             f"code cell {i} stops the server: Run All must end with a live chat")
-
-
-def chapter_time(path: Path) -> int:
-    return int(re.search(r"\*About (\d+) minutes\.", source(load(path)["cells"][0])).group(1))
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_course_tables_list_the_chapter_with_its_time(path):
-    # README's course table and 01's overview must not forget a chapter or disagree on its time.
-    if "*About " not in source(load(path)["cells"][0]):
-        pytest.skip("two-track times: checked with the tables that list them (AUTHORING.md)")
-    number, minutes = int(path.name[:2]), chapter_time(path)
-    readme = (path.parent.parent / "README.md").read_text(encoding="utf-8")
-    overview = source(load(path.parent / "01-event-loop.ipynb")["cells"][0])
-    for name, table in (("README.md", readme), ("01's overview", overview)):
-        row = re.search(rf"^\| {number} \|.*\| (\d+) min \|$", table, re.MULTILINE)
-        assert row, f"{name} has no row for chapter {number}"
-        assert int(row.group(1)) == minutes, (
-            f"{name} says {row.group(1)} min, the chapter {minutes}")
