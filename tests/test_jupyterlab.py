@@ -177,9 +177,27 @@ def write_panel_notebook(path: Path) -> None:
     path.write_text(json.dumps(notebook))
 
 
+APP_OPTIONS = {
+    "lab": ["--LabApp.expose_app_in_browser=True",  # window.jupyterapp, to drive commands
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+    "notebook": ["--JupyterNotebookApp.expose_app_in_browser=True"],  # Notebook 7
+}
+
+
 @pytest.fixture
 def jupyter_lab(tmp_path):
-    """A running ``jupyter lab`` serving a copy of notebook 7; yields its base URL."""
+    """A running ``jupyter lab`` serving a copy of notebook 7; see :func:`running_jupyter`."""
+    with running_jupyter(tmp_path, "lab") as lab:
+        yield lab
+
+
+@contextlib.contextmanager
+def running_jupyter(tmp_path: Path, app: str):
+    """``jupyter <app>`` (``lab`` or ``notebook``) serving copies of chapter 7 and panel.ipynb.
+
+    Yields ``{"base": URL, "log": path, "remember_children": callable, "root": folder}``.
+    """
     root = tmp_path / "root"
     root.mkdir()
     shutil.copy(NOTEBOOK, root)
@@ -199,13 +217,11 @@ def jupyter_lab(tmp_path):
     port = free_port()
     log_path = tmp_path / "jupyter-lab.log"
     command = [
-        str(JUPYTER), "lab", "--no-browser",
+        str(JUPYTER), app, "--no-browser",
         "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
         "--IdentityProvider.token=", "--PasswordIdentityProvider.hashed_password=",
         f"--ServerApp.root_dir={root}",
-        "--LabApp.expose_app_in_browser=True",  # window.jupyterapp, to drive commands
-        "--LabApp.news_url=None",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        *APP_OPTIONS[app],
     ]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         command.append("--allow-root")  # containers and CI often run as root
@@ -219,7 +235,7 @@ def jupyter_lab(tmp_path):
         deadline = time.monotonic() + STARTUP_S
         while True:  # bounded by the deadline
             if process.poll() is not None:
-                pytest.fail(f"jupyter lab exited ({process.returncode}):\n"
+                pytest.fail(f"jupyter {app} exited ({process.returncode}):\n"
                             + log_path.read_text(errors="replace")[-3000:])
             try:
                 with urllib.request.urlopen(base + "api/status", timeout=2) as response:
@@ -228,7 +244,7 @@ def jupyter_lab(tmp_path):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"jupyter lab not ready in {STARTUP_S} s:\n"
+                pytest.fail(f"jupyter {app} not ready in {STARTUP_S} s:\n"
                             + log_path.read_text(errors="replace")[-3000:])
             time.sleep(0.1)
 
@@ -255,7 +271,7 @@ def jupyter_lab(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         wait_gone(survivors, timeout=5)
-    assert not described, f"processes outlived jupyter lab: {described}"
+    assert not described, f"processes outlived jupyter {app}: {described}"
 
 
 # "ename: evalue" of every error output in the open notebook (errors render as stderr text,
@@ -303,13 +319,19 @@ async def shown_in_log(message) -> bool:
 
 
 async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
+    await chapter7_panel_chats(jupyter_lab, "lab/tree/" + NOTEBOOK.name,
+                               "jupyterlab-notebook7.png")
+
+
+async def chapter7_panel_chats(jupyter_lab: dict, path: str, screenshot: str) -> None:
+    """Run all of chapter 7 at ``path`` (of JupyterLab or Notebook 7) and chat both ways."""
     base = jupyter_lab["base"]
     async with async_playwright() as p:
         browser = await launch(p)
         try:
             lab_context = await browser.new_context(viewport={"width": 1300, "height": 1000})
             lab = await lab_context.new_page()
-            await lab.goto(base + "lab/tree/" + NOTEBOOK.name)
+            await lab.goto(base + path)
             await kernel_idle(lab)
             jupyter_lab["remember_children"]()  # the kernel, in case teardown can't see it
 
@@ -393,7 +415,7 @@ async def test_notebook7_panel_chats_with_the_browser_page(jupyter_lab):
             assert not page_errors, page_errors
 
             ARTIFACTS.mkdir(exist_ok=True)
-            await lab.screenshot(path=str(ARTIFACTS / "jupyterlab-notebook7.png"))
+            await lab.screenshot(path=str(ARTIFACTS / screenshot))
         finally:
             await browser.close()
 
