@@ -17,10 +17,14 @@ LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# An editable install skips data-files, so the server config that enables chatlib.save_hook
+# (saved notebooks keep no widget view a new kernel cannot draw) is copied by hand.
+$(STAMP): pyproject.toml jupyter-config/chatlib.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	install -D -m 644 jupyter-config/chatlib.json \
+	  $(VENV)/etc/jupyter/jupyter_server_config.d/chatlib.json
 	touch $@
 
 lab: setup

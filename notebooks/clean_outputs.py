@@ -6,7 +6,8 @@ outputs that are only true while that kernel lives:
 - links to the chat server's ephemeral port (``http://127.0.0.1:40123/``), dead for anyone
   who opens the notebook later (JupyterLab turns URLs in text outputs into links);
 - widget views (the ChatPanel): without their kernel JupyterLab shows "Error displaying
-  widget: model not found", and the notebook's saved widget state is useless without it.
+  widget: model not found", and the notebook's saved widget state is useless without it
+  (a notebook a learner saves loses its views to chatlib.save_hook instead).
 
 Each is replaced by a line that says what running the cell will show. Usage:
 ``python notebooks/clean_outputs.py notebooks/0*.ipynb`` (rewrites the files in place).
@@ -19,7 +20,8 @@ import sys
 
 import nbformat
 
-WIDGET = "application/vnd.jupyter.widget-view+json"
+from chatlib.save_hook import WIDGET_VIEW as WIDGET
+
 SERVER_LINE = ("ChatServer: run this cell to start the chat server; "
                "the link to the chat page appears here.")
 PANEL_LINE = "ChatPanel: run this cell to open the chat panel here."

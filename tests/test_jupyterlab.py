@@ -23,8 +23,13 @@ server and a panel) the way a person chats, and measures:
   on wall-clock time belong in bench/, not in tests on a shared machine);
 * presence, typing, times as the page shows them, own messages on the right, the unread
   marker, a message typed while the server is down (pending, then sent once), the error
-  in the status line, the panel redrawn from the kernel's state after the notebook is
-  closed and reopened, and what the saved notebook holds for readers without a kernel.
+  in the status line, the notebook closed and reopened while its kernel runs (the saved
+  copy shows the panel's line; displayed again, the panel is redrawn from the kernel's
+  state), and what the saved notebook holds for readers without a kernel.
+
+``test_a_saved_panel_reopened_with_a_new_kernel_says_run_the_cells``: saved with a live
+panel, the kernel stopped, reopened: the cell says to run the cells, not "Error displaying
+widget: model not found" (chatlib.save_hook; tests/test_notebook7.py does it in Notebook 7).
 
 Screenshots go to tests/artifacts/ (jupyterlab-notebook7.png, panel-light.png,
 panel-dark.png, panel-reconnecting.png).
@@ -485,6 +490,21 @@ def summary(values: list[float]) -> str:
             f"max {ordered[-1]:6.1f} ms (n={len(ordered)})")
 
 
+SAVED_PANEL_LINE = "Run the notebook's cells to join the chat"
+"""What a saved ChatPanel output says (its text/html and text/plain), with no widget view."""
+
+
+async def run_new_cell(lab, code: str) -> None:
+    """Add a cell below the active one with ``code`` and run it, as a learner would."""
+    await lab.evaluate(
+        """async (code) => {
+            const app = window.jupyterapp;
+            await app.commands.execute('notebook:insert-cell-below');
+            app.shell.currentWidget.content.activeCell.model.sharedModel.setSource(code);
+            await app.commands.execute('notebook:run-cell');
+        }""", code)
+
+
 async def run_in_kernel(lab, code: str) -> None:
     """Run ``code`` in the notebook's kernel (as a cell would) and wait until it is done."""
     status = await lab.evaluate(
@@ -683,13 +703,19 @@ async def test_panel_as_a_chat_window(jupyter_lab):
             await lab.evaluate("() => window.jupyterapp.commands.execute("
                                "'apputils:change-theme', {theme: 'JupyterLab Light'})")
 
-            # -- closed and reopened: the view is drawn again from the kernel's state
+            # -- closed and reopened while the kernel runs: the saved copy has no view (see
+            # chatlib.save_hook), only the panel's line; displayed again, the panel is drawn
+            # from the kernel's state, every message included.
             shown = await panel_msgs.count()
             await lab.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
             await lab.evaluate("() => window.jupyterapp.shell.currentWidget.close()")
             await expect(lab.locator(".chatlib-panel")).to_have_count(0, timeout=UI_MS)
             await lab.evaluate("(path) => window.jupyterapp.commands.execute("
                                "'docmanager:open', {path})", PANEL_NOTEBOOK)
+            await expect(lab.locator(".jp-OutputArea-output").filter(
+                has_text=SAVED_PANEL_LINE).first).to_be_visible(timeout=UI_MS)
+            await kernel_idle(lab)
+            await run_new_cell(lab, "panel")
             await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
             await expect(panel_msgs).to_have_count(shown, timeout=UI_MS)
             await visitor.fill("#message-input", "still here after the reopen?")
@@ -710,3 +736,53 @@ async def test_panel_as_a_chat_window(jupyter_lab):
         finally:
             await browser.close()
             print("\n" + "\n".join(report))
+
+
+# -- saved with a live panel, reopened with a new kernel ----------------------------------
+
+
+async def test_a_saved_panel_reopened_with_a_new_kernel_says_run_the_cells(jupyter_lab):
+    await saved_panel_reopens_with_a_new_kernel(jupyter_lab, "lab/tree/" + PANEL_NOTEBOOK)
+
+
+async def saved_panel_reopens_with_a_new_kernel(jupyter: dict, path: str) -> None:
+    """The learner saves a notebook with a live panel, stops the kernel and opens it again.
+
+    The saved file holds no widget view (chatlib.save_hook drops views whose model no saved
+    state can restore), so the reopened cell shows the panel's "run the cells" line instead
+    of "Error displaying widget: model not found"; the open notebook kept its live panel.
+    """
+    async with async_playwright() as p:
+        browser = await launch(p)
+        try:
+            page = await (await browser.new_context(
+                viewport={"width": 1100, "height": 900})).new_page()
+            await page.goto(jupyter["base"] + path)
+            await kernel_idle(page)
+            jupyter["remember_children"]()
+            await run_all_cells(page)
+            await kernel_idle(page)
+            panel = page.locator(".chatlib-panel")
+            await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+
+            assert await page.evaluate(
+                "() => window.jupyterapp.commands.execute('docmanager:save')") is not False
+            await expect(panel).to_have_attribute("data-state", "connected")  # still live
+            saved = json.loads((jupyter["root"] / PANEL_NOTEBOOK).read_text())
+            data = saved["cells"][0]["outputs"][0]["data"]
+            assert "application/vnd.jupyter.widget-view+json" not in data, data.keys()
+            assert SAVED_PANEL_LINE in "".join(data["text/plain"]), data
+
+            await page.evaluate(
+                "() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+            await page.goto(jupyter["base"] + path)  # reopened: a new kernel starts
+            await kernel_idle(page)
+            jupyter["remember_children"]()
+            await expect(page.locator(".jp-OutputArea-output").filter(
+                has_text=SAVED_PANEL_LINE).first).to_be_visible(timeout=UI_MS)
+            await expect(page.get_by_text("model not found")).to_have_count(0)
+            await expect(panel).to_have_count(0)
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / f"reopened-{path.split('/')[0]}.png"))
+        finally:
+            await browser.close()

@@ -14,8 +14,10 @@ from helpers import needs_chromium
 from test_jupyterlab import (
     JUPYTER,
     NOTEBOOK,
+    PANEL_NOTEBOOK,
     chapter7_panel_chats,
     running_jupyter,
+    saved_panel_reopens_with_a_new_kernel,
 )
 
 pytestmark = [
@@ -35,3 +37,6 @@ async def test_chapter7_runs_and_the_panel_chats_in_notebook7(jupyter_notebook):
     await chapter7_panel_chats(jupyter_notebook, "notebooks/" + NOTEBOOK.name,
                                "notebook7-app.png")
 
+
+async def test_a_saved_panel_reopened_with_a_new_kernel_in_notebook7(jupyter_notebook):
+    await saved_panel_reopens_with_a_new_kernel(jupyter_notebook, "notebooks/" + PANEL_NOTEBOOK)
