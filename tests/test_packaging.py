@@ -50,6 +50,9 @@ def test_wheel_holds_the_page_and_every_front_end_file(wheel):
     for path in (ROOT / "chatlib").rglob("*"):
         if path.suffix in (".js", ".css", ".html") and "__pycache__" not in path.parts:
             assert path.relative_to(ROOT).as_posix() in names, path
+    # The server config that enables chatlib.save_hook in the environment it installs into.
+    config = "etc/jupyter/jupyter_server_config.d/chatlib.json"
+    assert any(name.endswith(f".data/data/{config}") for name in names), sorted(names)
 
 
 @pytest.fixture(scope="module")
