@@ -17,8 +17,14 @@ h11 (``Connection``) keep inside, and uses it for three things:
   :func:`bytes_acked` and :func:`reset_connection`, for chatlib.stuck's watch on clients
   that stopped reading.
 
-Each function returns None (or does nothing) when what it expects is not there, and the
-caller then takes the public path: correct, and slower.
+**Checked once, at import.** :func:`probe` looks for every attribute these functions use
+on the installed uvicorn, websockets and h11 (tests/test_fastpath.py pins the list). If
+one is missing (an upgrade renamed it) the fast path switches itself off
+(:data:`MISSING` says why, and a warning is logged once): no direct writes, no stuck-client
+watch, and every payload goes through the connection's writer and the server's public
+ASGI ``send``, which is correct and measured slower (bench/README.md). Each function also
+returns None when the connection in hand is not uvicorn's (another server, an HTTP/1.0
+response).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import socket
 import struct
 from collections.abc import Callable
@@ -54,6 +61,48 @@ H11_MAX_INCOMPLETE_EVENT_SIZE: int = inspect.signature(h11.Connection).parameter
 """h11's default bound on a request's head (uvicorn's, unless configured)."""
 
 WS_OPEN = State.OPEN
+
+# What the fast path reads, per class: attributes its __init__ sets (found in the names
+# its code stores, so no instance is needed) and members of the class itself.
+EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "uvicorn.protocols.http.h11_impl:RequestResponseCycle": (
+        ("conn", "transport", "flow", "disconnected"), ("send",)),
+    "uvicorn.protocols.http.flow_control:FlowControl": (("write_paused",), ()),
+    "uvicorn.protocols.websockets.websockets_sansio_impl:WebSocketsSansIOProtocol": (
+        ("conn", "transport", "writable", "close_sent"), ("send",)),
+    "websockets.protocol:Protocol": (
+        ("state", "extensions", "writes"), ("send_text", "data_to_send")),
+    "h11:Connection": ((), ("our_state",)),
+}
+
+
+def probe() -> str | None:
+    """None if every internal the fast path uses is there; else what is missing."""
+    import importlib
+
+    missing = []
+    for where, (set_in_init, members) in EXPECTED.items():
+        module_name, _, class_name = where.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            missing.append(where)
+            continue
+        init = getattr(cls.__init__, "__code__", None)
+        stored = set(init.co_names) if init is not None else set()
+        missing += [f"{where}.{name}" for name in set_in_init if name not in stored]
+        missing += [f"{where}.{name}" for name in members if not hasattr(cls, name)]
+    if not hasattr(h11, "SEND_BODY"):
+        missing.append("h11.SEND_BODY")
+    return ", ".join(missing) or None
+
+
+MISSING: str | None = probe()
+"""Why the fast path is off (what the installed libraries lack), or None: it is on."""
+if MISSING:
+    logging.getLogger("chatlib").warning(
+        "chatlib's fast path is off (the installed uvicorn/websockets/h11 lack %s): "
+        "correct, but slower", MISSING)
 
 
 def server_send(scope, send):
@@ -87,6 +136,8 @@ def websocket_sink(scope) -> Sink | None:
     them once per batch. With permessage-deflate each connection compresses with its own
     context, through websockets as uvicorn does.
     """
+    if MISSING:
+        return None
     protocol = _owner(scope)
     conn = getattr(protocol, "conn", None)
     transport = getattr(protocol, "transport", None)
@@ -142,7 +193,7 @@ def sse_sink(scope) -> Sink | None:
     chunk of a chunked body (``SIZE CRLF DATA CRLF``), which keeps no state between
     chunks; only GET over HTTP/1.1 is chunked. Call it after the response started.
     """
-    if scope.get("method") != "GET" or scope.get("http_version") != "1.1":
+    if MISSING or scope.get("method") != "GET" or scope.get("http_version") != "1.1":
         return None
     cycle = _owner(scope)
     conn = getattr(cycle, "conn", None)
@@ -186,6 +237,8 @@ def transport_of(scope) -> asyncio.WriteTransport | None:
     """The TCP connection under an ASGI connection (uvicorn's ``send`` is a bound method
     of its protocol, for WebSockets, or of the request's cycle, for HTTP; both keep it;
     for HTTP it may be chatlib.protocols' LingeringTransport, which passes these on)."""
+    if MISSING:
+        return None
     transport = getattr(_owner(scope), "transport", None)
     needed = ("abort", "get_write_buffer_size", "get_extra_info")
     return transport if all(hasattr(transport, name) for name in needed) else None

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from chatlib import Limits
+from chatlib import Limits, fastpath
 from chatlib.wire import SSEParser
 
 pytestmark = pytest.mark.timeout(60)
@@ -19,6 +19,15 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parent.parent
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 T = 10  # seconds: hang guard for one receive; never reached when things work
+
+
+@pytest.fixture(autouse=True, params=["fast", "public"], ids=["fast path", "public path"])
+def path(request, monkeypatch) -> str:
+    """Every test here runs twice: with chatlib.fastpath on, and switched off as it switches
+    itself off when the installed uvicorn/websockets/h11 lack what it expects."""
+    if request.param == "public":
+        monkeypatch.setattr(fastpath, "MISSING", "switched off by the test")
+    return request.param
 
 
 # -- wire-level helpers (no client-side de-duplication) ---------------------------------
