@@ -1,7 +1,7 @@
 """uvicorn's per-connection protocols, with the bounds a server open to strangers needs.
 
-uvicorn 0.54's ``H11Protocol`` and ``WebSocketsSansIOProtocol`` are used as they are, with
-three additions, each measured with raw sockets (tests/test_edge.py, bench/edge.py):
+uvicorn's ``H11Protocol`` and ``WebSocketsSansIOProtocol`` (0.54 and later) are used as they
+are, with three additions, each measured with raw sockets (tests/test_edge.py, bench/edge.py):
 
 * **Header timeout** (:attr:`Limits.header_timeout`). uvicorn waits for a request's headers
   forever: a client that sends nothing, or half a request line, held its connection (and a
@@ -286,17 +286,23 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
             self.drain(self.transport, data)
             return
         super().data_received(data)
+        if (self.conn.handshake_exc is not None and not self.handshake_initiated
+                and not self.close_sent):
+            self.handle_handshake_exception()  # uvicorn < 0.55 does not call it itself
+
+    def handle_handshake_exception(self) -> None:
+        """Answer a handshake websockets refused: ``400`` with its reason, then linger.
+        (uvicorn >= 0.55 calls this; its own answers 400 without a reason and closes.)"""
         refused = self.conn.handshake_exc
-        if refused is not None and not self.handshake_initiated:
-            cause = refused.__cause__ or refused
-            reason = str(cause).partition(":")[0] or "invalid WebSocket handshake"
-            body = f"400 {reason}\n".encode("latin-1", "replace")
-            self.transport.write(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                b"X-Content-Type-Options: nosniff\r\nContent-Length: %d\r\n"
-                b"Connection: close\r\n\r\n%s" % (len(body), body))
-            self.handshake_initiated = self.handshake_complete = self.close_sent = True
-            self.linger(self.transport)
+        cause = refused.__cause__ or refused
+        reason = str(cause).partition(":")[0] or "invalid WebSocket handshake"
+        body = f"400 {reason}\n".encode("latin-1", "replace")
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"X-Content-Type-Options: nosniff\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (len(body), body))
+        self.handshake_initiated = self.handshake_complete = self.close_sent = True
+        self.linger(self.transport)
 
     def connection_lost(self, exc) -> None:
         self.stop_lingering()
