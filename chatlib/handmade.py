@@ -15,11 +15,15 @@ The five pieces, one per step of the notebook:
 
 * :func:`parse_request`: the HTTP/1.1 request head as ``(method, target, headers)``;
 * :func:`handshake_response`: ``101 Switching Protocols`` with ``Sec-WebSocket-Accept``, or an
-  error status for a request that isn't a valid upgrade from this origin;
+  error status for a request that isn't a valid upgrade, names a foreign ``Host``
+  (:func:`host_allowed`, against DNS rebinding) or comes from a foreign ``Origin``;
 * :func:`read_message`: frames in, one whole message out: masked frames only, PINGs answered
-  on the way, fragments reassembled, UTF-8 checked fragment by fragment (fail fast);
+  on the way, fragments reassembled, UTF-8 checked fragment by fragment (fail fast), and
+  every frame due within :data:`READ_TIMEOUT` (the server PINGs a quiet client every
+  :data:`PING_INTERVAL`, so a live one always has a PONG to send);
 * :func:`broadcast`: one TEXT frame, encoded once, written to every connection;
-* :func:`close_reply`: the CLOSE frame that answers the peer's CLOSE (or refuses a bad one).
+* :func:`close_reply`: the CLOSE frame that answers the peer's CLOSE (or refuses a bad one),
+  and :func:`linger`, which ends the TCP connection after it without a reset.
 
 :class:`HandmadeServer` puts them together and speaks the chat's JSON protocol (README, "The
 chat protocol"): ``hello`` (with history after ``after``), ``message`` (a ``client_id`` gets
@@ -28,11 +32,20 @@ an ``ack`` carrying the stored message; a resend is acked with the original, sto
 (``/``, ``/static/app.js``, ``/static/style.css``), and ``/echo``, a WebSocket that sends
 every message back, as the conformance battery needs.
 
+What a server open to strangers must add, and this one does (each has a test in
+tests/test_build_your_own.py): a ``Host`` allowlist; bad JSON of any shape (60,000 ``[``
+nest deeper than Python's recursion limit) answered with an error, and a bug in a handler
+closed with 1011 for that client only; nicknames without control or invisible characters
+(:func:`nickname_problem`); a read timeout with keepalive PINGs; presence coalesced (one
+update per :data:`PRESENCE_DELAY`, not one per join per client: 300 joins made 45,150
+frames); a join replays at most :data:`HISTORY_PAGE` messages; and a lingering close, so
+the peer reads our CLOSE (1009, 1002, ...) before the connection ends.
+
 Limits, and what it leaves out on purpose (a teaching server, not chatlib's): one request per
 HTTP connection (``Connection: close``); a request head of at most 16 KiB, read within 10 s;
 messages of at most 64 KiB; a client that lets more than 1 MiB pile up unread is dropped; no
-extensions (permessage-deflate), no subprotocols, no TLS, no long polling or SSE, and the
-history lives in memory without bound.
+extensions (permessage-deflate), no subprotocols, no TLS, no long polling or SSE, no rate
+limits, and the history lives in memory without bound (only what a join replays is bounded).
 """
 
 from __future__ import annotations
@@ -42,8 +55,11 @@ import base64
 import binascii
 import codecs
 import contextlib
+import ipaddress
 import json
+import logging
 import time
+import unicodedata
 from urllib.parse import urlsplit
 
 from . import frames
@@ -51,14 +67,20 @@ from .app import STATIC_DIR
 from .frames import CloseCode, Frame, FrameError, Opcode, ProtocolError
 from .handshake import accept_key
 
-__all__ = ["HandmadeServer", "broadcast", "close_reply", "handshake_response", "parse_request",
-           "read_message"]
+__all__ = ["HandmadeServer", "broadcast", "close_reply", "handshake_response", "host_allowed",
+           "linger", "nickname_problem", "parse_request", "read_message"]
 
 MAX_HEAD = 16 * 1024  # bytes of request head we read before answering 400
 MAX_MESSAGE = 64 * 1024  # bytes of one message, all fragments together
 MAX_UNSENT = 1024 * 1024  # bytes waiting to be sent to one client before we drop it
 MAX_TEXT = 2000  # characters of one chat message, as chatlib.Limits
 MAX_NICK = 32  # characters of a nickname, as chatlib.Limits
+READ_TIMEOUT = 30.0  # seconds a connection may go without sending a whole frame
+PING_INTERVAL = 10.0  # seconds between our PINGs: a live client answers each with a PONG
+LINGER_SECONDS = 2.0  # after our last frame: how long we read and discard, at most ...
+LINGER_BYTES = 4 * 1024 * 1024  # ... and how many bytes, before closing
+HISTORY_PAGE = 100  # messages a join replays, at most (the newest ones)
+PRESENCE_DELAY = 0.25  # seconds over which joins and leaves make one presence update
 PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
          "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
          "/static/style.css": ("style.css", "text/css; charset=utf-8")}
@@ -93,8 +115,29 @@ def parse_request(head: bytes) -> tuple[str, str, dict[str, str]]:
 
 
 # Step 2 ----------------------------------------------------------------------------------
-def handshake_response(headers: dict[str, str]) -> bytes:
-    """The answer to an upgrade request: 101 and the accept key, or why not (400, 403, 426)."""
+def host_allowed(host: str, names=()) -> bool:
+    """May a request with this ``Host`` header be answered? (Against DNS rebinding.)
+
+    Yes for an IP address (``127.0.0.1:8000``, ``[::1]``), ``localhost`` and
+    ``*.localhost`` (browsers resolve those to loopback themselves), and the names in
+    ``names`` (e.g. the host of a proxy the server sits behind). A rebinding attacker's page
+    can only name its own domain, which resolves to us but is none of these.
+    """
+    name = urlsplit("//" + host).hostname  # lower case, without port and brackets
+    if not name:
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name == "localhost" or name.endswith(".localhost") or name in names
+
+
+def handshake_response(headers: dict[str, str], names=()) -> bytes:
+    """The answer to an upgrade request: 101 and the accept key, or why not (400, 403, 426).
+
+    ``names``: host names allowed besides IP addresses and localhost (:func:`host_allowed`).
+    """
     connection = [token.strip().lower() for token in headers.get("connection", "").split(",")]
     if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection:
         return http_response(400, "Bad Request", b"this is a WebSocket endpoint\n")
@@ -108,8 +151,13 @@ def handshake_response(headers: dict[str, str]) -> bytes:
         nonce = b""
     if len(nonce) != 16:
         return http_response(400, "Bad Request", b"Sec-WebSocket-Key: 16 bytes in base64\n")
+    host = headers.get("host")
+    if host is None:
+        return http_response(400, "Bad Request", b"Host header required\n")
+    if not host_allowed(host, names):  # a rebound name: its Origin would match its Host
+        return http_response(403, "Forbidden", b"host not allowed\n")
     origin = headers.get("origin")  # browsers send it; a page elsewhere must not get in
-    if origin is not None and urlsplit(origin).netloc != headers.get("host"):
+    if origin is not None and urlsplit(origin).netloc != host:
         return http_response(403, "Forbidden", b"origin not allowed\n")
     return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode()
@@ -121,12 +169,18 @@ async def read_message(reader: asyncio.StreamReader,
     """The next whole message, (TEXT or BINARY, payload), or (CLOSE, payload).
 
     Answers PINGs, ignores PONGs, reassembles fragments. Raises a FrameError (its close_code
-    says how to close) for anything RFC 6455 forbids.
+    says how to close) for anything RFC 6455 forbids, and for a peer that takes more than
+    READ_TIMEOUT seconds over one frame (silent, or stuck in the middle of a frame).
     """
     opcode, parts, size = None, [], 0
     utf8 = codecs.getincrementaldecoder("utf-8")()
     while True:  # one frame per round: returns with a message or a CLOSE, or raises
-        frame = await frames.read_frame(reader, masked=True, max_size=MAX_MESSAGE)
+        try:
+            frame = await asyncio.wait_for(
+                frames.read_frame(reader, masked=True, max_size=MAX_MESSAGE), READ_TIMEOUT)
+        except TimeoutError:
+            raise ProtocolError(f"no frame for {READ_TIMEOUT:g} s",
+                                CloseCode.INTERNAL_ERROR) from None
         if frame.opcode == Opcode.PING:
             writer.write(frames.encode(Frame(Opcode.PONG, frame.payload), mask_key=None))
             continue
@@ -174,6 +228,30 @@ def close_reply(payload: bytes) -> bytes:
     return frames.encode(Frame(Opcode.CLOSE, reply), mask_key=None)
 
 
+async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End the connection after our last frame so that the peer can read that frame.
+
+    Closing a socket whose receive buffer still holds unread bytes makes Linux send RST
+    instead of FIN. The peer's TCP may then flush what the peer had not read yet (RFC 9293:
+    on RST "all segment queues should be flushed"), or the peer's next write fails and its
+    library reports the reset instead: either way our CLOSE (say, 1009 after a 5 MB frame)
+    is lost. So: FIN after our last byte, then read and discard until the peer closes too,
+    for at most LINGER_SECONDS and LINGER_BYTES.
+    """
+    drained = 0
+    try:
+        writer.write_eof()
+        async with asyncio.timeout(LINGER_SECONDS):
+            while drained <= LINGER_BYTES:  # bounded by the byte budget and the timeout
+                chunk = await reader.read(64 * 1024)
+                if not chunk:
+                    break  # the peer closed its side: nothing more to read
+                drained += len(chunk)
+    except (TimeoutError, OSError):
+        writer.transport.abort()  # it kept sending (or stopped reading): don't wait
+    writer.close()
+
+
 # Putting it together ------------------------------------------------------------------------
 def close_frame(code: int, reason: str = "") -> bytes:
     return frames.encode(Frame(Opcode.CLOSE, frames.close_payload(code, reason)), mask_key=None)
@@ -183,16 +261,43 @@ def send_json(writer: asyncio.StreamWriter, event: dict) -> None:
     broadcast([writer], json.dumps(event))
 
 
+def nickname_problem(nick) -> str | None:
+    """Why ``nick`` can't be a nickname, or None if it can.
+
+    Refused: not a string, empty or blank, longer than MAX_NICK, or holding a character a
+    reader cannot see for what it is: controls (NUL, newline, ESC), format characters (the
+    right-to-left override U+202E, zero-width joiners), separators, surrogates, private-use
+    and unassigned code points.
+    """
+    if not isinstance(nick, str) or not nick.strip() or len(nick) > MAX_NICK:
+        return f"user: 1 to {MAX_NICK} characters, not all blank"
+    for char in nick:
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            return f"user: no control or invisible characters (U+{ord(char):04X})"
+    return None
+
+
+async def keep_alive(writer: asyncio.StreamWriter) -> None:
+    """PING every PING_INTERVAL seconds, so that a live but quiet client sends a frame."""
+    ping = frames.encode(Frame(Opcode.PING, b"still there?"), mask_key=None)
+    while not writer.is_closing():  # ends with the connection (or when cancelled)
+        await asyncio.sleep(PING_INTERVAL)
+        writer.write(ping)
+
+
 class HandmadeServer:
     """The chat server of notebook 10: asyncio streams, the teaching codec, the chat's JSON."""
 
-    def __init__(self) -> None:
+    def __init__(self, names=()) -> None:
+        self.names = frozenset(names)  # Host names allowed besides IPs and localhost
         self.history: list[dict] = []  # message id N is history[N - 1]
         self.users: dict[asyncio.StreamWriter, str] = {}  # connections that said hello
         self.acked: dict[tuple[str, str], int] = {}  # (user, client_id) -> message id
         self.port: int | None = None
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._writers: set[asyncio.StreamWriter] = set()  # connections in a session
+        self._handlers: set[asyncio.Task] = set()  # one per connection, lingering included
+        self._presence: asyncio.TimerHandle | None = None  # a presence update on its way
 
     @property
     def url(self) -> str:
@@ -205,13 +310,20 @@ class HandmadeServer:
 
     async def stop(self) -> None:
         self._server.close()
+        if self._presence is not None:
+            self._presence.cancel()
         for writer in list(self._writers):
             writer.write(close_frame(CloseCode.GOING_AWAY))
             writer.close()
+        if self._handlers:  # lingering ones end within LINGER_SECONDS
+            await asyncio.wait(self._handlers, timeout=LINGER_SECONDS + 1)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._server.wait_closed(), 5)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             method, target, headers = parse_request(head)
@@ -222,12 +334,14 @@ class HandmadeServer:
             return
         path = urlsplit(target).path
         if path in ("/ws", "/echo") and method == "GET":
-            answer = handshake_response(headers)
+            answer = handshake_response(headers, self.names)
             writer.write(answer)
             if answer.startswith(b"HTTP/1.1 101 "):
                 self._writers.add(writer)
                 await self.session(reader, writer, echo=path == "/echo")
                 self._writers.discard(writer)
+                await linger(reader, writer)  # so that our CLOSE gets read
+                return
         elif path in PAGES and method == "GET":
             name, content_type = PAGES[path]
             writer.write(http_response(200, "OK", (STATIC_DIR / name).read_bytes(),
@@ -237,7 +351,8 @@ class HandmadeServer:
         writer.close()
 
     async def session(self, reader, writer, *, echo: bool) -> None:
-        """Messages in until a CLOSE, an error or a lost connection; then the connection ends."""
+        """Messages in until a CLOSE, an error or a lost connection; our CLOSE is the last frame."""
+        pinger = asyncio.ensure_future(keep_alive(writer))
         try:
             while True:  # one message per round
                 opcode, payload = await read_message(reader, writer)
@@ -256,7 +371,11 @@ class HandmadeServer:
             writer.write(close_frame(exc.close_code, str(exc)[:100]))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the peer vanished without a CLOSE
+        except Exception:  # a bug of ours: this client learns it (1011), the others carry on
+            logging.getLogger(__name__).exception("hand-made server: session failed")
+            writer.write(close_frame(CloseCode.INTERNAL_ERROR, "internal error"))
         finally:
+            pinger.cancel()
             if self.users.pop(writer, None) is not None:
                 self.send_presence()
 
@@ -265,20 +384,31 @@ class HandmadeServer:
         try:
             event = json.loads(text)
             kind = event["type"]
-        except (ValueError, TypeError, KeyError):
+        # RecursionError: json.loads("[" * 60000) nests deeper than Python's recursion limit.
+        except (ValueError, TypeError, KeyError, RecursionError):
             send_json(writer, {"type": "error", "error": "expected a JSON object with a type"})
             return True
         user = self.users.get(writer)
         if user is None:  # the first event must be hello, with a valid nickname
             nick, after = event.get("user"), event.get("after", 0)
-            if kind != "hello" or not isinstance(nick, str) or not 0 < len(nick) <= MAX_NICK:
+            if kind != "hello":
                 writer.write(close_frame(CloseCode.POLICY_VIOLATION, "say hello first"))
+                return False
+            problem = nickname_problem(nick)
+            if problem is not None:
+                writer.write(close_frame(CloseCode.POLICY_VIOLATION, problem))
                 return False
             if not isinstance(after, int) or after < 0 or after > len(self.history):
                 send_json(writer, {"type": "reset"})  # a cursor from another server's log
                 after = 0
             self.users[writer] = nick
-            for message in self.history[after:]:
+            missed = self.history[after:]
+            if len(missed) > HISTORY_PAGE:  # replay the newest page only, and say so
+                if after > 0:
+                    send_json(writer, {"type": "error", "error": f"{len(missed) - HISTORY_PAGE}"
+                                       " older messages are not shown"})
+                missed = missed[-HISTORY_PAGE:]
+            for message in missed:
                 send_json(writer, {"type": "message", **message})
             self.send_presence()
         elif kind == "message":
@@ -311,5 +441,16 @@ class HandmadeServer:
         return True
 
     def send_presence(self) -> None:
+        """Presence changed: everyone gets the list once, PRESENCE_DELAY seconds from now.
+
+        Without the delay every join sends the list to everyone: N joins, N (N + 1) / 2
+        frames (300 joins: 45,150). With it, joins in the same PRESENCE_DELAY share one.
+        """
+        if self._presence is None:
+            self._presence = asyncio.get_running_loop().call_later(PRESENCE_DELAY,
+                                                                   self._send_presence_now)
+
+    def _send_presence_now(self) -> None:
+        self._presence = None
         users = sorted(set(self.users.values()))
         broadcast(self.users, json.dumps({"type": "presence", "users": users}))

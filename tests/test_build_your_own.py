@@ -368,6 +368,197 @@ async def test_handshake_refusals(server, raw_http, extra, status):
         assert headers["sec-websocket-version"] == "13"
 
 
+# -- what a server open to strangers must add (issue 18's findings) ------------------------------
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("evil.example:{port}", 403),  # DNS rebinding: the page's Origin is evil.example:PORT too
+    ("EVIL.example.:{port}", 403),
+    ("localhost.evil.example:{port}", 403),
+    ("127.0.0.1:{port}", 101),
+    ("localhost:{port}", 101),
+    ("chat.localhost:{port}", 101),
+    ("[::1]:{port}", 101),
+])
+async def test_host_allowlist_stops_dns_rebinding(server, host, status):
+    host = host.format(port=server.port)
+    assert await upgrade_status(server.port, host) == status
+
+
+async def test_host_allowlist_takes_extra_names():
+    server = await handmade.HandmadeServer(names={"hub.example.org"}).start()
+    try:
+        assert await upgrade_status(server.port, f"hub.example.org:{server.port}") == 101
+    finally:
+        await server.stop()
+
+
+async def upgrade_status(port: int, host: str) -> int:
+    """The status of an upgrade with this Host, from a page on that origin."""
+    request = handshake.build_upgrade_request(host, "/ws", origin=f"http://{host}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        return int(head.split(b" ")[1])
+    finally:
+        writer.close()
+
+
+async def hello(port: int, user: str = "ada", after: int = 0):
+    """A raw /ws connection that said hello; returns (reader, writer)."""
+    reader, writer, _ = await handshake.open_raw("127.0.0.1", port, "/ws")
+    send_event(writer, {"type": "hello", "user": user, "after": after})
+    return reader, writer
+
+
+async def test_deeply_nested_json_gets_an_error_not_a_dropped_socket(server):
+    reader, writer = await hello(server.port)
+    assert (await chat_frames(reader, 1))[0]["type"] == "presence"
+    writer.write(text("[" * 60_000))  # deeper than Python's recursion limit
+    assert (await chat_frames(reader, 1))[0]["type"] == "error"
+    send_event(writer, {"type": "message", "text": "still here", "client_id": "c-1"})
+    assert (await chat_frames(reader, 2))[0]["type"] == "ack"
+    writer.close()
+
+
+async def test_a_bug_in_a_handler_closes_1011_for_that_client_only(server, monkeypatch):
+    def broken(writer, text):
+        raise RuntimeError("a bug")
+
+    reader, writer = await hello(server.port)
+    await chat_frames(reader, 1)
+    monkeypatch.setattr(server, "on_event", broken)
+    writer.write(text("{}"))
+    frame = await asyncio.wait_for(frames.read_frame(reader, masked=False), TIMEOUT)
+    assert frames.parse_close(frame.payload)[0] == CloseCode.INTERNAL_ERROR
+    writer.close()
+
+
+@pytest.mark.parametrize("nick", ["ada\x00", "ada\nbob", "\u202eadmin", "ad\u200bmin", "   ",
+                                  "\x1b[31mred", "x" * 33, 7])
+async def test_nicknames_without_controls_or_invisible_characters(server, nick):
+    reader, writer = await hello(server.port, nick)
+    frame = await asyncio.wait_for(frames.read_frame(reader, masked=False), TIMEOUT)
+    assert frame.opcode == Opcode.CLOSE, frame
+    assert frames.parse_close(frame.payload)[0] == CloseCode.POLICY_VIOLATION
+    assert not server.users
+    writer.close()
+
+
+@pytest.fixture
+def quick_timeouts(monkeypatch):
+    monkeypatch.setattr(handmade, "READ_TIMEOUT", 1.0, raising=False)
+    monkeypatch.setattr(handmade, "PING_INTERVAL", 0.3, raising=False)
+
+
+async def closed_by_server(reader) -> int | None:
+    """Read until the server's CLOSE; its code (then the connection must end)."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:  # bounded by the timeout
+            frame = await frames.read_frame(reader, masked=False)
+            if frame.opcode == Opcode.CLOSE:
+                code = frames.parse_close(frame.payload)[0]
+                assert await reader.read() == b""  # then the server ends TCP
+                return code
+
+
+async def test_a_half_sent_frame_is_closed(quick_timeouts, server):
+    reader, writer, _ = await handshake.open_raw("127.0.0.1", server.port, "/echo")
+    writer.write(text("hello")[:4])  # a header and two bytes of the mask: then nothing
+    assert await closed_by_server(reader) == CloseCode.INTERNAL_ERROR
+    writer.close()
+
+
+async def test_a_silent_client_is_pinged_then_closed(quick_timeouts, server):
+    reader, writer, _ = await handshake.open_raw("127.0.0.1", server.port, "/echo")
+    frame = await asyncio.wait_for(frames.read_frame(reader, masked=False), TIMEOUT)
+    assert frame.opcode == Opcode.PING  # the server asks first ...
+    assert await closed_by_server(reader) == CloseCode.INTERNAL_ERROR  # ... then gives up
+    writer.close()
+
+
+async def test_a_client_that_answers_pings_stays(quick_timeouts, server):
+    reader, writer, _ = await handshake.open_raw("127.0.0.1", server.port, "/echo")
+    pongs = 0
+    async with asyncio.timeout(TIMEOUT):
+        while pongs < 6:  # 6 pings of 0.3 s: longer than READ_TIMEOUT (1 s)
+            frame = await frames.read_frame(reader, masked=False)
+            assert frame.opcode == Opcode.PING, frame
+            writer.write(wire(Opcode.PONG, frame.payload))
+            pongs += 1
+    writer.write(text("alive"))
+    frame = await asyncio.wait_for(frames.read_frame(reader, masked=False), TIMEOUT)
+    assert (frame.opcode, frame.payload) == (Opcode.TEXT, b"alive")
+    writer.close()
+
+
+async def test_presence_is_coalesced(server):
+    joins = 300
+    connections = []
+    try:
+        for i in range(joins):
+            connections.append(await hello(server.port, f"user{i}"))
+        counts = []
+        for reader, _ in connections:  # each reads until it sees all 300
+            seen = 0
+            async with asyncio.timeout(TIMEOUT * 3):
+                while True:  # bounded by the timeout
+                    event = (await chat_frames(reader, 1))[0]
+                    seen += event["type"] == "presence"
+                    if event["type"] == "presence" and len(event["users"]) == joins:
+                        break
+            counts.append(seen)
+    finally:
+        for _, writer in connections:
+            writer.close()
+    # One presence per join to everyone: 300 * 301 / 2 = 45,150 frames.
+    assert sum(counts) < joins * 30, sum(counts)
+
+
+async def test_a_join_replays_one_page_of_history(server):
+    for i in range(1, 1001):
+        server.history.append({"id": i, "ts": 0.0, "user": "bot", "text": f"m{i}"})
+    reader, writer = await hello(server.port, "fresh", after=0)
+    events = await chat_frames(reader, handmade.HISTORY_PAGE + 1)
+    ids = [e["id"] for e in events if e["type"] == "message"]
+    assert ids == list(range(1001 - handmade.HISTORY_PAGE, 1001))  # the newest page
+    assert events[-1]["type"] == "presence"
+    reader2, writer2 = await hello(server.port, "back", after=995)  # resuming: the rest
+    events = await chat_frames(reader2, 6)
+    assert [e.get("id") for e in events[:5]] == [996, 997, 998, 999, 1000]
+    reader3, writer3 = await hello(server.port, "away", after=10)  # too far back: said so
+    events = await chat_frames(reader3, 2)
+    assert events[0] == {"type": "error", "error": "890 older messages are not shown"}
+    assert events[1]["id"] == 1001 - handmade.HISTORY_PAGE
+    for w in (writer, writer2, writer3):
+        w.close()
+
+
+async def test_a_refused_big_frame_is_read_not_reset(server):
+    """The server refuses a 5 MB frame (1009) while the client is still sending it.
+
+    Closed at once, with the rest unread, the socket sends RST; the client's next write
+    fails and its stream reports the reset instead of the CLOSE it had received (20 of 20
+    here before the server lingered).
+    """
+
+    async def one() -> int | None:
+        reader, writer, _ = await handshake.open_raw("127.0.0.1", server.port, "/echo")
+        try:
+            writer.write(text(b"x" * 5_000_000))
+            await writer.drain()
+            frame = await asyncio.wait_for(frames.read_frame(reader, masked=False), TIMEOUT)
+            return frames.parse_close(frame.payload)[0]
+        except (ConnectionError, asyncio.IncompleteReadError) as exc:
+            return type(exc).__name__
+        finally:
+            writer.close()
+
+    codes = await asyncio.gather(*(one() for _ in range(10)))
+    assert codes == [CloseCode.MESSAGE_TOO_BIG] * 10, codes
+
+
 async def test_serves_the_chat_page(server, http):
     for path, kind in (("", "text/html"), ("static/app.js", "text/javascript"),
                        ("static/style.css", "text/css")):
