@@ -247,18 +247,18 @@ async def test_stop_ends_every_open_connection(start_chat, http):
 
     async def long_poll():
         async with httpx.AsyncClient(timeout=httpx.Timeout(T, read=30)) as client:
-            return await client.get(server.url + "api/messages?after=1&wait=25")
+            return await client.get(server.url + "api/messages?after=1&wait=25&user=bob")
 
     sse_task = asyncio.create_task(read_sse())
     poll_task = asyncio.create_task(long_poll())
-    # Everything is connected and waiting: the SSE stream has started, the WebSocket
-    # user and the long poll's request are in.
+    # Everything is connected: the SSE stream has started, the WebSocket user and the long
+    # poll's request are in (its user shows in presence; from then on a stop answers it,
+    # waiting or not).
     async with asyncio.timeout(T):
         while "retry: 1000" not in sse_lines:
             await asyncio.sleep(0.01)
-        while "ada" not in server.hub.presence():
+        while not {"ada", "bob"} <= set(server.hub.presence()):
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)  # let the long poll reach its wait
     assert not poll_task.done()
 
     async with asyncio.timeout(STOP_GUARD):
