@@ -17,14 +17,13 @@ LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
 setup: $(STAMP)
 
-# An editable install skips data-files, so the server config that enables chatlib.save_hook
-# (saved notebooks keep no widget view a new kernel cannot draw) is copied by hand.
-$(STAMP): pyproject.toml jupyter-config/chatlib.json
+# An editable install skips the wheel's data-files, so chatlib.save_hook (saved notebooks
+# keep no widget view that a new kernel cannot draw) is enabled by command, as with conda.
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	install -D -m 644 jupyter-config/chatlib.json \
-	  $(VENV)/etc/jupyter/jupyter_server_config.d/chatlib.json
+	$(BIN)/jupyter server extension enable --sys-prefix --log-level=WARN chatlib.save_hook
 	touch $@
 
 lab: setup

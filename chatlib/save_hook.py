@@ -12,10 +12,12 @@ notebook's ``metadata.widgets``, keeping the rest of the output's bundle: for a 
 last messages). A view whose state *is* saved (the setting is on) can be restored, so it
 stays. The open notebook is not changed: the live panel keeps working until its tab closes.
 
-``pip install`` puts ``etc/jupyter/jupyter_server_config.d/chatlib.json`` into the
-environment, which enables the extension for every Jupyter server started there
-(``jupyter server extension list`` shows it); ``notebooks/clean_outputs.py`` does the same
-for the committed notebooks, which have no kernel at all.
+Installed from a wheel, chatlib puts ``etc/jupyter/jupyter_server_config.d/chatlib.json``
+into the environment, which enables the extension for every Jupyter server started there;
+an editable install (``make setup``, ``environment.yml``) does not, so there
+``jupyter server extension enable --sys-prefix chatlib.save_hook`` does it (``make setup``
+runs it; ``jupyter server extension list`` shows it). ``notebooks/clean_outputs.py`` does
+the same for the committed notebooks, which have no kernel at all.
 """
 
 from __future__ import annotations
