@@ -48,12 +48,14 @@ lint: setup
 	$(BIN)/ruff check .
 
 # tests/ (unit, integration, kernel, browser, proxy, JupyterLab) and every notebook under nbval;
-# then the notebooks once more with the browser hidden, as on Binder/JupyterHub (no Chromium);
-# then the torture suite (its own pytest run: it prints its figures at the end).
+# then the notebooks once more with the browser hidden, as on Binder/JupyterHub (no Chromium),
+# and in Colab mode (tests/colab stands in for google.colab: no chat page link, the panel and
+# the Python clients only); then the torture suite (its own pytest run: it prints its figures).
 test: setup chromium servers lint
 	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 --ignore=tests/torture \
 	  tests notebooks
-	CHATLIB_NO_BROWSER=1 $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 notebooks
+	CHATLIB_NO_BROWSER=1 PYTHONPATH=$(CURDIR)/tests/colab \
+	  $(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 notebooks
 	$(MAKE) --no-print-directory torture
 
 # Fuzz, churn, kill -9, stuck clients and exhaustion against real server processes

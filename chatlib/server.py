@@ -36,6 +36,7 @@ import uvicorn
 from .app import create_app
 from .auth import checked_token
 from .closecode import CloseCode
+from .colab import PAGE_UNREACHABLE, in_colab
 from .guard import host_policy
 from .hub import Hub
 from .limits import Limits
@@ -344,9 +345,11 @@ class ChatServer:
         return f"<ChatServer {self.url if self.port else ''} {state}{warning}>"
 
     def _repr_html_(self) -> str:
-        url = public_url(self)
         state = "running" if self.running else "stopped"
         warning = f"<br><b>{html.escape(self.exhausted)}</b>" if self.exhausted else ""
+        if in_colab():  # no link that cannot work: say why
+            return f"ChatServer {state} on port {self.port}. {PAGE_UNREACHABLE}{warning}"
+        url = public_url(self)
         return f'ChatServer {state} at <a href="{url}" target="_blank">{url}</a>{warning}'
 
 
