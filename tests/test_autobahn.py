@@ -56,9 +56,13 @@ pytestmark = pytest.mark.timeout(120)
 
 @dataclass(frozen=True)
 class Expected:
-    """The suite's verdict for a case (behavior, closing behavior), and why it is right."""
+    """The suite's verdict for a case (behavior, closing behavior), and why it is right.
 
-    behavior: str
+    ``behavior`` may name several verdicts where the outcome depends on timing (the reason
+    says why); any other verdict fails the test.
+    """
+
+    behavior: str | tuple[str, ...]
     close: str
     why: str
     code: int | None = None  # the close code we must have sent, when it matters
@@ -86,10 +90,13 @@ HANDMADE_CHOPS = ("Fail fast inside one frame: the invalid UTF-8 arrives in the 
                   "frame only when all of it is in, so the decoder sees the bytes at the end "
                   "(1007 then). Non-strict, as RFC 6455 8.1 allows; frames are checked one by "
                   "one, so 6.4.1-6.4.2 (separate frames) pass strictly.")
-CHATLIB_EARLY_FAIL = ("Valid frames, then a bad one, all in one TCP segment: websockets' "
-                      "parser fails the connection at the bad frame before uvicorn hands "
-                      "the valid message before it to the app, so the echo never comes. "
-                      "Non-strict (websockets' compliance notes list the same cases).")
+CHATLIB_EARLY_FAIL = ("A valid message, then a bad frame: when both are in the same read, "
+                      "websockets' parser fails the connection at the bad frame before "
+                      "uvicorn hands the valid message to the app, so its echo never comes "
+                      "(NON-STRICT; websockets' compliance notes list the same cases). When "
+                      "the bytes arrive in separate reads (these cases send them in one chop, "
+                      "frame by frame or byte by byte) the echo can go out first: OK. Which "
+                      "one depends on timing, so both are accepted.")
 CHATLIB_DECODE_AT_END = ("uvicorn's websockets-sansio protocol joins the fragments and decodes "
                          "the text once the last one arrives (send_receive_event_to_app), so "
                          "invalid UTF-8 is refused at the end of the message, not at the "
@@ -103,7 +110,7 @@ EXPECTED: dict[str, dict[str, Expected]] = {
     },
     "chatlib": {
         **LIMITS, **SPEC_UNDEFINED,
-        **{case: Expected("NON-STRICT", "OK", CHATLIB_EARLY_FAIL, code=1002)
+        **{case: Expected(("NON-STRICT", "OK"), "OK", CHATLIB_EARLY_FAIL, code=1002)
            for case in ("3.2", "3.3", "3.4", "4.1.3", "4.1.4", "4.1.5", "4.2.3", "4.2.4",
                         "4.2.5", "5.15")},
         **{case: Expected("NON-STRICT", "OK", CHATLIB_DECODE_AT_END, code=1007)
@@ -157,11 +164,12 @@ def differences(results, expected: dict[str, Expected]) -> list[str]:
     for r in results:
         seen.add(r.case_id)
         want = expected.get(r.case_id, Expected("OK", "OK", ""))
+        allowed = want.behavior if isinstance(want.behavior, tuple) else (want.behavior,)
         got = (r.behavior.value, r.behavior_close.value)
-        if got != (want.behavior, want.close) or (
+        if got[0] not in allowed or got[1] != want.close or (
                 want.code is not None and r.remote_close_code != want.code):
             wrong.append(f"{r.case_id}: got {got} close {r.remote_close_code} ({r.result} / "
-                         f"{r.result_close}); expected {(want.behavior, want.close)} close "
+                         f"{r.result_close}); expected {(allowed, want.close)} close "
                          f"{want.code}: {want.why or 'a pass'}")
     wrong += [f"{case}: expected but not run" for case in sorted(set(expected) - seen)]
     return wrong
