@@ -24,7 +24,7 @@ from typing import Protocol
 
 from .closecode import CloseCode
 from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits
-from .store import Message, MessageLog
+from .store import Bus, Message, MessageLog
 
 
 class Batch:
@@ -77,9 +77,11 @@ def deliver_all(subscribers: Iterable[Subscriber], batch: Batch) -> None:
 class Hub:
     """The log, who is connected, and the fan-out between them."""
 
-    def __init__(self, log: MessageLog, limits: Limits) -> None:
+    def __init__(self, log: MessageLog, limits: Limits, bus: Bus | None = None) -> None:
         self.log = log
         self.limits = limits
+        self.bus = bus
+        """Presence and typing between the processes sharing ``log`` (chatlib.redis_bus)."""
         self._subscribers: dict[Encoding, set[Subscriber]] = {}  # grouped by encoding
         self._new_message = asyncio.Event()
         self._connected: Counter[str] = Counter()  # WebSocket and SSE users
@@ -98,12 +100,9 @@ class Hub:
         self._roster = 0  # changes of _subscribers (subscribe, unsubscribe)
         self._snapshot: tuple[set[Subscriber] | None, int, list[Subscriber]] = (None, -1, [])
         self._publishing = asyncio.Lock()
-        self._follower: asyncio.Task | None = None
-        self._pushed = False  # the log tells us about every message (RedisLog.follow)
+        self._tasks: list[asyncio.Task] = []  # following the log and the bus
         self.closing = asyncio.Event()
-        # Set by a log that follows other server processes (RedisLog.follow):
-        self.elsewhere: frozenset[str] = frozenset()  # users connected to other processes
-        self.relay_typing = None  # tells the other processes who is typing here
+        self._elsewhere: frozenset[str] = frozenset()  # users of other processes (bus)
 
     @property
     def published(self) -> int:
@@ -111,13 +110,14 @@ class Hub:
         return self._published
 
     async def start(self) -> None:
-        """Begin after what the log already holds; follow other writers if it has any."""
+        """Begin after what the log already holds; follow other writers if it has any, and
+        run the bus."""
         self._published = await self.log.last_id()
-        if hasattr(self.log, "follow"):  # the log pushes what other processes write
-            self._follower = asyncio.ensure_future(self.log.follow(self))
-            self._pushed = True
-        elif getattr(self.log, "poll_interval", None):
-            self._follower = asyncio.ensure_future(self._follow(self.log.poll_interval))
+        if self.log.shared:
+            self._tasks.append(asyncio.ensure_future(self._follow()))
+        if self.bus is not None:
+            self._tasks.append(asyncio.ensure_future(
+                self.bus.run(self.here, self._typing_elsewhere, self._set_elsewhere)))
 
     # -- messages ------------------------------------------------------------------------
 
@@ -129,9 +129,9 @@ class Hub:
         ``(original, True)`` (see :meth:`MessageLog.append`).
         """
         message, duplicate = await self.log.append(user, text, client_id)
-        if not duplicate and not self._pushed:
+        if not duplicate and not self.log.pushes:
             await self.catch_up()
-        # A log that pushes (RedisLog.follow) delivers this one too, in order, in batches:
+        # A log that pushes (RedisLog.follow) delivers this one too, in order, in pages:
         # a burst of posts costs one read and one wake-up per client per batch.
         return message, duplicate
 
@@ -152,10 +152,10 @@ class Hub:
         async with self._publishing:
             self._publish(messages)
 
-    async def _follow(self, interval: float) -> None:
-        while not self.closing.is_set():
-            await asyncio.sleep(interval)
-            await self.catch_up()
+    async def _follow(self) -> None:
+        """Fan out what other processes append to a shared log, until cancelled."""
+        async for page in self.log.follow(self._published):
+            await self.deliver(page)
 
     def _publish(self, messages: list[Message]) -> None:
         """The one way a message reaches the subscribers: each of ``messages`` (read from
@@ -293,10 +293,14 @@ class Hub:
         still going out in slices, so that an ack never overtakes its own message."""
         self._fan_out((subscriber,), Batch(((0, payload),)))
 
-    def typing(self, user: str, relay: bool = True) -> None:
+    def typing(self, user: str) -> None:
+        """``user`` is typing here: tell everyone (the other processes through the bus)."""
         self._broadcast("typing", {"user": user})
-        if relay and self.relay_typing is not None:
-            self.relay_typing(user)
+        if self.bus is not None:
+            self.bus.typing(user)
+
+    def _typing_elsewhere(self, user: str) -> None:
+        self._broadcast("typing", {"user": user})
 
     # -- presence ------------------------------------------------------------------------
 
@@ -373,12 +377,17 @@ class Hub:
 
     def presence(self) -> list[str]:
         """Everyone here (sorted), in this process and (with a shared log) elsewhere."""
-        return sorted(self.here() | self.elsewhere)
+        return sorted(self.here() | self._elsewhere)
 
     def presence_event(self, users: list[str] | None = None) -> dict:
         """What a presence event says: the first ``presence_names`` names and the count."""
         users = self.presence() if users is None else users
         return {"users": users[:self.limits.presence_names], "count": len(users)}
+
+    def _set_elsewhere(self, users: frozenset[str]) -> None:
+        """The users connected to the other processes (told by the bus) changed."""
+        self._elsewhere = users
+        self.presence_changed()
 
     def presence_changed(self) -> None:
         """Tell everyone who is here, if that changed: now, or with the next broadcast.
@@ -409,8 +418,8 @@ class Hub:
     def close(self, code: int = CloseCode.GOING_AWAY) -> None:
         """The server is stopping: end long polls and SSE streams, close WebSockets (``code``)."""
         self.closing.set()
-        if self._follower is not None:
-            self._follower.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._presence_due is not None:
             self._presence_due.cancel()
         self._fanning.clear()

@@ -18,11 +18,9 @@ What lives in Redis, under ``key`` (``"chat"`` by default):
   increase across every process, with no gap and no two messages on one id.
 * ``chat:dedupe:<user>\\0<client_id>`` -> id, expiring after ``dedupe_ttl`` seconds: a
   repeated send answers the original message instead of storing it twice.
-* ``chat:presence:<process>``: the users connected to that process, expiring after
-  ``presence_ttl`` seconds unless its heartbeat refreshes it; ``chat:processes`` lists
-  them. Who is here is the union; a process that dies drops out within ``presence_ttl``.
-* pub/sub channels ``chat:typing`` and ``chat:presence``: typing notices (ephemeral:
-  at-most-once is right for them) and "my presence changed" nudges.
+* ``chat:presence:*``, ``chat:processes`` and the pub/sub channels ``chat:typing`` and
+  ``chat:presence`` belong to the presence and typing bus (chatlib.redis_bus), which the
+  server runs beside the log (:meth:`RedisLog.bus`). The log is only the log.
 
 Each process follows the stream with a **blocking** ``XREAD`` on a connection of its own
 (:meth:`RedisLog.follow`): Redis answers the moment an entry arrives, so there is no polling
@@ -43,11 +41,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import random
 import time
-import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -63,6 +60,9 @@ from .store import (
     StoreUnavailable,
     reused_client_id,
 )
+
+if TYPE_CHECKING:
+    from .redis_bus import RedisBus
 
 # KEYS: stream, counter, dedupe key (the counter's without client_id), bytes held
 # ARGV: ts, user, text, client_id, max_len, dedupe_ttl, max_bytes
@@ -123,16 +123,15 @@ class RedisLog:
     ``url``: ``redis://host:port/db``. ``key``: prefix of every key (one chat per prefix).
     ``max_len`` / ``max_bytes``: messages and bytes the stream keeps (retention, see the
     module docstring). ``dedupe_ttl``: seconds a
-    ``(user, client_id)`` is remembered. ``heartbeat`` / ``presence_ttl``: how often this
-    process refreshes its presence, and how long others keep it if it stops (dies).
+    ``(user, client_id)`` is remembered. ``heartbeat`` / ``presence_ttl``: how often a
+    process refreshes its presence, and how long others keep it if it stops (dies), for
+    the :meth:`bus` (chatlib.redis_bus).
     ``block``: seconds one blocking ``XREAD`` waits before it is re-issued (it returns at
     once when an entry arrives; the bound only notices a silently dead connection).
     ``backoff``: first and longest wait (seconds) between reconnection attempts.
     ``timeout``: seconds a command may take before it fails (503). ``max_connections``:
     commands in flight at once; more wait for a connection.
     """
-
-    poll_interval = None  # the hub follows this log with follow(), not by polling
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, key: str = "chat",
                  max_len: int = RETAIN_MESSAGES, max_bytes: int = RETAIN_BYTES,
@@ -149,14 +148,10 @@ class RedisLog:
         self.presence_ttl = presence_ttl
         self.block = block
         self.backoff = backoff
-        self.process_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.reconnects = 0  # how often the follower lost Redis and came back
         self._stream = f"{key}:messages"
         self._counter = f"{key}:last_id"
         self._bytes = f"{key}:bytes"
-        self._processes = f"{key}:processes"
-        self._typing = f"{key}:typing"
-        self._presence = f"{key}:presence"
         # No automatic retries: an append whose reply was lost may have been stored, and
         # retrying it blindly could store it twice. The caller gets a 503 and decides
         # (with a client_id, resending is safe: the script dedupes it).
@@ -166,11 +161,11 @@ class RedisLog:
         # ``timeout``) instead of failing: the default pool raises "Too many connections".
         self._redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout, **options))
-        # The follower's blocking reads and the pub/sub subscription each hold a connection.
+        # The follower's blocking reads hold a connection of their own.
         self._reader = aioredis.Redis.from_url(
             url, **{**options, "socket_timeout": block + timeout})
         self._append = self._redis.register_script(APPEND)
-        self._tasks: list[asyncio.Task] = []
+        self._backoff = Backoff(*backoff)
 
     def __repr__(self) -> str:
         return f"RedisLog({self.url!r}, key={self.key!r})"
@@ -240,131 +235,61 @@ class RedisLog:
         return await self.last_id() + 1
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        with contextlib.suppress(RedisError, OSError):
-            await asyncio.wait_for(self._leave(), self.heartbeat + 1)
         await self._reader.aclose()
         await self._redis.aclose(close_connection_pool=True)
 
     # -- following other processes -------------------------------------------------------
 
-    async def follow(self, hub) -> None:
-        """Feed ``hub`` what other processes do, until cancelled: their messages (in id
-        order, from the hub's cursor), who is connected to them, who is typing.
+    shared = pushes = True
+    """Other processes append to this log, and :meth:`follow` yields every append as it
+    happens."""
 
-        The hub calls this instead of polling (Hub.start); it gives the hub
-        ``relay_typing`` so this process's typing notices reach the others.
+    async def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
+        """Pages of the messages after ``after_id``, in id order, as they are appended by
+        any process (this one's too), until cancelled.
+
+        One blocking ``XREAD`` on a connection of its own: Redis answers the moment an
+        entry arrives, so there is no polling loop, and the cursor makes a reconnect
+        resume exactly where it stopped. When Redis fails, the read is retried with
+        exponential backoff (:attr:`reconnects` counts it).
         """
-        hub.relay_typing = self._relay_typing
-        self._nudge = asyncio.Event()
-        self._tasks = [asyncio.ensure_future(self._read_stream(hub)),
-                       asyncio.ensure_future(self._listen(hub)),
-                       asyncio.ensure_future(self._heartbeat(hub))]
-        try:
-            await asyncio.gather(*self._tasks)
-        finally:
-            for task in self._tasks:
-                task.cancel()
-
-    async def _retrying(self, attempt) -> None:
-        """Run ``attempt()`` forever; when Redis fails, wait (exponential backoff, jitter)
-        and run it again. ``attempt`` resumes from its own state (a cursor)."""
-        delay = self.backoff[0]
-        while True:  # ends when cancelled
+        cursor = after_id
+        for _ in range(1 << 62):  # one blocking XREAD per turn; ends when cancelled
             try:
-                await attempt()
-                delay = self.backoff[0]
+                reply = await self._reader.xread({self._stream: f"{cursor}-0"}, count=500,
+                                                 block=int(self.block * 1000))
             except (RedisError, OSError):
                 self.reconnects += 1
                 await self._drop_idle_connections()
-                await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.backoff[1])
+                await self._backoff.wait()
+                continue
+            self._backoff.reset()
+            for _stream, entries in reply:
+                if entries:
+                    messages = [_entry(entry_id, fields) for entry_id, fields in entries]
+                    cursor = messages[-1].id
+                    yield messages
 
-    async def _read_stream(self, hub) -> None:
-        cursor = hub.published
+    def bus(self) -> RedisBus:
+        """A new channel for presence and typing between the processes sharing this log
+        (chatlib.redis_bus), on the same Redis and key; the server runs and closes it."""
+        from .redis_bus import RedisBus
 
-        async def read() -> None:
-            nonlocal cursor
-            for _ in range(1_000_000):  # one blocking XREAD per turn; ends on error/cancel
-                reply = await self._reader.xread({self._stream: f"{cursor}-0"}, count=500,
-                                                 block=int(self.block * 1000))
-                for _stream, entries in reply:
-                    if entries:
-                        messages = [_entry(entry_id, fields) for entry_id, fields in entries]
-                        cursor = messages[-1].id
-                        await hub.deliver(messages)
+        return RedisBus(self.url, key=self.key, heartbeat=self.heartbeat,
+                        presence_ttl=self.presence_ttl, backoff=self.backoff)
 
-        await self._retrying(read)
 
-    async def _listen(self, hub) -> None:
-        async def listen() -> None:
-            pubsub = self._reader.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._typing, self._presence)
-                self._nudge.set()  # (re)subscribed: others may have changed meanwhile
-                async for item in pubsub.listen():
-                    data = json.loads(item["data"])
-                    if data.get("from") == self.process_id:
-                        continue
-                    if item["channel"] == self._typing:
-                        hub.typing(data["user"], relay=False)
-                    else:
-                        self._nudge.set()
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
+class Backoff:
+    """Exponential backoff with jitter between reconnection attempts: the first wait is
+    ``first`` seconds (±50 %), each next one twice as long, up to ``longest``."""
 
-        await self._retrying(listen)
+    def __init__(self, first: float, longest: float) -> None:
+        self.first, self.longest = first, longest
+        self.delay = first
 
-    def _relay_typing(self, user: str) -> None:
-        payload = json.dumps({"from": self.process_id, "user": user})
-        task = asyncio.ensure_future(self._redis.publish(self._typing, payload))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # ephemeral
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay * (0.5 + random.random()))
+        self.delay = min(self.delay * 2, self.longest)
 
-    async def _heartbeat(self, hub) -> None:
-        """Write this process's users (with a TTL) and read everyone else's: every
-        ``heartbeat`` seconds, and at once when someone says theirs changed."""
-        mine: list[str] | None = None
-
-        async def beat() -> None:
-            nonlocal mine
-            for _ in range(1_000_000_000):  # ends on error or cancel
-                here = sorted(hub.here())
-                await self._redis.set(f"{self._presence}:{self.process_id}", json.dumps(here),
-                                      px=int(self.presence_ttl * 1000))
-                if here != mine:
-                    await self._redis.sadd(self._processes, self.process_id)
-                    await self._redis.publish(self._presence,
-                                              json.dumps({"from": self.process_id}))
-                    mine = here
-                await self._read_presence(hub)
-                self._nudge.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._nudge.wait(), self.heartbeat)
-
-        async def attempt() -> None:
-            nonlocal mine
-            mine = None  # after an outage: write and announce again
-            await beat()
-
-        await self._retrying(attempt)
-
-    async def _read_presence(self, hub) -> None:
-        others = [p for p in await self._redis.smembers(self._processes)
-                  if p != self.process_id]
-        values = await self._redis.mget([f"{self._presence}:{p}" for p in others]) \
-            if others else []
-        gone = [p for p, value in zip(others, values, strict=True) if value is None]
-        if gone:  # expired: that process stopped refreshing (it died)
-            await self._redis.srem(self._processes, *gone)
-        elsewhere = frozenset(u for value in values if value for u in json.loads(value))
-        if elsewhere != hub.elsewhere:
-            hub.elsewhere = elsewhere
-            hub.presence_changed()
-
-    async def _leave(self) -> None:
-        """A clean stop: drop out of the presence list now rather than after the TTL."""
-        await self._redis.delete(f"{self._presence}:{self.process_id}")
-        await self._redis.srem(self._processes, self.process_id)
-        await self._redis.publish(self._presence, json.dumps({"from": self.process_id}))
+    def reset(self) -> None:
+        self.delay = self.first

@@ -250,12 +250,15 @@ class ChatServer:
     async def start(self, timeout: float = 10.0) -> ChatServer:
         if self.running:
             return self
-        self.hub = Hub(self.log, self.limits)
+        # The bus carries presence and typing between processes sharing the log, if any.
+        self.hub = Hub(self.log, self.limits, bus=self.log.bus())
         await self.hub.start()
         try:
             self._socket = bind_socket(self.host, self.requested_port)
         except OSError:
             self.hub.close()
+            if self.hub.bus is not None:
+                await self.hub.bus.close()
             raise
         self.port = self._socket.getsockname()[1]
         hosts = host_policy(self.host, self.port, self.limits, public_url(self))
@@ -327,6 +330,8 @@ class ChatServer:
             if self._socket is not None:
                 self._socket.close()
             self._task = None
+            if self.hub is not None and self.hub.bus is not None:
+                await self.hub.bus.close()  # this process's users leave the others' presence
 
     async def __aenter__(self) -> ChatServer:
         return await self.start()

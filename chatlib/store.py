@@ -11,7 +11,8 @@ Two stores implement :class:`MessageLog`:
   as the process (a re-run of the start cell in a notebook keeps it).
 * :class:`SQLiteLog`: the same interface on an SQLite database file, for history that
   survives restarts and for several server processes sharing one history (each server
-  looks for the others' messages every ``poll_interval`` seconds and fans them out).
+  looks for the others' messages every ``poll_interval`` seconds, :meth:`SQLiteLog.follow`,
+  and fans them out).
 
 Sending is made exactly-once in effect the same way receiving is, with an id: a client may
 give each message a ``client_id`` of its own choosing, and :meth:`MessageLog.append` stores
@@ -41,6 +42,7 @@ import bisect
 import sqlite3
 import sys
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +102,13 @@ class StoreUnavailable(Exception):
 class MessageLog(Protocol):
     """What every store offers. All methods are coroutines so a store may do I/O."""
 
-    poll_interval: float | None
-    """For a store that other processes append to as well: how often (seconds) a server
-    should look for their messages, to fan them out to its own clients. None: only this
-    process writes."""
+    shared: bool
+    """Whether other processes append to this log too (then :meth:`follow` tells of
+    their messages, and :meth:`bus` may connect the processes' presence and typing)."""
+
+    pushes: bool
+    """Whether :meth:`follow` yields every append, this process's too, as it happens: the
+    hub then reads nothing back after its own appends (it fans them out as they come)."""
 
     async def append(self, user: str, text: str,
                      client_id: str | None = None) -> tuple[Message, bool]:
@@ -122,8 +127,33 @@ class MessageLog(Protocol):
     async def first_id(self) -> int:
         """The oldest id the log still keeps (retention), ``last_id() + 1`` if it is empty."""
 
+    def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
+        """Pages of the messages after ``after_id`` that other processes append, in id
+        order, as they come, until cancelled; they may hold this process's own too. A log
+        that only this process writes (not :attr:`shared`) ends at once."""
+
+    def bus(self) -> Bus | None:
+        """A new channel for presence and typing between the processes sharing this log
+        (the server runs and closes it); None: there is none."""
+
     async def close(self) -> None:
         """Release what the store holds (files, connections)."""
+
+
+class Bus(Protocol):
+    """Presence and typing between server processes (chatlib.redis_bus.RedisBus)."""
+
+    async def run(self, here: Callable[[], set[str]], typing: Callable[[str], None],
+                  elsewhere: Callable[[frozenset[str]], None]) -> None:
+        """Until cancelled: publish ``here()``, this process's users; call
+        ``elsewhere(users)`` when the other processes' users change and ``typing(user)``
+        when someone types on another process."""
+
+    def typing(self, user: str) -> None:
+        """Tell the other processes that ``user`` is typing here."""
+
+    async def close(self) -> None:
+        """Leave (this process's users are gone) and release connections."""
 
 
 class MemoryLog:
@@ -150,7 +180,6 @@ class MemoryLog:
         self.max_bytes = max_bytes
         self.bytes = 0
         """Bytes the kept messages hold (see the class docstring)."""
-        self.poll_interval = None
 
     def _size(self, message: Message) -> int:
         size = self.MESSAGE_OVERHEAD + sys.getsizeof(message.text) + sys.getsizeof(message.user)
@@ -201,6 +230,15 @@ class MemoryLog:
 
     async def first_id(self) -> int:
         return self._ids[0] if self._ids else self._next_id
+
+    shared = pushes = False  # only this process writes it
+
+    async def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
+        return
+        yield  # an async generator that ends at once
+
+    def bus(self) -> None:
+        return None
 
     async def close(self) -> None:
         pass
@@ -331,6 +369,30 @@ class SQLiteLog:
 
     async def first_id(self) -> int:
         return await self._run(self._min_id)
+
+    pushes = False  # follow() polls
+
+    @property
+    def shared(self) -> bool:
+        """Several server processes may share the file: :meth:`follow` polls it."""
+        return bool(self.poll_interval)
+
+    async def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
+        """Every ``poll_interval`` seconds, the messages appended since (SQLite has no way
+        to tell another process that a row was inserted)."""
+        if not self.poll_interval:
+            return
+        for _ in range(1 << 62):  # ends when cancelled
+            await asyncio.sleep(self.poll_interval)
+            for _ in range(1 << 62):  # pages, until caught up
+                page = await self.after(after_id, 500)
+                if not page:
+                    break
+                yield page
+                after_id = page[-1].id
+
+    def bus(self) -> None:
+        return None  # presence and typing stay per process
 
     async def close(self) -> None:
         await self._run(self._db.close)

@@ -361,6 +361,8 @@ async def test_wait_after_ends_when_the_hub_closes(hub):
 class GatedLog:
     """A log whose first ``after()`` pauses after reading, so a post can slip in."""
 
+    shared = pushes = False  # only this process writes it
+
     def __init__(self, inner) -> None:
         self.inner = inner
         self.read_done = asyncio.Event()

@@ -112,6 +112,20 @@ async def test_presence_is_the_union_and_typing_crosses_processes(start_chat, ma
     await until_client(ada, lambda: ada.presence == ["ada"])  # bob left the other process
 
 
+async def test_a_stopped_server_leaves_the_others_presence_at_once(start_chat, make_log,
+                                                                   make_client):
+    """A server that stops says so on the bus: its users leave the other processes'
+    presence now, not after presence_ttl (here far longer than the test waits)."""
+    limits = Limits(presence_interval=0.05)
+    one = await start_chat(log=make_log(presence_ttl=120.0), limits=limits)
+    two = await start_chat(log=make_log(presence_ttl=120.0), limits=limits)
+    ada = await make_client("ws", one, "ada")
+    await make_client("ws", two, "bob")
+    await until_client(ada, lambda: ada.presence == ["ada", "bob"])
+    await two.stop()
+    await until_client(ada, lambda: ada.presence == ["ada"])
+
+
 async def test_a_server_starts_after_existing_history_and_resumes_clients(start_chat,
                                                                           make_log,
                                                                           make_client):
