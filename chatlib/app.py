@@ -89,7 +89,7 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
         Route("/api/messages", Messages(), methods=["GET", "POST"]),  # chatlib.polling
         Route("/api/typing", typing, methods=["POST"]),
         Route("/api/events", events),  # chatlib.sse
-        Route("/api/presence", presence),
+        Route("/api/presence", presence, methods=["GET", "POST"]),
         WebSocketRoute("/ws", websocket),  # chatlib.ws
     ]
     app = ChatApp(

@@ -210,11 +210,24 @@ class HTTPClient(Client):
         self.origin = origin
         self._http: httpx.AsyncClient | None = None
 
+    JOIN_EVERY = 10.0
+    """Seconds between two joins (``POST /api/presence``): a server restarted meanwhile has
+    forgotten the name, and its presence list holds a name 30 s after its last request."""
+
     async def connect(self) -> None:
         headers = {"Origin": self.origin} if self.origin else {}
         self._http = httpx.AsyncClient(headers={**headers, **self._auth},
                                        timeout=httpx.Timeout(10.0, read=40.0))
+        self._joined = float("-inf")
+        await self._join()
         await self._resend()
+
+    async def _join(self) -> None:
+        """Join the presence list (POST-only: a GET names no one), at most every JOIN_EVERY s."""
+        if self.user and time.monotonic() - self._joined >= self.JOIN_EVERY:
+            response = await self._post("api/presence", {"user": self.user})
+            response.raise_for_status()
+            self._joined = time.monotonic()
 
     async def close(self) -> None:
         if self._http is not None:
@@ -261,6 +274,7 @@ class HTTPClient(Client):
 
     async def _poll(self, wait: float) -> int:
         """One GET of the messages after our cursor; returns how many arrived."""
+        await self._join()
         params = {"after": self.last_id, "user": self.user}
         if wait:
             params["wait"] = wait

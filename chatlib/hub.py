@@ -340,7 +340,7 @@ class Hub:
         return bool(self._fanning)
 
     def touch(self, user: str, address: str = "") -> str:
-        """An HTTP (polling) client named ``user`` at ``address`` just made a request.
+        """An HTTP client named ``user`` at ``address`` joins (``POST /api/presence``).
 
         Returns "" or, when ``user`` is new and may not join the presence list, why not:
         one address may have at most ``polled_per_address`` polling names, and announce
@@ -361,6 +361,27 @@ class Hub:
         self._polled_per_address[address] += 1
         self.presence_changed()
         return ""
+
+    def refresh(self, user: str) -> bool:
+        """A poll named ``user``: keep it present if it joined (:meth:`touch`, from
+        ``POST /api/presence``); True if so. A GET adds no name."""
+        seen = self._polled.get(user)
+        if seen is None or seen[0] < time.monotonic() - self.limits.presence_ttl:
+            return False
+        self._polled[user] = (time.monotonic(), seen[1])
+        return True
+
+    def take(self, user: str) -> bool:
+        """An event stream named ``user`` takes over its join: True if ``user`` joined
+        (:meth:`touch`); the stream then holds the name (:meth:`subscribe`), which leaves
+        when the stream ends rather than ``presence_ttl`` later."""
+        if not self.refresh(user):
+            return False
+        address = self._polled.pop(user)[1]
+        self._polled_per_address[address] -= 1
+        if self._polled_per_address[address] <= 0:
+            del self._polled_per_address[address]
+        return True
 
     def _expire_polled(self, now: float) -> None:
         expired = now - self.limits.presence_ttl

@@ -39,10 +39,8 @@ async def poll(state, scope, receive) -> bytes | None:
     after = int_param(params, "after", 0)
     wait = min(max(float_param(params, "wait", 0.0), 0.0), limits.max_wait)
     user = optional_user(params, limits)
-    if user:
-        refused = hub.touch(user, address(scope))
-        if refused:
-            raise ChatError(429, refused)
+    if user:  # keeps a name that joined (POST /api/presence) present; adds none
+        hub.refresh(user)
     start, reset = await hub.resolve_cursor(after)
     if wait > 0:
         found = await until_disconnected(receive, hub.wait_after(start, wait))
@@ -153,4 +151,20 @@ async def typing(request: Request) -> Response:
 
 
 async def presence(request: Request) -> Response:
-    return JSONBody(request.app.state.hub.presence_event())
+    """``GET``: who is here. ``POST {"user": NAME}``: NAME joins the presence list as an HTTP
+    client (polling or SSE) for ``presence_ttl`` seconds, refreshed by its polls (or held
+    by its event stream), and gets the list.
+
+    Joining is POST-only: a GET is what any page can make the browser send to any port
+    with an ``<img>``, no Origin and no preflight, so a GET that added a name let another
+    page on 127.0.0.1 add fake ones (issue 18). A POST must pass the Origin and
+    Content-Type checks (chatlib.guard). One address may add names at most at
+    ``new_names_rate`` and hold ``polled_per_address`` of them (429 beyond).
+    """
+    hub: Hub = request.app.state.hub
+    if request.method == "POST":
+        user = nickname(await read_json(request, hub.limits), hub.limits)
+        refused = hub.touch(user, address(request.scope))
+        if refused:
+            raise ChatError(429, refused)
+    return JSONBody(hub.presence_event())

@@ -314,9 +314,14 @@
     }
   }
 
+  // Joining the presence list is a POST (a GET names no one: any page could send one with
+  // an <img>); it answers the list too. Polling joins with every refresh, SSE once per
+  // connection (its open stream then holds the name).
+  const joinPresence = () => postJson('api/presence', { user: state.nick });
+
   async function refreshPresence(conn) {
     try {
-      const data = await getJson('api/presence', 10000);
+      const data = await joinPresence();
       if (!conn.closed) renderPresence(data.users, data.count);
     } catch { /* presence is decoration; the next refresh will try again */ }
   }
@@ -508,6 +513,10 @@
 
   // ---- transport: Server-Sent Events ------------------------------------------
   function connectSse(conn) {
+    joinPresence().catch(() => {}).finally(() => { if (!conn.closed) openEventSource(conn); });
+  }
+
+  function openEventSource(conn) {
     const es = new EventSource(`api/events?after=${state.lastId}&user=${enc(state.nick)}`);
     const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
     let stopWatchdog = () => {};

@@ -222,18 +222,22 @@ async def test_live_frames_stay_in_order_through_backpressure(server, http):
 # -- 6: presence --------------------------------------------------------------------------
 
 
+async def join(http, server, user: str) -> httpx.Response:
+    """Join the presence list as an HTTP client (POST-only: test_presence_join.py)."""
+    return await http.post(server.url + "api/presence", json={"user": user})
+
+
 @pytest.mark.parametrize("limits", [Limits(presence_names=5, polled_per_address=20,
                                            new_names_rate=1e6, new_names_burst=10**6,
                                            presence_interval=0)])
 async def test_presence_is_bounded_and_polling_names_per_address_too(server, make_client,
                                                                        http):
     watcher = await make_client("ws", server, "watch")
-    statuses = [(await http.get(server.url + f"api/messages?user=u{i:02d}")).status_code
-                for i in range(25)]
+    statuses = [(await join(http, server, f"u{i:02d}")).status_code for i in range(25)]
     assert statuses == [200] * 20 + [429] * 5  # "watch" is a WebSocket: not counted
-    refused = await http.get(server.url + "api/messages?user=u24")
+    refused = await join(http, server, "u24")
     assert "too many nicknames" in refused.json()["error"]
-    assert (await http.get(server.url + "api/messages?user=u00")).status_code == 200
+    assert (await join(http, server, "u00")).status_code == 200
     body = (await http.get(server.url + "api/presence")).json()
     assert body == {"users": ["u00", "u01", "u02", "u03", "u04"], "count": 21}
     for _ in range(100):  # frames until the presence list says 20
@@ -246,10 +250,9 @@ async def test_presence_is_bounded_and_polling_names_per_address_too(server, mak
 
 @pytest.mark.parametrize("limits", [Limits(new_names_rate=0.001, new_names_burst=3)])
 async def test_new_polling_names_are_rate_limited_per_address(server, http):
-    statuses = [(await http.get(server.url + f"api/messages?user=n{i}")).status_code
-                for i in range(5)]
+    statuses = [(await join(http, server, f"n{i}")).status_code for i in range(5)]
     assert statuses == [200, 200, 200, 429, 429]
-    assert (await http.get(server.url + "api/messages?user=n0")).status_code == 200
+    assert (await join(http, server, "n0")).status_code == 200
     assert (await http.get(server.url + "api/messages")).status_code == 200  # no name
 
 

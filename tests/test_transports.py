@@ -305,10 +305,12 @@ async def test_http_poll_resume_on_the_wire(server, http, kind):
 
 async def test_long_poll_answers_as_soon_as_a_message_is_posted(server, http):
     await post(http, server, "bob", "old")
+    await http.post(server.url + "api/presence", json={"user": "waiter"})
+    joined_at = server.hub._polled["waiter"][0]
     poll = asyncio.create_task(
         http.get(server.url + "api/messages?after=1&wait=25&user=waiter"))
-    # The handler has the request once the waiter shows up in the presence list.
-    await wait_until(lambda: _has(presence(http, server), {"waiter"}))
+    # The handler has the request once the poll has refreshed the waiter's presence.
+    await wait_until(lambda: server.hub._polled["waiter"][0] != joined_at)
     assert not poll.done()
     message = await post(http, server, "bob", "new")
     async with asyncio.timeout(T):  # far less than the 25 s it would otherwise hang
@@ -495,7 +497,7 @@ async def _fetch_until(client, done) -> bool:
 @pytest.mark.parametrize("limits", [Limits(presence_ttl=0.3)])
 async def test_polling_users_leave_presence_after_the_ttl(server, make_client, http):
     watcher = await make_client("ws", server, "watcher")
-    response = await http.get(server.url + "api/messages?user=poller")
+    response = await http.post(server.url + "api/presence", json={"user": "poller"})
     assert response.status_code == 200
     assert "poller" in await presence(http, server)
     await wait_until(lambda: _fetch_until(watcher, lambda: "poller" in watcher.presence))
@@ -607,6 +609,7 @@ async def test_static_has_no_path_traversal(server, raw_http, subtests):
 @pytest.mark.parametrize("limits", [Limits(heartbeat=0.1)])
 async def test_sse_heartbeat_and_presence_events(server, http, make_client):
     async with asyncio.timeout(T):
+        await http.post(server.url + "api/presence", json={"user": "sam"})  # joining: POST
         async with http.stream("GET", server.url + "api/events?user=sam") as response:
             reader = sse_reader(response)
             while b"\n\n: ping\n\n" not in reader.raw:  # an idle stream gets a comment
