@@ -1,6 +1,6 @@
 """Six connections per host over HTTP/1.1, measured in real Chromium (issue 9, part 3).
 
-    .venv/bin/python bench/connection_limit.py            # ~3 min, needs /usr/bin/chromium
+    .venv/bin/python bench/connection_limit.py            # ~3 min, needs Chromium (chatlib.browser)
     .venv/bin/python bench/connection_limit.py --max-tabs 8 --cap 3 --transports sse,ws
 
 For each transport and each N = 1..8: one browser profile (a Playwright context: one
@@ -30,13 +30,11 @@ from playwright.async_api import async_playwright, expect
 
 from chatlib import ChatServer
 from chatlib.app import create_app
+from chatlib.browser import launch
 from chatlib.hub import Hub
 from chatlib.limits import Limits
 from chatlib.store import MemoryLog
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 RESULTS = Path(__file__).parent / "results"
 
 TIMED_POST = """async ([text, capMs]) => {
@@ -129,7 +127,7 @@ async def run(args) -> dict:
     results: dict[str, list] = {}
     try:
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = await launch(p)
             version = browser.version
             try:
                 runs = [(t, t, server.url) for t in args.transports.split(",")]

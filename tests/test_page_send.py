@@ -9,22 +9,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
 
 from chatlib import Limits
+from chatlib.browser import launch
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 TRANSPORTS = ["ws", "sse", "longpoll", "poll"]
 UI_MS = 30_000  # generous: the machine is shared
 BURST = 30
 
 pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}")]
+              needs_chromium()]
 
 
 @pytest.fixture
@@ -46,7 +43,7 @@ BURST_JS = """async ([texts, gap]) => {
 
 
 async def open_page(p, url: str):
-    browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    browser = await launch(p)
     page = await browser.new_page(viewport={"width": 900, "height": 700})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

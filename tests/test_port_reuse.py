@@ -20,21 +20,18 @@ import socket
 from pathlib import Path
 
 import pytest
+from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
 
 import chatlib
 import chatlib.server
+from chatlib.browser import launch
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 UI_MS = 20_000
 BACK_MS = 10_000  # the bound: the page is back within 10 s of its server
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(180)
-needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                    reason=f"no Chromium at {CHROMIUM}")
 
 
 @pytest.fixture
@@ -118,7 +115,7 @@ def port_of(output: str) -> int:
     return int(output.split("PORT", 1)[1].split()[0])
 
 
-@needs_chromium
+@needs_chromium()
 async def test_the_open_page_survives_a_kernel_restart(tmp_path):
     from jupyter_client.manager import AsyncKernelManager
 
@@ -133,7 +130,7 @@ async def test_the_open_page_survives_a_kernel_restart(tmp_path):
         await kc.wait_for_ready(timeout=60)
         port = port_of(await run_cell(kc, START_CELL))
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = await launch(p)
             try:
                 page = await browser.new_page()
                 await page.goto(f"http://127.0.0.1:{port}/?user=ada&transport=ws")
@@ -161,11 +158,11 @@ async def test_the_open_page_survives_a_kernel_restart(tmp_path):
             await asyncio.wait_for(km.shutdown_kernel(now=True), 30)
 
 
-@needs_chromium
+@needs_chromium()
 async def test_a_server_on_another_port_is_announced_within_three_tries(start_chat):
     server = await start_chat()
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await launch(p)
         try:
             page = await browser.new_page()
             await page.goto(f"{server.url}?user=ada&transport=ws")
