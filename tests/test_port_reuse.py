@@ -26,6 +26,7 @@ from playwright.async_api import async_playwright, expect
 import chatlib
 import chatlib.server
 from chatlib.browser import launch
+from chatlib.closecode import CloseCode
 
 UI_MS = 20_000
 BACK_MS = 10_000  # the bound: the page is back within 10 s of its server
@@ -176,7 +177,7 @@ async def test_a_server_on_another_port_is_announced_within_three_tries(start_ch
             tries: list[str] = []
             page.on("websocket", lambda ws: tries.append(ws.url))
 
-            await server.stop(chatlib.server.SERVICE_RESTART)
+            await server.stop(CloseCode.SERVICE_RESTART)
             await start_chat()  # on another port: this page's address stays dead
             notice = page.locator("#notice")
             await expect(notice).to_contain_text("does not answer", timeout=UI_MS)
