@@ -12,9 +12,9 @@ import gc
 import signal
 
 from .auth import page_link
-from .limits import Limits
+from .limits import RETAIN_BYTES, RETAIN_MESSAGES, Limits
 from .server import ChatServer
-from .store import RETAIN_BYTES, RETAIN_MESSAGES, MemoryLog, SQLiteLog
+from .store import MemoryLog, SQLiteLog
 
 
 async def serve(args: argparse.Namespace) -> None:

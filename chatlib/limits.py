@@ -11,6 +11,26 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+MAX_ID = 2**63 - 1
+"""Message ids are SQLite INTEGERs: a cursor beyond this can only be nonsense."""
+
+MAX_CLIENT_ID = 64
+"""Characters in a client's own id for a message (``client_id``, ``Idempotency-Key``)."""
+
+RETAIN_MESSAGES = 100_000
+"""Messages every log keeps by default (``chatlib serve --retain``)."""
+RETAIN_BYTES = 64 * 2**20
+"""Bytes of messages every log keeps by default (``chatlib serve --retain-bytes``): 64 MiB,
+so that 100,000 messages of 2,000 emoji (848 MB in a MemoryLog) cannot be held."""
+TRIM_TO = 0.9
+"""A log over a cap drops its oldest messages down to this share of the cap, so that
+trimming runs once per ~10 % of the cap, not on every append."""
+
+LINGER_SECONDS = 2.0
+"""Longest a refused connection is drained before it is closed (nginx: lingering_time)."""
+LINGER_BYTES = 4 * 1024 * 1024
+"""Most bytes read and discarded from a refused connection before it is closed."""
+
 FANOUT_SLICE = 256
 """Deliveries one event-loop step makes before the loop may run anything else.
 

@@ -36,7 +36,7 @@ import traitlets
 
 from .clients import ChatRefused, LongPollClient, PollingClient, SSEClient, WebSocketClient
 from .store import Message
-from .validation import printable
+from .validation import printable, valid_client_id
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ replay of 500 after a reconnect is one or a few updates, not 500); a message tha
 after a quiet moment goes to the view at once."""
 MAX_OUTBOX = 100
 """Own messages waiting for the server at most; the view refuses more until some are sent."""
-MAX_CLIENT_ID = 64
 
 
 @dataclass
@@ -75,12 +74,6 @@ class Outgoing:
 
 def new_client_id() -> str:
     return secrets.token_hex(16)
-
-
-def valid_client_id(value) -> bool:
-    """1..64 printable ASCII characters (the send path's rule for ``client_id``)."""
-    return (isinstance(value, str) and 0 < len(value) <= MAX_CLIENT_ID
-            and all(" " < c <= "~" for c in value))
 
 
 def describe(exc: BaseException) -> str:

@@ -35,12 +35,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from .fastpath import H11_MAX_INCOMPLETE_EVENT_SIZE
-from .limits import Limits
-
-LINGER_SECONDS = 2.0
-"""Longest a refused connection is drained before it is closed (nginx: lingering_time)."""
-LINGER_BYTES = 4 * 1024 * 1024
-"""Most bytes read and discarded from a refused connection before it is closed."""
+from .limits import LINGER_BYTES, LINGER_SECONDS, Limits
 
 
 class LingeringClose:

@@ -53,9 +53,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .limits import RETAIN_BYTES, RETAIN_MESSAGES
 from .store import (
-    RETAIN_BYTES,
-    RETAIN_MESSAGES,
     Message,
     StoreUnavailable,
     reused_client_id,

@@ -48,16 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .limits import RETAIN_BYTES, RETAIN_MESSAGES, TRIM_TO
 from .validation import ChatError, printable
-
-RETAIN_MESSAGES = 100_000
-"""Messages every log keeps by default (``chatlib serve --retain``)."""
-RETAIN_BYTES = 64 * 2**20
-"""Bytes of messages every log keeps by default (``chatlib serve --retain-bytes``): 64 MiB,
-so that 100,000 messages of 2,000 emoji (848 MB in a MemoryLog) cannot be held."""
-TRIM_TO = 0.9
-"""A log over a cap drops its oldest messages down to this share of the cap, so that
-trimming runs once per ~10 % of the cap, not on every append."""
 
 
 @dataclass(frozen=True, slots=True)

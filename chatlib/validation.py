@@ -10,10 +10,7 @@ import json
 import unicodedata
 from collections.abc import Mapping
 
-from .limits import Limits
-
-MAX_ID = 2**63 - 1
-"""Message ids are SQLite INTEGERs: a cursor beyond this can only be nonsense."""
+from .limits import MAX_CLIENT_ID, MAX_ID, Limits
 
 
 class ChatError(Exception):
@@ -160,19 +157,22 @@ def printable(text: str) -> str:
         else f"<U+{ord(c):04X}>" for c in text)
 
 
-MAX_CLIENT_ID = 64
-
-
-def client_id(value, name: str = "client_id") -> str | None:
-    """A client's own id for a message (or None): 1 to 64 printable ASCII characters.
+def valid_client_id(value) -> bool:
+    """Whether ``value`` is a client's own id for a message: 1 to :data:`MAX_CLIENT_ID`
+    printable ASCII characters (the one rule: the server's and the panel's).
 
     Printable ASCII (space to ``~``) fits an HTTP header (``Idempotency-Key``) unchanged
     and cannot hide anything in a log line; 64 holds a UUID with room to spare.
     """
+    return (isinstance(value, str) and 0 < len(value) <= MAX_CLIENT_ID
+            and all(" " <= c <= "~" for c in value))
+
+
+def client_id(value, name: str = "client_id") -> str | None:
+    """A client's own id for a message, or None; ChatError (400) unless it is valid."""
     if value is None:
         return None
-    if not (isinstance(value, str) and 0 < len(value) <= MAX_CLIENT_ID
-            and all(" " <= c <= "~" for c in value)):
+    if not valid_client_id(value):
         raise ChatError(400, f"{name} must be 1 to {MAX_CLIENT_ID} printable ASCII characters")
     return value
 

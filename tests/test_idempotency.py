@@ -54,3 +54,17 @@ async def test_http_answers_422_and_websocket_an_error_frame(server):
                 break
         assert frame["type"] == "error" and frame["status"] == 422
         assert frame["client_id"] == "k-7"
+
+
+@pytest.mark.parametrize("key", ["a b", "~", "x" * 64])
+def test_the_panel_keeps_a_client_id_the_server_accepts(key):
+    """The panel and the server use one rule for client ids: an id the server accepts is
+    sent by the panel, not dropped (the panel once refused a space the server took)."""
+    from chatlib import panel, validation
+
+    assert validation.client_id(key) == key
+    assert panel.valid_client_id(key)
+    for bad in ("", "x" * 65, "é", "\n", 7):
+        assert not panel.valid_client_id(bad)
+        with pytest.raises(ChatError):
+            validation.client_id(bad)
