@@ -83,14 +83,14 @@ async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
 
 async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget: SendBudget,
                        event: dict, outbox: Outbox) -> None:
-    text = event.get("text")
-    if text is None:
+    frame = event.get("text")
+    if frame is None:
         raise ChatError(400, "binary frames are not supported: send JSON text")
     # Don't parse what can't be valid. JSON may escape each character of the text as
     # "\ud83d\ude00" (12 characters; json.dumps does by default): bound by that, not less.
-    if len(text) > 12 * hub.limits.max_text + 200:
+    if len(frame) > 12 * hub.limits.max_text + 200:
         raise ChatError(413, f"text is longer than {hub.limits.max_text} characters")
-    data = json_object(text)
+    data = json_object(frame)
     kind = data.get("type")
     if kind not in ("message", "typing"):
         raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
@@ -101,10 +101,11 @@ async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget
         return
     cid = client_id(data.get("client_id"))
     try:
-        if not budget.allow(client, rate):
+        text = message_text(data, hub.limits)  # checked before a rate token is spent,
+        if not budget.allow(client, rate):  # as HTTP posting does
             raise ChatError(429, "too many messages: slow down")
         try:
-            message, _ = await hub.post(user, message_text(data, hub.limits), cid)
+            message, _ = await hub.post(user, text, cid)
         except StoreUnavailable as exc:  # not stored: refused as clearly as HTTP's 503
             raise ChatError(503, str(exc)) from None
     except ChatError as exc:

@@ -72,12 +72,12 @@ async def ws_hello(server, user: str = "ada", after: int = 0, **options):
     return ws
 
 
-async def ws_next(ws, kind: str) -> dict:
-    """The next frame of type ``kind`` (skipping presence, typing, ...)."""
+async def ws_next(ws, *kinds: str) -> dict:
+    """The next frame of one of these types (skipping presence, typing, ...)."""
     async with asyncio.timeout(T):
         while True:
             frame = json.loads(await ws.recv())
-            if frame["type"] == kind:
+            if frame["type"] in kinds:
                 return frame
 
 
@@ -565,6 +565,30 @@ async def test_websocket_rate_limit_is_an_error_frame(server, bystanders, make_c
     finally:
         await ws.close()
     await bystanders.check()
+
+
+@pytest.mark.parametrize("limits", [Limits(rate=0.01, burst=2, max_text=10)])
+@pytest.mark.parametrize("via", ["http", "ws"])
+async def test_a_refused_text_spends_no_rate_token(server, http, via):
+    """HTTP and WebSocket posting check the text before they spend a rate token, in the
+    same order: two refused texts leave the burst of two for two accepted messages."""
+    texts = ["x" * 11, "y" * 11, "one", "two", "three"]
+    if via == "http":
+        statuses = [(await http.post(server.url + "api/messages",
+                                     json={"user": "ada", "text": text})).status_code
+                    for text in texts]
+    else:
+        ws = await ws_hello(server)
+        try:
+            statuses = []
+            for i, text in enumerate(texts):
+                await ws.send(json.dumps({"type": "message", "text": text,
+                                          "client_id": f"c{i}"}))
+                answer = await ws_next(ws, "ack", "error")
+                statuses.append(201 if answer["type"] == "ack" else answer["status"])
+        finally:
+            await ws.close()
+    assert statuses == [413, 413, 201, 201, 429]
 
 
 # -- slow readers ---------------------------------------------------------------------------
