@@ -232,11 +232,10 @@ async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     """End the connection after our last frame so that the peer can read that frame.
 
     Closing a socket whose receive buffer still holds unread bytes makes Linux send RST
-    instead of FIN. The peer's TCP may then flush what the peer had not read yet (RFC 9293:
-    on RST "all segment queues should be flushed"), or the peer's next write fails and its
-    library reports the reset instead: either way our CLOSE (say, 1009 after a 5 MB frame)
-    is lost. So: FIN after our last byte, then read and discard until the peer closes too,
-    for at most LINGER_SECONDS and LINGER_BYTES.
+    instead of FIN, "which will then cause recv() to fail for the party that received the
+    RST, even if there was data waiting to be read" (RFC 6455, section 1.4): our CLOSE (say,
+    1009 after a 5 MB frame) is lost. So: FIN after our last byte, then read and discard
+    until the peer closes too, for at most LINGER_SECONDS and LINGER_BYTES.
     """
     drained = 0
     try:
