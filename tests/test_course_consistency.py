@@ -295,6 +295,14 @@ def issue_16_05(root):   # c26 cookies today; c29 a table; c32-33 three methods,
                    "05: the first-message method is shown live (closed with 1008)"))
 
 
+def issue_16_06(root):   # c34 ended with the 1009 section's intro before the UTF-8 demo
+    chapter = cells(root, 6)
+    (demo,) = [i for i, c in enumerate(chapter)
+               if c["cell_type"] == "code" and "codecs" in text(c)]
+    return must("1009" not in text(chapter[demo - 1]),
+                "06: the text before the UTF-8 decoder demo introduces the 1009 section")
+
+
 def issue_16_07(root):   # c11: RFC 6455 section 7.4.1 also defines 1015
     return must("1015" in all_markdown(root, 7) + all_code(root, 7),
                 "07: close code 1015 (RFC 6455, 7.4.1) is missing")
@@ -327,7 +335,7 @@ def issue_16_10(root):   # c13/16 same-origin vs DNS rebinding; c40-41 Autobahn 
 
 
 ISSUE_16: dict[int, Callable[[Path], list[str]]] = {
-    1: issue_16_01, 3: issue_16_03, 4: issue_16_04, 5: issue_16_05, 7: issue_16_07,
+    1: issue_16_01, 3: issue_16_03, 4: issue_16_04, 5: issue_16_05, 6: issue_16_06, 7: issue_16_07,
     8: issue_16_08, 9: issue_16_09, 10: issue_16_10,
 }
 
