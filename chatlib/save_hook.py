@@ -9,8 +9,11 @@ the model. Reopened with a new kernel, the reference points at nothing and the c
 This extension's pre-save hook drops every widget view whose model state is not saved in the
 notebook's ``metadata.widgets``, keeping the rest of the output's bundle: for a ChatPanel its
 ``text/plain`` and ``text/html`` say "Run the notebook's cells to join the chat" (with the
-last messages). A view whose state *is* saved (the setting is on) can be restored, so it
-stays. The open notebook is not changed: the live panel keeps working until its tab closes.
+last messages). A view whose state *is* saved (the setting is on) can be drawn again, so it
+stays, except a ChatPanel's (:data:`KERNEL_ONLY`): its chat lives in the kernel, and drawn
+from saved state it would show a stale "connected" panel that cannot chat, so its state and
+view go too. The open notebook is not changed: the live panel keeps working until its tab
+closes.
 
 Installed from a wheel, chatlib puts ``etc/jupyter/jupyter_server_config.d/chatlib.json``
 into the environment, which enables the extension for every Jupyter server started there;
@@ -26,12 +29,19 @@ WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 NO_VIEW = "A widget: run this cell to show it again."
 """The text/plain of a dropped view that came without one."""
+KERNEL_ONLY = frozenset({"chatlib.panel.ChatPanel"})
+"""anywidget ids (``_anywidget_id``) of widgets that only work with their kernel."""
 
 
 def saved_models(notebook: dict) -> set[str]:
-    """The model ids whose state the notebook's metadata holds (restorable views)."""
-    state = notebook.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {})
-    return set(state.get("state", {}))
+    """The model ids whose saved state can draw them again; drops the :data:`KERNEL_ONLY` ones'
+    state from the notebook's metadata."""
+    saved = notebook.get("metadata", {}).get("widgets", {}).get(WIDGET_STATE, {})
+    models = saved.get("state", {})
+    for model_id in [k for k, v in models.items()
+                     if v.get("state", {}).get("_anywidget_id") in KERNEL_ONLY]:
+        del models[model_id]
+    return set(models)
 
 
 def drop_unrestorable_views(notebook: dict) -> int:

@@ -201,7 +201,8 @@ def jupyter_lab(tmp_path):
 def running_jupyter(tmp_path: Path, app: str):
     """``jupyter <app>`` (``lab`` or ``notebook``) serving copies of chapter 7 and panel.ipynb.
 
-    Yields ``{"base": URL, "log": path, "remember_children": callable, "root": folder}``.
+    Yields ``{"base": URL, "log": path, "remember_children": callable, "root": folder,
+    "config": its JUPYTER_CONFIG_DIR}``.
     """
     root = tmp_path / "root"
     root.mkdir()
@@ -257,7 +258,7 @@ def running_jupyter(tmp_path: Path, app: str):
             started.update(descendants(process.pid))
 
         yield {"base": base, "log": log_path, "remember_children": remember_children,
-               "root": root}
+               "root": root, "config": tmp_path / "config"}
     finally:
         started.update(descendants(process.pid))  # the kernel and what it started
         if process.poll() is None:
@@ -741,17 +742,28 @@ async def test_panel_as_a_chat_window(jupyter_lab):
 # -- saved with a live panel, reopened with a new kernel ----------------------------------
 
 
-async def test_a_saved_panel_reopened_with_a_new_kernel_says_run_the_cells(jupyter_lab):
-    await saved_panel_reopens_with_a_new_kernel(jupyter_lab, "lab/tree/" + PANEL_NOTEBOOK)
+@pytest.mark.parametrize("save_state", [False, True], ids=["default", "widget-state-saved"])
+async def test_a_saved_panel_reopened_with_a_new_kernel_says_run_the_cells(jupyter_lab,
+                                                                         save_state):
+    await saved_panel_reopens_with_a_new_kernel(jupyter_lab, "lab/tree/" + PANEL_NOTEBOOK,
+                                                save_state=save_state)
 
 
-async def saved_panel_reopens_with_a_new_kernel(jupyter: dict, path: str) -> None:
+async def saved_panel_reopens_with_a_new_kernel(jupyter: dict, path: str, *,
+                                                save_state: bool = False) -> None:
     """The learner saves a notebook with a live panel, stops the kernel and opens it again.
 
-    The saved file holds no widget view (chatlib.save_hook drops views whose model no saved
-    state can restore), so the reopened cell shows the panel's "run the cells" line instead
-    of "Error displaying widget: model not found"; the open notebook kept its live panel.
+    The saved file holds no view of the panel (chatlib.save_hook drops views that no saved
+    state can draw again, and the panel's state even when the widgets setting "save widget
+    state" is on), so the reopened cell shows the panel's "run the cells" line instead of
+    "Error displaying widget: model not found" (or a stale panel that cannot chat); the open
+    notebook kept its live panel.
     """
+    if save_state:  # read when the page loads
+        setting = (jupyter["config"] / "lab" / "user-settings" / "@jupyter-widgets"
+                   / "jupyterlab-manager" / "plugin.jupyterlab-settings")
+        setting.parent.mkdir(parents=True, exist_ok=True)
+        setting.write_text(json.dumps({"saveState": True}))
     async with async_playwright() as p:
         browser = await launch(p)
         try:
@@ -772,6 +784,10 @@ async def saved_panel_reopens_with_a_new_kernel(jupyter: dict, path: str) -> Non
             data = saved["cells"][0]["outputs"][0]["data"]
             assert "application/vnd.jupyter.widget-view+json" not in data, data.keys()
             assert SAVED_PANEL_LINE in "".join(data["text/plain"]), data
+            state = saved["metadata"].get("widgets", {}).get(
+                "application/vnd.jupyter.widget-state+json", {}).get("state", {})
+            assert not [m for m in state.values() if "ChatPanel" in json.dumps(m)], state
+            assert bool(state) == save_state  # the setting was in force (its layout is left)
 
             await page.evaluate(
                 "() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
@@ -783,6 +799,7 @@ async def saved_panel_reopens_with_a_new_kernel(jupyter: dict, path: str) -> Non
             await expect(page.get_by_text("model not found")).to_have_count(0)
             await expect(panel).to_have_count(0)
             ARTIFACTS.mkdir(exist_ok=True)
-            await page.screenshot(path=str(ARTIFACTS / f"reopened-{path.split('/')[0]}.png"))
+            name = f"reopened-{path.split('/')[0]}{'-state' if save_state else ''}.png"
+            await page.screenshot(path=str(ARTIFACTS / name))
         finally:
             await browser.close()

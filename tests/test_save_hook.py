@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import nbformat
 
-from chatlib.save_hook import NO_VIEW, WIDGET_STATE, WIDGET_VIEW, pre_save_hook
+from chatlib import ChatPanel
+from chatlib.save_hook import KERNEL_ONLY, NO_VIEW, WIDGET_STATE, WIDGET_VIEW, pre_save_hook
 
 PANEL_TEXT = ("ChatPanel: a live chat window (ada over ws). "
               "Run the notebook's cells to join the chat.")
@@ -51,6 +52,19 @@ def test_a_view_whose_state_is_saved_stays():
     first, second = save(nb)["cells"][0]["outputs"]
     assert first["data"][WIDGET_VIEW]["model_id"] == "a1"
     assert WIDGET_VIEW not in second["data"]
+
+
+def test_a_chat_panel_keeps_neither_view_nor_state_it_cannot_chat_from():
+    [panel_id] = KERNEL_ONLY
+    assert panel_id == f"{ChatPanel.__module__}.{ChatPanel.__name__}"  # anywidget's id
+    nb = notebook(view("p1", **{"text/plain": PANEL_TEXT}), view("a1"),
+                  state={"p1": {"model_name": "AnyModel", "state": {"_anywidget_id": panel_id}},
+                         "a1": {"model_name": "AnyModel", "state": {"_anywidget_id": "x.Y"}}})
+    saved = save(nb)
+    panel, other = saved["cells"][0]["outputs"]
+    assert panel["data"] == {"text/plain": PANEL_TEXT}
+    assert WIDGET_VIEW in other["data"]
+    assert set(saved["metadata"]["widgets"][WIDGET_STATE]["state"]) == {"a1"}
 
 
 def test_other_files_and_outputs_are_left_alone():
