@@ -43,10 +43,11 @@ takes does not tell how much of a guess was right.
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import secrets
 from urllib.parse import parse_qsl
+
+from .web import refuse
 
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,256}")
 """A token goes unescaped into a URL, a header and a cookie: URL "unreserved" characters."""
@@ -104,7 +105,9 @@ class TokenGate:
         port = scope["server"][1] if scope.get("server") else 0
         source = self.presented(scope, cookie_name(port))
         if source is None:
-            await refuse(kind, send)
+            # RFC 9110 15.5.2: a 401 names the scheme that would work.
+            await refuse(kind, send, 401, ERROR,
+                         headers=[(b"www-authenticate", b'Bearer realm="chatlib"')])
             return
         path, root = scope["path"], scope.get("root_path", "")
         under = root + self.page
@@ -160,14 +163,3 @@ async def see_other(send, location: str) -> None:
 
 
 ERROR = "a token is required: open the link the server printed (it ends in ?token=...)"
-
-
-async def refuse(kind: str, send) -> None:
-    body = json.dumps({"error": ERROR}).encode()
-    # RFC 9110 15.5.2: a 401 names the scheme that would work.
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode()),
-               (b"www-authenticate", b'Bearer realm="chatlib"')]
-    prefix = "http" if kind == "http" else "websocket.http"
-    await send({"type": f"{prefix}.response.start", "status": 401, "headers": headers})
-    await send({"type": f"{prefix}.response.body", "body": body})

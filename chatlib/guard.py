@@ -22,12 +22,12 @@ or per body chunk (``receive`` and ``send`` pass through untouched).
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .limits import Limits
+from .web import refuse
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOCAL_NAMES = frozenset({"localhost"})
@@ -161,7 +161,9 @@ class Guard:
         if kind == "http" or kind == "websocket":
             refusal = self.check(scope)
             if refusal is not None:
-                await refuse(kind, send, *refusal)
+                # The body of a refused POST is not read: tell the client this connection ends.
+                await refuse(kind, send, *refusal,
+                             headers=[(b"connection", b"close")] if kind == "http" else [])
                 return
         await self.app(scope, receive, send)
 
@@ -181,18 +183,3 @@ class Guard:
             if not json_content_type(headers.get("content-type")):
                 return 415, "Content-Type must be application/json"
         return None
-
-
-async def refuse(kind: str, send, status: int, error: str) -> None:
-    body = json.dumps({"error": error}).encode()
-    headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
-    if kind == "http":
-        # The body of a refused POST is not read: tell the client this connection ends.
-        await send({"type": "http.response.start", "status": status,
-                    "headers": headers + [(b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-    else:  # ASGI's WebSocket denial response: an HTTP answer instead of 101
-        await send({"type": "websocket.http.response.start", "status": status,
-                    "headers": headers})
-        await send({"type": "websocket.http.response.body", "body": body})

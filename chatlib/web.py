@@ -44,6 +44,19 @@ class JSONBody(JSONResponse):
         return wire.dumps(content).encode()
 
 
+async def refuse(kind: str, send, status: int, error: str,
+                 headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Answer ``status`` and ``{"error": error}`` (plus ``headers``) before any route (the
+    middleware's refusals): to an HTTP request (``kind`` "http"), or to a WebSocket
+    handshake as ASGI's denial response, an HTTP answer instead of 101."""
+    body = wire.dumps({"error": error}).encode()
+    prefix = "http" if kind == "http" else "websocket.http"
+    await send({"type": f"{prefix}.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", b"%d" % len(body)), *headers]})
+    await send({"type": f"{prefix}.response.body", "body": body})
+
+
 async def wait_disconnect(receive) -> None:
     """Return when the client hangs up (the request's body was read: only
     ``http.disconnect`` can come)."""
