@@ -234,7 +234,7 @@ async def linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
     Closing a socket whose receive buffer still holds unread bytes makes Linux send RST
     instead of FIN, "which will then cause recv() to fail for the party that received the
     RST, even if there was data waiting to be read" (RFC 6455, section 1.4): our CLOSE (say,
-    1009 after a 5 MB frame) is lost. So: FIN after our last byte, then read and discard
+    1009 after a 4 MB frame) is lost. So: FIN after our last byte, then read and discard
     until the peer closes too, for at most LINGER_SECONDS and LINGER_BYTES.
     """
     drained = 0
