@@ -265,8 +265,8 @@ def nickname_problem(nick) -> str | None:
 
     Refused: not a string, empty or blank, longer than MAX_NICK, or holding a character a
     reader cannot see for what it is: controls (NUL, newline, ESC), format characters (the
-    right-to-left override U+202E, zero-width joiners), separators, surrogates, private-use
-    and unassigned code points.
+    right-to-left override U+202E, zero-width joiners), line and paragraph separators,
+    surrogates, private-use and unassigned code points. Spaces inside a name are fine.
     """
     if not isinstance(nick, str) or not nick.strip() or len(nick) > MAX_NICK:
         return f"user: 1 to {MAX_NICK} characters, not all blank"

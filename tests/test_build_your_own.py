@@ -446,6 +446,12 @@ async def test_nicknames_without_controls_or_invisible_characters(server, nick):
     writer.close()
 
 
+async def test_a_nickname_with_spaces_and_accents_is_fine(server):
+    reader, writer = await hello(server.port, "Ada Lovelace-Byrön")
+    assert await chat_frames(reader, 1) == [{"type": "presence", "users": ["Ada Lovelace-Byrön"]}]
+    writer.close()
+
+
 @pytest.fixture
 def quick_timeouts(monkeypatch):
     monkeypatch.setattr(handmade, "READ_TIMEOUT", 1.0, raising=False)
