@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
 
 import chatlib
 from chatlib.colab import PAGE_UNREACHABLE, in_colab
@@ -61,3 +65,17 @@ async def test_elsewhere_the_server_links_its_page(server):
     assert not in_colab()
     html = server._repr_html_()
     assert f'href="{chatlib.proxy.public_url(server)}"' in html and PAGE_UNREACHABLE not in html
+
+
+def test_make_tests_notebook_pass_runs_its_kernels_in_colab_mode(monkeypatch):
+    """The PYTHONPATH that ``make test`` gives the no-browser notebook pass reaches a kernel
+    started in notebooks/, as nbval starts them (a relative path would silently not)."""
+    root = Path(__file__).resolve().parent.parent
+    makefile = (root / "Makefile").read_text()
+    [path] = re.findall(r"CHATLIB_NO_BROWSER=1 PYTHONPATH=(\S+)", makefile)
+    monkeypatch.setenv("PYTHONPATH", path.replace("$(CURDIR)", str(root)))
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "from chatlib.colab import in_colab\nprint(in_colab())")])
+    NotebookClient(notebook, timeout=60, kernel_name="python3",
+                   resources={"metadata": {"path": str(root / "notebooks")}}).execute()
+    assert notebook.cells[0].outputs[0]["text"].strip() == "True"
