@@ -32,7 +32,7 @@ panel, the kernel stopped, reopened: the cell says to run the cells, not "Error 
 widget: model not found" (chatlib.save_hook; tests/test_notebook7.py does it in Notebook 7).
 
 Screenshots go to tests/artifacts/ (jupyterlab-notebook7.png, panel-light.png,
-panel-dark.png, panel-reconnecting.png).
+panel-dark.png, panel-reconnecting.png, reopened-lab.png, reopened-lab-state.png).
 
 Teardown stops JupyterLab with SIGTERM (it shuts its kernels down), SIGKILL after a bounded
 wait, and then checks that no process it started (kernel, the kernel's own headless

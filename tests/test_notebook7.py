@@ -3,8 +3,9 @@
 ``jupyter notebook`` runs as a subprocess exactly as ``jupyter lab`` does in
 tests/test_jupyterlab.py (same isolation, same teardown checks), and headless Chromium opens
 chapter 7 at ``/notebooks/``, runs all cells and chats both ways with the chat page, with the
-same checks as the JupyterLab test (``chapter7_panel_chats``). Screenshot:
-tests/artifacts/notebook7-app.png.
+same checks as the JupyterLab test (``chapter7_panel_chats``); and a notebook saved with a
+live panel, reopened with a new kernel, says to run the cells. Screenshots:
+tests/artifacts/notebook7-app.png, reopened-notebooks.png.
 """
 
 from __future__ import annotations
