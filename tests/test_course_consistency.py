@@ -317,21 +317,27 @@ def issue_16_08(root):   # c21 netem is from chapter 2; c38-40 a clamped "0 µs 
                    "08: netem is introduced in chapter 2, not 5"))
 
 
-def issue_16_09(root):   # c3-4, c29-30: 3 µs per delivery; c20 "pipelines"; c28 lifetime
+def issue_16_09(root):   # 3 µs per delivery; "pipelines"; lifetime; pub/sub adapters; retention
     everything = all_markdown(root, 9) + all_code(root, 9) + all_outputs(root, 9)
     return (must(not re.search(r"(?<![\d.])3 µs", everything),
                  "09: plans with 3 µs per delivery (an old burst figure)")
             + must("pipelines them" not in everything, "09: concurrent commands called pipelining")
             + must("lifetime" in everything or "maximum life" in everything,
-                   "09: proxies that cap a connection's total lifetime"))
+                   "09: proxies that cap a connection's total lifetime")
+            + must("Redis Streams" in everything,
+                   "09 c0: only Socket.IO's Redis Streams adapter resumes; pub/sub does not")
+            + must("MAXLEN" in everything and "retention" in everything,
+                   "09 c6: a reader resumes only within retention (XADD MAXLEN ~)"))
 
 
-def issue_16_10(root):   # c13/16 same-origin vs DNS rebinding; c40-41 Autobahn labels
+def issue_16_10(root):   # same-origin vs DNS rebinding; Autobahn labels; RST after CLOSE
     markdown = all_markdown(root, 10)
     return (must("rebinding" in markdown, "10: same-origin by Host alone: DNS rebinding")
             + must("NON-STRICT" in markdown, "10: Autobahn grades decode-at-end NON-STRICT")
             + must("6.4.1 invalid UTF-8 in a first fragment" not in markdown,
-                   "10: the label of Autobahn case 6.4.1"))
+                   "10: the label of Autobahn case 6.4.1")
+            + must("RST" in markdown and "linger" in markdown,
+                   "10: a CLOSE then close() with unread input may send RST: linger"))
 
 
 ISSUE_16: dict[int, Callable[[Path], list[str]]] = {
