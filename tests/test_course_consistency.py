@@ -326,7 +326,7 @@ def issue_16_09(root):   # 3 µs per delivery; "pipelines"; lifetime; pub/sub ad
                    "09: proxies that cap a connection's total lifetime")
             + must("Redis Streams" in everything,
                    "09 c0: only Socket.IO's Redis Streams adapter resumes; pub/sub does not")
-            + must("MAXLEN" in everything and "retention" in everything,
+            + must("MAXLEN" in "".join(map(text, cells(root, 9))) and "retention" in everything,
                    "09 c6: a reader resumes only within retention (XADD MAXLEN ~)"))
 
 
