@@ -185,7 +185,7 @@ class RedisLog:
             await self._drop_idle_connections()
             if writes:
                 raise StoreUnavailable(
-                    f"message store did not answer ({exc.__class__.__name__}): the message"
+                    f"message store unavailable ({exc.__class__.__name__}): the message"
                     " may or may not be stored; send it again with the same client_id"
                 ) from exc
             raise StoreUnavailable(f"message store unavailable ({exc.__class__.__name__}):"

@@ -249,15 +249,17 @@ async def test_stop_ends_every_open_connection(start_chat, http):
         async with httpx.AsyncClient(timeout=httpx.Timeout(T, read=30)) as client:
             return await client.get(server.url + "api/messages?after=1&wait=25&user=bob")
 
+    await http.post(server.url + "api/presence", json={"user": "bob"})  # joining: POST
+    joined_at = server.hub._polled["bob"][0]
     sse_task = asyncio.create_task(read_sse())
     poll_task = asyncio.create_task(long_poll())
     # Everything is connected: the SSE stream has started, the WebSocket user and the long
-    # poll's request are in (its user shows in presence; from then on a stop answers it,
-    # waiting or not).
+    # poll's request are in (the poll refreshed bob's presence; from then on a stop answers
+    # it, waiting or not).
     async with asyncio.timeout(T):
         while "retry: 1000" not in sse_lines:
             await asyncio.sleep(0.01)
-        while not {"ada", "bob"} <= set(server.hub.presence()):
+        while "ada" not in server.hub.presence() or server.hub._polled["bob"][0] == joined_at:
             await asyncio.sleep(0.01)
     assert not poll_task.done()
 
