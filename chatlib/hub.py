@@ -130,6 +130,10 @@ class Hub:
         """
         message, duplicate = await self.log.append(user, text, client_id)
         if not duplicate and not self.log.pushes:
+            # An id at or below what was published: another post's catch-up may have
+            # published it already, unless the whole log is now below that (replaced).
+            if message.id <= self._published and await self.log.last_id() < self._published:
+                await self.log_went_back()
             await self.catch_up()
         # A log that pushes (RedisLog.follow) delivers this one too, in order, in pages:
         # a burst of posts costs one read and one wake-up per client per batch.
@@ -153,9 +157,28 @@ class Hub:
             self._publish(messages)
 
     async def _follow(self) -> None:
-        """Fan out what other processes append to a shared log, until cancelled."""
+        """Fan out what other processes append to a shared log, until cancelled. An empty
+        page is the log saying that it went back: :meth:`log_went_back`."""
         async for page in self.log.follow(self._published):
-            await self.deliver(page)
+            if page:
+                await self.deliver(page)
+            else:
+                await self.log_went_back()
+
+    async def log_went_back(self) -> None:
+        """The log's ids started again below what was published: it was emptied or
+        replaced (Redis FLUSHALL, a new Redis on the same URL, another SQLite file).
+
+        Every push client is closed with 1012 (restarting): it reconnects with its cursor,
+        which is now past the log's end, and is told to reset (:meth:`resolve_cursor`), as
+        every poll is. Publishing starts again from the new log's first id.
+        """
+        async with self._publishing:
+            self._published = 0
+            for subscriber in self.subscribers:
+                subscriber.close(CloseCode.SERVICE_RESTART)
+            self._new_message.set()  # parked long polls answer; their next poll resets
+            self._new_message = asyncio.Event()
 
     def _publish(self, messages: list[Message]) -> None:
         """The one way a message reaches the subscribers: each of ``messages`` (read from

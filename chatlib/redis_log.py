@@ -250,19 +250,27 @@ class RedisLog:
         One blocking ``XREAD`` on a connection of its own: Redis answers the moment an
         entry arrives, so there is no polling loop, and the cursor makes a reconnect
         resume exactly where it stopped. When Redis fails, the read is retried with
-        exponential backoff (:attr:`reconnects` counts it).
+        exponential backoff (:attr:`reconnects` counts it). A read that waited ``block``
+        seconds for nothing checks the id counter: below the cursor, Redis was emptied
+        (FLUSHALL) or replaced, and an empty page says so (the hub resets its clients);
+        the cursor starts again from 0.
         """
         cursor = after_id
         for _ in range(1 << 62):  # one blocking XREAD per turn; ends when cancelled
             try:
                 reply = await self._reader.xread({self._stream: f"{cursor}-0"}, count=500,
                                                  block=int(self.block * 1000))
+                went_back = not reply and cursor > int(
+                    await self._reader.get(self._counter) or 0)
             except (RedisError, OSError):
                 self.reconnects += 1
                 await self._drop_idle_connections()
                 await self._backoff.wait()
                 continue
             self._backoff.reset()
+            if went_back:  # FLUSHALL, or a new Redis: the ids start again below the cursor
+                cursor = 0
+                yield []
             for _stream, entries in reply:
                 if entries:
                     messages = [_entry(entry_id, fields) for entry_id, fields in entries]

@@ -122,7 +122,9 @@ class MessageLog(Protocol):
     def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
         """Pages of the messages after ``after_id`` that other processes append, in id
         order, as they come, until cancelled; they may hold this process's own too. A log
-        that only this process writes (not :attr:`shared`) ends at once."""
+        that only this process writes (not :attr:`shared`) ends at once. An empty page
+        says the log went back (its ids start again below ``after_id``: emptied, replaced);
+        the pages after it start from the new log's beginning."""
 
     def bus(self) -> Bus | None:
         """A new channel for presence and typing between the processes sharing this log
