@@ -410,7 +410,7 @@ class WebSocketClient(Client):
                                    compression=None, open_timeout=10,
                                    additional_headers=self._auth)
         self.stats.requests += 1
-        await self._send_json({"type": "hello", "user": self.user, "after": self.last_id})
+        await self._send_frame(wire.ws_hello(self.user, self.last_id))
         await self._resend()
 
     @property
@@ -426,8 +426,7 @@ class WebSocketClient(Client):
             await self.ws.close()
             self.ws = None
 
-    async def _send_json(self, obj: dict) -> None:
-        text = wire.dumps(obj)
+    async def _send_frame(self, text: str) -> None:
         self.stats.bytes_sent += _frame_size(text.encode(), masked=True)
         await self.ws.send(text)
 
@@ -436,7 +435,7 @@ class WebSocketClient(Client):
         waiting = self._acked.get(client_id)
         if waiting is None:
             waiting = self._acked[client_id] = asyncio.get_running_loop().create_future()
-        await self._send_json({"type": "message", "text": text, "client_id": client_id})
+        await self._send_frame(wire.ws_post(text, client_id))
         try:
             async with asyncio.timeout(self.ack_timeout):
                 while not waiting.done():  # each round reads one frame, bounded by the timeout
@@ -449,7 +448,7 @@ class WebSocketClient(Client):
         return waiting.result()
 
     async def send_typing(self) -> None:
-        await self._send_json({"type": "typing"})
+        await self._send_frame(wire.WS_TYPING)
 
     async def _fetch(self) -> None:
         if self.ws is None:

@@ -13,9 +13,9 @@ carries it; the WebSocket sender of one gets ``ack``, the stored message
 * HTTP: a JSON body; ``GET /api/messages`` answers ``{"messages": [...], "last_id": N}``
   (plus ``"reset": true`` when the cursor was past the end of the log).
 
-The server (``app``, ``hub``), the Python clients and the tests all use this module, so that
-the format has one definition. The SSE parser follows the WHATWG HTML standard, section
-"Server-sent events", exactly: https://html.spec.whatwg.org/multipage/server-sent-events.html
+The server (chatlib.polling, sse, ws), the Python clients and the tests all use this
+module, so that the format has one definition (both directions). The SSE parser follows
+the WHATWG HTML standard, section "Server-sent events", exactly: https://html.spec.whatwg.org/multipage/server-sent-events.html
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .limits import Limits
 from .store import Message
+from .validation import ChatError, cursor, json_object, nickname
 
 # One encoder per flavour, made once: json.dumps() with options builds a new JSONEncoder on
 # every call (~1 µs of the ~2.5 µs it takes to encode a message frame).
@@ -73,6 +75,59 @@ def parse_ws(text: str | bytes) -> tuple[str, dict]:
     """``(event, data)`` from one WebSocket frame; ``data`` without its ``type``."""
     data = json.loads(text)
     return data.pop("type", ""), data
+
+
+
+# -- WebSocket, client to server ------------------------------------------------------------
+# {"type": "hello", "user", "after"} first, then {"type": "message", "text"[, "client_id"]}
+# and {"type": "typing"}. Built here for the Python clients, read here for the server.
+
+
+def ws_hello(user: str, after: int = 0) -> str:
+    """The first frame a client sends: its nickname and its cursor (resume after it)."""
+    return dumps({"type": "hello", "user": user, "after": after})
+
+
+def ws_post(text: str, client_id: str | None = None) -> str:
+    """A message from a client; with a ``client_id`` the server answers ``ack`` (or an
+    ``error`` naming it) on this connection."""
+    data = {"type": "message", "text": text}
+    if client_id is not None:
+        data["client_id"] = client_id
+    return dumps(data)
+
+
+WS_TYPING = dumps({"type": "typing"})
+"""A client's typing notice."""
+
+
+def read_hello(frame: str | None, limits: Limits) -> tuple[str, int]:
+    """``(user, after)`` from a client's first frame; ChatError (400) if it is no hello."""
+    if frame is None:
+        raise ChatError(400, "expected a text frame")
+    data = json_object(frame)
+    if data.get("type") != "hello":
+        raise ChatError(400, 'the first frame must be {"type": "hello", "user": ...}')
+    after = data.get("after", 0)
+    if not isinstance(after, int) or isinstance(after, bool):
+        raise ChatError(400, "after must be an integer")
+    return nickname(data, limits), cursor(after)
+
+
+def read_client_frame(frame: str | None, limits: Limits) -> tuple[str, dict]:
+    """``(type, data)`` of a frame after the hello: ``"message"`` or ``"typing"``; ChatError
+    if it is neither (the message's own fields are checked by the caller, in its order)."""
+    if frame is None:
+        raise ChatError(400, "binary frames are not supported: send JSON text")
+    # Don't parse what can't be valid. JSON may escape each character of the text as
+    # "\ud83d\ude00" (12 characters; json.dumps does by default): bound by that, not less.
+    if len(frame) > 12 * limits.max_text + 200:
+        raise ChatError(413, f"text is longer than {limits.max_text} characters")
+    data = json_object(frame)
+    kind = data.get("type")
+    if kind not in ("message", "typing"):
+        raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
+    return kind, data
 
 
 # -- Server-Sent Events -------------------------------------------------------------------

@@ -19,7 +19,7 @@ from .limits import Limits, RateLimit, SendBudget
 from .outbox import Outbox
 from .store import StoreUnavailable
 from .stuck import StuckWatch
-from .validation import ChatError, client_id, cursor, json_object, message_text, nickname
+from .validation import ChatError, client_id, message_text
 from .web import JSONBody, address
 
 log = logging.getLogger("chatlib")
@@ -70,30 +70,12 @@ async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
     event = await asyncio.wait_for(ws.receive(), limits.hello_timeout)
     if event["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(event.get("code", 1000))
-    if event.get("text") is None:
-        raise ChatError(400, "expected a text frame")
-    data = json_object(event["text"])
-    if data.get("type") != "hello":
-        raise ChatError(400, 'the first frame must be {"type": "hello", "user": ...}')
-    after = data.get("after", 0)
-    if not isinstance(after, int) or isinstance(after, bool):
-        raise ChatError(400, "after must be an integer")
-    return nickname(data, limits), cursor(after)
+    return wire.read_hello(event.get("text"), limits)
 
 
 async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget: SendBudget,
                        event: dict, outbox: Outbox) -> None:
-    frame = event.get("text")
-    if frame is None:
-        raise ChatError(400, "binary frames are not supported: send JSON text")
-    # Don't parse what can't be valid. JSON may escape each character of the text as
-    # "\ud83d\ude00" (12 characters; json.dumps does by default): bound by that, not less.
-    if len(frame) > 12 * hub.limits.max_text + 200:
-        raise ChatError(413, f"text is longer than {hub.limits.max_text} characters")
-    data = json_object(frame)
-    kind = data.get("type")
-    if kind not in ("message", "typing"):
-        raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
+    kind, data = wire.read_client_frame(event.get("text"), hub.limits)
     if kind == "typing":
         if not budget.allow(client, rate):
             raise ChatError(429, "too many messages: slow down")
