@@ -35,13 +35,12 @@ import inspect
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import h11
 from websockets.protocol import State
 
 from . import frames
-from .hub import Batch
 
 try:  # Linux: how many bytes the kernel still holds for the peer (SIOCOUTQ = TIOCOUTQ)
     import fcntl
@@ -50,8 +49,11 @@ try:  # Linux: how many bytes the kernel still holds for the peer (SIOCOUTQ = TI
 except (ImportError, AttributeError):  # elsewhere: only asyncio's own buffer is seen
     _OUTQ = None
 
-Sink = Callable[[Batch], bool]
-"""Writes a batch's payloads now (one write) and returns True, or returns False (not now)."""
+Sink = Callable[[tuple[str, ...]], bool]
+"""Writes payloads now (one write) and returns True, or returns False (not now). A fan-out
+passes the same tuple to every client (its batch's ``payloads``): a cache key."""
+Writer = Callable[[tuple[str, ...]], Awaitable[bool]]
+"""Waits until the connection may be written to (flow control), then as :data:`Sink`."""
 
 RAW_SEND = "chatlib.raw_send"
 """The scope key under which :class:`chatlib.app.ChatApp` keeps the server's ASGI send."""
@@ -148,14 +150,14 @@ def websocket_sink(scope) -> Sink | None:
     plain = not conn.extensions
     write, is_closing, is_writable = transport.write, transport.is_closing, writable.is_set
 
-    def sink(batch: Batch) -> bool:
+    def sink(payloads: tuple[str, ...]) -> bool:
         if (not is_writable() or protocol.close_sent or conn.state is not WS_OPEN
                 or conn.writes or is_closing()):
             return False
         if plain:
-            write(text_frames(batch))
+            write(text_frames(payloads))
         else:
-            for payload in batch.payloads:
+            for payload in payloads:
                 conn.send_text(payload.encode())
             write(b"".join(conn.data_to_send()))
         return True
@@ -163,19 +165,37 @@ def websocket_sink(scope) -> Sink | None:
     return sink
 
 
-_last_frames: tuple[Batch | None, bytes] = (None, b"")  # None: no batch matches
+def websocket_writer(scope) -> Writer | None:
+    """The connection writer's way to write text frames: wait while uvicorn's flow control
+    says the transport's buffer is full (as its ``send`` does), then :func:`websocket_sink`.
+    False: the connection is closing (or websockets has bytes of its own to write first):
+    send through ASGI instead. None on the public path. With it every frame, queued or
+    not, is built by one encoder (:func:`text_frames`)."""
+    sink = websocket_sink(scope)
+    if sink is None:
+        return None
+    wait_writable = _owner(scope).writable.wait
+
+    async def write(payloads: tuple[str, ...]) -> bool:
+        await wait_writable()
+        return sink(payloads)
+
+    return write
 
 
-def text_frames(batch: Batch) -> bytes:
+_last_frames: tuple[tuple[str, ...] | None, bytes] = (None, b"")  # None: nothing matches
+
+
+def text_frames(payloads: tuple[str, ...]) -> bytes:
     """Unmasked, unfragmented, uncompressed text frames (RFC 6455 5.2), one per payload,
-    joined, the last ones kept: a fan-out asks with the same batch once per client, and
+    joined, the last ones kept: a fan-out asks with the same tuple once per client, and
     gets one encoding for all (websockets' ``broadcast()`` serialises once per client)."""
     global _last_frames
-    if batch is _last_frames[0]:
+    if payloads is _last_frames[0]:
         return _last_frames[1]
     # the course's own encoder (chapter 6)
-    data = b"".join(frames.text(payload, mask_key=None) for payload in batch.payloads)
-    _last_frames = (batch, data)
+    data = b"".join(frames.text(payload, mask_key=None) for payload in payloads)
+    _last_frames = (payloads, data)
     return data
 
 
@@ -205,28 +225,46 @@ def sse_sink(scope) -> Sink | None:
         return None
     write, is_closing = transport.write, transport.is_closing
 
-    def sink(batch: Batch) -> bool:
+    def sink(payloads: tuple[str, ...]) -> bool:
         if (flow.write_paused or cycle.disconnected or conn.our_state is not h11.SEND_BODY
                 or is_closing()):
             return False
-        write(http_chunk(batch))
+        write(http_chunk(payloads))
         return True
 
     return sink
 
 
-_last_chunk: tuple[Batch | None, bytes] = (None, b"")  # None: no batch matches
+def sse_writer(scope) -> Writer | None:
+    """The stream's way to write events: wait while uvicorn's flow control says the
+    transport's buffer is full (as its ``send`` does), then :func:`sse_sink`. False: the
+    response cannot take a chunk (the client is gone, the connection closing). None on
+    the public path. With it every chunk of the stream but the last is built here."""
+    sink = sse_sink(scope)
+    if sink is None:
+        return None
+    flow = _owner(scope).flow
+
+    async def write(payloads: tuple[str, ...]) -> bool:
+        if flow.write_paused:
+            await flow.drain()
+        return sink(payloads)
+
+    return write
 
 
-def http_chunk(batch: Batch) -> bytes:
-    """The events of ``batch`` as one chunk of a chunked HTTP/1.1 body (RFC 9112 7.1),
-    the last one kept (as :func:`text_frames`)."""
+_last_chunk: tuple[tuple[str, ...] | None, bytes] = (None, b"")  # None: nothing matches
+
+
+def http_chunk(payloads: tuple[str, ...]) -> bytes:
+    """``payloads`` as one chunk of a chunked HTTP/1.1 body (RFC 9112 7.1), the last one
+    kept (as :func:`text_frames`)."""
     global _last_chunk
-    if batch is _last_chunk[0]:
+    if payloads is _last_chunk[0]:
         return _last_chunk[1]
-    data = "".join(batch.payloads).encode()
+    data = "".join(payloads).encode()
     chunk = b"%x\r\n%b\r\n" % (len(data), data)
-    _last_chunk = (batch, chunk)
+    _last_chunk = (payloads, chunk)
     return chunk
 
 

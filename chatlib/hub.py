@@ -31,8 +31,8 @@ class Batch:
     """What one fan-out delivers: ``(message_id, payload)`` items, in order (``message_id``
     0 for an event that is not a message).
 
-    Every subscriber of a fan-out gets the very same object, so a transport may encode it
-    once for all of them, keyed by identity (chatlib.fastpath's frame caches).
+    Every subscriber of a fan-out gets the very same object (and ``payloads`` tuple), so a
+    transport may encode it once for all of them, keyed by identity (chatlib.fastpath).
     """
 
     __slots__ = ("items", "payloads", "first_id")

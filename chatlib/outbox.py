@@ -45,11 +45,11 @@ class Outbox:
         self.close_code = 0
         self.on_close: Callable[[int], None] | None = None
         """Called with the close code when the outbox closes (the transport's business)."""
-        self.sink: Callable[[Batch], bool] | None = None
-        """Set by the transport: writes the batch's payloads now (in order, one write) and
-        returns True, or returns False (cannot write now: they are queued for the writer
-        instead). The batch is the same object for every client of a fan-out (a cache key)."""
-        self.direct: Callable[[Batch], bool] | None = None
+        self.sink: Callable[[tuple[str, ...]], bool] | None = None
+        """Set by the transport: writes the payloads now (in order, one write) and returns
+        True, or returns False (cannot write now: they are queued for the writer instead).
+        The tuple is the same object for every client of a fan-out (a cache key)."""
+        self.direct: Callable[[tuple[str, ...]], bool] | None = None
         """``sink`` while the writer is idle in :meth:`get` (nothing queued, nothing in
         flight): only then may a payload skip the queue without overtaking older ones."""
         self.sent = 0
@@ -80,7 +80,7 @@ class Outbox:
         if not queue:
             direct = self.direct
             first = batch.first_id
-            if direct is not None and (not first or first > self.sent) and direct(batch):
+            if direct is not None and (not first or first > self.sent) and direct(batch.payloads):
                 return True
             if len(items) > self.limit:
                 return False

@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from . import wire
 from .closecode import CloseCode
-from .fastpath import server_send, sse_sink
+from .fastpath import server_send, sse_sink, sse_writer
 from .hub import Hub
 from .outbox import Outbox
 from .stuck import StuckWatch
@@ -38,7 +38,7 @@ async def events(request: Request) -> Response:
     return EventStream(hub, outbox, start, reset, stuck)
 
 
-SSE_RETRY, SSE_PING = wire.SSE_RETRY.encode(), wire.SSE_PING.encode()
+RETRY, PING = (wire.SSE_RETRY,), (wire.SSE_PING,)
 
 
 class EventStream(Response):
@@ -50,9 +50,11 @@ class EventStream(Response):
     its send through two exception-handling wrappers) and its own disconnect task group
     (bench/README.md, "SSE and long polling"). Here the status line and headers go through
     Starlette's ``send`` (so that its error handling knows the response started); the
-    chunks go to the server's own send (chatlib.fastpath.server_send), and live events,
-    while the connection can take them, straight to the transport
-    (chatlib.fastpath.sse_sink), as WebSocket frames do. One task per stream waits for
+    chunks go straight to the transport, as WebSocket frames do: live events from the hub
+    while the connection can take them (chatlib.fastpath.sse_sink), the rest from here
+    once flow control lets them (chatlib.fastpath.sse_writer); on the public path through
+    the server's own send (chatlib.fastpath.server_send). The last chunk goes through
+    the server's send always: it ends h11's response. One task per stream waits for
     the client to hang up and closes the outbox then: uvicorn ignores what is sent to a
     connection that is gone, so the stream would otherwise never end.
     """
@@ -76,12 +78,18 @@ class EventStream(Response):
                         "headers": self.raw_headers})
             raw = server_send(scope, send)
             outbox.sink = sse_sink(scope)
-            more = {"type": "http.response.body", "body": SSE_RETRY, "more_body": True}
-            await raw(more)
+            write = sse_writer(scope)  # None on the public path
+            more = {"type": "http.response.body", "more_body": True}
+
+            async def chunk(payloads: tuple[str, ...]) -> None:
+                if write is None or not await write(payloads):
+                    more["body"] = "".join(payloads).encode()
+                    await raw(more)
+
+            await chunk(RETRY)
             async for batch in outbox.stream(hub, self.start, self.reset,
                                              hub.limits.heartbeat):
-                more["body"] = "".join(batch).encode() if batch else SSE_PING
-                await raw(more)
+                await chunk(tuple(batch) if batch else PING)  # empty: heartbeat passed
             await raw({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             hang_up.cancel()

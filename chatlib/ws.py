@@ -13,7 +13,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import wire
 from .closecode import CloseCode
-from .fastpath import server_send, websocket_sink
+from .fastpath import server_send, websocket_sink, websocket_writer
 from .hub import Hub
 from .limits import Limits, RateLimit, SendBudget
 from .outbox import Outbox
@@ -107,13 +107,18 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, rese
 
     Once the history is sent and the queue is empty the writer sleeps, and the hub writes
     live frames itself through ``outbox.sink`` (chatlib.fastpath.websocket_sink) while the
-    connection can take them; the writer wakes only for a backlog. Frames go to the
-    server's own ASGI send, past Starlette's per-frame layers (chatlib.fastpath.server_send).
+    connection can take them; the writer wakes only for a backlog, and writes it the same
+    way, a batch per write, once flow control lets it (chatlib.fastpath.websocket_writer).
+    On the public path (and when the connection is closing) frames go to the server's own
+    ASGI send, past Starlette's per-frame layers (chatlib.fastpath.server_send).
     """
     send = server_send(ws.scope, ws.send)
     outbox.sink = websocket_sink(ws.scope)
+    write = websocket_writer(ws.scope)  # None on the public path
     try:
         async for batch in outbox.stream(hub, start, reset):
+            if write is not None and await write(tuple(batch)):
+                continue  # the same encoder as the hub's direct writes, one write
             for payload in batch:
                 await send({"type": "websocket.send", "text": payload})
         await ws.close(outbox.close_code)

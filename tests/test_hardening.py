@@ -398,17 +398,16 @@ async def test_a_failing_writer_is_logged_and_closes_1011(server, monkeypatch, c
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536])
 def test_the_shared_frame_of_a_direct_write_is_a_whole_text_frame(size):
     """text_frames() keeps the last frames it built: the cache must never answer for another
-    batch (the empty payload included) and the bytes are a server's unmasked text frame."""
+    payload (the empty one included) and the bytes are a server's unmasked text frame."""
     from chatlib import frames
     from chatlib.fastpath import text_frames
-    from chatlib.hub import Batch
 
-    text_frames(Batch(((0, "warm the cache"),)))
+    text_frames(("warm the cache",))
     payload = "é" * (size // 2) + "x" * (size % 2)
-    batch = Batch(((1, payload),))
-    frame = text_frames(batch)
+    payloads = (payload,)
+    frame = text_frames(payloads)
     assert frames.decode(frame, max_size=None, masked=False)[0].payload == payload.encode()
-    assert text_frames(batch) is frame  # one frame for every client of a fan-out
+    assert text_frames(payloads) is frame  # one frame for every client of a fan-out
 
 
 def test_the_first_direct_frame_of_a_fresh_server_may_be_empty():
@@ -417,8 +416,7 @@ def test_the_first_direct_frame_of_a_fresh_server_may_be_empty():
     import sys
 
     code = ("from chatlib.fastpath import text_frames, http_chunk; "
-            "from chatlib.hub import Batch; "
-            "print(text_frames(Batch(((0, ''),))).hex(), http_chunk(Batch(((0, ''),))).hex())")
+            "print(text_frames(('',)).hex(), http_chunk(('',)).hex())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert out == ["8100", b"0\r\n\r\n".hex()]

@@ -167,11 +167,11 @@ class FakeConnection:
         outbox.sink = self.sink
         self.writer = asyncio.create_task(self.write(outbox.stream(hub, cursor, False)))
 
-    def sink(self, batch) -> bool:
+    def sink(self, payloads: tuple[str, ...]) -> bool:
         if not self.writable:
             return False
-        self.direct += batch.payloads
-        self.wire += batch.payloads
+        self.direct += payloads
+        self.wire += payloads
         self.writes += 1
         return True
 
