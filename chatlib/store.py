@@ -72,12 +72,23 @@ class Message:
         return f"#{self.id} {printable(self.user)}: {printable(self.text)}"
 
     def to_dict(self) -> dict:
-        # Spelled out rather than dataclasses.asdict(), which copies field by field
-        # recursively: 0.07 µs instead of 3 µs, on every message fanned out or polled.
+        """The message's JSON object (the wire format's). Built once per message: the last
+        message's is kept, and every encoding of it (WebSocket frame, SSE event, poll
+        answer, the sender's ack) gets that same dict, which nobody may change."""
+        global _last_dict
+        if _last_dict[0] is self:
+            return _last_dict[1]
+        # Spelled out rather than dataclasses.asdict(), which copies field by field.
         if self.client_id is None:
-            return {"id": self.id, "ts": self.ts, "user": self.user, "text": self.text}
-        return {"id": self.id, "ts": self.ts, "user": self.user, "text": self.text,
-                "client_id": self.client_id}
+            data = {"id": self.id, "ts": self.ts, "user": self.user, "text": self.text}
+        else:
+            data = {"id": self.id, "ts": self.ts, "user": self.user, "text": self.text,
+                    "client_id": self.client_id}
+        _last_dict = (self, data)
+        return data
+
+
+_last_dict: tuple[Message | None, dict] = (None, {})
 
 
 def reused_client_id(original: Message) -> ChatError:

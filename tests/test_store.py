@@ -30,6 +30,16 @@ async def test_append_returns_the_stored_message(log):
     assert await log.after(0) == [message]
 
 
+def test_a_message_is_turned_into_json_once():
+    """Every encoding of a message in a row (frame, event, poll answer, ack) gets the one
+    dict its first to_dict() built; another message gets its own."""
+    one, two = Message(1, 1.0, "ada", "hi"), Message(2, 2.0, "bob", "yo", "c-1")
+    first = one.to_dict()
+    assert one.to_dict() is first
+    assert two.to_dict() == {"id": 2, "ts": 2.0, "user": "bob", "text": "yo", "client_id": "c-1"}
+    assert one.to_dict() == first
+
+
 async def test_ids_strictly_increase(log):
     messages = [(await log.append("ada", f"m{i}"))[0] for i in range(20)]
     ids = [m.id for m in messages]
