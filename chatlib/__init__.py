@@ -12,7 +12,7 @@ from .server import ChatServer, start_server, stop_server
 from .store import MemoryLog, Message, MessageLog, SQLiteLog, StoreUnavailable
 
 # The clients (httpx) and the ChatPanel (ipywidgets, IPython) load on first use, so that
-# `python -m chatlib serve` doesn't carry them: 9 MiB of its 40 MiB at rest (bench/).
+# `python -m chatlib serve` doesn't carry them (their memory at rest: bench/README.md).
 _LAZY = {
     "ChatPanel": ".panel",
     "LongPollClient": ".clients",

@@ -34,14 +34,11 @@ async def serve(args: argparse.Namespace) -> None:
                         compression=args.compression, token=args.token,
                         forwarded_allow_ips=args.forwarded_allow_ips)
     await server.start()
-    # What exists now (uvicorn, Starlette, websockets, chatlib: ~30,000 objects) lives as long
-    # as the process: take it out of the cyclic GC's full collections, which otherwise walk it
-    # again and again while clients arrive (each WebSocket adds ~130 tracked objects, mostly
-    # the ASGI chain's coroutines and closures). 1000 clients joining in one second
-    # (bench/README.md, join storm; medians of 6-7 alternating runs, two sessions): GC time
-    # 191 -> 105 and 245 -> 209 ms, longest pause 83 -> 36 and 103 -> 89 ms, p99 to the first
-    # history frame 164 -> 86 and 159 -> 130 ms, server CPU per join -12 and -8 %. (A higher
-    # young-generation threshold on top did not help: p99 151 ms.)
+    # What exists now (uvicorn, Starlette, websockets, chatlib) lives as long as the process:
+    # take it out of the cyclic GC's full collections, which otherwise walk it again and
+    # again while clients arrive (each WebSocket adds tracked objects: the ASGI chain's
+    # coroutines and closures). Shorter GC pauses in a join storm: bench/README.md, "Lab
+    # notes moved out of the code".
     gc.collect()
     gc.freeze()
     link = page_link(server.url, server.token)

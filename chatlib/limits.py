@@ -56,8 +56,8 @@ class Limits:
     max_body: int = 64 * 1024
     """Bytes in one HTTP request body (POST); bigger: 413."""
     max_body_chunks: int = 1024
-    """Chunks in one chunked request body: h11 parses each in Python, so 1-byte chunks
-    cost the whole event loop ~7 µs each; past this: 413 (chatlib.protocols)."""
+    """Chunks in one chunked request body: h11 parses each in Python, holding the event
+    loop for everyone meanwhile; past this: 413 (chatlib.protocols)."""
     body_timeout: float = 10.0
     """Seconds a request body may take to arrive once its headers have; then 408."""
     header_timeout: float = 10.0
@@ -102,8 +102,8 @@ class Limits:
     """... with bursts of up to this many (a classroom behind one NAT joining at once)."""
     presence_interval: float = 0.25
     """At most one presence broadcast per this many seconds: when a classroom joins at once,
-    N joins would otherwise send N presence lists to up to N clients (N² frames: 500,500 and
-    28 s for 1000 joins, measured in bench/)."""
+    N joins would otherwise send N presence lists to up to N clients (N² frames; bench/
+    README.md, "Join storm")."""
     hello_timeout: float = 10.0
     """Seconds a new WebSocket has to say hello before it is closed."""
     allowed_origins: set[str] = field(default_factory=set)

@@ -9,16 +9,16 @@ are, with three additions, each measured with raw sockets (tests/test_edge.py, b
   just the end of the connection) after the bound.
 * **Body budget**. A request body may take :attr:`Limits.body_timeout` seconds and
   :attr:`Limits.max_body_chunks` chunks. h11 parses each chunk of a chunked body in
-  Python: 1-byte chunks cost ~7 µs of server CPU each (0.43-0.52 s for a 64 KB body; 0.02 s
-  with httptools), with the event loop busy for everyone else meanwhile. Past the budget
-  the client gets ``413`` (1024 chunks: ~7 ms) or ``408``.
+  Python, with the event loop busy for everyone else meanwhile: a body of 1-byte chunks
+  costs far more than its bytes (bench/README.md, "The HTTP edge"). Past the budget the
+  client gets ``413`` or ``408``.
 * **Lingering close.** Closing a TCP socket whose receive buffer still holds unread bytes
   sends RST instead of FIN, and the peer's kernel then throws away whatever the peer had
-  not read yet: the ``413`` we just wrote, or the WebSocket close frame saying 1009. That
-  happened to 8 in 80 refused 1 MB POSTs and 78 in 80 WebSocket clients that sent a 1 MB
-  frame (bench/edge.py). So, like nginx's ``lingering_close``, a refused connection is
-  half-closed (FIN after our last bytes) and read and discarded for at most
-  :data:`LINGER_SECONDS` and :data:`LINGER_BYTES` before it is closed.
+  not read yet: the ``413`` we just wrote, or the WebSocket close frame saying 1009 (it
+  happened to refused 1 MB POSTs and 1 MB frames, bench/edge.py). So, like nginx's
+  ``lingering_close``, a refused connection is half-closed (FIN after our last bytes) and
+  read and discarded for at most :data:`LINGER_SECONDS` and :data:`LINGER_BYTES` before it
+  is closed.
 
 A request uvicorn cannot parse already gets ``400`` at once; here the answer says why
 (h11's reason), and a request cut off by the client's EOF gets ``400`` too.

@@ -30,15 +30,14 @@ from .store import Message
 from .validation import ChatError, cursor, json_object, nickname
 
 # One encoder per flavour, made once: json.dumps() with options builds a new JSONEncoder on
-# every call (~1 µs of the ~2.5 µs it takes to encode a message frame).
+# every call.
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 # SSE data is JSON with every non-ASCII character escaped. JSON already escapes CR and LF,
 # the only line ends of SSE; but U+0085, U+2028 and U+2029 are line ends to parsers that
 # split lines the way Python's str.splitlines() or other languages' "readline" do, and one
 # such character in a message would then cut its data line in two for every reader, forever
-# (issue 6, defect 1). ensure_ascii escapes them for free: it costs the same as the
-# non-ASCII encoder (measured: ±10 %, within noise), where a search-and-replace after
-# encoding costs ~25 % more.
+# (issue 6, defect 1). ensure_ascii escapes them at no cost over the non-ASCII encoder,
+# where a search-and-replace after encoding costs more (bench/README.md, "Lab notes").
 _sse_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
 
 dumps = _encoder.encode
