@@ -49,6 +49,14 @@ async def index(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def limits_for_clients(request: Request) -> Response:
+    """``GET /api/limits``: what a client's input box must know (chatlib.limits is their home):
+    the longest text and nickname, and the send budget (``rate`` per second, ``burst``)."""
+    limits = request.app.state.hub.limits
+    return JSONBody({"max_text": limits.max_text, "max_user": limits.max_user,
+                     "rate": limits.rate, "burst": limits.burst})
+
+
 # -- errors: {"error": ...} and a status code, for that request only ----------------------
 
 
@@ -90,6 +98,7 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
         Route("/api/typing", typing, methods=["POST"]),
         Route("/api/events", events),  # chatlib.sse
         Route("/api/presence", presence, methods=["GET", "POST"]),
+        Route("/api/limits", limits_for_clients),
         WebSocketRoute("/ws", websocket),  # chatlib.ws
     ]
     app = ChatApp(

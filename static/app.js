@@ -55,7 +55,8 @@
   const $ = (id) => document.getElementById(id);
   const els = {
     joinForm: $('join-form'), nick: $('nick'), transportSelect: $('transport-select'),
-    transport: $('transport'), status: $('status'), latency: $('latency'),
+    transport: $('transport'), status: $('status'), statusDot: $('status-dot'),
+    latency: $('latency'), latencyOthers: $('latency-others'), count: $('message-count'),
     notice: $('notice'), noticeText: $('notice-text'), noticeClose: $('notice-close'),
     messages: $('messages'), presence: $('presence'), presenceCount: $('presence-count'),
     typing: $('typing'), composer: $('composer'), input: $('message-input'), send: $('send'),
@@ -78,7 +79,8 @@
     own: new Map(),        // client_id -> own message not shown yet: {text, user, t0, el, state}
     inFlight: null,        // the own message on its way (one at a time, in order)
     holdTimer: null,       // a pause before sending again (429, 5xx, network)
-    latencies: [],
+    latencies: { own: [], others: [] }, // the last LATENCY_SAMPLES of each, in ms
+    maxText: 0,            // the server's longest text (GET api/limits); 0: not known
     typers: new Map(),     // user -> time (ms) at which to stop showing "typing"
     typingTimer: null,
     lastTypingSent: 0,
@@ -94,8 +96,10 @@
   function formatTime(date) { return date.toLocaleTimeString([], TIME_FORMAT); }
 
   function setStatus(text) {
+    if (els.status.textContent === text) return; // (role=status: announce changes only)
     els.status.textContent = text;
     els.status.dataset.state = text; // CSS colours the badge from this
+    els.statusDot.dataset.state = text;
   }
 
   function showNotice(text) {
@@ -207,12 +211,14 @@
       lat.className = 'latency';
       lat.dataset.ms = String(latencyMs);
       lat.textContent = `${latencyMs} ms`;
-      lat.title = 'delivery latency';
+      lat.title = m.user === state.nick ? 'round trip: from Send until back from the server'
+        : 'delivery: from its sending until shown here';
       meta.append(' ', lat);
     }
 
     const text = document.createElement('div');
     text.className = 'text';
+    text.dir = 'auto'; // Hebrew and Arabic right to left, whatever the page's direction
     text.textContent = m.text; // literal text, even if it looks like <script>
 
     li.append(meta, text);
@@ -260,19 +266,24 @@
       ms = Date.now() - m.ts * 1000;
     }
     ms = Math.max(0, Math.round(ms)); // clamp small clock skew
-    recordLatency(ms);
+    recordLatency(own ? 'own' : 'others', ms);
     return ms;
   }
 
-  function recordLatency(ms) {
-    state.latencies.push(ms);
-    if (state.latencies.length > LATENCY_SAMPLES) state.latencies.shift();
-    const sorted = [...state.latencies].sort((a, b) => a - b);
+  // Two medians, never mixed: own messages' round trips and others' one-way deliveries.
+  function recordLatency(kind, ms) {
+    const samples = state.latencies[kind];
+    samples.push(ms);
+    if (samples.length > LATENCY_SAMPLES) samples.shift();
+    const sorted = [...samples].sort((a, b) => a - b);
     const mid = sorted.length >> 1;
-    const median = sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
-    els.latency.textContent = `${Math.round(median)} ms`;
-    els.latency.dataset.ms = String(Math.round(median));
-    els.latency.title = `median of the last ${sorted.length} messages`;
+    const median = Math.round(sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2);
+    const el = kind === 'own' ? els.latency : els.latencyOthers;
+    el.textContent = `${median} ms`;
+    el.dataset.ms = String(median);
+    el.title = kind === 'own'
+      ? `median round trip of your last ${sorted.length} messages (Send until the server's copy is back)`
+      : `median one-way delivery of others' last ${sorted.length} messages (their send time until shown here; assumes synchronised clocks)`;
   }
 
   // ---- presence and typing ----------------------------------------------------
@@ -627,6 +638,7 @@
     const text = els.input.value;
     if (!state.joined || !text.trim()) return;
     els.input.value = '';
+    showCount();
     state.lastTypingSent = 0; // the next keystroke is a new "typing" burst
     const cid = newClientId();
     // state: queued (waiting its turn, or for the rate budget) -> sent (acknowledged);
@@ -684,6 +696,7 @@
       button('Edit', () => {
         forget(own);
         els.input.value = els.input.value ? `${own.text} ${els.input.value}` : own.text;
+        showCount();
         els.input.focus();
       });
       button('Discard', () => forget(own));
@@ -785,6 +798,26 @@
 
   const stripStatus = (error) => String(error).replace(/^\d{3}: /, '');
 
+  // Characters used of the server's limit, once 80 % of it is used (GET api/limits tells it;
+  // chatlib.limits.Limits.max_text is its one home). Over it the server would refuse the text.
+  function showCount() {
+    const used = els.input.value.length;
+    const max = state.maxText;
+    els.count.hidden = !max || used < 0.8 * max;
+    if (els.count.hidden) return;
+    els.count.textContent = used > max ? `${used} / ${max}: ${used - max} too many`
+      : `${used} / ${max}`;
+    els.count.classList.toggle('over', used > max);
+  }
+
+  async function loadLimits() {
+    try {
+      const limits = await getJson('api/limits', 10000);
+      if (Number.isInteger(limits.max_text) && limits.max_text > 0) state.maxText = limits.max_text;
+    } catch { /* no counter: the server still says so if a text is too long */ }
+    showCount();
+  }
+
   // Tell the others we are typing, at most once every 2 s. Best effort: a lost
   // or rate-limited typing notice is not worth bothering the user about.
   function sendTyping() {
@@ -814,6 +847,7 @@
     els.input.disabled = false;
     els.send.disabled = false;
     els.input.placeholder = 'Write a message…';
+    els.input.focus(); // joined: the next thing to type is a message
     // Repaint own-message highlighting and the "(you)" marker for the new nick.
     for (const li of els.messages.children) {
       li.classList.toggle('mine', li.querySelector('.user').textContent === nick);
@@ -854,6 +888,7 @@
     // Only while the person has not started typing a nick of their own.
     if (!Array.isArray(users) || state.joined || els.nick.value !== suggested) return;
     els.nick.value = freeVariant(suggested, new Set(users));
+    if (document.activeElement === els.nick) els.nick.select(); // still replaced by typing
   }
 
   // ---- wiring -----------------------------------------------------------------
@@ -873,7 +908,7 @@
     sendMessage();
     els.input.focus();
   });
-  els.input.addEventListener('input', sendTyping);
+  els.input.addEventListener('input', () => { showCount(); sendTyping(); });
 
   els.noticeClose.addEventListener('click', hideNotice);
 
@@ -896,9 +931,11 @@
   const userParam = params.get('user');
   const tabNick = loadNick('sessionStorage', TAB_NICK_KEY);
   els.nick.value = userParam || tabNick || loadNick('localStorage', NICK_KEY) || randomGuest();
+  loadLimits();
   if (userParam) join();
   else {
     els.nick.focus();
+    els.nick.select(); // a suggestion: the first key typed replaces it
     if (!tabNick) suggestFreeNick();
   }
 })();
