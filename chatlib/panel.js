@@ -13,6 +13,7 @@
 const TYPING_SEND_EVERY_MS = 2000;
 const KERNEL_ANSWER_MS = 3000;  // no answer to hello by then: say so
 const PINNED_SLACK_PX = 40;     // "at the bottom" within this many pixels
+const COUNT_FROM = 0.8;         // the length counter shows from this share of max_text on
 
 // Times are formatted as the chat page formats them (static/app.js has the same function;
 // tests/test_panel.py checks that the two stay identical).
@@ -103,7 +104,12 @@ function render({ model, el: root }) {
   label.htmlFor = input.id;
   const send = el('button', 'chatlib-send', 'Send');
   send.type = 'button';
-  composer.append(label, input, send);
+  // Characters used of the server's limit (the model's max_text), as the text nears it.
+  const count = el('span', 'chatlib-count');
+  count.id = `${uid}-count`;
+  count.hidden = true;
+  input.setAttribute('aria-describedby', count.id);
+  composer.append(label, input, count, send);
 
   const logBox = el('div', 'chatlib-logbox');
   logBox.append(scroller, unread);
@@ -128,9 +134,23 @@ function render({ model, el: root }) {
     pinned = atBottom();
     if (pinned && unreadCount) { unreadCount = 0; showUnread(); }
   });
+  // The newest message of the history, unless it is out of view (a scroll up, or a tall
+  // own message still below it in the outbox).
+  const newestHidden = () => {
+    const newest = list.lastElementChild;
+    if (!newest) return false;
+    const r = newest.getBoundingClientRect();
+    const box = scroller.getBoundingClientRect();
+    return r.bottom > box.bottom + 1 || r.top < box.top - 1;
+  };
   unread.addEventListener('click', () => {
     pinned = true;
     toBottom();
+    const newest = list.lastElementChild;
+    if (newest && newestHidden()) {  // below it, a tall failed message: bring the newest up
+      scroller.scrollTop += newest.getBoundingClientRect().bottom
+        - scroller.getBoundingClientRect().bottom;
+    }
     unreadCount = 0;
     showUnread();
     input.focus();
@@ -198,6 +218,7 @@ function render({ model, el: root }) {
     time.title = when.toLocaleString();
     meta.append(user, ' ', time);
     const text = el('div', 'chatlib-text', m.text);  // literal text, even if it looks like <b>
+    text.dir = 'auto';  // Hebrew and Arabic right to left
     li.append(meta, text);
     li.dataset.day = when.toDateString();
     li.dataset.ts = String(m.ts);
@@ -287,12 +308,14 @@ function render({ model, el: root }) {
       outboxList.append(li);  // (re)appending keeps them in order
       mark(li, e.state, e.error);
       li.querySelector('.chatlib-actions')?.remove();
+      li.querySelector('.chatlib-expand')?.remove();
       if (e.state === 'failed') {
         const actions = el('div', 'chatlib-actions');
         const edit = el('button', 'chatlib-edit', 'Edit');
         edit.type = 'button';
         edit.addEventListener('click', () => {
           if (!input.value) input.value = e.text;
+          drawCount();
           model.send({ type: 'discard', client_id: e.client_id });
           input.focus();
         });
@@ -301,6 +324,20 @@ function render({ model, el: root }) {
         drop.addEventListener('click', () => model.send({ type: 'discard', client_id: e.client_id }));
         actions.append(edit, drop);
         li.append(actions);
+        // A refused long paste is cut to a few lines (CSS), expandable: it must not push its
+        // reason (above the text) and the newest messages out of view.
+        const text = li.querySelector('.chatlib-text');
+        if (text.scrollHeight > text.clientHeight + 2) {
+          const more = el('button', 'chatlib-expand', 'Show all');
+          more.type = 'button';
+          more.setAttribute('aria-expanded', 'false');
+          more.addEventListener('click', () => {
+            const open = li.classList.toggle('chatlib-expanded');
+            more.textContent = open ? 'Show less' : 'Show all';
+            more.setAttribute('aria-expanded', String(open));
+          });
+          text.after(more);
+        }
       }
     }
     empty.hidden = model.get('history').length > 0 || entries.length > 0;
@@ -311,7 +348,9 @@ function render({ model, el: root }) {
     const added = drawHistory();
     drawOutbox();
     if (wasPinned) toBottom();
-    else if (added) { unreadCount += added; showUnread(); }
+    // New messages the reader cannot see (scrolled up, or above a tall own message at the
+    // bottom): say so, never silently.
+    if (added && (!wasPinned || newestHidden())) { unreadCount += added; showUnread(); }
   }
 
   // ---- sending ------------------------------------------------------------------------
@@ -324,6 +363,7 @@ function render({ model, el: root }) {
     // The text and the "send" in one message: the kernel never sees one without the other.
     model.send({ type: 'send', text, client_id: clientId });
     input.value = '';
+    drawCount();
     lastTypingSent = 0;  // the next keystroke starts a new typing burst
     pinned = true;
     drawMessages();
@@ -335,7 +375,16 @@ function render({ model, el: root }) {
       submit();
     }
   });
+  function drawCount() {
+    const used = input.value.length;
+    const max = model.get('max_text');
+    count.hidden = !max || used < COUNT_FROM * max;
+    if (count.hidden) return;
+    count.textContent = used > max ? `${used} / ${max}: ${used - max} too many` : `${used} / ${max}`;
+    count.classList.toggle('chatlib-over', used > max);
+  }
   input.addEventListener('input', () => {
+    drawCount();
     const now = Date.now();
     if (input.value && now - lastTypingSent >= TYPING_SEND_EVERY_MS) {
       lastTypingSent = now;
@@ -370,6 +419,7 @@ function render({ model, el: root }) {
   on('change:typing', drawTyping);
   on('change:history', drawMessages);
   on('change:outbox', drawMessages);
+  on('change:max_text', drawCount);
   drawStatus();
   drawPresence();
   drawTyping();

@@ -35,6 +35,7 @@ import anywidget
 import traitlets
 
 from .clients import ChatRefused, LongPollClient, PollingClient, SSEClient, WebSocketClient
+from .limits import Limits
 from .store import Message
 from .validation import printable, valid_client_id
 
@@ -76,8 +77,16 @@ def new_client_id() -> str:
     return secrets.token_hex(16)
 
 
+PLANNED_CLOSES = {1001: "the server went away", 1012: "the server is restarting"}
+"""WebSocket close codes of a server that stops on purpose (RFC 6455 7.4.1, IANA registry),
+as the status line says them."""
+
+
 def describe(exc: BaseException) -> str:
     """One line saying what went wrong, for the status line."""
+    code = getattr(getattr(exc, "rcvd", None), "code", None)  # websockets' ConnectionClosed
+    if code in PLANNED_CLOSES:
+        return f"{PLANNED_CLOSES[code]} (close {code})"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -131,13 +140,19 @@ class ChatPanel(anywidget.AnyWidget):
     """The newest ``shown`` messages, oldest first: ``{id, ts, user, text}``."""
     outbox = traitlets.List(traitlets.Dict()).tag(sync=True)
     """Own messages not yet in :attr:`history`: ``{client_id, text, ts, state, id, error}``."""
+    max_text = traitlets.Int(Limits().max_text).tag(sync=True)
+    """The server's longest text (its :class:`~chatlib.Limits`; the defaults for a URL): the
+    view counts characters as the text nears it."""
 
     def __init__(self, target, user: str = "notebook", *, transport: str = "ws",
                  shown: int = 200, keep: int = 10_000, max_reconnects: int = 10_000) -> None:
         if transport not in CLIENTS:
             raise ValueError(f"transport must be one of {', '.join(CLIENTS)}, not {transport!r}")
+        limits = getattr(target, "limits", None)
         super().__init__(url=target if isinstance(target, str) else target.url,
-                         user=user, transport=transport)
+                         user=user, transport=transport,
+                         max_text=limits.max_text if isinstance(limits, Limits)
+                         else Limits().max_text)
         self._token = None if isinstance(target, str) else getattr(target, "token", None)
         self.shown = shown
         self.keep = keep
@@ -215,9 +230,12 @@ class ChatPanel(anywidget.AnyWidget):
                         logger.error("ChatPanel %s: stopped by an error", self.url, exc_info=exc)
                         self._set(state="failed", error=describe(exc))
                         return
+                    # Shown in the panel's own status line (with the countdown); the log gets
+                    # it at INFO only: a WARNING would land on the kernel's stderr, under the
+                    # cell that made the panel, for what is an expected event (a restart).
                     if describe(exc) != self.error:  # once per kind of problem, not per retry
-                        logger.warning("ChatPanel %s: connection lost (%s); reconnecting",
-                                       self.url, describe(exc))
+                        logger.info("ChatPanel %s: connection lost (%s); reconnecting",
+                                    self.url, describe(exc))
                     self._set(error=describe(exc))
                     if self._client_was_connected:
                         delay = BACKOFF_MIN_S  # it worked until now: retry soon

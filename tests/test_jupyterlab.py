@@ -55,6 +55,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from contrast import contrast
 from helpers import free_port, needs_chromium
 from playwright.async_api import async_playwright, expect
 
@@ -801,5 +802,110 @@ async def saved_panel_reopens_with_a_new_kernel(jupyter: dict, path: str, *,
             ARTIFACTS.mkdir(exist_ok=True)
             name = f"reopened-{path.split('/')[0]}{'-state' if save_state else ''}.png"
             await page.screenshot(path=str(ARTIFACTS / name))
+        finally:
+            await browser.close()
+
+
+# -- a refused paste, a planned restart, both themes -------------------------------------
+
+STDERR_OUTPUTS = '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'
+
+
+async def test_panel_refused_paste_restart_and_themes(jupyter_lab):
+    """A 3,000-character paste: the counter says it is too long; refused, its bubble is
+    short with the reason in view, and a message that arrives after it is in view or
+    announced by the unread marker. A planned restart (close 1012) is told in the status
+    line, with nothing on the cell's stderr. Small print is at least 4.5:1 in the light and
+    the dark theme; screenshots: panel-paste-light.png, panel-paste-dark.png."""
+    base = jupyter_lab["base"]
+    async with async_playwright() as p:
+        browser = await launch(p)
+        try:
+            lab = await (await browser.new_context(
+                viewport={"width": 1100, "height": 900})).new_page()
+            lab_errors: list[str] = []
+            lab.on("pageerror", lambda exc: lab_errors.append(str(exc)))
+            await lab.goto(base + "lab/tree/" + PANEL_NOTEBOOK)
+            await kernel_idle(lab)
+            jupyter_lab["remember_children"]()
+            await run_all_cells(lab)
+            await kernel_idle(lab)
+            jupyter_lab["remember_children"]()
+            panel = lab.locator(".chatlib-panel")
+            await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+            history = panel.locator(".chatlib-history .chatlib-msg")
+            await run_in_kernel(lab, "await panel.send('Welcome! ' + 'שלום')")
+            await run_in_kernel(
+                lab, "async with chatlib.WebSocketClient(server.url, 'visitor') as v:\n"
+                     "    await v.send('Hello from a visitor')")
+            await expect(history).to_have_count(2, timeout=UI_MS)
+            await expect(history.last.locator(".chatlib-text")).to_have_attribute("dir", "auto")
+
+            box = panel.locator("input.chatlib-input")
+            count = panel.locator(".chatlib-count")
+            await box.fill("y" * 1700)
+            await expect(count).to_have_text("1700 / 2000")
+            await box.fill("lorem ipsum " * 250)  # 3,000 characters
+            await expect(count).to_have_text("3000 / 2000: 1000 too many")
+            await box.press("Enter")
+            failed = panel.locator('.chatlib-outbox [data-status="failed"]')
+            await expect(failed).to_have_count(1, timeout=UI_MS)
+            reason = failed.locator(".chatlib-mark")
+            await expect(reason).to_have_text("not sent: text is longer than 2000 characters")
+            assert await shown_in_log(reason)  # the reason, in view
+            assert (await failed.bounding_box())["height"] < 130  # cut short ...
+            await expect(failed.get_by_role("button", name="Show all")).to_be_visible()
+
+            # A message after it: in view, or announced.
+            await run_in_kernel(
+                lab, "async with chatlib.WebSocketClient(server.url, 'visitor') as v:\n"
+                     "    await v.send('after the paste')")
+            newest = history.filter(has_text="after the paste")
+            await expect(newest).to_have_count(1, timeout=UI_MS)
+            unread = panel.locator(".chatlib-unread")
+            assert await shown_in_log(newest) or await unread.is_visible()
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            for theme in ("light", "dark"):
+                if theme == "dark":
+                    await lab.evaluate("() => window.jupyterapp.commands.execute("
+                                       "'apputils:change-theme', {theme: 'JupyterLab Dark'})")
+                    await lab.wait_for_function(
+                        "document.body.dataset.jpThemeLight === 'false'", timeout=UI_MS)
+                    await lab.wait_for_selector("#jupyterlab-splash", state="detached",
+                                                timeout=UI_MS)
+                ratios = {
+                    "time, others'": await contrast(
+                        history.filter(has_text="visitor").locator(".chatlib-time")),
+                    "time, own": await contrast(
+                        panel.locator(".chatlib-history .chatlib-mine .chatlib-time")),
+                    "sent ✓": await contrast(
+                        panel.locator('.chatlib-history [data-status="sent"] .chatlib-mark')),
+                    "not sent": await contrast(reason),
+                }
+                low = {k: round(v, 2) for k, v in ratios.items() if v < 4.5}
+                assert not low, f"{theme} theme: contrast below 4.5:1: {low}"
+                await panel.screenshot(path=str(ARTIFACTS / f"panel-paste-{theme}.png"))
+            await lab.evaluate("() => window.jupyterapp.commands.execute("
+                               "'apputils:change-theme', {theme: 'JupyterLab Light'})")
+            await lab.wait_for_function("document.body.dataset.jpThemeLight === 'true'",
+                                        timeout=UI_MS)
+
+            await failed.get_by_role("button", name="Discard").click()
+            await expect(failed).to_have_count(0, timeout=UI_MS)
+
+            # A planned restart (the start cell run again: close 1012) is calm.
+            await expect(lab.locator(STDERR_OUTPUTS)).to_have_count(0)
+            await panel.locator(".chatlib-error").evaluate("""(el) => {
+                window.__said = [];
+                new MutationObserver(() => window.__said.push(el.textContent))
+                    .observe(el, {childList: true, characterData: true, subtree: true});
+            }""")
+            await run_in_kernel(lab, "server = await chatlib.start_server(limits=server.limits)")
+            await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+            said = await lab.evaluate("window.__said")
+            assert any("the server is restarting (close 1012)" in text for text in said), said
+            await expect(lab.locator(STDERR_OUTPUTS)).to_have_count(0)
+            assert not lab_errors, lab_errors
         finally:
             await browser.close()

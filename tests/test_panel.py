@@ -17,6 +17,7 @@ from helpers import free_port
 from test_send_path import Relay, stored
 
 from chatlib import ChatPanel, ChatServer, Limits, Message, WebSocketClient
+from chatlib.hub import SERVICE_RESTART
 from chatlib.panel import retryable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,45 @@ async def test_messages_wait_while_disconnected_and_go_after_reconnect():
     finally:
         await panel.aclose()
         await server.stop()
+
+
+async def test_a_planned_restart_is_told_in_the_status_line_not_on_stderr(caplog):
+    """A restart (close 1012) is an expected event: the panel's status line says so while it
+    reconnects, and nothing reaches the log at WARNING (which the kernel's stderr would show
+    as a pink box under the cell that made the panel)."""
+    server = ChatServer(port=free_port())
+    await server.start()
+    panel = ChatPanel(server, user="notebook")
+    try:
+        await panel.wait_connected()
+        with caplog.at_level(logging.INFO, logger="chatlib.panel"):
+            await server.stop(SERVICE_RESTART)
+            await panel.wait_for(lambda p: "restarting" in p.error, timeout=10)
+            assert panel.error == "the server is restarting (close 1012)"
+            assert panel.state == "reconnecting"
+            await server.start()
+            await panel.wait_for(lambda p: p.state == "connected", timeout=20)
+        assert panel.error == ""
+        loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not loud, loud
+        assert any("restarting" in r.getMessage() for r in caplog.records)  # at INFO
+    finally:
+        await panel.aclose()
+        await server.stop()
+
+
+async def test_the_panel_takes_its_servers_text_limit(start_chat):
+    """The view's length counter counts towards the server's Limits.max_text (the
+    defaults' for a server given by URL)."""
+    server = await start_chat(limits=Limits(max_text=300))
+    panel = ChatPanel(server, user="notebook")
+    by_url = ChatPanel(server.url, user="reader")
+    try:
+        assert panel.max_text == 300
+        assert by_url.max_text == Limits().max_text
+    finally:
+        await panel.aclose()
+        await by_url.aclose()
 
 
 @pytest.mark.parametrize("panel_transport", ["ws", "sse"])
