@@ -66,6 +66,9 @@ function render({ model, el: root }) {
   const stateText = el('span', 'chatlib-state');
   const who = el('span', 'chatlib-who');
   const countdown = el('span', 'chatlib-countdown');
+  // The line is a live region (connection changes are announced); a countdown ticking in it
+  // would be read out every second.
+  countdown.setAttribute('aria-hidden', 'true');
   const problem = el('span', 'chatlib-error');
   status.append(dot, stateText, ' ', who, countdown, problem);
   const kernelNote = el('div', 'chatlib-kernel-note');

@@ -35,6 +35,7 @@ import anywidget
 import traitlets
 
 from .clients import ChatRefused, LongPollClient, PollingClient, SSEClient, WebSocketClient
+from .closecode import CloseCode
 from .limits import Limits
 from .store import Message
 from .validation import printable, valid_client_id
@@ -77,7 +78,8 @@ def new_client_id() -> str:
     return secrets.token_hex(16)
 
 
-PLANNED_CLOSES = {1001: "the server went away", 1012: "the server is restarting"}
+PLANNED_CLOSES = {CloseCode.GOING_AWAY: "the server went away",
+                  CloseCode.SERVICE_RESTART: "the server is restarting"}
 """WebSocket close codes of a server that stops on purpose (RFC 6455 7.4.1, IANA registry),
 as the status line says them."""
 
@@ -86,7 +88,7 @@ def describe(exc: BaseException) -> str:
     """One line saying what went wrong, for the status line."""
     code = getattr(getattr(exc, "rcvd", None), "code", None)  # websockets' ConnectionClosed
     if code in PLANNED_CLOSES:
-        return f"{PLANNED_CLOSES[code]} (close {code})"
+        return f"{PLANNED_CLOSES[code]} (close {int(code)})"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

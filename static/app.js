@@ -40,6 +40,7 @@
   const PRESENCE_REFRESH_MS = 5000; // HTTP polling transports get no presence push
   const RESEND_RETRY_MS = 2000;     // a send that failed (network, 5xx) is tried again
   const RATE_RETRY_MS = 1000;       // a send refused as too fast (429), without Retry-After
+  const ACK_TIMEOUT_MS = 10000;     // a WebSocket send with no ack by then goes again
   // A quiet stream (WebSocket or SSE) may be idle or dead, and page code can't tell: it sees
   // neither SSE comments nor WebSocket PINGs. So the page checks: every WATCHDOG_EVERY_MS it
   // asks for presence, and no answer within WATCHDOG_DEADLINE_MS means the network is gone.
@@ -738,7 +739,12 @@
       // Over the WebSocket if one is open (and still has our nick), else with POST: every
       // transport writes the same log, and the client_id makes a repeat harmless.
       conn.sendFrame({ type: 'message', text: own.text, client_id: own.cid });
-      return; // the ack (or an error frame) comes on the socket
+      // The ack (or an error frame) comes on the socket; without one, the queue must not
+      // stall behind this message (the client_id makes sending it again harmless).
+      setTimeout(() => {
+        if (state.inFlight === own) refusedFor(own, 504, 'no answer from the server', null);
+      }, ACK_TIMEOUT_MS);
+      return;
     }
     postJson('api/messages', { user: own.user, text: own.text, client_id: own.cid })
       .then((m) => acknowledged(m))

@@ -17,7 +17,7 @@ from helpers import free_port
 from test_send_path import Relay, stored
 
 from chatlib import ChatPanel, ChatServer, Limits, Message, WebSocketClient
-from chatlib.hub import SERVICE_RESTART
+from chatlib.closecode import CloseCode
 from chatlib.panel import retryable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,7 +118,7 @@ async def test_a_planned_restart_is_told_in_the_status_line_not_on_stderr(caplog
     try:
         await panel.wait_connected()
         with caplog.at_level(logging.INFO, logger="chatlib.panel"):
-            await server.stop(SERVICE_RESTART)
+            await server.stop(CloseCode.SERVICE_RESTART)
             await panel.wait_for(lambda p: "restarting" in p.error, timeout=10)
             assert panel.error == "the server is restarting (close 1012)"
             assert panel.state == "reconnecting"
