@@ -507,14 +507,23 @@ async def run_new_cell(lab, code: str) -> None:
         }""", code)
 
 
-async def open_panel_notebook(lab, jupyter_lab) -> None:
-    """Open ``panel.ipynb`` in JupyterLab and run all its cells (a server and a panel)."""
+async def open_panel_notebook(browser, jupyter_lab):
+    """Open ``panel.ipynb`` in JupyterLab and run all its cells (a server and a panel).
+
+    Returns JupyterLab's page, the list its uncaught errors go to, and the panel, connected.
+    """
+    lab = await (await browser.new_context(viewport={"width": 1100, "height": 900})).new_page()
+    errors: list[str] = []
+    lab.on("pageerror", lambda exc: errors.append(str(exc)))
     await lab.goto(jupyter_lab["base"] + "lab/tree/" + PANEL_NOTEBOOK)
     await kernel_idle(lab)
     jupyter_lab["remember_children"]()  # the kernel, in case teardown can't see it
     await run_all_cells(lab)
     await kernel_idle(lab)
     jupyter_lab["remember_children"]()
+    panel = lab.locator(".chatlib-panel")
+    await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+    return lab, errors, panel
 
 
 async def run_in_kernel(lab, code: str) -> None:
@@ -534,14 +543,8 @@ async def test_panel_as_a_chat_window(jupyter_lab):
     async with async_playwright() as p:
         browser = await launch(p)
         try:
-            lab_context = await browser.new_context(viewport={"width": 1100, "height": 900})
-            lab = await lab_context.new_page()
-            lab_errors: list[str] = []
-            lab.on("pageerror", lambda exc: lab_errors.append(str(exc)))
-            await open_panel_notebook(lab, jupyter_lab)
-
-            panel = lab.locator(".chatlib-panel")
-            await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+            lab, lab_errors, panel = await open_panel_notebook(browser, jupyter_lab)
+            lab_context = lab.context
             # Accessible: a labelled input, a live log.
             box = lab.get_by_label("Message to the chat, as notebook")
             await expect(box).to_have_count(1)
@@ -825,13 +828,7 @@ async def test_panel_refused_paste_restart_and_themes(jupyter_lab):
     async with async_playwright() as p:
         browser = await launch(p)
         try:
-            lab = await (await browser.new_context(
-                viewport={"width": 1100, "height": 900})).new_page()
-            lab_errors: list[str] = []
-            lab.on("pageerror", lambda exc: lab_errors.append(str(exc)))
-            await open_panel_notebook(lab, jupyter_lab)
-            panel = lab.locator(".chatlib-panel")
-            await expect(panel).to_have_attribute("data-state", "connected", timeout=UI_MS)
+            lab, lab_errors, panel = await open_panel_notebook(browser, jupyter_lab)
             history = panel.locator(".chatlib-history .chatlib-msg")
             # Connection changes are announced; the dot and the countdown are not read out.
             await expect(panel.locator(".chatlib-status")).to_have_attribute("role", "status")
