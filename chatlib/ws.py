@@ -69,7 +69,7 @@ async def websocket(ws: WebSocket) -> None:
 async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
     event = await asyncio.wait_for(ws.receive(), limits.hello_timeout)
     if event["type"] == "websocket.disconnect":
-        raise WebSocketDisconnect(event.get("code", 1000))
+        raise WebSocketDisconnect(event.get("code", CloseCode.NORMAL))
     return wire.read_hello(event.get("text"), limits)
 
 
