@@ -7,8 +7,11 @@ public path too)."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import json
+import re
+from pathlib import Path
 
 import h11
 import pytest
@@ -73,3 +76,29 @@ async def test_live_connections_take_the_path_the_probe_chose(server, http, monk
             assert response.status_code == 200
             await anext(response.aiter_bytes())  # "retry:": the sink was set up before it
             assert (sink_of(server, wire.SSE) is None) == switched_off
+
+
+CHATLIB = Path(fastpath.__file__).parent
+PRIVATE = re.compile(r"__self__|write_paused|\.writable\b|conn\.writes|our_state|close_sent"
+                     r"|\bh11\._|uvicorn\.protocols")
+
+
+def test_only_the_fast_path_reads_other_libraries_private_state():
+    """fastpath.py holds every reach into uvicorn/websockets/h11 internals (protocols.py,
+    which subclasses uvicorn's protocols, is the one other module that may)."""
+    found = [f"{path.name}:{n}" for path in sorted(CHATLIB.glob("*.py"))
+             if path.name not in ("fastpath.py", "protocols.py")
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if PRIVATE.search(line)]
+    assert found == []
+
+
+def test_the_hub_imports_nothing_about_transports():
+    """The hub fans out to Subscribers grouped by an Encoding it is given: it imports no
+    transport, no wire format, no web framework."""
+    tree = ast.parse((CHATLIB / "hub.py").read_text(encoding="utf-8"))
+    imported = {node.module if isinstance(node, ast.ImportFrom) else alias.name
+                for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+                for alias in node.names}
+    assert imported <= {"__future__", "asyncio", "time", "collections", "collections.abc",
+                        "typing", "closecode", "limits", "store"}, imported
