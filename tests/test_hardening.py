@@ -407,6 +407,7 @@ def test_the_shared_frame_of_a_direct_write_is_a_whole_text_frame(size):
     payloads = (payload,)
     frame = text_frames(payloads)
     assert frames.decode(frame, max_size=None, masked=False)[0].payload == payload.encode()
+    assert frame == frames.text(payload, mask_key=None)  # the course's encoder's bytes
     assert text_frames(payloads) is frame  # one frame for every client of a fan-out
 
 
