@@ -51,6 +51,9 @@ lint: setup
 # then the notebooks once more with the browser hidden, as on Binder/JupyterHub (no Chromium),
 # and in Colab mode (tests/colab stands in for google.colab: no chat page link, the panel and
 # the Python clients only); then the torture suite (its own pytest run: it prints its figures).
+# No port memory in test runs (chatlib.server.notebook_port), even when started from a
+# notebook, whose JPY_SESSION_NAME its kernels would inherit.
+test: export CHATLIB_NO_PORT_REUSE = 1
 test: setup chromium servers lint
 	$(BIN)/python -m pytest --nbval-lax --nbval-cell-timeout=300 --ignore=tests/torture \
 	  tests notebooks
