@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .closecode import CloseCode
 from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits
@@ -42,6 +42,28 @@ class Batch:
         self.payloads = tuple(payload for _, payload in items)
         self.first_id = next((message_id for message_id, _ in items if message_id), 0)
         """The first message's id (ids only grow within a batch); 0 if none is a message."""
+
+
+class Resume(NamedTuple):
+    """Where a client starts (:meth:`Hub.resolve_cursor`) and what it is told first."""
+
+    start: int
+    """The cursor: the client gets the messages after it."""
+    reset: bool = False
+    """Its cursor was past the log's end: it must start over (event ``reset``)."""
+    gap: int = 0
+    """Its cursor was older than retention: this is the first id still kept (``gap``)."""
+    before: int = 0
+    """Older messages exist below this id: ask ``GET /api/messages?before=ID``."""
+
+    def events(self) -> list[tuple[str, dict]]:
+        """The events (name, data) that come before the history, in order."""
+        events = [("reset", {})] if self.reset else []
+        if self.gap:
+            events.append(("gap", {"first_id": self.gap}))
+        if self.before:
+            events.append(("history", {"before": self.before}))
+        return events
 
 
 class Encoding(Protocol):
@@ -203,7 +225,12 @@ class Hub:
         return await self.log.last_id()
 
     async def history(self, cursor: int) -> AsyncIterator[list[Message]]:
-        """Pages (at most ``limits.history`` messages each) after ``cursor``, until caught up."""
+        """Pages (at most ``limits.history`` messages each) after ``cursor``, until caught up.
+
+        Paced: the event loop runs everything else between two pages (a log in memory
+        answers without yielding), so a client replaying a long history never makes live
+        delivery to the others wait behind more than one page.
+        """
         size = self.limits.history
         for _ in range(1 << 62):  # ends at the log's end; every page moves the cursor on
             page = await self.log.after(cursor, size)
@@ -213,12 +240,29 @@ class Hub:
             cursor = page[-1].id
             if len(page) < size:
                 return
+            await asyncio.sleep(0)
 
-    async def resolve_cursor(self, after: int) -> tuple[int, bool]:
-        """``(cursor, reset)``: a cursor past the end means the log was replaced."""
-        if after > 0 and after > await self.log.last_id():
-            return 0, True
-        return max(after, 0), False
+    async def resolve_cursor(self, after: int) -> Resume:
+        """Where a client that says ``after`` starts: the resume protocol, decided here
+        once for every transport (README, "Resuming"; chatlib.wire).
+
+        * No cursor (0): a **fresh join** gets the newest page (at most
+          ``limits.history`` messages), and ``before`` when older ones exist.
+        * A cursor within retention: everything after it (paced in pages: history).
+        * A cursor older than the oldest message kept: a **gap** (``gap`` = the first id
+          still kept), then everything from there.
+        * A cursor past the end (a new or emptied log): a **reset**, then a fresh join.
+        """
+        last = await self.log.last_id()
+        reset = after > last
+        if after > 0 and not reset:
+            first = await self.log.first_id()
+            if after >= first - 1:
+                return Resume(after)
+            return Resume(first - 1, gap=first)
+        first = await self.log.first_id()
+        start = max(last - self.limits.history, first - 1, 0)
+        return Resume(start, reset=reset, before=start + 1 if start >= first else 0)
 
     async def wait_after(self, after: int, timeout: float) -> list[Message]:
         """Messages after ``after``, waiting up to ``timeout`` s for the first (long poll)."""

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from .closecode import CloseCode
-from .hub import Batch, Hub
+from .hub import Batch, Hub, Resume
 from .wire import Encoding
 
 
@@ -130,20 +130,23 @@ class Outbox:
         self._items.clear()
         return items
 
-    async def stream(self, hub: Hub, cursor: int, reset: bool,
+    async def stream(self, hub: Hub, resume: Resume,
                      heartbeat: float | None = None) -> AsyncIterator[list[str]]:
         """What this client is sent, as batches of encoded payloads.
 
-        A reset if asked, the history after ``cursor`` page by page, then what the hub
-        queues here, skipping messages already sent as history (the outbox was subscribed
-        before the history was read, so nothing falls between the two). An empty batch
-        means ``heartbeat`` seconds passed with nothing to send. Ends when the outbox is
-        closed; the transport only writes the batches.
+        The events of ``resume`` (reset, gap, history: see Hub.resolve_cursor), the
+        history after its cursor page by page, then what the hub queues here, skipping
+        messages already sent as history (the outbox was subscribed before the history
+        was read, so nothing falls between the two). An empty batch means ``heartbeat``
+        seconds passed with nothing to send. Ends when the outbox is closed; the transport
+        only writes the batches.
         """
         encoding = self.encoding
-        if reset:
-            yield [encoding.reset]
-        sent = cursor
+        first = [encoding.reset if name == "reset" else encoding.event(name, data)
+                 for name, data in resume.events()]
+        if first:
+            yield first
+        cursor = sent = resume.start
         frame = encoding.message
         async for page in hub.history(cursor):
             yield [frame(message) for message in page]

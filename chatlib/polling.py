@@ -12,7 +12,7 @@ from starlette.routing import request_response
 
 from . import wire
 from .fastpath import server_send
-from .hub import Hub
+from .hub import Hub, Resume
 from .validation import (
     ChatError,
     client_id,
@@ -41,14 +41,19 @@ async def poll(state, scope, receive) -> bytes | None:
     user = optional_user(params, limits)
     if user:  # keeps a name that joined (POST /api/presence) present; adds none
         hub.refresh(user)
-    start, reset = await hub.resolve_cursor(after)
+    if "before" in params:  # an older page (the resume protocol's "history" marker)
+        before = int_param(params, "before", 0)
+        older = await hub.log.before(before, limits.history)
+        first = await hub.log.first_id()
+        return wire.dumps(wire.older_body(older, first)).encode()
+    resume = await hub.resolve_cursor(after)
     if wait > 0:
-        found = await until_disconnected(receive, hub.wait_after(start, wait))
+        found = await until_disconnected(receive, hub.wait_after(resume.start, wait))
         if found is None:
             return None
     else:
-        found = await hub.wait_after(start, 0)
-    return poll_answer(state, found, await hub.last_id(), reset)
+        found = await hub.wait_after(resume.start, 0)
+    return poll_answer(state, found, await hub.last_id(), resume)
 
 
 POLL_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
@@ -106,7 +111,7 @@ async def until_disconnected(receive, work):
     return waiting.result() if waiting.done() and not waiting.cancelled() else None
 
 
-def poll_answer(state, found: list, last_id: int, reset: bool) -> bytes:
+def poll_answer(state, found: list, last_id: int, resume: Resume) -> bytes:
     """The JSON body for ``found`` messages, shared by every poll that gets the same ones.
 
     After a message, every long poll parked at the same cursor wakes and gets the same
@@ -114,11 +119,11 @@ def poll_answer(state, found: list, last_id: int, reset: bool) -> bytes:
     each. Equal lists of (frozen) messages make equal bodies, so a replaced log can't be
     answered from the cache with its predecessor's texts.
     """
-    key = (found, last_id, reset)
+    key = (found, last_id, resume)
     cached = getattr(state, "poll_answer", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    answer = wire.dumps(wire.messages_body(found, last_id, reset)).encode()
+    answer = wire.dumps(wire.messages_body(found, last_id, resume.events())).encode()
     state.poll_answer = (key, answer)
     return answer
 

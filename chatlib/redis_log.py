@@ -224,6 +224,13 @@ class RedisLog:
             self._redis.xrange(self._stream, min=f"{max(after_id, 0) + 1}-0", count=limit))
         return [_entry(entry_id, fields) for entry_id, fields in entries]
 
+    async def before(self, before_id: int, limit: int) -> list[Message]:
+        if before_id <= 1:
+            return []
+        entries = await self._call(self._redis.xrevrange(
+            self._stream, max=f"{before_id - 1}-0", count=limit))
+        return [_entry(entry_id, fields) for entry_id, fields in reversed(entries)]
+
     async def last_id(self) -> int:
         return int(await self._call(self._redis.get(self._counter)) or 0)
 

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from . import wire
 from .closecode import CloseCode
 from .fastpath import server_send, sse_sink, sse_writer
-from .hub import Hub
+from .hub import Hub, Resume
 from .outbox import Outbox
 from .stuck import StuckWatch
 from .validation import ChatError, cursor, int_param, optional_user
@@ -31,11 +31,11 @@ async def events(request: Request) -> Response:
     user = optional_user(request.query_params, hub.limits)
     if user and not hub.take(user):  # a name joins by POST /api/presence, not by a GET
         user = ""
-    start, reset = await hub.resolve_cursor(after)
+    resume = await hub.resolve_cursor(after)
     outbox = hub.subscribe(Outbox(wire.SSE, user, hub.limits.max_queue))
     stuck: StuckWatch = request.app.state.stuck
     stuck.watch(request.scope, outbox)
-    return EventStream(hub, outbox, start, reset, stuck)
+    return EventStream(hub, outbox, resume, stuck)
 
 
 RETRY, PING = (wire.SSE_RETRY,), (wire.SSE_PING,)
@@ -61,13 +61,11 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, hub: Hub, outbox: Outbox, start: int, reset: bool,
-                 stuck: StuckWatch) -> None:
+    def __init__(self, hub: Hub, outbox: Outbox, resume: Resume, stuck: StuckWatch) -> None:
         self.status_code, self.background = 200, None
         # No self.body: Response.init_headers then adds no Content-Length (chunked body).
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.hub, self.outbox, self.start, self.reset, self.stuck = (
-            hub, outbox, start, reset, stuck)
+        self.hub, self.outbox, self.resume, self.stuck = hub, outbox, resume, stuck
 
     async def __call__(self, scope, receive, send) -> None:
         hub, outbox = self.hub, self.outbox
@@ -87,8 +85,7 @@ class EventStream(Response):
                     await raw(more)
 
             await chunk(RETRY)
-            async for batch in outbox.stream(hub, self.start, self.reset,
-                                             hub.limits.heartbeat):
+            async for batch in outbox.stream(hub, self.resume, hub.limits.heartbeat):
                 await chunk(tuple(batch) if batch else PING)  # empty: heartbeat passed
             await raw({"type": "http.response.body", "body": b"", "more_body": False})
         finally:

@@ -124,6 +124,10 @@ class MessageLog(Protocol):
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         """Up to ``limit`` messages with ``id > after_id``, oldest first."""
 
+    async def before(self, before_id: int, limit: int) -> list[Message]:
+        """The newest ``limit`` messages with ``id < before_id``, oldest first (an older
+        page, for a client that joined with the newest)."""
+
     async def last_id(self) -> int:
         """The newest id in the log, 0 if it is empty."""
 
@@ -229,6 +233,10 @@ class MemoryLog:
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         start = bisect.bisect_right(self._ids, after_id)
         return self._messages[start : start + limit]
+
+    async def before(self, before_id: int, limit: int) -> list[Message]:
+        end = bisect.bisect_left(self._ids, before_id)
+        return self._messages[max(end - limit, 0) : end]
 
     async def last_id(self) -> int:
         return self._next_id - 1
@@ -355,6 +363,12 @@ class SQLiteLog:
         ).fetchall()
         return [Message(*row) for row in rows]
 
+    def _select_before(self, before_id: int, limit: int) -> list[Message]:
+        rows = self._db.execute(
+            "SELECT id, ts, user, text, client_id FROM messages WHERE id < ? ORDER BY id DESC"
+            " LIMIT ?", (before_id, limit)).fetchall()
+        return [Message(*row) for row in reversed(rows)]
+
     def _max_id(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
 
@@ -368,6 +382,9 @@ class SQLiteLog:
 
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         return await self._run(self._select, after_id, limit)
+
+    async def before(self, before_id: int, limit: int) -> list[Message]:
+        return await self._run(self._select_before, before_id, limit)
 
     async def last_id(self) -> int:
         return await self._run(self._max_id)

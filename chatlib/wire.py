@@ -11,7 +11,20 @@ carries it; the WebSocket sender of one gets ``ack``, the stored message
 * SSE: ``event: EVENT`` and ``data: JSON`` lines (messages also carry ``id: N``, which a
   reconnecting ``EventSource`` sends back as ``Last-Event-ID``).
 * HTTP: a JSON body; ``GET /api/messages`` answers ``{"messages": [...], "last_id": N}``
-  (plus ``"reset": true`` when the cursor was past the end of the log).
+  (plus the resume protocol's events as fields: ``"reset": true``, ``"gap"``, ``"history"``).
+
+The resume protocol (decided in one place, chatlib.hub.Hub.resolve_cursor; README,
+"Resuming"), the same on every transport:
+
+* a **fresh join** (no cursor, or 0) gets the newest page (at most ``Limits.history``
+  messages), preceded by ``history`` ``{"before": ID}`` when older messages exist: ask for
+  them with ``GET /api/messages?before=ID`` (any client, whatever its transport), which
+  answers ``{"messages": [...], "first_id": F, "before": ID2?}``;
+* a **resume** (a cursor) gets everything after it, in order, paced in pages;
+* a cursor older than the oldest message kept (retention) gets ``gap`` ``{"first_id": F}``
+  and then everything from F: the client knows that it missed ids up to F-1;
+* a cursor past the end (a new or emptied log) gets ``reset`` and then a fresh join; a
+  client connected when its log goes back is closed with 1012 and reconnects to that.
 
 The server (chatlib.polling, sse, ws), the Python clients and the tests all use this
 module, so that the format has one definition (both directions). The SSE parser follows
@@ -257,9 +270,23 @@ class SSEParser:
 # -- HTTP ---------------------------------------------------------------------------------
 
 
-def messages_body(messages: list[Message], last_id: int, reset: bool) -> dict:
-    """The body of ``GET /api/messages`` (encoded with :func:`dumps`, as every HTTP body)."""
+def messages_body(messages: list[Message], last_id: int,
+                  events: list[tuple[str, dict]] = ()) -> dict:
+    """The body of ``GET /api/messages`` (encoded with :func:`dumps`, as every HTTP body).
+
+    ``events`` are the resume protocol's (chatlib.hub.Resume.events): ``"reset": true``,
+    ``"gap": {"first_id": F}``, ``"history": {"before": ID}``.
+    """
     body = {"messages": [m.to_dict() for m in messages], "last_id": last_id}
-    if reset:
-        body["reset"] = True
+    for name, data in events:
+        body[name] = data or True
+    return body
+
+
+def older_body(messages: list[Message], first_id: int) -> dict:
+    """The body of ``GET /api/messages?before=ID``: the newest page of messages below ID
+    (oldest first), ``first_id`` (the oldest kept), and ``"before"`` if older ones remain."""
+    body = {"messages": [m.to_dict() for m in messages], "first_id": first_id}
+    if messages and messages[0].id > first_id:
+        body["before"] = messages[0].id
     return body

@@ -14,7 +14,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from . import wire
 from .closecode import CloseCode
 from .fastpath import server_send, websocket_sink, websocket_writer
-from .hub import Hub
+from .hub import Hub, Resume
 from .limits import Limits, RateLimit, SendBudget
 from .outbox import Outbox
 from .store import StoreUnavailable
@@ -43,11 +43,11 @@ async def websocket(ws: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
-    start, reset = await hub.resolve_cursor(after)
+    resume = await hub.resolve_cursor(after)
     outbox = hub.subscribe(Outbox(wire.WEBSOCKET, user, limits.max_queue))
     stuck: StuckWatch = ws.app.state.stuck
     stuck.watch(ws.scope, outbox)
-    writer = asyncio.create_task(write_frames(ws, hub, outbox, start, reset))
+    writer = asyncio.create_task(write_frames(ws, hub, outbox, resume))
     writer.add_done_callback(partial(writer_done, ws))
     budget: SendBudget = ws.app.state.budget
     rate = budget.connection()
@@ -102,7 +102,7 @@ async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget
         hub.tell(outbox, wire.ws_event("ack", message.to_dict()))
 
 
-async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, reset: bool):
+async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume):
     """This connection's writer: one text frame per payload of :meth:`Outbox.stream`.
 
     Once the history is sent and the queue is empty the writer sleeps, and the hub writes
@@ -116,7 +116,7 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, start: int, rese
     outbox.sink = websocket_sink(ws.scope)
     write = websocket_writer(ws.scope)  # None on the public path
     try:
-        async for batch in outbox.stream(hub, start, reset):
+        async for batch in outbox.stream(hub, resume):
             if write is not None and await write(tuple(batch)):
                 continue  # the same encoder as the hub's direct writes, one write
             for payload in batch:

@@ -9,7 +9,7 @@ import pytest
 
 from chatlib import Limits, MemoryLog, Message, wire
 from chatlib import hub as hub_module
-from chatlib.hub import Hub
+from chatlib.hub import Hub, Resume
 from chatlib.outbox import Outbox
 from chatlib.wire import SSE, WEBSOCKET, SSEParser
 
@@ -165,7 +165,7 @@ class FakeConnection:
         self.in_flight: list[str] = []
         self.writes = 0  # sink calls
         outbox.sink = self.sink
-        self.writer = asyncio.create_task(self.write(outbox.stream(hub, cursor, False)))
+        self.writer = asyncio.create_task(self.write(outbox.stream(hub, Resume(cursor))))
 
     def sink(self, payloads: tuple[str, ...]) -> bool:
         if not self.writable:
@@ -423,14 +423,14 @@ async def test_many_long_polls_and_posts_interleaved_lose_nothing(hub):
 
 
 async def test_resolve_cursor(hub):
-    assert await hub.resolve_cursor(0) == (0, False)
-    assert await hub.resolve_cursor(-3) == (0, False)
-    assert await hub.resolve_cursor(5) == (0, True)  # past the end of an empty log
+    assert await hub.resolve_cursor(0) == Resume(0)
+    assert await hub.resolve_cursor(-3) == Resume(0)
+    assert await hub.resolve_cursor(5) == Resume(0, reset=True)  # past the end of an empty log
     for i in range(3):
         await hub.post("ada", str(i))
-    assert await hub.resolve_cursor(2) == (2, False)
-    assert await hub.resolve_cursor(3) == (3, False)
-    assert await hub.resolve_cursor(4) == (0, True)
+    assert await hub.resolve_cursor(2) == Resume(2)
+    assert await hub.resolve_cursor(3) == Resume(3)
+    assert await hub.resolve_cursor(4) == Resume(0, reset=True)
 
 
 # -- presence ---------------------------------------------------------------------------

@@ -424,11 +424,11 @@ async def test_no_reset_when_cursor_is_the_last_id(server, http):
 
 @pytest.mark.parametrize("limits", [Limits(history=5)])
 @pytest.mark.parametrize("kind", TRANSPORTS)
-async def test_history_on_join_is_replayed_in_pages(server, make_client, http, kind):
+async def test_a_resume_is_replayed_in_pages(server, make_client, http, kind):
     sent = [await post(http, server, "bob", f"h{i}") for i in range(12)]
-    client = await make_client(kind, server, "ada")
-    got = await client.receive_many(12, timeout=T)
-    assert [m.id for m in got] == [m["id"] for m in sent]
+    client = await make_client(kind, server, "ada", after=sent[0]["id"])  # a cursor
+    got = await client.receive_many(11, timeout=T)
+    assert [m.id for m in got] == [m["id"] for m in sent[1:]]
     await post(http, server, "bob", "live")
     assert (await client.receive(timeout=T)).text == "live"
 
@@ -436,8 +436,8 @@ async def test_history_on_join_is_replayed_in_pages(server, make_client, http, k
 async def test_http_history_is_one_page_per_request(start_chat, http):
     server = await start_chat(limits=Limits(history=5))
     sent = [await post(http, server, "bob", f"h{i}") for i in range(12)]
-    body = (await http.get(server.url + "api/messages?after=0")).json()
-    assert body["messages"] == sent[:5]
+    body = (await http.get(server.url + f"api/messages?after={sent[0]['id']}")).json()
+    assert body["messages"] == sent[1:6]
     assert body["last_id"] == sent[-1]["id"]
 
 

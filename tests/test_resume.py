@@ -1,0 +1,131 @@
+"""The resume protocol, on every transport and every log (issue 18; chatlib.wire, README
+"Resuming"): a fresh join gets the newest page and a marker for older ones, older pages
+come by id, a cursor within retention gets everything after it, a cursor older than
+retention gets an explicit gap. (A log that goes back, FLUSHALL: tests/test_log_reset.py.)
+
+Before, a fresh join (WebSocket ``after: 0``, SSE without a cursor) replayed the whole
+log: 20,000 of 20,000 frames per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from log_fixtures import LOGS, open_log
+from websockets.asyncio.client import connect as ws_connect
+
+from chatlib import Limits
+from chatlib.wire import SSEParser
+
+T = 15.0
+PAGE = Limits(history=5, rate=1000, burst=1000)
+
+
+@pytest.fixture
+async def chat(request, tmp_path, start_chat):
+    """A factory: ``await chat(kind, **log_options)``, a server on that kind of log."""
+    opened = []
+
+    async def make(kind: str, **options):
+        log, redis = await open_log(kind, tmp_path, **options)
+        opened.append((log, redis))
+        return await start_chat(log=log, limits=PAGE)
+
+    try:
+        yield make
+    finally:
+        for log, redis in opened:
+            await log.close()
+            if redis is not None:
+                redis.kill()
+
+
+async def post_many(server, count: int) -> None:
+    async with httpx.AsyncClient() as http:
+        for i in range(count):
+            response = await http.post(server.url + "api/messages",
+                                       json={"user": "bob", "text": f"m{i + 1}"})
+            assert response.status_code == 201
+
+
+async def ws_events(server, hello: dict, until) -> list[dict]:
+    """Frames after ``hello`` until ``until(frames)``."""
+    frames: list[dict] = []
+    async with ws_connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"type": "hello", "user": "ada", **hello}))
+        async with asyncio.timeout(T):
+            while not until(frames):
+                frames.append(json.loads(await ws.recv()))
+    return [f for f in frames if f["type"] not in ("presence", "typing")]
+
+
+async def sse_events(server, query: str, until) -> list[dict]:
+    events: list[dict] = []
+    parser = SSEParser()
+    async with httpx.AsyncClient(timeout=T) as http:
+        async with http.stream("GET", server.url + "api/events?" + query) as stream:
+            chunks = stream.aiter_bytes()
+            async with asyncio.timeout(T):
+                while not until(events):
+                    for event in parser.feed(await anext(chunks)):
+                        events.append({"type": event.event, **json.loads(event.data)})
+    return [e for e in events if e["type"] not in ("presence", "typing")]
+
+
+def has_message(message_id: int):
+    return lambda events: any(e.get("id") == message_id and e["type"] == "message"
+                              for e in events)
+
+
+def summary(events: list[dict]) -> list:
+    return [e["id"] if e["type"] == "message" else (e["type"], e.get("before", e.get(
+        "first_id"))) for e in events]
+
+
+@pytest.mark.parametrize("kind", LOGS)
+async def test_a_fresh_join_gets_the_newest_page_and_older_pages_by_id(chat, kind):
+    server = await chat(kind)
+    await post_many(server, 12)
+    newest = [("history", 8), 8, 9, 10, 11, 12]
+    assert summary(await ws_events(server, {}, has_message(12))) == newest
+    assert summary(await ws_events(server, {"after": 0}, has_message(12))) == newest
+    assert summary(await sse_events(server, "", has_message(12))) == newest
+    async with httpx.AsyncClient() as http:
+        body = (await http.get(server.url + "api/messages?after=0")).json()
+        assert [m["id"] for m in body["messages"]] == [8, 9, 10, 11, 12]
+        assert body["history"] == {"before": 8} and body["last_id"] == 12
+        older = (await http.get(server.url + "api/messages?before=8")).json()
+        assert [m["id"] for m in older["messages"]] == [3, 4, 5, 6, 7]
+        assert older["before"] == 3 and older["first_id"] == 1
+        oldest = (await http.get(server.url + "api/messages?before=3")).json()
+        assert [m["id"] for m in oldest["messages"]] == [1, 2] and "before" not in oldest
+
+
+@pytest.mark.parametrize("kind", LOGS)
+async def test_a_resume_within_retention_gets_everything_after_its_cursor(
+        chat, kind, make_client):
+    server = await chat(kind)
+    await post_many(server, 12)
+    for transport in ("ws", "sse", "longpoll", "poll"):
+        client = await make_client(transport, server, f"r-{transport}", after=3)
+        got = await client.receive_many(9, timeout=T)
+        assert [m.id for m in got] == list(range(4, 13)), transport  # no loss, no repeat
+    assert summary(await ws_events(server, {"after": 3}, has_message(12))) == list(range(4, 13))
+
+
+@pytest.mark.parametrize("kind", LOGS)
+async def test_a_cursor_older_than_retention_gets_a_gap(chat, kind):
+    server = await chat(kind, **({"max_len": 10} if kind == "redis" else {"max_messages": 10}))
+    await post_many(server, 30)
+    first = await server.log.first_id()
+    assert 20 <= first <= 22  # 90-100 % of the cap kept
+    expected = [("gap", first), *range(first, 31)]
+    assert summary(await ws_events(server, {"after": 2}, has_message(30))) == expected
+    assert summary(await sse_events(server, "after=2", has_message(30))) == expected
+    async with httpx.AsyncClient() as http:
+        body = (await http.get(server.url + "api/messages?after=2")).json()
+    assert body["gap"] == {"first_id": first}
+    assert [m["id"] for m in body["messages"]] == list(range(first, first + 5))
