@@ -213,6 +213,7 @@ class HTTPClient(Client):
     JOIN_EVERY = 10.0
     """Seconds between two joins (``POST /api/presence``): a server restarted meanwhile has
     forgotten the name, and its presence list holds a name 30 s after its last request."""
+    _joined = float("-inf")  # not joined yet: receive() may come before connect()
 
     async def connect(self) -> None:
         headers = {"Origin": self.origin} if self.origin else {}

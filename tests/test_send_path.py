@@ -222,6 +222,22 @@ async def test_restart_mid_send(transport, store, start_chat, make_client, relay
 # -- duplicates --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["poll", "longpoll"])
+async def test_an_http_client_that_receives_before_connecting_joins(server, kind):
+    """receive() on a client never connected connects (and joins the presence list) first,
+    as chapter 3 does with its quiet listeners."""
+    import chatlib
+
+    client = (chatlib.LongPollClient(server.url, "quiet", wait=0.2) if kind == "longpoll"
+              else chatlib.PollingClient(server.url, "quiet", interval=0.05))
+    try:
+        with pytest.raises(TimeoutError):
+            await client.receive(timeout=0.3)
+        await wait_present(server.url, "quiet")
+    finally:
+        await client.close()
+
+
 async def test_concurrent_duplicates_from_two_connections_store_one(server, make_client):
     tab1 = await make_client("ws", server, "ada")
     tab2 = await make_client("sse", server, "ada")
