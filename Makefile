@@ -18,12 +18,13 @@ LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 setup: $(STAMP)
 
 # An editable install skips the wheel's data-files, so chatlib.save_hook (saved notebooks
-# keep no widget view that a new kernel cannot draw) is enabled by command, as with conda.
+# keep no widget view that a new kernel cannot draw) gets the wheel's server config by hand:
+# `jupyter server extension enable` refuses an extension no config lists yet (jupyter_server 2.21).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/jupyter server extension enable --sys-prefix --log-level=WARN chatlib.save_hook
+	install -D -m 644 jupyter-config/chatlib.json $(VENV)/etc/jupyter/jupyter_server_config.d/chatlib.json
 	touch $@
 
 lab: setup

@@ -73,3 +73,13 @@ def test_other_files_and_outputs_are_left_alone():
     assert text["content"] == "{}"
     plain = nbformat.v4.new_output("stream", text="hello\n")
     assert save(notebook(plain))["cells"][0]["outputs"] == [plain]
+
+
+def test_this_environment_enables_the_hook():
+    # make setup (and postBuild) install the wheel's server config into the venv; a fresh
+    # clone must come out with the extension on, or the browser reopen tests fail.
+    from jupyter_core.paths import jupyter_config_path
+    from jupyter_server.extension.config import ExtensionConfigManager
+
+    config = ExtensionConfigManager(read_config_path=jupyter_config_path())
+    assert config.enabled("chatlib.save_hook"), "run make setup (or postBuild) again"
