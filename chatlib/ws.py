@@ -13,7 +13,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import wire
 from .closecode import CloseCode
-from .fastpath import server_send, websocket_sink, websocket_writer
+from .fastpath import (
+    reset_connection,
+    server_send,
+    transport_of,
+    unsent_bytes,
+    websocket_sink,
+    websocket_writer,
+)
 from .hub import Hub, Resume
 from .limits import Limits, RateLimit, SendBudget
 from .outbox import Outbox
@@ -38,7 +45,11 @@ async def websocket(ws: WebSocket) -> None:
         await ws.send_text(wire.ws_event("error", {"error": exc.error}))
         await ws.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
         return
-    except TimeoutError:  # say why before hanging up (a bare TCP close tells nothing)
+    except TimeoutError:  # say why before hanging up (a bare TCP close tells nothing) ...
+        transport = transport_of(ws.scope)
+        if transport is not None and unsent_bytes(transport):
+            reset_connection(transport)  # ... unless it reads nothing (pongs waiting): abort
+            return
         await ws.close(CloseCode.POLICY_VIOLATION, f"no hello within {limits.hello_timeout:g} s")
         return
     except WebSocketDisconnect:
