@@ -13,13 +13,15 @@ sections 1-7), and checks that the notebook's solution cells are this code, line
 
 The five pieces, one per step of the notebook:
 
-* :func:`parse_request`: the HTTP/1.1 request head as ``(method, target, headers)``;
+* :func:`parse_request`: the HTTP/1.1 request head as ``(method, target, headers)``,
+  refusing what could be read two ways (a bare CR or LF, a second ``Host``);
 * :func:`handshake_response`: ``101 Switching Protocols`` with ``Sec-WebSocket-Accept``, or an
   error status for a request that isn't a valid upgrade, names a foreign ``Host``
   (:func:`host_allowed`, against DNS rebinding) or comes from a foreign ``Origin``;
 * :func:`read_message`: frames in, one whole message out: masked frames only, PINGs answered
-  on the way, fragments reassembled, UTF-8 checked fragment by fragment (fail fast), and
-  every frame due within :data:`READ_TIMEOUT` (the server PINGs a quiet client every
+  on the way (unless the client leaves :data:`MAX_UNSENT` bytes unread), fragments
+  reassembled, UTF-8 checked fragment by fragment (fail fast), every frame and every whole
+  message due within :data:`READ_TIMEOUT` (the server PINGs a quiet client every
   :data:`PING_INTERVAL`, so a live one always has a PONG to send);
 * :func:`broadcast`: one TEXT frame, encoded once, written to every connection;
 * :func:`close_reply`: the CLOSE frame that answers the peer's CLOSE (or refuses a bad one),
@@ -29,23 +31,28 @@ The five pieces, one per step of the notebook:
 chat protocol"): ``hello`` (with history after ``after``), ``message`` (a ``client_id`` gets
 an ``ack`` carrying the stored message; a resend is acked with the original, stored once),
 ``typing``, ``presence``, ``error``, ``reset``. Besides ``/ws`` it serves the chat page
-(``/``, ``/static/app.js``, ``/static/style.css``), and ``/echo``, a WebSocket that sends
-every message back, as the conformance battery needs.
+(``/``, ``/static/app.js``, ``/static/style.css``; GET and HEAD), and ``/echo``, a WebSocket
+that sends every message back, as the conformance battery needs. After every answer it
+lingers (:func:`linger`), so that what the client still sends cannot reset the answer.
 
 What a server open to strangers must add, and this one does (each has a test in
 tests/test_build_your_own.py): a ``Host`` allowlist; bad JSON of any shape (60,000 ``[``
 nest deeper than Python's recursion limit) answered with an error, and a bug in a handler
 closed with 1011 for that client only; nicknames without control or invisible characters
-(:func:`nickname_problem`); a read timeout with keepalive PINGs; presence coalesced (one
+(:func:`nickname_problem`); read and write timeouts with keepalive PINGs, a PING flood
+from a client that does not read closed (1008); presence coalesced (one
 update per :data:`PRESENCE_DELAY`, not one per join per client: 300 joins made 45,150
 frames); a join replays at most :data:`HISTORY_PAGE` messages; and a lingering close, so
 the peer reads our CLOSE (1009, 1002, ...) before the connection ends.
 
 Limits, and what it leaves out on purpose (a teaching server, not chatlib's): one request per
-HTTP connection (``Connection: close``); a request head of at most 16 KiB, read within 10 s;
+HTTP connection (``Connection: close``), in origin form (``GET /path``: an absolute URL as
+target gets 400), HTTP/1.1 only (400 for any other version); a request head of at most
+16 KiB (431), read within 10 s;
 messages of at most 64 KiB; a client that lets more than 1 MiB pile up unread is dropped; no
 extensions (permessage-deflate), no subprotocols, no TLS, no long polling or SSE, no rate
 limits, and the history lives in memory without bound (only what a join replays is bounded).
+Nicknames that merely look alike (Cyrillic "а" for Latin "a") are not refused.
 """
 
 from __future__ import annotations
@@ -66,16 +73,17 @@ from . import frames
 from .app import STATIC_DIR
 from .frames import CloseCode, Frame, FrameError, Opcode, ProtocolError
 from .handshake import accept_key
+from .validation import invisible
 
 __all__ = ["HandmadeServer", "broadcast", "close_reply", "handshake_response", "host_allowed",
            "linger", "nickname_problem", "parse_request", "read_message"]
 
-MAX_HEAD = 16 * 1024  # bytes of request head we read before answering 400
+MAX_HEAD = 16 * 1024  # bytes of request head we read before answering 431
 MAX_MESSAGE = 64 * 1024  # bytes of one message, all fragments together
 MAX_UNSENT = 1024 * 1024  # bytes waiting to be sent to one client before we drop it
 MAX_TEXT = 2000  # characters of one chat message, as chatlib.Limits
 MAX_NICK = 32  # characters of a nickname, as chatlib.Limits
-READ_TIMEOUT = 30.0  # seconds a connection may go without sending a whole frame
+READ_TIMEOUT = 30.0  # seconds for a whole message (or a frame) to come in, or ours to go out
 PING_INTERVAL = 10.0  # seconds between our PINGs: a live client answers each with a PONG
 LINGER_SECONDS = 2.0  # after our last frame: how long we read and discard, at most ...
 LINGER_BYTES = 4 * 1024 * 1024  # ... and how many bytes, before closing
@@ -84,20 +92,25 @@ PRESENCE_DELAY = 0.25  # seconds over which joins and leaves make one presence u
 PAGES = {"/": ("index.html", "text/html; charset=utf-8"),
          "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
          "/static/style.css": ("style.css", "text/css; charset=utf-8")}
+TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
 def http_response(status: int, reason: str, body: bytes = b"", *, content_type: str =
-                  "text/plain; charset=utf-8", extra: str = "") -> bytes:
+                  "text/plain; charset=utf-8", extra: str = "", connection: str = "close") -> bytes:
     """A complete HTTP/1.1 response that closes the connection after it."""
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n{extra}\r\n").encode() + body
+            f"Content-Length: {len(body)}\r\nConnection: {connection}\r\n{extra}\r\n"
+            ).encode() + body
 
 
 # Step 1 ----------------------------------------------------------------------------------
 def parse_request(head: bytes) -> tuple[str, str, dict[str, str]]:
     """Split a request head into (method, target, headers); header names in lower case.
 
-    Raises ValueError when the head is not an HTTP/1.1 request.
+    Raises ValueError when the head is not an HTTP/1.1 request in origin form (a target
+    starting with "/"), when a header name is not a token, a value holds CR, LF or NUL, or
+    ``Host`` or ``Sec-WebSocket-Key`` comes twice. Other repeated headers are joined with
+    ", " (RFC 9110, section 5.3).
     """
     request_line, *lines = head.decode("latin-1").split("\r\n")
     method, target, version = request_line.split(" ")  # ValueError unless exactly 3 parts
@@ -108,9 +121,16 @@ def parse_request(head: bytes) -> tuple[str, str, dict[str, str]]:
         if line == "":
             continue  # the empty line that ends the head
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
+        if not colon or not name or not set(name) <= TOKEN:  # "Host :" has a space
             raise ValueError(f"malformed header line: {line!r}")
-        headers[name.lower()] = value.strip()
+        if {"\r", "\n", "\0"} & set(value):  # a bare CR or LF could smuggle a line in
+            raise ValueError(f"CR, LF or NUL in a header value: {line!r}")
+        name, value = name.lower(), value.strip(" \t")
+        if name in headers:
+            if name in ("host", "sec-websocket-key"):  # which one would be the real one?
+                raise ValueError(f"more than one {name} header")
+            value = f"{headers[name]}, {value}"
+        headers[name] = value
     return method, target, headers
 
 
@@ -123,7 +143,10 @@ def host_allowed(host: str, names=()) -> bool:
     ``names`` (e.g. the host of a proxy the server sits behind). A rebinding attacker's page
     can only name its own domain, which resolves to us but is none of these.
     """
-    name = urlsplit("//" + host).hostname  # lower case, without port and brackets
+    try:
+        name = urlsplit("//" + host).hostname  # lower case, without port and brackets
+    except ValueError:  # "[::1": not a host at all
+        return False
     if not name:
         return False
     try:
@@ -139,11 +162,13 @@ def handshake_response(headers: dict[str, str], names=()) -> bytes:
     ``names``: host names allowed besides IP addresses and localhost (:func:`host_allowed`).
     """
     connection = [token.strip().lower() for token in headers.get("connection", "").split(",")]
-    if headers.get("upgrade", "").lower() != "websocket" or "upgrade" not in connection:
+    upgrade = [token.strip().lower() for token in headers.get("upgrade", "").split(",")]
+    if "websocket" not in upgrade or "upgrade" not in connection:
         return http_response(400, "Bad Request", b"this is a WebSocket endpoint\n")
-    if headers.get("sec-websocket-version") != "13":
+    if headers.get("sec-websocket-version") != "13":  # 426 says what to upgrade to
         return http_response(426, "Upgrade Required", b"WebSocket version 13 only\n",
-                             extra="Sec-WebSocket-Version: 13\r\n")
+                             connection="Upgrade, close",
+                             extra="Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n")
     key = headers.get("sec-websocket-key", "")
     try:
         nonce = base64.b64decode(key, validate=True)
@@ -157,7 +182,11 @@ def handshake_response(headers: dict[str, str], names=()) -> bytes:
     if not host_allowed(host, names):  # a rebound name: its Origin would match its Host
         return http_response(403, "Forbidden", b"host not allowed\n")
     origin = headers.get("origin")  # browsers send it; a page elsewhere must not get in
-    if origin is not None and urlsplit(origin).netloc != host:
+    try:
+        same_origin = origin is None or urlsplit(origin).netloc == host
+    except ValueError:  # "http://[": not an origin at all
+        same_origin = False
+    if not same_origin:
         return http_response(403, "Forbidden", b"origin not allowed\n")
     return ("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n").encode()
@@ -169,19 +198,25 @@ async def read_message(reader: asyncio.StreamReader,
     """The next whole message, (TEXT or BINARY, payload), or (CLOSE, payload).
 
     Answers PINGs, ignores PONGs, reassembles fragments. Raises a FrameError (its close_code
-    says how to close) for anything RFC 6455 forbids, and for a peer that takes more than
-    READ_TIMEOUT seconds over one frame (silent, or stuck in the middle of a frame).
+    says how to close) for anything RFC 6455 forbids; for a peer that sends no frame for
+    READ_TIMEOUT seconds (silent, or stuck in the middle of a frame) or takes longer than
+    that from a message's first fragment to its last (PONGs in between don't count); and
+    for one that PINGs while more than MAX_UNSENT bytes wait for it to read (1008).
     """
     opcode, parts, size = None, [], 0
     utf8 = codecs.getincrementaldecoder("utf-8")()
+    loop, deadline = asyncio.get_running_loop(), None  # deadline: set by a first fragment
     while True:  # one frame per round: returns with a message or a CLOSE, or raises
+        timeout = READ_TIMEOUT if deadline is None else deadline - loop.time()
         try:
             frame = await asyncio.wait_for(
-                frames.read_frame(reader, masked=True, max_size=MAX_MESSAGE), READ_TIMEOUT)
+                frames.read_frame(reader, masked=True, max_size=MAX_MESSAGE), timeout)
         except TimeoutError:
-            raise ProtocolError(f"no frame for {READ_TIMEOUT:g} s",
+            raise ProtocolError(f"no whole frame or message in {READ_TIMEOUT:g} s",
                                 CloseCode.INTERNAL_ERROR) from None
         if frame.opcode == Opcode.PING:
+            if writer.transport.get_write_buffer_size() > MAX_UNSENT:  # PINGs, never reads
+                raise ProtocolError("PINGs while not reading", CloseCode.POLICY_VIOLATION)
             writer.write(frames.encode(Frame(Opcode.PONG, frame.payload), mask_key=None))
             continue
         if frame.opcode == Opcode.PONG:
@@ -192,7 +227,8 @@ async def read_message(reader: asyncio.StreamReader,
             raise ProtocolError("continuation frame, but no message to continue")
         if opcode is not None and frame.opcode != Opcode.CONT:
             raise ProtocolError("new message before the previous one ended")
-        opcode = opcode or frame.opcode
+        if opcode is None:  # a message starts: all of it must be here within READ_TIMEOUT
+            opcode, deadline = frame.opcode, loop.time() + READ_TIMEOUT
         size += len(frame.payload)
         if size > MAX_MESSAGE:
             raise frames.PayloadTooBig(size, MAX_MESSAGE)
@@ -212,7 +248,7 @@ def broadcast(writers, text: str) -> None:
     wire = frames.encode(Frame(Opcode.TEXT, text.encode("utf-8")), mask_key=None)
     for writer in list(writers):
         if writer.transport.get_write_buffer_size() > MAX_UNSENT:
-            writer.transport.abort()  # its session ends with a ConnectionError
+            writer.transport.abort()  # its session's read ends (IncompleteReadError)
         elif not writer.is_closing():
             writer.write(wire)
 
@@ -263,15 +299,18 @@ def send_json(writer: asyncio.StreamWriter, event: dict) -> None:
 def nickname_problem(nick) -> str | None:
     """Why ``nick`` can't be a nickname, or None if it can.
 
-    Refused: not a string, empty or blank, longer than MAX_NICK, or holding a character a
-    reader cannot see for what it is: controls (NUL, newline, ESC), format characters (the
-    right-to-left override U+202E, zero-width joiners), line and paragraph separators,
-    surrogates, private-use and unassigned code points. Spaces inside a name are fine.
+    Refused: not a string, empty or blank, longer than MAX_NICK, or holding a control (NUL,
+    newline, ESC), a format character (the right-to-left override U+202E, zero-width
+    joiners), a line or paragraph separator, a surrogate, a private-use or unassigned code
+    point, or a character that draws nothing (``chatlib.validation.invisible``: the Hangul
+    fillers U+3164, U+115F, U+1160, U+FFA0, the blank Braille pattern U+2800). Spaces
+    inside a name are fine. Look-alikes get through: Cyrillic "а" in "аdmin" is a letter.
     """
     if not isinstance(nick, str) or not nick.strip() or len(nick) > MAX_NICK:
         return f"user: 1 to {MAX_NICK} characters, not all blank"
     for char in nick:
-        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+        if unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") or (
+                invisible(char)):
             return f"user: no control or invisible characters (U+{ord(char):04X})"
     return None
 
@@ -294,7 +333,7 @@ class HandmadeServer:
         self.acked: dict[tuple[str, str], int] = {}  # (user, client_id) -> message id
         self.port: int | None = None
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()  # connections in a session
+        self._sessions: dict[asyncio.StreamWriter, asyncio.Task] = {}  # connection -> session
         self._handlers: set[asyncio.Task] = set()  # one per connection, lingering included
         self._presence: asyncio.TimerHandle | None = None  # a presence update on its way
 
@@ -311,9 +350,9 @@ class HandmadeServer:
         self._server.close()
         if self._presence is not None:
             self._presence.cancel()
-        for writer in list(self._writers):
+        for writer, session in list(self._sessions.items()):
             writer.write(close_frame(CloseCode.GOING_AWAY))
-            writer.close()
+            session.cancel()  # its handler lingers, so that this CLOSE gets read
         if self._handlers:  # lingering ones end within LINGER_SECONDS
             await asyncio.wait(self._handlers, timeout=LINGER_SECONDS + 1)
         with contextlib.suppress(TimeoutError):
@@ -326,28 +365,35 @@ class HandmadeServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             method, target, headers = parse_request(head)
-        except (ValueError, asyncio.LimitOverrunError, asyncio.IncompleteReadError,
-                TimeoutError, ConnectionError):
+        except asyncio.LimitOverrunError:
+            writer.write(http_response(431, "Request Header Fields Too Large",
+                                       b"request head over 16 KiB\n"))
+        except (ValueError, asyncio.IncompleteReadError, TimeoutError, ConnectionError):
             writer.write(http_response(400, "Bad Request", b"malformed request\n"))
-            writer.close()
-            return
-        path = urlsplit(target).path
-        if path in ("/ws", "/echo") and method == "GET":
+        else:
+            await self.respond(reader, writer, method, target.split("?")[0], headers)
+        await linger(reader, writer)  # what the client still sends must not reset our answer
+
+    async def respond(self, reader, writer, method: str, path: str, headers) -> None:
+        """Answer one request: a WebSocket session on /ws and /echo, a page, or an error."""
+        allow = "GET" if path in ("/ws", "/echo") else "GET, HEAD" if path in PAGES else None
+        if allow is None:
+            writer.write(http_response(404, "Not Found", b"not found\n"))
+        elif method not in allow.split(", "):
+            writer.write(http_response(405, "Method Not Allowed", b"", extra=f"Allow: {allow}\r\n"))
+        elif path in PAGES:
+            name, content_type = PAGES[path]
+            body = (STATIC_DIR / name).read_bytes()
+            response = http_response(200, "OK", body, content_type=content_type)
+            writer.write(response if method == "GET" else response[:len(response) - len(body)])
+        else:
             answer = handshake_response(headers, self.names)
             writer.write(answer)
             if answer.startswith(b"HTTP/1.1 101 "):
-                self._writers.add(writer)
-                await self.session(reader, writer, echo=path == "/echo")
-                self._writers.discard(writer)
-                await linger(reader, writer)  # so that our CLOSE gets read
-                return
-        elif path in PAGES and method == "GET":
-            name, content_type = PAGES[path]
-            writer.write(http_response(200, "OK", (STATIC_DIR / name).read_bytes(),
-                                       content_type=content_type))
-        else:
-            writer.write(http_response(404, "Not Found", b"not found\n"))
-        writer.close()
+                self._sessions[writer] = asyncio.ensure_future(
+                    self.session(reader, writer, echo=path == "/echo"))
+                await asyncio.wait([self._sessions[writer]])  # the peer's, ours or stop()'s end
+                del self._sessions[writer]
 
     async def session(self, reader, writer, *, echo: bool) -> None:
         """Messages in until a CLOSE, an error or a lost connection; our CLOSE is the last frame."""
@@ -365,7 +411,11 @@ class HandmadeServer:
                     break
                 elif not self.on_event(writer, payload.decode("utf-8")):
                     break
-                await writer.drain()
+                try:  # a client that stops reading must not hold us here either
+                    await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+                except TimeoutError:
+                    writer.transport.abort()
+                    break
         except FrameError as exc:  # the peer broke RFC 6455: fail the connection
             writer.write(close_frame(exc.close_code, str(exc)[:100]))
         except (asyncio.IncompleteReadError, ConnectionError):
