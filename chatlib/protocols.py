@@ -34,7 +34,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from .fastpath import H11_MAX_INCOMPLETE_EVENT_SIZE
+from .fastpath import H11_MAX_INCOMPLETE_EVENT_SIZE, bytes_acked, reset_connection
 from .limits import LINGER_BYTES, LINGER_SECONDS, Limits
 
 
@@ -115,7 +115,13 @@ class ChunkCountingConnection(h11.Connection):
 
 
 class BoundedH11Protocol(LingeringClose, H11Protocol):
-    """uvicorn's h11 protocol with a header timeout, a body budget and lingering close.
+    """uvicorn's h11 protocol with a header timeout, a body budget, lingering close, and
+    the stuck-client rule for every response: a connection whose output passed the
+    transport's high-water mark (asyncio's ``pause_writing``) and whose client then
+    acknowledges nothing for ``limits.stuck_timeout`` seconds is reset. (100 sockets with
+    a 4 KB receive buffer that asked for a 500-message page and never read held 115 MB of
+    the server and 267 MB of kernel buffers for over 75 s: issue 18.) A slow reader that
+    makes progress is left alone.
 
     Make one per server with ``functools.partial(BoundedH11Protocol, limits=...)``.
     """
@@ -129,6 +135,8 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         self.upgraded = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._acked: int | None = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -139,7 +147,39 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
     def connection_lost(self, exc) -> None:
         self.stop_lingering()
         self._cancel_timers()
+        self._stop_write_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None and not self.upgraded:
+            self._acked = bytes_acked(self.raw_transport)
+            self._write_timer = self.loop.call_later(self.limits.stuck_timeout,
+                                                     self._write_too_slow)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._stop_write_timer()
+
+    def _stop_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_too_slow(self) -> None:
+        """Still paused ``stuck_timeout`` after the output passed the high-water mark:
+        reset, unless the client acknowledged something meanwhile (then look again)."""
+        self._write_timer = None
+        acked = bytes_acked(self.raw_transport)
+        if acked is not None and acked != self._acked:
+            self._acked = acked
+            self._write_timer = self.loop.call_later(self.limits.stuck_timeout,
+                                                     self._write_too_slow)
+            return
+        if self.cycle is not None:
+            self.cycle.disconnected = True  # the app's send() and receive() see it gone
+            self.cycle.message_event.set()
+        reset_connection(self.raw_transport)
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
@@ -180,6 +220,7 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
 
     def handle_websocket_upgrade(self, event) -> None:
         self._cancel_timers()
+        self._stop_write_timer()
         self.upgraded = True  # this connection is the WebSocket protocol's from now on
         self.transport = self.raw_transport  # ... which gets the real transport
         super().handle_websocket_upgrade(event)
