@@ -30,6 +30,11 @@ LINGER_SECONDS = 2.0
 """Longest a refused connection is drained before it is closed (nginx: lingering_time)."""
 LINGER_BYTES = 4 * 1024 * 1024
 """Most bytes read and discarded from a refused connection before it is closed."""
+MAX_FRAGMENTS = 1024
+"""Frames one WebSocket message may come in (a first frame and its continuations); past
+this the connection is closed with 1008. websockets parses each frame in Python, so a
+message sent one byte per frame cost the event loop ~1 us a byte: two such connections
+held a core (issue 18), the WebSocket twin of ``Limits.max_body_chunks``."""
 
 FANOUT_SLICE = 256
 """Deliveries one event-loop step makes before the loop may run anything else.

@@ -35,7 +35,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from .fastpath import H11_MAX_INCOMPLETE_EVENT_SIZE, bytes_acked, reset_connection
-from .limits import LINGER_BYTES, LINGER_SECONDS, Limits
+from .limits import LINGER_BYTES, LINGER_SECONDS, MAX_FRAGMENTS, Limits
 
 
 class LingeringClose:
@@ -315,6 +315,7 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
     * a handshake that h11 accepted but websockets' stricter HTTP parser refuses (more than
       128 headers, ``Transfer-Encoding``, a version other than 1.1, an unusual method) gets
       ``400`` at once; uvicorn 0.54 answered nothing and held the connection forever;
+    * a message may come in at most MAX_FRAGMENTS frames (1008 past that);
     * it stops reading from a client whose output waits past the transport's high-water
       mark (asyncio's ``pause_writing``), until that output drains: every ping a client
       sends makes a pong, and four sockets that sent pings and read no pongs grew the
@@ -336,6 +337,17 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
         self.output_paused = False
         if not self.read_paused and not self.transport.is_closing():
             self.transport.resume_reading()  # (uvicorn's own pause, for its queue, stays)
+
+    def handle_cont(self, event) -> None:
+        """A continuation frame: at most MAX_FRAGMENTS frames per message, else 1008."""
+        if self.close_sent:
+            return
+        if len(self.frames) >= MAX_FRAGMENTS:
+            self.frames = []
+            self.conn.send_close(1008, f"more than {MAX_FRAGMENTS} frames in one message")
+            self.handle_parser_exception()
+            return
+        super().handle_cont(event)
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:
