@@ -1,8 +1,8 @@
 """The second outside attack's families (issue 18), each against a server in a subprocess,
 each printing its figures: ping flood, replay amplification, dead-connection replay,
-forwarded-header rotation, look-alike names. (Redis FLUSHALL/OOM/hang need a redis-server:
-tests/test_log_reset.py and tests/test_redis_errors.py; the resume protocol on every
-transport and log: tests/test_resume.py.)
+forwarded-header rotation, look-alike names, HTTP slow readers, Redis FLUSHALL / OOM /
+hang (needs redis-server). The resume protocol on every transport and log:
+tests/test_resume.py.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 import httpx
 from test_ping_flood import open_websocket, ping
 from test_stuck_kernel import text_frame
+from test_torture_stuck import server_side_states
 from torturekit import percentile, ws_open
 
 from chatlib.validation import DEFAULT_IGNORABLE, FILLERS
@@ -151,3 +152,102 @@ async def test_look_alike_names(spawn, figures):
     figures("look-alike names ('admin' + a default-ignorable code point or filler)",
             tried=len(tried), accepted=accepted, p99_ms=round(percentile(latencies, 99), 1))
     assert accepted == 0
+
+
+async def test_http_slow_readers(spawn, figures):
+    server = await spawn(limits={**FAST, "stuck_timeout": 2.0, "history": 1000})
+    async with httpx.AsyncClient() as http:
+        for _ in range(1000):  # a page of ~8 MB: more than the kernel's buffers take
+            await http.post(server.url + "api/messages",
+                            json={"user": "bob", "text": "\U0001f600" * 1990})
+    rss_before = server.rss_kib()
+    sockets = []
+    for _ in range(20):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f"GET /api/messages?after=1 HTTP/1.1\r\nHost: 127.0.0.1:{server.port}"
+                     "\r\n\r\n".encode())
+        sockets.append(sock)  # never read
+    ports = {sock.getsockname()[1] for sock in sockets}
+    started = time.monotonic()
+    rss_peak = server.rss_kib()
+    try:
+        async with asyncio.timeout(30):
+            while server_side_states(server.port, ports):  # bounded by the timeout
+                rss_peak = max(rss_peak, server.rss_kib())
+                await asyncio.sleep(0.2)
+        within = time.monotonic() - started
+    finally:
+        for sock in sockets:
+            sock.close()
+    gone = len(ports) - len(server_side_states(server.port, ports))
+    figures("HTTP slow readers (20 unread 8 MB pages, 4 KB receive buffers)",
+            reset=gone, within_s=round(within, 1),
+            rss_growth_mib=round((rss_peak - rss_before) / 1024, 1))
+    assert gone == 20
+
+
+async def test_redis_flushall_oom_and_hang(spawn, figures, tmp_path):
+    import os
+    import signal
+
+    import redis.asyncio as aioredis
+    from redis_fixtures import require_programs
+
+    from chatlib.cluster import RedisProcess
+
+    require_programs("redis-server")
+    redis = RedisProcess(tmp_path / "redis")
+    await redis.start()
+    admin = aioredis.Redis.from_url(redis.url)
+    try:
+        server = await spawn(cli=["--redis", redis.url, "--rate", "1000000",
+                                  "--burst", "1000000"])
+        url = server.url + "api/messages"
+        async with httpx.AsyncClient(timeout=30) as http:
+            for i in range(5):
+                assert (await http.post(url, json={"user": "a", "text": f"m{i}"})).status_code \
+                    == 201
+            # FLUSHALL under a connected WebSocket: closed with 1012, to resume into a reset.
+            ws = await ws_open(server.ws_url)
+            await ws.send(json.dumps({"type": "hello", "user": "w", "after": 5}))
+            await admin.flushall()
+            started = time.monotonic()
+            await http.post(url, json={"user": "a", "text": "after"})
+            try:
+                async with asyncio.timeout(20):
+                    while True:  # bounded by the timeout
+                        await ws.recv()
+            except Exception:  # noqa: BLE001 (the close is the point)
+                pass
+            flush_code, flush_s = ws.close_code, time.monotonic() - started
+            # OOM: every write refused, with a JSON 503.
+            await admin.config_set("maxmemory", 1)
+            oom = [await http.post(url, json={"user": "a", "text": "no room"})
+                   for _ in range(20)]
+            await admin.config_set("maxmemory", 0)
+            oom_json_503 = sum(r.status_code == 503 and r.headers["content-type"]
+                               == "application/json" for r in oom)
+            # A hung Redis (SIGSTOP, past the command timeout): 503 "unknown", resend once.
+            body = {"user": "a", "text": "into a hung Redis", "client_id": "hung"}
+            os.kill(redis.process.pid, signal.SIGSTOP)
+            try:
+                hung = await http.post(url, json=body)
+            finally:
+                os.kill(redis.process.pid, signal.SIGCONT)
+            for _ in range(100):  # bounded: until Redis answers again
+                again = await http.post(url, json=body)
+                if again.status_code != 503:
+                    break
+            texts = [m["text"] for m in (await http.get(url + "?after=0")).json()["messages"]]
+    finally:
+        await admin.aclose()
+        redis.kill()
+    figures("Redis faults (FLUSHALL, maxmemory OOM, SIGSTOP past the timeout)",
+            flushall_close=flush_code, flushall_closed_within_s=round(flush_s, 1),
+            oom_json_503=f"{oom_json_503}/20", hung_status=hung.status_code,
+            resend_status=again.status_code, stored_once=texts.count("into a hung Redis"),
+            tracebacks=tracebacks(server))
+    assert flush_code == 1012 and oom_json_503 == 20 and hung.status_code == 503
+    assert texts.count("into a hung Redis") == 1 and tracebacks(server) == 0
