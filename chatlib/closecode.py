@@ -29,8 +29,11 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009
     """RFC 6455: a message too big to process."""
     INTERNAL_ERROR = 1011
-    """RFC 6455 (as amended in the IANA registry): the server hit an unexpected condition."""
+    """RFC 6455 (as amended in the IANA registry): the server hit an unexpected condition
+    (the chat: also its message store is unavailable; the reason says to reconnect in a few
+    seconds with the last id, chatlib.ws.STORE_DOWN)."""
     SERVICE_RESTART = 1012
-    """IANA registry: the service is restarting; the client may reconnect in a moment."""
+    """IANA registry: the service is restarting; the client may reconnect in a moment (the
+    chat: also its log went back, FLUSHALL; the reconnect is told to reset)."""
     TRY_AGAIN_LATER = 1013
     """IANA registry: temporary condition (the chat: this client could not keep up)."""

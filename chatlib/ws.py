@@ -31,6 +31,10 @@ from .web import JSONBody, address
 
 log = logging.getLogger("chatlib")
 
+STORE_DOWN = "message store unavailable: reconnect in a few seconds with your last id"
+"""The reason of a 1011 close when the log cannot be read (Redis down, OOM, hung): not
+1013, which says that this client fell behind (chatlib.closecode)."""
+
 
 async def websocket(ws: WebSocket) -> None:
     hub: Hub = ws.app.state.hub
@@ -54,7 +58,11 @@ async def websocket(ws: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
-    resume = await hub.resolve_cursor(after)
+    try:
+        resume = await hub.resolve_cursor(after)
+    except StoreUnavailable:
+        await ws.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
+        return
     outbox = hub.subscribe(Outbox(wire.WEBSOCKET, user, limits.max_queue))
     stuck: StuckWatch = ws.app.state.stuck
     stuck.watch(ws.scope, outbox)
@@ -137,7 +145,7 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume):
         pass  # the client is gone; the reader sees the disconnect and cleans up
     except StoreUnavailable:  # history unreadable now: the client resumes when it reconnects
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-            await ws.close(CloseCode.TRY_AGAIN_LATER)
+            await ws.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
 
 
 def writer_done(ws: WebSocket, writer: asyncio.Task) -> None:

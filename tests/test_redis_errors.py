@@ -8,6 +8,7 @@ outcome is unknown: send again with the same client_id (which the script dedupes
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -79,4 +80,24 @@ async def test_a_hung_redis_is_a_503_that_says_resend_with_the_same_client_id(
         assert again.status_code in (200, 201), again.text  # 200: it had been stored
         history = (await http.get(url, params={"after": 0})).json()["messages"]
     assert [m["text"] for m in history] == ["sent into a hung Redis"]  # once
+    assert tracebacks(caplog) == []
+
+
+async def test_a_websocket_joining_while_redis_is_down_is_closed_with_1011(
+        redis_server, start_chat, make_log, caplog):
+    from websockets.asyncio.client import connect as ws_connect
+    from websockets.exceptions import ConnectionClosed
+
+    from chatlib.ws import STORE_DOWN
+
+    caplog.set_level(logging.WARNING)
+    server = await start_chat(log=make_log(timeout=1.0))
+    redis_server.kill()
+    async with ws_connect(server.ws_url) as ws:
+        await ws.send('{"type": "hello", "user": "late", "after": 3}')
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(15):
+                while True:  # bounded by the timeout
+                    await ws.recv()
+    assert (ws.close_code, ws.close_reason) == (1011, STORE_DOWN)  # not 1013: fell behind
     assert tracebacks(caplog) == []
