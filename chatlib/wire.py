@@ -19,7 +19,8 @@ The resume protocol (decided in one place, chatlib.hub.Hub.resolve_cursor; READM
 * a **fresh join** (no cursor, or 0) gets the newest page (at most ``Limits.history``
   messages), preceded by ``history`` ``{"before": ID}`` when older messages exist: ask for
   them with ``GET /api/messages?before=ID`` (any client, whatever its transport), which
-  answers ``{"messages": [...], "first_id": F, "before": ID2?}``;
+  answers ``{"messages": [...], "first_id": F, "before": ID2?}``, or on a WebSocket with
+  ``{"type": "older", "before": ID}``, answered by an ``older`` frame with those fields;
 * a **resume** (a cursor) gets everything after it, in order, paced in pages;
 * a cursor older than the oldest message kept (retention) gets ``gap`` ``{"first_id": F}``
   and then everything from F: the client knows that it missed ids up to F-1;
@@ -127,8 +128,10 @@ def read_hello(frame: str | None, limits: Limits) -> tuple[str, int]:
 
 
 def read_client_frame(frame: str | None, limits: Limits) -> tuple[str, dict]:
-    """``(type, data)`` of a frame after the hello: ``"message"`` or ``"typing"``; ChatError
-    if it is neither (the message's own fields are checked by the caller, in its order)."""
+    """``(type, data)`` of a frame after the hello: ``"message"``, ``"typing"`` or
+    ``"older"`` (``{"before": ID}``: an older page, answered with an ``older`` frame shaped
+    like ``GET /api/messages?before=ID``); ChatError if it is none of them (the fields are
+    checked by the caller, in its order)."""
     if frame is None:
         raise ChatError(400, "binary frames are not supported: send JSON text")
     # Don't parse what can't be valid. JSON may escape each character of the text as
@@ -137,7 +140,7 @@ def read_client_frame(frame: str | None, limits: Limits) -> tuple[str, dict]:
         raise ChatError(413, f"text is longer than {limits.max_text} characters")
     data = json_object(frame)
     kind = data.get("type")
-    if kind not in ("message", "typing"):
+    if kind not in ("message", "typing", "older"):
         raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
     return kind, data
 

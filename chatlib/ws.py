@@ -26,7 +26,7 @@ from .limits import Limits, RateLimit, SendBudget
 from .outbox import Outbox
 from .store import StoreUnavailable
 from .stuck import StuckWatch
-from .validation import ChatError, client_id, message_text
+from .validation import ChatError, client_id, cursor, message_text
 from .web import JSONBody, address
 
 log = logging.getLogger("chatlib")
@@ -99,6 +99,17 @@ async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget
         if not budget.allow(client, rate):
             raise ChatError(429, "too many messages: slow down")
         hub.typing(user)
+        return
+    if kind == "older":  # the resume protocol's older page, as GET ?before=ID answers it
+        before = cursor(data.get("before"), "before")
+        if not budget.allow(client, rate):
+            raise ChatError(429, "too many requests: slow down")
+        try:
+            page = await hub.log.before(before, hub.limits.history)
+            body = wire.older_body(page, await hub.log.first_id())
+        except StoreUnavailable as exc:
+            raise ChatError(503, str(exc)) from None
+        hub.tell(outbox, wire.ws_event("older", body))
         return
     cid = client_id(data.get("client_id"))
     try:

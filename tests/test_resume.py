@@ -129,3 +129,16 @@ async def test_a_cursor_older_than_retention_gets_a_gap(chat, kind):
         body = (await http.get(server.url + "api/messages?after=2")).json()
     assert body["gap"] == {"first_id": first}
     assert [m["id"] for m in body["messages"]] == list(range(first, first + 5))
+
+
+async def test_a_websocket_asks_for_older_pages_on_its_own_connection(chat):
+    server = await chat("memory")
+    await post_many(server, 12)
+    async with ws_connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"type": "hello", "user": "ada"}))
+        await ws.send(json.dumps({"type": "older", "before": 8}))
+        async with asyncio.timeout(T):
+            while (frame := json.loads(await ws.recv()))["type"] != "older":  # bounded
+                pass
+    assert [m["id"] for m in frame["messages"]] == [3, 4, 5, 6, 7]
+    assert frame["before"] == 3 and frame["first_id"] == 1
