@@ -110,6 +110,7 @@ class Hub:
         self._polled: dict[str, tuple[float, str]] = {}  # HTTP user -> (last seen, address)
         self._polled_per_address: Counter[str] = Counter()
         self._new_names = RateLimits(limits.new_names_rate, limits.new_names_burst)
+        self._replays = RateLimits(limits.replay_rate, limits.replay_burst)
         self._presence_sent: list[str] = []
         self._presence_data: dict = {"users": [], "count": 0}
         self._presence_sent_at = float("-inf")  # loop time of the last presence broadcast
@@ -224,12 +225,15 @@ class Hub:
         """The newest message's id (0 for an empty log)."""
         return await self.log.last_id()
 
-    async def history(self, cursor: int) -> AsyncIterator[list[Message]]:
+    async def history(self, cursor: int, address: str | None = None
+                      ) -> AsyncIterator[list[Message]]:
         """Pages (at most ``limits.history`` messages each) after ``cursor``, until caught up.
 
         Paced: the event loop runs everything else between two pages (a log in memory
         answers without yielding), so a client replaying a long history never makes live
-        delivery to the others wait behind more than one page.
+        delivery to the others wait behind more than one page. With the client's
+        ``address``, every page after the first also takes a token of that address's
+        replay budget (``limits.replay_rate``), waiting for one when it is spent.
         """
         size = self.limits.history
         for _ in range(1 << 62):  # ends at the log's end; every page moves the cursor on
@@ -241,6 +245,13 @@ class Hub:
             if len(page) < size:
                 return
             await asyncio.sleep(0)
+            if address is not None:
+                for _ in range(1 << 30):  # until the address has a token, or the hub closes
+                    if self._replays.allow(address):
+                        break
+                    if self.closing.is_set():
+                        return
+                    await asyncio.sleep(min(1 / max(self.limits.replay_rate, 1e-3), 0.25))
 
     async def resolve_cursor(self, after: int) -> Resume:
         """Where a client that says ``after`` starts: the resume protocol, decided here

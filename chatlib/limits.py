@@ -90,6 +90,13 @@ class Limits:
     """Longest a long poll hangs (seconds); below common proxy idle timeouts."""
     history: int = 500
     """Messages replayed to a client that joins or resumes, per request."""
+    replay_rate: float = 20.0
+    """Pages of history (``history`` messages each) per second that one client address may
+    be replayed beyond the first page, all its connections together (a resume pages
+    through everything after its cursor; the first page, a fresh join's, is free) ..."""
+    replay_burst: int = 20
+    """... with bursts of up to this many: four clients resuming 20,000 messages each
+    from one address held a core (issue 18); past the budget a replay waits, paced."""
     heartbeat: float = 15.0
     """Seconds between SSE comment lines that keep idle proxies from closing the stream."""
     presence_ttl: float = 30.0

@@ -130,14 +130,15 @@ class Outbox:
         self._items.clear()
         return items
 
-    async def stream(self, hub: Hub, resume: Resume,
-                     heartbeat: float | None = None) -> AsyncIterator[list[str]]:
+    async def stream(self, hub: Hub, resume: Resume, heartbeat: float | None = None,
+                     address: str | None = None) -> AsyncIterator[list[str]]:
         """What this client is sent, as batches of encoded payloads.
 
         The events of ``resume`` (reset, gap, history: see Hub.resolve_cursor), the
         history after its cursor page by page, then what the hub queues here, skipping
         messages already sent as history (the outbox was subscribed before the history
-        was read, so nothing falls between the two). An empty batch means ``heartbeat``
+        was read, so nothing falls between the two; paced by ``address``'s replay budget,
+        Hub.history). An empty batch means ``heartbeat``
         seconds passed with nothing to send. Ends when the outbox is closed; the transport
         only writes the batches.
         """
@@ -148,7 +149,9 @@ class Outbox:
             yield first
         cursor = sent = resume.start
         frame = encoding.message
-        async for page in hub.history(cursor):
+        async for page in hub.history(cursor, address):
+            if self.closed:  # the client left (or was closed) while its replay was paced
+                return
             yield [frame(message) for message in page]
             sent = page[-1].id
         while True:

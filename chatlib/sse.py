@@ -15,7 +15,7 @@ from .hub import Hub, Resume
 from .outbox import Outbox
 from .stuck import StuckWatch
 from .validation import ChatError, cursor, int_param, optional_user
-from .web import wait_disconnect
+from .web import address, wait_disconnect
 
 
 async def events(request: Request) -> Response:
@@ -85,7 +85,8 @@ class EventStream(Response):
                     await raw(more)
 
             await chunk(RETRY)
-            async for batch in outbox.stream(hub, self.resume, hub.limits.heartbeat):
+            async for batch in outbox.stream(hub, self.resume, hub.limits.heartbeat,
+                                             address(scope)):
                 await chunk(tuple(batch) if batch else PING)  # empty: heartbeat passed
             await raw({"type": "http.response.body", "body": b"", "more_body": False})
         finally:

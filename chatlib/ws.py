@@ -146,7 +146,7 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume):
     outbox.sink = websocket_sink(ws.scope)
     write = websocket_writer(ws.scope)  # None on the public path
     try:
-        async for batch in outbox.stream(hub, resume):
+        async for batch in outbox.stream(hub, resume, address=address(ws.scope)):
             if write is not None and await write(tuple(batch)):
                 continue  # the same encoder as the hub's direct writes, one write
             for payload in batch:

@@ -142,3 +142,17 @@ async def test_a_websocket_asks_for_older_pages_on_its_own_connection(chat):
                 pass
     assert [m["id"] for m in frame["messages"]] == [3, 4, 5, 6, 7]
     assert frame["before"] == 3 and frame["first_id"] == 1
+
+
+async def test_replays_are_budgeted_per_address(start_chat, make_client):
+    server = await start_chat(limits=Limits(history=5, replay_rate=0.001, replay_burst=2,
+                                            rate=1000, burst=1000))
+    await post_many(server, 30)
+    first = await make_client("ws", server, "first", after=1)
+    got = await first.receive_many(15, timeout=T)  # the first page, then two tokens' worth
+    assert [m.id for m in got] == list(range(2, 17))
+    second = await make_client("sse", server, "second", after=1)  # the same address
+    assert [m.id for m in await second.receive_many(5, timeout=T)] == list(range(2, 7))
+    for client in (first, second):  # the address's budget is spent: the rest waits
+        with pytest.raises(TimeoutError):
+            await client.receive(timeout=0.5)
