@@ -28,7 +28,7 @@ import contextlib
 import httpx
 import pytest
 from helpers import shut_down
-from log_fixtures import every_log  # noqa: F401 (a fixture: memory, SQLite, Redis in turn)
+from log_fixtures import every_log, make_any_log  # noqa: F401 (fixtures: every log)
 from redis_fixtures import make_log, redis_server  # noqa: F401 (fixtures: tests/test_redis*.py)
 
 from chatlib import (

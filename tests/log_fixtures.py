@@ -17,6 +17,7 @@ async def open_log(kind: str, tmp_path, **options):
     if kind == "memory":
         return MemoryLog(**options), None
     if kind == "sqlite":
+        tmp_path.mkdir(parents=True, exist_ok=True)
         return SQLiteLog(tmp_path / "chat.db", **options), None
     require_programs("redis-server")
     from chatlib.redis_log import RedisLog
@@ -35,3 +36,23 @@ async def every_log(request, tmp_path):
         await log.close()
         if redis is not None:
             redis.kill()
+
+
+@pytest.fixture
+async def make_any_log(tmp_path):
+    """A factory: ``await make_any_log(kind, **options)``, a log of that kind (options to its
+    constructor); every one is closed, and its Redis stopped, at teardown."""
+    opened = []
+
+    async def make(kind: str, **options):
+        log, redis = await open_log(kind, tmp_path / f"log-{len(opened)}", **options)
+        opened.append((log, redis))
+        return log
+
+    try:
+        yield make
+    finally:
+        for log, redis in opened:
+            await log.close()
+            if redis is not None:
+                redis.kill()

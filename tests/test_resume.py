@@ -14,7 +14,7 @@ import json
 
 import httpx
 import pytest
-from log_fixtures import LOGS, open_log
+from log_fixtures import LOGS
 from websockets.asyncio.client import connect as ws_connect
 
 from chatlib import Limits
@@ -25,22 +25,13 @@ PAGE = Limits(history=5, rate=1000, burst=1000)
 
 
 @pytest.fixture
-async def chat(request, tmp_path, start_chat):
+def chat(make_any_log, start_chat):
     """A factory: ``await chat(kind, **log_options)``, a server on that kind of log."""
-    opened = []
 
     async def make(kind: str, **options):
-        log, redis = await open_log(kind, tmp_path, **options)
-        opened.append((log, redis))
-        return await start_chat(log=log, limits=PAGE)
+        return await start_chat(log=await make_any_log(kind, **options), limits=PAGE)
 
-    try:
-        yield make
-    finally:
-        for log, redis in opened:
-            await log.close()
-            if redis is not None:
-                redis.kill()
+    return make
 
 
 async def post_many(server, count: int) -> None:

@@ -7,28 +7,9 @@ Before, the memory log counted messages only (100,000 messages of 2,000 emoji he
 from __future__ import annotations
 
 import pytest
-from log_fixtures import LOGS, open_log
+from log_fixtures import LOGS
 
 from chatlib import MemoryLog
-
-
-@pytest.fixture
-async def capped(request, tmp_path):
-    """A factory: ``await capped(kind, **caps)``, each log closed (and Redis stopped)."""
-    opened = []
-
-    async def make(kind: str, **caps):
-        log, redis = await open_log(kind, tmp_path, **caps)
-        opened.append((log, redis))
-        return log
-
-    try:
-        yield make
-    finally:
-        for log, redis in opened:
-            await log.close()
-            if redis is not None:
-                redis.kill()
 
 
 async def kept(log) -> list:
@@ -36,9 +17,9 @@ async def kept(log) -> list:
 
 
 @pytest.mark.parametrize("kind", LOGS)
-async def test_every_log_keeps_at_most_max_messages(capped, kind):
+async def test_every_log_keeps_at_most_max_messages(make_any_log, kind):
     caps = {"max_len": 100} if kind == "redis" else {"max_messages": 100}
-    log = await capped(kind, **caps)
+    log = await make_any_log(kind, **caps)
     for i in range(350):
         await log.append("ann", f"message {i}")
     messages = await kept(log)
@@ -48,8 +29,8 @@ async def test_every_log_keeps_at_most_max_messages(capped, kind):
 
 
 @pytest.mark.parametrize("kind", LOGS)
-async def test_every_log_keeps_at_most_max_bytes(capped, kind):
-    log = await capped(kind, max_bytes=50_000)
+async def test_every_log_keeps_at_most_max_bytes(make_any_log, kind):
+    log = await make_any_log(kind, max_bytes=50_000)
     for i in range(300):
         await log.append("ann", f"{i:04d}" + "x" * 996)
     messages = await kept(log)
@@ -69,6 +50,6 @@ async def test_the_memory_log_counts_what_a_text_holds_in_memory():
 
 
 @pytest.mark.parametrize("kind", LOGS)
-async def test_an_empty_log_has_no_first_id_before_its_next(capped, kind):
-    log = await capped(kind)
+async def test_an_empty_log_has_no_first_id_before_its_next(make_any_log, kind):
+    log = await make_any_log(kind)
     assert await log.first_id() == 1
