@@ -25,7 +25,7 @@ from test_proxy import jupyter  # noqa: F401  (a module fixture: a real Jupyter 
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from chatlib import ChatServer, start_server, stop_server, wire
+from chatlib import ChatServer, PollingClient, start_server, stop_server, wire
 from chatlib.auth import ERROR, page_path
 from chatlib.browser import launch
 from chatlib.clients import ChatRefused
@@ -106,16 +106,21 @@ async def test_python_clients_without_the_token_are_refused(token_server, make_c
         with pytest.raises(InvalidStatus):
             await make_client(transport, token_server, "ada", ready=False)
         return
-    if transport == "sse":
-        with pytest.raises(httpx.HTTPStatusError) as refused:
-            await make_client(transport, token_server, "ada")
-        assert refused.value.response.status_code == 401
-        return
-    client = await make_client(transport, token_server, "ada")
-    with pytest.raises(ChatRefused) as refused:
-        await client.send("hi")
-    assert (refused.value.status, refused.value.error) == (401, ERROR)
-    assert client.pending == {}
+    # The HTTP clients join the presence list when they connect (POST /api/presence).
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        await make_client(transport, token_server, "ada")
+    assert refused.value.response.status_code == 401
+
+
+async def test_a_python_client_without_the_token_cannot_send(token_server):
+    client = PollingClient(token_server.url, "")  # no name: it joins nothing
+    try:
+        with pytest.raises(ChatRefused) as refused:
+            await client.send("hi")
+        assert (refused.value.status, refused.value.error) == (401, ERROR)
+        assert client.pending == {}
+    finally:
+        await client.close()
 
 
 # -- ... and works with it ----------------------------------------------------------------
