@@ -227,14 +227,37 @@
     // Render strictly by id: walk back from the end (almost always zero steps,
     // since ids normally arrive in order) to find where this one belongs. Pending
     // lines (no id yet) stay below every stored message.
+    insertInOrder(li, m.id);
+  }
+
+  // Where a row goes in the list: by id. A gap notice sits between the last id before the
+  // gap and its first_id; pending lines (no id yet) stay below every stored message.
+  const rowOrder = (el) => (el.dataset.id ? Number(el.dataset.id)
+    : el.dataset.gap ? Number(el.dataset.gap) - 0.5 : Infinity);
+
+  function insertInOrder(li, order) {
+    // Walk back from the end: almost always zero steps, since ids normally arrive in order.
     const list = els.messages;
     let before = null;
-    for (let el = list.lastElementChild; el && (!el.dataset.id || Number(el.dataset.id) > m.id);
-      el = el.previousElementSibling) {
+    for (let el = list.lastElementChild; el && rowOrder(el) > order; el = el.previousElementSibling) {
       before = el;
     }
     list.insertBefore(li, before);
     if (pinned) list.scrollTop = list.scrollHeight;
+  }
+
+  // The server no longer has the messages between our cursor and `first_id` (retention,
+  // README "Resuming"): say so in the list, where they would have been. One notice per gap.
+  function handleGap(data) {
+    const first = data && data.first_id;
+    if (!Number.isInteger(first)) return;
+    if (els.messages.querySelector(`li.gap[data-gap="${first}"]`)) return;
+    const li = document.createElement('li');
+    li.className = 'gap';
+    li.dataset.gap = String(first);
+    li.setAttribute('role', 'note');
+    li.textContent = 'Some older messages are no longer available';
+    insertInOrder(li, first - 0.5);
   }
 
   // Follow new messages only while the reader is at the bottom, so scrolling up
@@ -493,6 +516,7 @@
         case 'presence': renderPresence(frame.users, frame.count); break;
         case 'typing': onTyping(frame.user); break;
         case 'reset': resetLog(); break;
+        case 'gap': handleGap(frame); break;
         case 'ack': acknowledged(frame); break;
         case 'error':
           if (typeof frame.client_id !== 'string') showNotice(`Server: ${frame.error}`);
@@ -553,6 +577,7 @@
     on('message', handleMessage);
     on('presence', (data) => renderPresence(data.users, data.count));
     on('typing', (data) => onTyping(data.user));
+    on('gap', handleGap);
     es.addEventListener('reset', () => { if (!conn.closed) resetLog(); });
 
     // EventSource would retry on its own, but at a fixed interval and never
@@ -602,6 +627,7 @@
       }
       const messages = Array.isArray(data.messages) ? data.messages : [];
       if (data.reset) resetLog(); // the messages in this answer are the replay from the start
+      if (data.gap) handleGap(data.gap);
       messages.forEach(handleMessage);
 
       // If the server sent only part of what it has, ask again at once.
@@ -856,7 +882,7 @@
     els.input.focus(); // joined: the next thing to type is a message
     // Repaint own-message highlighting and the "(you)" marker for the new nick.
     for (const li of els.messages.children) {
-      li.classList.toggle('mine', li.querySelector('.user').textContent === nick);
+      li.classList.toggle('mine', li.querySelector('.user')?.textContent === nick);
     }
     for (const li of els.presence.children) li.classList.toggle('me', li.textContent === nick);
     connect();

@@ -1,0 +1,73 @@
+"""The chat page and the resume protocol, in real Chromium (static/app.js; README "Resuming").
+
+* A cursor older than the server's retention gets ``gap``: the page says, in the list
+  between the last message it had and the first one kept, that some older messages are
+  no longer available (every transport).
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import needs_chromium
+from playwright.async_api import async_playwright, expect
+
+from chatlib import MemoryLog
+from chatlib.browser import launch
+
+TRANSPORTS = ["ws", "sse", "longpoll", "poll"]
+UI_MS = 30_000  # generous: the machine is shared
+
+pytestmark = [pytest.mark.timeout(120), needs_chromium()]
+
+
+async def open_page(p, url: str):
+    browser = await launch(p)
+    page = await browser.new_page(viewport={"width": 900, "height": 700})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(url)
+    await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
+                                                            timeout=UI_MS)
+    return browser, page, errors
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_gap_is_shown_where_the_messages_are_missing(transport, start_chat):
+    # The page reads messages 1-3; the server stops; 40 more are written to its log, which
+    # keeps 10 (so 4 up to at least 30 are gone); the server comes back on the same port,
+    # and the page, resuming after 3, gets a gap.
+    log = MemoryLog(max_messages=10)
+    server = await start_chat(log=log)
+    for i in range(1, 4):
+        await log.append("bob", f"early {i}")
+    async with async_playwright() as p:
+        browser, page, errors = await open_page(p, f"{server.url}?user=ada&transport={transport}")
+        try:
+            texts = page.locator("#messages li.message .text")
+            await expect(texts).to_have_text(["early 1", "early 2", "early 3"], timeout=UI_MS)
+            await expect(page.locator("#messages li.gap")).to_have_count(0)
+            port = server.port
+            await server.stop()
+            await expect(page.locator("#status")).not_to_have_attribute(
+                "data-state", "connected", timeout=UI_MS)
+            for i in range(4, 44):
+                await log.append("bob", f"late {i}")
+            first = await log.first_id()
+            assert first > 5
+            await start_chat(log=log, port=port)
+
+            kept = [f"late {i}" for i in range(first, 44)]
+            await expect(texts).to_have_text(["early 1", "early 2", "early 3", *kept],
+                                             timeout=UI_MS)
+            gap = page.locator("#messages li.gap")
+            await expect(gap).to_have_count(1)
+            await expect(gap).to_have_text("Some older messages are no longer available")
+            # In its place: right after the last message before the gap, before the first kept.
+            rows = await page.locator("#messages > li").evaluate_all(
+                "(lis) => lis.map((li) => li.className.split(' ')[0] + ':'"
+                " + (li.dataset.id || li.dataset.gap))")
+            assert rows[2:5] == ["message:3", f"gap:{first}", f"message:{first}"], rows
+            assert await gap.is_visible()
+        finally:
+            await browser.close()
+    assert not errors, errors
