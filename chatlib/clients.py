@@ -284,6 +284,8 @@ class HTTPClient(Client):
         body = wire.loads(response.content)
         if body.get("reset"):
             self._handle("reset", {})
+        if body.get("gap"):  # retention dropped messages after our cursor (README "Resuming")
+            self._handle("gap", body["gap"])
         before = len(self._inbox)
         for data in body["messages"]:
             self._accept(data)

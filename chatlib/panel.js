@@ -242,7 +242,7 @@ function render({ model, el: root }) {
   function drawSeparators() {
     let lastDay = null;
     for (let node = list.firstElementChild; node; node = node.nextElementSibling) {
-      if (node.classList.contains('chatlib-day')) continue;
+      if (node.classList.contains('chatlib-day') || node.classList.contains('chatlib-gap')) continue;
       const prev = node.previousElementSibling;
       const hasSeparator = prev && prev.classList.contains('chatlib-day');
       if (node.dataset.day !== lastDay) {
@@ -284,7 +284,26 @@ function render({ model, el: root }) {
       previous = li;
     }
     drawSeparators();
+    drawGaps();
     return added;
+  }
+
+  // Where the server's retention cut messages out (the model's `gaps`: first ids kept):
+  // a notice before the first message from there (and its day separator), or at the end
+  // while that message has not arrived. Redrawn with the history, after the separators.
+  function drawGaps() {
+    for (const old of list.querySelectorAll(':scope > .chatlib-gap')) old.remove();
+    for (const first of model.get('gaps') || []) {
+      const note = el('li', 'chatlib-gap', 'Some older messages are no longer available');
+      note.setAttribute('role', 'note');
+      note.dataset.gap = String(first);
+      let at = null;
+      for (const [id, li] of rows) if (id >= first && (!at || id < Number(at.dataset.id))) at = li;
+      if (at && at.previousElementSibling?.classList.contains('chatlib-day')) {
+        at = at.previousElementSibling;
+      }
+      list.insertBefore(note, at);
+    }
   }
 
   // Own messages on their way: local ones (sent to the kernel, not yet in its outbox) and
@@ -422,6 +441,7 @@ function render({ model, el: root }) {
   on('change:typing', drawTyping);
   on('change:history', drawMessages);
   on('change:outbox', drawMessages);
+  on('change:gaps', drawMessages);
   on('change:max_text', drawCount);
   drawStatus();
   drawPresence();

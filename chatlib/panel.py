@@ -140,6 +140,9 @@ class ChatPanel(anywidget.AnyWidget):
     """Who (other than us) is typing right now, if anyone."""
     history = traitlets.List(traitlets.Dict()).tag(sync=True)
     """The newest ``shown`` messages, oldest first: ``{id, ts, user, text}``."""
+    gaps = traitlets.List(traitlets.Int()).tag(sync=True)
+    """Where the server's retention cut messages out (the ``first_id`` of each ``gap``
+    event, README "Resuming"): the view says so before the message with that id."""
     outbox = traitlets.List(traitlets.Dict()).tag(sync=True)
     """Own messages not yet in :attr:`history`: ``{client_id, text, ts, state, id, error}``."""
     max_text = traitlets.Int(Limits().max_text).tag(sync=True)
@@ -293,6 +296,10 @@ class ChatPanel(anywidget.AnyWidget):
         elif kind == "reset":  # the server's history was replaced: start over
             self.messages.clear()
             self.last_id = 0
+            self._set(gaps=[])
+        elif kind == "gap" and isinstance(data.get("first_id"), int):
+            if data["first_id"] not in self.gaps:  # messages up to first_id - 1 are lost
+                self._set(gaps=[*self.gaps, data["first_id"]])
             self._sync_history(now=True)
         elif kind == "ack":
             entry = self._outbox.get(data.get("client_id"))

@@ -16,7 +16,7 @@ import pytest
 from helpers import free_port
 from test_send_path import Relay, stored
 
-from chatlib import ChatPanel, ChatServer, Limits, Message, WebSocketClient
+from chatlib import ChatPanel, ChatServer, Limits, MemoryLog, Message, WebSocketClient
 from chatlib.closecode import CloseCode
 from chatlib.panel import retryable
 
@@ -103,6 +103,31 @@ async def test_messages_wait_while_disconnected_and_go_after_reconnect():
         assert panel.error == ""
         texts = [m.text for m in panel.messages.values()]
         assert texts.count("typed while the server was down") == 1
+    finally:
+        await panel.aclose()
+        await server.stop()
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse", "longpoll", "poll"])
+async def test_a_gap_after_retention_is_given_to_the_view(transport):
+    """The panel reads 1-3; while the server is down 40 more are written and its log keeps
+    10; resuming after 3, the panel gets ``gap`` and the view its first id (``gaps``)."""
+    server = ChatServer(port=free_port(), log=MemoryLog(max_messages=10))
+    await server.start()
+    panel = ChatPanel(server, user="notebook", transport=transport)
+    try:
+        for i in range(1, 4):
+            await server.log.append("bob", f"early {i}")
+        await panel.wait_for(lambda p: len(p.messages) == 3, timeout=10)
+        assert panel.gaps == []
+        await server.stop()
+        for i in range(4, 44):
+            await server.log.append("bob", f"late {i}")
+        first = await server.log.first_id()
+        await server.start()
+        await panel.wait_for(lambda p: p.last_id == 43, timeout=20)
+        assert panel.gaps == [first] and first > 5
+        assert list(panel.messages) == [1, 2, 3, *range(first, 44)]
     finally:
         await panel.aclose()
         await server.stop()
