@@ -76,6 +76,8 @@
     failedTries: 0,        // connections since the last success that never opened
     reconnectTimer: null,
     lastId: 0,             // cursor: newest message id shown
+    before: 0,             // older messages exist below this id (the `history` marker); 0: none
+    loadingOlder: false,   // a page of older messages is on its way
     shown: new Set(),      // ids on screen, so redeliveries are ignored
     own: new Map(),        // client_id -> own message not shown yet: {text, user, t0, el, state}
     inFlight: null,        // the own message on its way (one at a time, in order)
@@ -189,7 +191,68 @@
     els.messages.replaceChildren(...[...state.own.values()].map((own) => own.el));
     state.shown.clear();
     state.lastId = 0;
+    state.before = 0; // the fresh join that follows says again whether older ones exist
   }
+
+  // ---- older messages -----------------------------------------------------------
+  // A fresh join shows the newest page; `history` {"before": ID} says that older messages
+  // exist. A "Load older messages" button at the top of the list then fetches the page
+  // below the oldest one known (a WebSocket `older` frame, else GET api/messages?before=),
+  // shows it above, without moving what the reader looks at, and goes once nothing older is left.
+  const olderRow = document.createElement('li');
+  olderRow.className = 'load-older';
+  const olderButton = document.createElement('button');
+  olderButton.type = 'button';
+  olderButton.textContent = 'Load older messages';
+  olderRow.append(olderButton);
+
+  function setBefore(before) {
+    state.before = Number.isInteger(before) && before > 1 ? before : 0;
+    if (!state.before) olderRow.remove();
+    else if (els.messages.firstElementChild !== olderRow) els.messages.prepend(olderRow);
+    olderButton.disabled = state.loadingOlder;
+  }
+
+  async function loadOlder() {
+    if (!state.before || state.loadingOlder) return;
+    state.loadingOlder = true;
+    olderButton.disabled = true;
+    olderButton.textContent = 'Loading…';
+    try {
+      const conn = state.conn;
+      if (conn && conn.sendFrame) {
+        // The answer comes as an `older` frame (showOlder); a dropped socket ends the wait.
+        conn.sendFrame({ type: 'older', before: state.before });
+        return;
+      }
+      showOlder(await getJson(`api/messages?before=${state.before}`, 10000));
+    } catch (err) {
+      showNotice(err instanceof HttpError ? err.message : 'Could not load older messages.');
+      olderDone();
+    }
+  }
+
+  function olderDone() {
+    state.loadingOlder = false;
+    olderButton.textContent = 'Load older messages';
+    olderButton.disabled = false;
+  }
+
+  // A page of older messages (`{"messages", "first_id", "before"?}`): above, in place.
+  function showOlder(body) {
+    olderDone();
+    const list = els.messages;
+    const fromBottom = list.scrollHeight - list.scrollTop;
+    const wasPinned = pinned;
+    pinned = false; // no jump to the bottom while rows go in above
+    (Array.isArray(body.messages) ? body.messages : []).forEach(handleMessage);
+    pinned = wasPinned;
+    setBefore(body.before);
+    list.scrollTop = list.scrollHeight - fromBottom;
+    lastTop = list.scrollTop;
+  }
+
+  olderButton.addEventListener('click', loadOlder);
 
   function renderMessage(m, latencyMs) {
     const li = document.createElement('li');
@@ -233,7 +296,8 @@
   // Where a row goes in the list: by id. A gap notice sits between the last id before the
   // gap and its first_id; pending lines (no id yet) stay below every stored message.
   const rowOrder = (el) => (el.dataset.id ? Number(el.dataset.id)
-    : el.dataset.gap ? Number(el.dataset.gap) - 0.5 : Infinity);
+    : el.dataset.gap ? Number(el.dataset.gap) - 0.5
+      : el.classList.contains('load-older') ? -Infinity : Infinity);
 
   function insertInOrder(li, order) {
     // Walk back from the end: almost always zero steps, since ids normally arrive in order.
@@ -496,6 +560,7 @@
       stopWatchdog();
       conn.sendFrame = null;
       ws.close(1000);
+      if (state.loadingOlder) olderDone(); // its answer is lost with the socket: ask again
     };
 
     ws.onopen = () => {
@@ -517,6 +582,8 @@
         case 'typing': onTyping(frame.user); break;
         case 'reset': resetLog(); break;
         case 'gap': handleGap(frame); break;
+        case 'history': setBefore(frame.before); break;
+        case 'older': showOlder(frame); break;
         case 'ack': acknowledged(frame); break;
         case 'error':
           if (typeof frame.client_id !== 'string') showNotice(`Server: ${frame.error}`);
@@ -578,6 +645,7 @@
     on('presence', (data) => renderPresence(data.users, data.count));
     on('typing', (data) => onTyping(data.user));
     on('gap', handleGap);
+    on('history', (data) => setBefore(data.before));
     es.addEventListener('reset', () => { if (!conn.closed) resetLog(); });
 
     // EventSource would retry on its own, but at a fixed interval and never
@@ -628,6 +696,7 @@
       const messages = Array.isArray(data.messages) ? data.messages : [];
       if (data.reset) resetLog(); // the messages in this answer are the replay from the start
       if (data.gap) handleGap(data.gap);
+      if (data.history) setBefore(data.history.before);
       messages.forEach(handleMessage);
 
       // If the server sent only part of what it has, ask again at once.

@@ -3,6 +3,10 @@
 * A cursor older than the server's retention gets ``gap``: the page says, in the list
   between the last message it had and the first one kept, that some older messages are
   no longer available (every transport).
+* A fresh join shows the newest page; when the ``history`` marker says older messages exist,
+  "Load older messages" at the top of the list fetches the page below (a WebSocket
+  ``older`` frame, else ``GET api/messages?before=``) and shows it above, in order, without
+  duplicates or moving what the reader looks at; it goes once nothing older is left.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import pytest
 from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
 
-from chatlib import MemoryLog
+from chatlib import Limits, MemoryLog
 from chatlib.browser import launch
 
 TRANSPORTS = ["ws", "sse", "longpoll", "poll"]
@@ -71,3 +75,45 @@ async def test_a_gap_is_shown_where_the_messages_are_missing(transport, start_ch
         finally:
             await browser.close()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("transport", ["ws", "poll"])
+async def test_load_older_messages_prepends_the_pages_before(transport, start_chat):
+    server = await start_chat(limits=Limits(history=20))
+    texts = [f"m {i}" for i in range(1, 51)]
+    for text in texts:
+        await server.log.append("bob", text)
+    async with async_playwright() as p:
+        browser = await launch(p)
+        try:
+            page = await browser.new_page(viewport={"width": 900, "height": 500})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            older_gets: list[str] = []
+            page.on("request", lambda r: older_gets.append(r.url) if "before=" in r.url else None)
+            await page.goto(f"{server.url}?user=ada&transport={transport}")
+            shown = page.locator("#messages li.message .text")
+            await expect(shown).to_have_text(texts[30:], timeout=UI_MS)  # the newest page
+            button = page.get_by_role("button", name="Load older messages")
+            await expect(button).to_be_visible()
+            # The button is the list's first row; the reader scrolls up to it.
+            assert await page.locator("#messages > li").first.get_attribute("class") == "load-older"
+            await page.locator("#messages").evaluate("(list) => { list.scrollTop = 0; }")
+            oldest = page.locator('#messages li.message[data-id="31"]')
+            y0 = (await oldest.bounding_box())["y"]
+
+            await button.click()
+            await expect(shown).to_have_text(texts[10:], timeout=UI_MS)
+            # What the reader was looking at stays where it was.
+            assert abs((await oldest.bounding_box())["y"] - y0) < 2
+            await expect(button).to_be_visible()  # 1-10 are still below
+
+            await button.click()
+            await expect(shown).to_have_text(texts, timeout=UI_MS)  # each once, in order
+            await expect(button).to_have_count(0)  # nothing older is left
+            assert await page.locator("#messages li.message").count() == 50
+            # The WebSocket asks on its own connection; HTTP transports with GET ?before=.
+            assert bool(older_gets) == (transport != "ws"), older_gets
+            assert not errors, errors
+        finally:
+            await browser.close()
