@@ -61,7 +61,8 @@ async def limits_for_clients(request: Request) -> Response:
 
 
 async def chat_error(request: Request, exc: ChatError) -> Response:
-    return JSONBody({"error": exc.error}, status_code=exc.status)
+    headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
+    return JSONBody({"error": exc.error}, status_code=exc.status, headers=headers)
 
 
 async def store_unavailable(request: Request, exc: StoreUnavailable) -> Response:

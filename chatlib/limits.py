@@ -7,6 +7,7 @@ of everyone else. Each limit here fails *that client only*, with a clear error.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -145,6 +146,11 @@ class RateLimit:
             return True
         return False
 
+    def wait(self) -> float:
+        """Seconds until :meth:`allow` would say yes (0 if it would now); takes nothing."""
+        tokens = self._tokens + (time.monotonic() - self._stamp) * self.rate
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
 
 class RateLimits:
     """Token buckets per key (e.g. an HTTP client's address and nickname), bounded in number.
@@ -167,6 +173,11 @@ class RateLimits:
         else:
             self._buckets.move_to_end(key)
         return bucket.allow()
+
+    def wait(self, key) -> float:
+        """Seconds until ``key``'s bucket has a token (0 for a key it does not hold)."""
+        bucket = self._buckets.get(key)
+        return bucket.wait() if bucket is not None else 0.0
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -197,3 +208,12 @@ class SendBudget:
         if bucket is None:
             return self.http.allow((address, user)) and self.addresses.allow(address)
         return bucket.allow() and self.addresses.allow(address)
+
+    def retry_after(self, address: str, bucket: RateLimit | None = None,
+                    user: str = "") -> int:
+        """After a refusal by :meth:`allow` (same arguments): whole seconds until both
+        buckets have a token again, at least 1: a 429's ``Retry-After`` (RFC 9110,
+        section 10.2.3) and a WebSocket error frame's ``retry_after``. Rounded up, so that
+        a client that waits that long is not refused again (unless it spent the token)."""
+        own = self.http.wait((address, user)) if bucket is None else bucket.wait()
+        return max(1, math.ceil(max(own, self.addresses.wait(address))))

@@ -26,8 +26,10 @@ from .web import JSONBody, address, read_json, wait_disconnect
 
 
 def rate_check(request: Request, user: str) -> None:
-    if not request.app.state.budget.allow(address(request.scope), user=user):
-        raise ChatError(429, "too many messages: slow down")
+    budget = request.app.state.budget
+    if not budget.allow(address(request.scope), user=user):
+        raise ChatError(429, "too many messages: slow down",
+                        budget.retry_after(address(request.scope), user=user))
 
 
 async def poll(state, scope, receive) -> bytes | None:

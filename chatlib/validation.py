@@ -15,12 +15,15 @@ from .limits import MAX_CLIENT_ID, MAX_ID, Limits
 
 
 class ChatError(Exception):
-    """Bad input from one client: an HTTP status (or an error frame) and a message."""
+    """Bad input from one client: an HTTP status (or an error frame) and a message;
+    ``retry_after`` (whole seconds) for a refusal that passes: ``Retry-After`` / the error
+    frame's ``retry_after``."""
 
-    def __init__(self, status: int, error: str) -> None:
+    def __init__(self, status: int, error: str, retry_after: int | None = None) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
+        self.retry_after = retry_after
 
 
 def json_object(raw: str | bytes) -> dict:

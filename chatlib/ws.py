@@ -78,11 +78,22 @@ async def websocket(ws: WebSocket) -> None:
             try:
                 await handle_frame(hub, user, address(ws.scope), rate, budget, event, outbox)
             except ChatError as exc:
-                hub.tell(outbox, wire.ws_event("error", {"error": exc.error}))
+                hub.tell(outbox, wire.ws_event("error", error_data(exc)))
     finally:
         stuck.forget(outbox)
         hub.unsubscribe(outbox)
         writer.cancel()
+
+
+def error_data(exc: ChatError, client_id: str | None = None) -> dict:
+    """An error frame's fields: ``error``; for a refused message its ``client_id`` and
+    ``status``; for a refusal that passes (429) ``retry_after``, whole seconds."""
+    data = {"error": exc.error}
+    if client_id is not None:
+        data.update(client_id=client_id, status=exc.status)
+    if exc.retry_after is not None:
+        data["retry_after"] = exc.retry_after
+    return data
 
 
 async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
@@ -97,13 +108,13 @@ async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget
     kind, data = wire.read_client_frame(event.get("text"), hub.limits)
     if kind == "typing":
         if not budget.allow(client, rate):
-            raise ChatError(429, "too many messages: slow down")
+            raise ChatError(429, "too many messages: slow down", budget.retry_after(client, rate))
         hub.typing(user)
         return
     if kind == "older":  # the resume protocol's older page, as GET ?before=ID answers it
         before = cursor(data.get("before"), "before")
         if not budget.allow(client, rate):
-            raise ChatError(429, "too many requests: slow down")
+            raise ChatError(429, "too many requests: slow down", budget.retry_after(client, rate))
         try:
             page = await hub.log.before(before, hub.limits.history)
             body = wire.older_body(page, await hub.log.first_id())
@@ -115,7 +126,7 @@ async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget
     try:
         text = message_text(data, hub.limits)  # checked before a rate token is spent,
         if not budget.allow(client, rate):  # as HTTP posting does
-            raise ChatError(429, "too many messages: slow down")
+            raise ChatError(429, "too many messages: slow down", budget.retry_after(client, rate))
         try:
             message, _ = await hub.post(user, text, cid)
         except StoreUnavailable as exc:  # not stored: refused as clearly as HTTP's 503
@@ -125,8 +136,7 @@ async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget
             raise
         # Refused: the error names the message, so that its sender stops waiting for an ack,
         # and gives the HTTP status, so that it knows whether to send it again (5xx) or not.
-        hub.tell(outbox, wire.ws_event("error", {"error": exc.error, "client_id": cid,
-                                              "status": exc.status}))
+        hub.tell(outbox, wire.ws_event("error", error_data(exc, client_id=cid)))
         return
     if cid is not None:  # to the sender only: stored (for a repeat, the original)
         hub.tell(outbox, wire.ws_event("ack", message.to_dict()))
