@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
+from test_page_send import open_page
 
 from chatlib import Limits, MemoryLog
 from chatlib.browser import launch
@@ -22,17 +23,6 @@ TRANSPORTS = ["ws", "sse", "longpoll", "poll"]
 UI_MS = 30_000  # generous: the machine is shared
 
 pytestmark = [pytest.mark.timeout(120), needs_chromium()]
-
-
-async def open_page(p, url: str):
-    browser = await launch(p)
-    page = await browser.new_page(viewport={"width": 900, "height": 700})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    await page.goto(url)
-    await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
-                                                            timeout=UI_MS)
-    return browser, page, errors
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
