@@ -12,7 +12,7 @@ import json
 import random
 
 import httpx
-from torturekit import SEED, ws_open
+from torturekit import SEED, stored_messages, ws_open
 from websockets.exceptions import ConnectionClosed
 
 ROUNDS = 5
@@ -78,20 +78,6 @@ async def burst(server, round_no: int, kill_after: int, acked: dict, reused: lis
     return count
 
 
-async def history(url: str) -> dict[int, tuple[str, str]]:
-    found, cursor = {}, 0
-    async with httpx.AsyncClient(timeout=30) as http:
-        for _ in range(10_000):  # bounded: pages of up to 500
-            page = (await http.get(f"{url}api/messages", params={"after": cursor})).json()
-            if not page["messages"]:
-                break
-            for m in page["messages"]:
-                assert m["id"] not in found, f"id {m['id']} twice in the history"
-                found[m["id"]] = (m["user"], m["text"])
-            cursor = page["messages"][-1]["id"]
-    return found
-
-
 async def test_kill9_loses_no_acknowledged_message(spawn, tmp_path, figures):
     db = tmp_path / "chat.db"
     cli = ["--db", str(db), "--rate", "1000000", "--burst", "1000000"]
@@ -104,7 +90,7 @@ async def test_kill9_loses_no_acknowledged_message(spawn, tmp_path, figures):
         per_round.append(await burst(server, round_no, rng.randrange(100, 300), acked, reused))
         assert server.proc.returncode == -9
     server = await spawn(cli=cli)
-    stored = await history(server.url)
+    stored = {m["id"]: (m["user"], m["text"]) for m in await stored_messages(server.url)}
     lost = {i: m for i, m in acked.items() if i not in stored}
     changed = {i: (m, stored[i]) for i, m in acked.items() if i in stored and stored[i] != m}
     figures("kill -9 with --db", rounds=ROUNDS, acknowledged=len(acked),

@@ -6,6 +6,7 @@
   to the attacker (127.0.0.1) are not charged to it. It reports lost, duplicated and
   out-of-order messages and their latency.
 * ``FIGURES``: what each test measured, printed at the end of the session.
+* :func:`stored_messages`: every message a server keeps, read page by page.
 
 Everything is seeded (``SEED``) so a failure reproduces; every wait has a deadline.
 """
@@ -20,8 +21,10 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 from websockets.asyncio.client import connect as ws_connect
 
+from chatlib.limits import MAX_ID
 from chatlib.server import raise_fd_limit
 
 SEED = int(os.environ.get("TORTURE_SEED", "20261129"))
@@ -32,6 +35,27 @@ BYSTANDER_ADDR = "127.0.0.2"
 
 
 raise_fd_limit()  # this process holds thousands of client connections in the exhaustion tests
+
+async def stored_messages(url: str) -> list[dict]:
+    """Every message the server at ``url`` keeps, oldest first, each id once.
+
+    A fresh read gets only the newest page (the resume protocol), so this walks back with
+    ``GET /api/messages?before=ID`` until no ``before`` marker is left.
+    """
+    pages: list[list[dict]] = []
+    before = MAX_ID
+    async with httpx.AsyncClient(timeout=30) as http:
+        for _ in range(10_000):  # bounded: pages of up to Limits.history
+            page = (await http.get(f"{url}api/messages", params={"before": before})).json()
+            pages.append(page["messages"])
+            if "before" not in page:
+                break
+            before = page["before"]
+    messages = [m for page in reversed(pages) for m in page]
+    ids = [m["id"] for m in messages]
+    assert ids == sorted(set(ids)), "a message twice, or out of order, in the history"
+    return messages
+
 
 # -- figures ------------------------------------------------------------------------------
 
