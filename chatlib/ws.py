@@ -149,17 +149,26 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume):
     live frames itself through ``outbox.sink`` (chatlib.fastpath.websocket_sink) while the
     connection can take them; the writer wakes only for a backlog, and writes it the same
     way, a batch per write, once flow control lets it (chatlib.fastpath.websocket_writer).
-    On the public path (and when the connection is closing) frames go to the server's own
-    ASGI send, past Starlette's per-frame layers (chatlib.fastpath.server_send).
+    On the public path (and when websockets has a write of its own pending) frames go to
+    the server's own ASGI send, past Starlette's per-frame layers
+    (chatlib.fastpath.server_send). It stops at the first sign that the connection is
+    gone (its transport closing), without writing another frame.
     """
     send = server_send(ws.scope, ws.send)
     outbox.sink = websocket_sink(ws.scope)
     write = websocket_writer(ws.scope)  # None on the public path
+    transport = transport_of(ws.scope)
     try:
         async for batch in outbox.stream(hub, resume, address=address(ws.scope)):
             if write is not None and await write(tuple(batch)):
                 continue  # the same encoder as the hub's direct writes, one write
             for payload in batch:
+                # A connection found reset (a read or write failed) is closing at once, but
+                # uvicorn hears of it (connection_lost, then send raises) only on a later
+                # turn, and its send does not yield: without this test a page would go, a
+                # "socket.send() raised exception." warning per frame, into the dead socket.
+                if transport is not None and transport.is_closing():
+                    return  # the reader sees the disconnect and cleans up
                 await send({"type": "websocket.send", "text": payload})
         await ws.close(outbox.close_code)
     except (WebSocketDisconnect, OSError):  # uvicorn's ClientDisconnected is an OSError
