@@ -1,4 +1,4 @@
-"""A network you can dial: a TCP proxy that adds delay, jitter, a bandwidth cap and cuts.
+"""A network you can dial: a TCP proxy that adds delay, jitter, loss, TLS and cuts.
 
 On 127.0.0.1 a round trip takes a tenth of a millisecond, so the costs a real network
 imposes (long polling's extra round trip, the handshake before the first WebSocket message,
@@ -27,6 +27,17 @@ What it models, per connection and per direction (client -> server, server -> cl
   HTTP request costs two round trips before its answer, as on a real network.
 * **Bandwidth**: a token bucket per direction, ``rate`` bytes per second with bursts of up
   to ``burst`` bytes. Bytes wait for their tokens after their delay, in order.
+* **Loss** (``loss=``, a probability per chunk): this relay joins two loopback TCP
+  connections, and neither loses a segment, so a loss is *modelled* by its effect: the
+  chunk arrives ``retransmit`` seconds late (by default ``2 * delay + 0.2``: a round trip
+  plus Linux's minimum retransmission timeout, ``TCP_RTO_MIN``, as a steady path's RTO),
+  and, because TCP delivers in order, every chunk behind it waits too. That is
+  head-of-line blocking; the kernel's own retransmission machinery is not involved.
+* **TLS** (``tls=True``): clients speak TLS to the proxy (``https://``, ``wss://``); the
+  proxy decrypts *behind* the delay and forwards plain HTTP to the target, so the TLS
+  handshake's flights pay the delay as on a real network. The certificate is a fresh
+  self-signed ECDSA P-256 one for ``127.0.0.1``/``localhost``, made at start;
+  :meth:`Netem.client_ssl_context` trusts it.
 * **Stalls and cuts**: :meth:`Netem.stall` holds every byte (both directions, every
   connection) for a while, like a link that goes quiet; :meth:`Netem.cut` aborts every
   connection at once, both sides get a TCP reset (``ConnectionResetError``, a WebSocket
@@ -37,8 +48,8 @@ Settings are attributes: change ``proxy.delay`` and the next chunk uses it.
 Limits: each direction buffers at most ``buffer`` bytes (256 KiB by default) between
 reading and writing. When that is full the proxy stops reading from the sender, whose own
 TCP window then fills: backpressure, as a slow link gives. Everything is per chunk as
-``read()`` returns it, not per packet: this is not a packet-level emulator (no loss, no
-reordering, no MTU). The proxy listens on 127.0.0.1 only.
+``read()`` returns it, not per packet: this is not a packet-level emulator (loss is the
+model above, no reordering, no MTU). The proxy listens on 127.0.0.1 only.
 
 For the Linux kernel's own emulator, ``tc qdisc add dev lo root netem delay 50ms`` does the
 same for *all* loopback traffic (root only, and every process on the machine feels it).
@@ -49,11 +60,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
+import ipaddress
+import os
 import random
 import re
 import signal
 import socket
+import ssl
 import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -81,6 +97,7 @@ class NetemStats:
     bytes_up: int = 0  # client -> server, written to the server
     bytes_down: int = 0  # server -> client, written to the client
     cuts: int = 0  # connections aborted by cut()
+    losses: int = 0  # chunks delivered ``retransmit`` late, as if a segment was lost
 
 
 class _TokenBucket:
@@ -133,6 +150,8 @@ class _Direction:
                 self.netem._count(self.up, len(data))
                 continue
             departure = max(now, self.not_before) + self.netem._sample_delay()
+            if data:
+                departure += self.netem._sample_loss()
             self.last_departure = departure = max(departure, self.last_departure)
             await self.queue.put((departure, data))
             if not data:
@@ -250,14 +269,22 @@ class Netem:
         burst: bytes the token bucket lets through at once (default: 16 KiB).
         port: the port to listen on, on 127.0.0.1; 0 picks a free one.
         buffer: bytes held per direction per connection before reading pauses.
-        seed: seed for the jitter's random numbers, for repeatable runs.
+        seed: seed for the jitter's and the loss's random numbers, for repeatable runs.
+        loss: probability (0 to 1) that a chunk is "lost": it arrives ``retransmit`` late.
+        retransmit: seconds a lost chunk is late; ``None``: ``2 * delay + 0.2``.
+        tls: clients speak TLS to the proxy; it is decrypted behind the delay.
     """
 
     def __init__(self, target, *, delay: float = 0.0, jitter: float = 0.0,
                  rate: float | None = None, burst: int = 16 * 1024, port: int = 0,
-                 buffer: int = DEFAULT_BUFFER, seed: int | None = None) -> None:
+                 buffer: int = DEFAULT_BUFFER, seed: int | None = None, loss: float = 0.0,
+                 retransmit: float | None = None, tls: bool = False,
+                 _server_ssl: ssl.SSLContext | None = None) -> None:
         if delay < 0 or jitter < 0:
             raise ValueError("delay and jitter must be >= 0 seconds")
+        _check_probability("loss", loss)
+        if retransmit is not None and retransmit < 0:
+            raise ValueError("retransmit must be >= 0 seconds, or None for the default")
         if rate is not None and rate <= 0:
             raise ValueError("rate must be > 0 bytes per second, or None for no cap")
         if buffer < 1 or burst < 1:
@@ -265,7 +292,11 @@ class Netem:
         self.target_host, self.target_port, self._path = _target_address(target)
         self.delay, self.jitter, self.rate, self.burst = delay, jitter, rate, burst
         self.buffer = buffer
+        self.loss, self.retransmit, self.tls = loss, retransmit, tls
         self.requested_port = port
+        self._server_ssl = _server_ssl  # set on the TLS terminator behind a tls=True proxy
+        self._terminator: Netem | None = None
+        self._certificate: bytes | None = None
         self.port: int | None = None
         self.stats = NetemStats()
         self._random = random.Random(seed)
@@ -277,8 +308,14 @@ class Netem:
 
     @property
     def url(self) -> str:
-        """The target's URL, through the proxy: ``http://127.0.0.1:PORT/``."""
-        return f"http://127.0.0.1:{self.port}{self._path}"
+        """The target's URL, through the proxy: ``http://127.0.0.1:PORT/`` (``https`` with TLS)."""
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{self._path}"
+
+    def client_ssl_context(self) -> ssl.SSLContext:
+        """An SSL context that trusts this proxy's certificate (and nothing else)."""
+        if self._certificate is None:
+            raise RuntimeError("this proxy was not started with tls=True")
+        return ssl.create_default_context(cadata=self._certificate.decode())
 
     def __repr__(self) -> str:
         rate = f" rate={self.rate:g} B/s" if self.rate else ""
@@ -290,9 +327,16 @@ class Netem:
             return self.delay
         return max(0.0, self.delay + self._random.uniform(-self.jitter, self.jitter))
 
+    def _sample_loss(self) -> float:
+        """Extra seconds for one chunk: ``retransmit`` if it is lost, else 0."""
+        if not self.loss or self._random.random() >= self.loss:
+            return 0.0
+        self.stats.losses += 1
+        return 2 * self.delay + 0.2 if self.retransmit is None else self.retransmit
+
     def _instant(self, now: float) -> bool:
         """True when a chunk arriving now would be written at once."""
-        return (not self.delay and not self.jitter and not self.rate
+        return (not self.delay and not self.jitter and not self.rate and not self.loss
                 and now >= self._stalled_until)
 
     def _count(self, up: bool, n: int) -> None:
@@ -302,9 +346,17 @@ class Netem:
             self.stats.bytes_down += n
 
     async def start(self) -> Netem:
+        if self.tls and self._terminator is None:
+            # Decrypt behind the delay: the delaying relay forwards the TLS bytes to a
+            # terminator (a Netem with no delay that listens with TLS), which forwards
+            # plain bytes to the target. The handshake's flights cross the delay.
+            self._certificate, context = _self_signed_server_context()
+            self._terminator = await Netem((self.target_host, self.target_port),
+                                           _server_ssl=context).start()
         # Loopback only: this proxy is a teaching tool, not something to expose.
         self._server = await asyncio.start_server(self._handle, "127.0.0.1",
-                                                  self.requested_port, limit=CHUNK)
+                                                  self.requested_port, limit=CHUNK,
+                                                  ssl=self._server_ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -325,6 +377,9 @@ class Netem:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5)
             self._server = None
+        if self._terminator is not None:
+            await self._terminator.stop()
+            self._terminator = None
 
     async def __aenter__(self) -> Netem:
         return await self.start() if self._server is None else self
@@ -371,9 +426,10 @@ class Netem:
         connection = None
         try:
             try:
+                host, port = ((self.target_host, self.target_port) if self._terminator is None
+                              else ("127.0.0.1", self._terminator.port))
                 upstream = await asyncio.wait_for(
-                    asyncio.open_connection(self.target_host, self.target_port, limit=CHUNK),
-                    CONNECT_TIMEOUT)
+                    asyncio.open_connection(host, port, limit=CHUNK), CONNECT_TIMEOUT)
             except (OSError, TimeoutError):
                 writer.transport.abort()  # the client sees a reset, as with a refused port
                 return
@@ -388,6 +444,48 @@ class Netem:
             if connection is not None:
                 self._connections.discard(connection)
             self._handlers.discard(task)
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability, from 0 to 1")
+
+
+def _self_signed_server_context() -> tuple[bytes, ssl.SSLContext]:
+    """A fresh ECDSA P-256 certificate for 127.0.0.1 and localhost, and a server context.
+
+    Valid for one day, never written anywhere that outlives this call (the ``ssl`` module
+    loads a certificate only from a file: a private temporary directory, removed at once).
+    Returns the certificate (PEM), for clients to trust, and the context.
+    """
+    from cryptography import x509  # installed with aioquic
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chatlib netem")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256()))
+    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "netem.pem")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as file:
+            file.write(key_pem + cert_pem)
+        context.load_cert_chain(path)
+    return cert_pem, context
 
 
 async def start(target, *, delay: float = 0.0, jitter: float = 0.0, rate: float | None = None,

@@ -361,6 +361,68 @@ async def test_chat_page_works_through_the_proxy(transport, server, start_proxy,
     assert not errors, errors
 
 
+# -- loss on TCP (modelled) and TLS ----------------------------------------------------------
+
+
+async def test_a_lost_chunk_holds_every_chunk_behind_it(start_proxy):
+    arrivals: list[tuple[bytes, float]] = []
+    both = asyncio.Event()
+
+    async def sink(reader, writer):
+        while len(arrivals) < 2 and (data := await reader.read(65536)):
+            for piece in data.split(b";")[:-1]:
+                arrivals.append((piece, time.perf_counter()))
+        both.set()
+        writer.close()
+
+    async with tcp_server(sink) as target:
+        proxy = await start_proxy(target, delay=0.01, retransmit=0.3, loss=1.0)
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        started = time.perf_counter()
+        writer.write(b"lost;")  # the first chunk is "lost": 0.3 s late
+        await writer.drain()
+        await wait_until(lambda: proxy.stats.losses == 1)
+        proxy.loss = 0.0
+        writer.write(b"behind;")  # not lost, but TCP delivers in order: it waits
+        await writer.drain()
+        await asyncio.wait_for(both.wait(), 10)
+        writer.close()
+    print(f"\narrivals after {[(p.decode(), round((t - started) * 1000)) for p, t in arrivals]} ms")
+    assert [piece for piece, _ in arrivals] == [b"lost", b"behind"]
+    assert arrivals[0][1] - started >= 0.3
+    assert proxy.stats.losses == 1
+
+
+def test_loss_defaults_to_a_round_trip_plus_the_minimum_rto():
+    proxy = netem.Netem(("127.0.0.1", 1), delay=0.05, loss=1.0, seed=1)
+    assert proxy._sample_loss() == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        netem.Netem(("127.0.0.1", 1), loss=1.5)
+
+
+async def test_tls_is_decrypted_behind_the_delay(server, start_proxy):
+    proxy = await start_proxy(server, delay=DELAY, tls=True)
+    assert proxy.url.startswith("https://127.0.0.1:")
+    context = proxy.client_ssl_context()
+    started = time.perf_counter()
+    async with httpx.AsyncClient(verify=context) as http:
+        response = await http.get(proxy.url + "api/presence")
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 200
+    ws_url = proxy.url.replace("https", "wss", 1) + "ws"
+    async with websockets.connect(ws_url, ssl=context, compression=None) as ws:
+        await ws.send('{"type": "hello", "user": "ada", "after": 0}')
+        first = await asyncio.wait_for(ws.recv(), 10)
+    print(f"\nfirst HTTPS response on a new connection: {elapsed * 1000:.1f} ms "
+          f"(TCP + TLS 1.3 + request = 6 x delay = {6 * DELAY * 1000:g} ms)")
+    assert '"type"' in first
+    # TCP's round trip (emulated), TLS 1.3's one round trip, then the request's.
+    assert 6 * DELAY <= elapsed < 6 * DELAY + SLACK
+    with pytest.raises(httpx.ConnectError):  # the certificate is no public CA's
+        async with httpx.AsyncClient() as http:
+            await http.get(proxy.url + "api/presence")
+
+
 # -- the command line --------------------------------------------------------------------
 
 
