@@ -1,4 +1,4 @@
-"""A network you can dial: a TCP proxy that adds delay, jitter, loss, TLS and cuts.
+"""A network you can dial: TCP and UDP relays that add delay, jitter, loss and cuts.
 
 On 127.0.0.1 a round trip takes a tenth of a millisecond, so the costs a real network
 imposes (long polling's extra round trip, the handshake before the first WebSocket message,
@@ -51,6 +51,20 @@ TCP window then fills: backpressure, as a slow link gives. Everything is per chu
 ``read()`` returns it, not per packet: this is not a packet-level emulator (loss is the
 model above, no reordering, no MTU). The proxy listens on 127.0.0.1 only.
 
+**UDP mode** (:func:`start_udp`, :class:`UdpNetem`): a relay for datagrams (QUIC, HTTP/3,
+WebTransport), which *can* lose and reorder for real, per datagram and per direction::
+
+    relay = await netem.start_udp(target=("127.0.0.1", 4433), delay=0.05, loss=0.02, seed=1)
+    relay.address        # ('127.0.0.1', PORT): send datagrams here
+    await relay.stop()
+
+Each datagram from a client goes to the target from a socket of that client's own (as a
+NAT does: the target sees one address per client), ``delay`` (plus ``jitter``) later, and
+the target's answers come back the same way. With probability ``loss`` a datagram is
+dropped; with probability ``reorder`` it is held ``reorder_gap`` seconds more, so that
+datagrams sent after it overtake it (jitter reorders too: datagrams, unlike a byte stream,
+need not leave in order). The random numbers come from ``seed``, so a run is repeatable.
+
 For the Linux kernel's own emulator, ``tc qdisc add dev lo root netem delay 50ms`` does the
 same for *all* loopback traffic (root only, and every process on the machine feels it).
 """
@@ -74,7 +88,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["Netem", "NetemStats", "parse_duration", "parse_rate", "start"]
+__all__ = ["Netem", "NetemStats", "UdpNetem", "UdpStats", "parse_duration", "parse_rate",
+           "start", "start_udp"]
 
 CHUNK = 64 * 1024
 """Largest read from a socket, in bytes."""
@@ -497,6 +512,208 @@ async def start(target, *, delay: float = 0.0, jitter: float = 0.0, rate: float 
     'http://127.0.0.1:41017/'
     """
     return await Netem(target, delay=delay, jitter=jitter, rate=rate, **options).start()
+
+
+MAX_FLOWS = 1024
+"""Client addresses a UDP relay serves at once; datagrams from more are dropped (counted)."""
+
+BACKLOG = 1024
+"""Datagrams a new flow holds while its socket towards the target opens."""
+
+
+@dataclass
+class UdpStats:
+    """What went through a UDP relay since it started (both directions unless named)."""
+
+    datagrams_up: int = 0  # client -> server, sent to the server
+    datagrams_down: int = 0  # server -> client, sent to the client
+    dropped: int = 0  # lost on purpose (``loss``)
+    reordered: int = 0  # held ``reorder_gap`` more, so later ones could overtake
+    flows: int = 0  # client addresses seen
+    refused: int = 0  # beyond MAX_FLOWS, or BACKLOG while a flow's socket opens
+
+
+class _Listener(asyncio.DatagramProtocol):
+    """The relay's own socket: datagrams from clients arrive here; answers leave from it."""
+
+    def __init__(self, relay: UdpNetem) -> None:
+        self.relay = relay
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.relay._from_client(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # an ICMP "port unreachable" for a client that left: UDP has no one to tell
+
+
+class _Flow(asyncio.DatagramProtocol):
+    """One client's socket towards the target, connected to it (a NAT mapping)."""
+
+    def __init__(self, relay: UdpNetem, client) -> None:
+        self.relay, self.client = relay, client
+        self.transport: asyncio.DatagramTransport | None = None
+        self.backlog: list[bytes] = []  # due before the socket was ready (at most BACKLOG)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        if self.relay._listener is None:  # the relay stopped while this socket was opening
+            transport.close()
+            return
+        for data in self.backlog:
+            self.send(data)
+        self.backlog.clear()
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.relay._from_server(data, self.client)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # the target is not listening (yet): datagrams are lost, as on a network
+
+    def send(self, data: bytes) -> None:
+        if self.transport is None:
+            if len(self.backlog) < BACKLOG:
+                self.backlog.append(data)
+            else:
+                self.relay.stats.refused += 1
+            return
+        if not self.transport.is_closing():
+            self.transport.sendto(data)
+            self.relay.stats.datagrams_up += 1
+
+
+class UdpNetem:
+    """The UDP relay. Create it with :func:`start_udp` (or build it, then ``await start()``).
+
+    Args:
+        target: where to relay to: a :class:`chatlib.ChatServer` (its port number, on UDP),
+            ``"127.0.0.1:4433"`` or a ``(host, port)`` tuple.
+        delay: one-way delay in seconds, each direction.
+        jitter: up to this many seconds more or less, uniformly at random, per datagram.
+        loss: probability (0 to 1) that a datagram is dropped, each direction.
+        reorder: probability (0 to 1) that a datagram is held ``reorder_gap`` seconds more.
+        reorder_gap: how long a reordered datagram is held on top of its delay.
+        port: the port to listen on, on 127.0.0.1; 0 picks a free one.
+        seed: seed for the random numbers (jitter, loss, reordering): repeatable runs.
+
+    Settings are attributes, read per datagram. Delivery is scheduled with the event loop's
+    timers (``call_at``): no task per datagram, and :meth:`stop` cancels what is pending.
+    """
+
+    def __init__(self, target, *, delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0,
+                 reorder: float = 0.0, reorder_gap: float = 0.01, port: int = 0,
+                 seed: int | None = None) -> None:
+        if delay < 0 or jitter < 0 or reorder_gap < 0:
+            raise ValueError("delay, jitter and reorder_gap must be >= 0 seconds")
+        _check_probability("loss", loss)
+        _check_probability("reorder", reorder)
+        self.target_host, self.target_port, _ = _target_address(target)
+        self.delay, self.jitter, self.loss = delay, jitter, loss
+        self.reorder, self.reorder_gap = reorder, reorder_gap
+        self.requested_port = port
+        self.port: int | None = None
+        self.stats = UdpStats()
+        self._random = random.Random(seed)
+        self._listener: asyncio.DatagramTransport | None = None
+        self._flows: dict[tuple, _Flow] = {}
+        self._pending: set[asyncio.TimerHandle] = set()
+        self._opening: set[asyncio.Task] = set()  # flows' sockets being created
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where clients send their datagrams: ``("127.0.0.1", PORT)``."""
+        return "127.0.0.1", self.port
+
+    def __repr__(self) -> str:
+        return (f"<UdpNetem 127.0.0.1:{self.port} -> {self.target_host}:{self.target_port} "
+                f"delay={self.delay * 1000:g} ms jitter={self.jitter * 1000:g} ms "
+                f"loss={self.loss:g} reorder={self.reorder:g}>")
+
+    async def start(self) -> UdpNetem:
+        loop = asyncio.get_running_loop()
+        # Loopback only, as the TCP proxy.
+        self._listener, _ = await loop.create_datagram_endpoint(
+            lambda: _Listener(self), local_addr=("127.0.0.1", self.requested_port))
+        self.port = self._listener.get_extra_info("sockname")[1]
+        return self
+
+    async def stop(self) -> None:
+        """Drop what is in flight, close every socket."""
+        for handle in self._pending:
+            handle.cancel()
+        self._pending.clear()
+        if self._opening:
+            await asyncio.wait(self._opening, timeout=5)
+        for flow in self._flows.values():
+            if flow.transport is not None:
+                flow.transport.close()
+        self._flows.clear()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        await asyncio.sleep(0)  # let the transports' close callbacks run
+
+    async def __aenter__(self) -> UdpNetem:
+        return await self.start() if self._listener is None else self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _schedule(self, send: Callable[[bytes], None], data: bytes) -> None:
+        """Drop ``data``, or call ``send(data)`` after its delay (a timer, not a task)."""
+        if self.loss and self._random.random() < self.loss:
+            self.stats.dropped += 1
+            return
+        wait = self.delay
+        if self.jitter:
+            wait = max(0.0, wait + self._random.uniform(-self.jitter, self.jitter))
+        if self.reorder and self._random.random() < self.reorder:
+            wait += self.reorder_gap
+            self.stats.reordered += 1
+        if wait <= 0:
+            send(data)
+            return
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._pending.discard(handle)
+            send(data)
+        handle = loop.call_at(loop.time() + wait, fire)
+        self._pending.add(handle)
+
+    def _from_client(self, data: bytes, client) -> None:
+        flow = self._flows.get(client)
+        if flow is None:
+            if len(self._flows) >= MAX_FLOWS:
+                self.stats.refused += 1
+                return
+            flow = self._flows[client] = _Flow(self, client)
+            self.stats.flows += 1
+            loop = asyncio.get_running_loop()
+            task = loop.create_task(loop.create_datagram_endpoint(
+                lambda: flow, local_addr=("127.0.0.1", 0),
+                remote_addr=(self.target_host, self.target_port)))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+        self._schedule(flow.send, data)
+
+    def _from_server(self, data: bytes, client) -> None:
+        def send(data: bytes) -> None:
+            if self._listener is not None:
+                self._listener.sendto(data, client)
+                self.stats.datagrams_down += 1
+        self._schedule(send, data)
+
+
+async def start_udp(target, *, delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0,
+                    reorder: float = 0.0, **options) -> UdpNetem:
+    """Start a :class:`UdpNetem` relay in front of ``target`` and return it once it listens.
+
+    >>> relay = await netem.start_udp(("127.0.0.1", 4433), loss=0.02)  # doctest: +SKIP
+    >>> relay.address                                                  # doctest: +SKIP
+    ('127.0.0.1', 50712)
+    """
+    return await UdpNetem(target, delay=delay, jitter=jitter, loss=loss, reorder=reorder,
+                          **options).start()
 
 
 _DURATION = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*(us|µs|ms|s|)\s*")

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import statistics
 import sys
 import time
@@ -421,6 +422,145 @@ async def test_tls_is_decrypted_behind_the_delay(server, start_proxy):
     with pytest.raises(httpx.ConnectError):  # the certificate is no public CA's
         async with httpx.AsyncClient() as http:
             await http.get(proxy.url + "api/presence")
+
+
+# -- the UDP relay ---------------------------------------------------------------------------
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    """A UDP endpoint that records (data, address, time) and, if ``echo``, answers."""
+
+    def __init__(self, echo: bool = False) -> None:
+        self.echo, self.received, self.changed = echo, [], asyncio.Event()
+        self.transport = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data, addr) -> None:
+        self.received.append((data, addr, time.perf_counter()))
+        self.changed.set()
+        if self.echo:
+            self.transport.sendto(data, addr)
+
+
+@contextlib.asynccontextmanager
+async def udp_endpoint(echo: bool = False, remote=None):
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: _Datagrams(echo), local_addr=("127.0.0.1", 0), remote_addr=remote)
+    try:
+        yield transport, protocol
+    finally:
+        transport.close()
+
+
+@pytest.fixture
+async def start_relay():
+    """``await start_relay(target, **options)``: a started UDP relay, stopped at teardown."""
+    relays: list[netem.UdpNetem] = []
+
+    async def start(target, **options) -> netem.UdpNetem:
+        relay = await netem.start_udp(target, **options)
+        relays.append(relay)
+        return relay
+
+    try:
+        yield start
+    finally:
+        for relay in relays:
+            await asyncio.wait_for(relay.stop(), 10)
+
+
+async def test_udp_delay_applies_each_way(start_relay):
+    async with udp_endpoint(echo=True) as (target, _):
+        relay = await start_relay(target.get_extra_info("sockname"), delay=DELAY)
+        async with udp_endpoint(remote=relay.address) as (client, inbox):
+            rtts = []
+            for i in range(5):
+                started = time.perf_counter()
+                client.sendto(b"ping %d" % i)
+                await wait_until(lambda n=i + 1: len(inbox.received) == n)
+                rtts.append(inbox.received[-1][2] - started)
+    print(f"\nUDP round trips through the relay (delay {DELAY * 1000:g} ms): "
+          f"{[round(r * 1000, 1) for r in rtts]} ms")
+    assert min(rtts) >= 2 * DELAY
+    assert statistics.median(rtts) < 2 * DELAY + SLACK
+    assert (relay.stats.datagrams_up, relay.stats.datagrams_down) == (5, 5)
+
+
+async def test_udp_loss_rate_is_within_bounds_and_repeatable(start_relay):
+    n, loss = 2000, 0.1
+    outcomes = []
+    for _ in range(2):  # the same seed drops the same datagrams
+        async with udp_endpoint() as (target, sink):
+            relay = await start_relay(target.get_extra_info("sockname"), loss=loss, seed=21)
+            async with udp_endpoint(remote=relay.address) as (client, _):
+                for i in range(n):
+                    client.sendto(b"%d" % i)
+                    # One loop step per datagram: asyncio reads one datagram per step, and
+                    # the kernel's socket buffer (a few hundred small datagrams) is finite.
+                    await asyncio.sleep(0)
+                await wait_until(lambda r=relay: len(sink.received) + r.stats.dropped == n)
+            outcomes.append(sorted(int(data) for data, _, _ in sink.received))
+    dropped = n - len(outcomes[0])
+    print(f"\n{n} datagrams at loss={loss}: {dropped} dropped")
+    # Binomial(2000, 0.1): mean 200, standard deviation 13.4; these bounds are 4.5 of those.
+    assert 140 <= dropped <= 260
+    assert outcomes[0] == outcomes[1]
+    assert len(set(outcomes[0])) == len(outcomes[0])  # nothing duplicated
+
+
+async def test_udp_reordering_lets_later_datagrams_overtake(start_relay):
+    n = 500
+    async with udp_endpoint() as (target, sink):
+        relay = await start_relay(target.get_extra_info("sockname"), delay=0.005,
+                                  reorder=0.2, reorder_gap=0.02, seed=5)
+        async with udp_endpoint(remote=relay.address) as (client, _):
+            for i in range(n):
+                client.sendto(b"%d" % i)
+                await asyncio.sleep(0.001 if i % 10 == 0 else 0)
+            await wait_until(lambda: len(sink.received) == n)
+    order = [int(data) for data, _, _ in sink.received]
+    highest, late = -1, 0
+    for seq in order:
+        late += seq < highest
+        highest = max(highest, seq)
+    print(f"\n{n} datagrams at reorder=0.2: {relay.stats.reordered} held, {late} arrived late")
+    assert sorted(order) == list(range(n))  # all delivered, once
+    assert 0.12 * n <= relay.stats.reordered <= 0.28 * n
+    assert 0 < late <= relay.stats.reordered
+
+
+async def test_udp_each_client_gets_its_own_flow(start_relay):
+    async with udp_endpoint(echo=True) as (target, seen):
+        relay = await start_relay(target.get_extra_info("sockname"))
+        async with udp_endpoint(remote=relay.address) as (a, inbox_a), \
+                udp_endpoint(remote=relay.address) as (b, inbox_b):
+            a.sendto(b"from a")
+            b.sendto(b"from b")
+            await wait_until(lambda: inbox_a.received and inbox_b.received)
+    assert [d for d, _, _ in inbox_a.received] == [b"from a"]
+    assert [d for d, _, _ in inbox_b.received] == [b"from b"]
+    assert len({addr for _, addr, _ in seen.received}) == 2
+    assert relay.stats.flows == 2
+
+
+async def test_udp_relay_cleans_up(start_relay):
+    async with udp_endpoint() as (target, sink):
+        relay = await start_relay(target.get_extra_info("sockname"), delay=0.2)
+        async with udp_endpoint(remote=relay.address) as (client, _):
+            client.sendto(b"first")
+            await wait_until(lambda: relay.stats.flows == 1 and relay._pending)
+            flows = list(relay._flows.values())
+            port = relay.port
+            await relay.stop()
+            assert not relay._pending and not relay._flows
+            assert all(flow.transport.is_closing() for flow in flows)
+            await asyncio.sleep(0.3)  # past the datagram's delay: it must never arrive
+    assert sink.received == []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        again.bind(("127.0.0.1", port))  # the relay's port is free
 
 
 # -- the command line --------------------------------------------------------------------
