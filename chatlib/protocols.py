@@ -34,8 +34,9 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from .fastpath import H11_MAX_INCOMPLETE_EVENT_SIZE, bytes_acked, reset_connection
+from .fastpath import H11_MAX_INCOMPLETE_EVENT_SIZE, reset_connection, unsent_bytes
 from .limits import LINGER_BYTES, LINGER_SECONDS, MAX_FRAGMENTS, Limits
+from .stuck import Progress
 
 
 class LingeringClose:
@@ -58,7 +59,10 @@ class LingeringClose:
         self.lingering = True
         transport.resume_reading()  # flow control may have paused it
         self._linger_timer = asyncio.get_running_loop().call_later(
-            LINGER_SECONDS, transport.close)
+            LINGER_SECONDS, self.linger_expired, transport)
+
+    def linger_expired(self, transport: asyncio.Transport) -> None:
+        transport.close()
 
     def drain(self, transport: asyncio.Transport, data: bytes) -> None:
         self._drained += len(data)
@@ -135,8 +139,9 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         self.upgraded = False
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
-        self._write_timer: asyncio.TimerHandle | None = None
-        self._acked: int | None = None
+        self._output_timer: asyncio.TimerHandle | None = None
+        self._progress: Progress | None = None
+        self._close_when_taken = False  # a lingering close waits for our output (linger)
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -147,34 +152,36 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
     def connection_lost(self, exc) -> None:
         self.stop_lingering()
         self._cancel_timers()
-        self._stop_write_timer()
+        self._stop_output_timer()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._write_timer is None and not self.upgraded:
-            self._acked = bytes_acked(self.raw_transport)
-            self._write_timer = self.loop.call_later(self.limits.stuck_timeout,
-                                                     self._write_too_slow)
+        self._watch_output()
 
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        self._stop_write_timer()
+    def _watch_output(self) -> None:
+        """Bytes wait for the client (asyncio's buffer or the kernel's): look at them a few
+        times per ``stuck_timeout`` until the client took them all, or reset it."""
+        if self._output_timer is None and not self.upgraded and unsent_bytes(
+                self.raw_transport):
+            self._progress = Progress(self.limits.stuck_timeout)
+            self._check_output()
 
-    def _stop_write_timer(self) -> None:
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
+    def _stop_output_timer(self) -> None:
+        if self._output_timer is not None:
+            self._output_timer.cancel()
+            self._output_timer = None
 
-    def _write_too_slow(self) -> None:
-        """Still paused ``stuck_timeout`` after the output passed the high-water mark:
-        reset, unless the client acknowledged something meanwhile (then look again)."""
-        self._write_timer = None
-        acked = bytes_acked(self.raw_transport)
-        if acked is not None and acked != self._acked:
-            self._acked = acked
-            self._write_timer = self.loop.call_later(self.limits.stuck_timeout,
-                                                     self._write_too_slow)
+    def _check_output(self) -> None:
+        self._output_timer = None
+        stuck = self._progress.stuck(self.raw_transport, self.loop.time())
+        if stuck is None:  # all taken
+            if self._close_when_taken:
+                self.raw_transport.close()
+            return
+        if not stuck:
+            self._output_timer = self.loop.call_later(
+                max(self.limits.stuck_timeout / 4, 0.05), self._check_output)
             return
         if self.cycle is not None:
             self.cycle.disconnected = True  # the app's send() and receive() see it gone
@@ -190,25 +197,40 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start a pipelined request
+        self._watch_output()
         self._watch()
 
-    def eof_received(self) -> None:
-        """The client half-closed: if it stopped mid-request, say so before closing."""
+    def eof_received(self) -> bool | None:
+        """The client half-closed: if it stopped mid-request, say so before closing.
+        (While what we wrote waits for it, the connection stays: see :meth:`linger`.)"""
         state = self.conn.their_state
         partial = (state is h11.IDLE and self.conn.trailing_data[0]) or (
             state is h11.SEND_BODY and self.cycle is not None and not self.cycle.response_started)
         if partial and not self.lingering:
             self.refuse(400, "incomplete request")
+        if self._output_timer is not None and self.lingering:
+            self._close_when_taken = True  # _check_output closes (or resets) it
+            return True
         return None  # asyncio closes the transport once our answer is written
 
     def linger(self, transport) -> None:
-        """Linger only if the client may still be sending (see the module docstring)."""
+        """Linger if the client may still be sending (see the module docstring), or until
+        it has taken what we wrote: closed now, the socket would keep those bytes and our
+        FIN, in FIN-WAIT-1, for as long as the client keeps its window shut."""
         state = self.conn.their_state
-        if state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) or (
-                state is h11.IDLE and not self.conn.trailing_data[0]):
+        if (state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED) or (
+                state is h11.IDLE and not self.conn.trailing_data[0])) and (
+                self.upgraded or not unsent_bytes(transport)):
             transport.close()
         else:
+            self._watch_output()
             super().linger(transport)
+
+    def linger_expired(self, transport) -> None:
+        if self._output_timer is None:
+            transport.close()
+        else:  # _check_output closes it once the client took our output (or resets it)
+            self._close_when_taken = True
 
     def shutdown(self) -> None:
         """The server is stopping: nobody waits for a lingering or idle connection."""
@@ -220,7 +242,7 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
 
     def handle_websocket_upgrade(self, event) -> None:
         self._cancel_timers()
-        self._stop_write_timer()
+        self._stop_output_timer()
         self.upgraded = True  # this connection is the WebSocket protocol's from now on
         self.transport = self.raw_transport  # ... which gets the real transport
         super().handle_websocket_upgrade(event)
@@ -291,7 +313,7 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
             limit = self.limits.header_timeout
             self.refuse(408, f"request headers not complete within {limit:g} s")
         else:  # nothing sent: nobody to tell
-            self.raw_transport.close()
+            self.transport.close()
 
     def _body_too_slow(self) -> None:
         self._body_timer = None

@@ -14,6 +14,34 @@ from .outbox import Outbox
 log = logging.getLogger("chatlib")
 
 
+class Progress:
+    """The stuck-client rule for one connection: is its peer still taking what waits for it?
+
+    Call :meth:`stuck` every so often. Bytes wait when asyncio's buffer or the kernel's
+    holds them (a burst that fits in the kernel's buffers never shows in asyncio's); the
+    peer takes them when its acknowledged byte count moves (Linux TCP_INFO; where that is
+    unknown, the first look counts as the start of the wait).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._acked: int | None = None  # at the last look; None: nothing was waiting
+        self._since = 0.0
+
+    def stuck(self, transport: asyncio.WriteTransport, now: float) -> bool | None:
+        """None: nothing waits for the peer. False: something does, and the peer took a
+        byte within ``timeout`` seconds (or this is the first look). True: it took none."""
+        if not unsent_bytes(transport):
+            self._acked = None
+            return None
+        acked = bytes_acked(transport)
+        acked = -1 if acked is None else acked
+        if self._acked is None or acked != self._acked:
+            self._acked, self._since = acked, now
+            return False
+        return now - self._since >= self.timeout
+
+
 class StuckWatch:
     """Finds push clients that stopped reading, and resets their connections.
 
@@ -24,20 +52,21 @@ class StuckWatch:
     A slow client that reads, however slowly, makes progress and is left alone. The kernel
     may hold megabytes for a peer with a shut window, so this can happen long before the
     client's outbox overflows (1013). One sweep for all clients, a few times per timeout:
-    one ioctl per client, and a TCP_INFO read for those with unsent bytes. Without the fast path (no
-    transport to watch) only the outbox's bound applies.
+    one ioctl per client, and a TCP_INFO read for those with unsent bytes (:class:`Progress`).
+    Without the fast path (no transport to watch) only the outbox's bound applies.
+    (Plain HTTP responses get the same rule from chatlib.protocols.)
     """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
-        self._watched: dict[Outbox, list] = {}  # outbox -> [transport, acked, since]
+        self._watched: dict[Outbox, tuple[asyncio.WriteTransport, Progress]] = {}
         self._sweeper: asyncio.Task | None = None
 
     def watch(self, scope, outbox: Outbox) -> None:
         transport = transport_of(scope)
         if transport is None:
             return
-        self._watched[outbox] = [transport, None, 0.0]
+        self._watched[outbox] = (transport, Progress(self.limits.stuck_timeout))
         outbox.on_close = partial(self._closed, transport)
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.ensure_future(self._sweep())
@@ -70,15 +99,8 @@ class StuckWatch:
         while self._watched:
             await asyncio.sleep(interval)
             now = loop.time()
-            for outbox, entry in list(self._watched.items()):
-                transport, acked, since = entry
-                if not unsent_bytes(transport):  # asyncio's buffer and the kernel's
-                    entry[1] = None  # nothing waits for it: not stuck
-                    continue
-                now_acked = bytes_acked(transport)
-                if acked is None or now_acked != acked:
-                    entry[1:] = [now_acked if now_acked is not None else -1, now]
-                elif now - since >= self.limits.stuck_timeout:
+            for outbox, (transport, progress) in list(self._watched.items()):
+                if progress.stuck(transport, now):
                     self._watched.pop(outbox, None)
                     outbox.close(CloseCode.TRY_AGAIN_LATER)
                     self._reset(transport)

@@ -37,3 +37,19 @@ def needs_chromium() -> pytest.MarkDecorator:
     """
     reason = browser.unavailable()
     return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
+def server_side_states(server_port: int, client_ports: set[int]) -> dict[int, str]:
+    """TCP state (/proc/net/tcp, hex: "01" ESTABLISHED, "04" FIN-WAIT-1, ...) of the
+    server's end of each client connection still in the kernel; TIME-WAIT ("06") is the
+    kernel's alone (no buffers, no descriptor) and left out."""
+    found = {}
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if int(local.split(":")[1], 16) == server_port:
+                port = int(remote.split(":")[1], 16)
+                if port in client_ports and state != "06":
+                    found[port] = state
+    return found

@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
+from helpers import server_side_states
+
 from chatlib import Limits
 from chatlib.protocols import BoundedH11Protocol
 
@@ -41,3 +44,31 @@ async def test_a_response_nobody_reads_is_reset_after_the_stuck_timeout(start_ch
     finally:
         for _, writer in streams:
             writer.transport.abort()
+
+
+async def test_an_unread_response_that_fits_in_kernel_buffers_is_reset(start_chat):
+    """A page small enough for the kernel's buffers never passes asyncio's high-water mark:
+    it used to wait there, then a FIN queued behind it held the connection in FIN-WAIT-1
+    for minutes (about 100 s of zero-window probes) for a client that never reads."""
+    server = await start_chat(limits=Limits(stuck_timeout=1.0))
+    for _ in range(40):  # one page of ~200 KB
+        await server.hub.post("bob", "\U0001f600" * 1000)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    port = sock.getsockname()[1]
+    try:
+        writer.write(f"GET /api/messages?after=0 HTTP/1.1\r\nHost: 127.0.0.1:{server.port}"
+                     "\r\n\r\n".encode())
+        await writer.drain()
+        async with asyncio.timeout(20):  # the stuck timeout, a sweep, and load
+            while server_side_states(server.port, {port}) != {}:  # bounded by the timeout
+                await asyncio.sleep(0.1)
+        with pytest.raises(ConnectionResetError):  # reset, not ended
+            async with asyncio.timeout(10):
+                while await reader.read(65536):  # bounded by the timeout and the reset
+                    pass
+    finally:
+        writer.transport.abort()

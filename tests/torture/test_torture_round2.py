@@ -14,9 +14,9 @@ import struct
 import time
 
 import httpx
+from helpers import server_side_states
 from test_ping_flood import open_websocket, ping
 from test_stuck_kernel import text_frame
-from test_torture_stuck import server_side_states
 from torturekit import percentile, ws_open
 
 from chatlib.validation import DEFAULT_IGNORABLE, FILLERS
@@ -154,38 +154,68 @@ async def test_look_alike_names(spawn, figures):
     assert accepted == 0
 
 
+async def unread_pages(server, count: int, after: int) -> list[socket.socket]:
+    """``count`` sockets (4 KB receive buffers) that ask for the page after ``after`` and
+    never read it."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f"GET /api/messages?after={after} HTTP/1.1\r\n"
+                     f"Host: 127.0.0.1:{server.port}\r\n\r\n".encode())
+        sockets.append(sock)
+    return sockets
+
+
+def ended_by_reset(sock: socket.socket) -> bool:
+    """Read what the server sent (bounded by the timeout): True if a reset ended it."""
+    sock.settimeout(5)
+    try:
+        while sock.recv(1 << 20):  # bounded: the server closed or reset it
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        pass
+    return False
+
+
 async def test_http_slow_readers(spawn, figures):
+    """Unread pages too big for the kernel's buffers (8 MB: asyncio's buffer passes its
+    high-water mark) and small enough to fit (~160 KB: only the kernel holds them): both
+    end in a reset within the stuck timeout, none in a FIN stuck in FIN-WAIT-1."""
     server = await spawn(limits={**FAST, "stuck_timeout": 2.0, "history": 1000})
     async with httpx.AsyncClient() as http:
         for _ in range(1000):  # a page of ~8 MB: more than the kernel's buffers take
             await http.post(server.url + "api/messages",
                             json={"user": "bob", "text": "\U0001f600" * 1990})
     rss_before = server.rss_kib()
-    sockets = []
-    for _ in range(20):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", server.port))
-        sock.sendall(f"GET /api/messages?after=1 HTTP/1.1\r\nHost: 127.0.0.1:{server.port}"
-                     "\r\n\r\n".encode())
-        sockets.append(sock)  # never read
-    ports = {sock.getsockname()[1] for sock in sockets}
+    groups = {"8 MB": await unread_pages(server, 20, 1),
+              "160 KB": await unread_pages(server, 20, 980)}
+    ports = {sock.getsockname()[1]: size for size, socks in groups.items() for sock in socks}
     started = time.monotonic()
     rss_peak = server.rss_kib()
+    within: dict[str, float] = {}
     try:
         async with asyncio.timeout(30):
-            while server_side_states(server.port, ports):  # bounded by the timeout
+            while len(within) < len(groups):  # bounded by the timeout
+                live = server_side_states(server.port, set(ports))
+                for size in set(groups) - set(within) - {ports[p] for p in live}:
+                    within[size] = round(time.monotonic() - started, 1)
                 rss_peak = max(rss_peak, server.rss_kib())
                 await asyncio.sleep(0.2)
-        within = time.monotonic() - started
+        resets = {size: sum(map(ended_by_reset, socks)) for size, socks in groups.items()}
     finally:
-        for sock in sockets:
-            sock.close()
-    gone = len(ports) - len(server_side_states(server.port, ports))
+        for socks in groups.values():
+            for sock in socks:
+                sock.close()
+    for size in groups:
+        figures(f"HTTP slow readers (20 unread {size} pages, 4 KB receive buffers)",
+                reset=resets[size], gone_within_s=within[size])
     figures("HTTP slow readers (20 unread 8 MB pages, 4 KB receive buffers)",
-            reset=gone, within_s=round(within, 1),
             rss_growth_mib=round((rss_peak - rss_before) / 1024, 1))
-    assert gone == 20
+    assert resets == {size: 20 for size in groups}, resets
 
 
 async def test_redis_flushall_oom_and_hang(spawn, figures, tmp_path):

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 
+from helpers import server_side_states
 from torturekit import percentile, ws_open
 from wscases import text as text_frame
 
@@ -27,25 +28,6 @@ the connection aborted, within ~10 s" (issue 6, defect 3; ``Limits.stuck_timeout
 MARGIN = 15.0
 """One sweep of the server's stuck-client check (a quarter of ``stuck_timeout``) plus slack
 for a loaded 2-core CI machine; the figure printed is the measured time."""
-LIVE_STATES = {"01", "04", "06", "08", "09", "0B"}
-"""/proc/net/tcp states that still hold the connection: ESTABLISHED, FIN_WAIT1, (TIME_WAIT
-is the kernel's, not the server's), CLOSE_WAIT, LAST_ACK, CLOSING."""
-
-
-def server_side_states(server_port: int, client_ports: set[int]) -> dict[int, str]:
-    """TCP state of the server's end of each client connection still in the kernel."""
-    found = {}
-    with open("/proc/net/tcp") as table:
-        for line in table.readlines()[1:]:
-            fields = line.split()
-            local, remote, state = fields[1], fields[2], fields[3]
-            if int(local.split(":")[1], 16) == server_port:
-                port = int(remote.split(":")[1], 16)
-                if port in client_ports and state != "06":
-                    found[port] = state
-    return found
-
-
 async def stuck_client(port: int, name: str) -> socket.socket:
     """A WebSocket that says hello and then never reads (4 KiB receive buffer)."""
     loop = asyncio.get_running_loop()
