@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import NamedTuple, Protocol
 
 from .closecode import CloseCode
-from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits
+from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits, retry_after
 from .store import Bus, Message, MessageLog
 
 
@@ -417,28 +417,32 @@ class Hub:
         """Whether a fan-out is still going out in slices."""
         return bool(self._fanning)
 
-    def touch(self, user: str, address: str = "") -> str:
+    def touch(self, user: str, address: str = "") -> tuple[str, int]:
         """An HTTP client named ``user`` at ``address`` joins (``POST /api/presence``).
 
-        Returns "" or, when ``user`` is new and may not join the presence list, why not:
-        one address may have at most ``polled_per_address`` polling names, and announce
-        new ones at most at ``new_names_rate`` (each new name is broadcast to everyone).
+        Returns ``("", 0)`` or, when ``user`` is new and may not join the presence list, why
+        not and the seconds after which asking again may succeed (``Retry-After``): one
+        address may have at most ``polled_per_address`` polling names (a name that stops
+        polling leaves within ``presence_ttl``), and announce new ones at most at
+        ``new_names_rate`` (each new name is broadcast to everyone).
         """
         now = time.monotonic()
         seen = self._polled.get(user)
         if seen is not None:
             self._polled[user] = (now, seen[1])
-            return ""
+            return "", 0
         self._expire_polled(now)
         if self._polled_per_address[address] >= self.limits.polled_per_address:
             return (f"too many nicknames polling from this address "
-                    f"(at most {self.limits.polled_per_address})")
+                    f"(at most {self.limits.polled_per_address})",
+                    retry_after(self.limits.presence_ttl))
         if not self._new_names.allow(address):
-            return "too many new nicknames from this address: slow down"
+            return ("too many new nicknames from this address: slow down",
+                    retry_after(self._new_names.wait(address)))
         self._polled[user] = (now, address)
         self._polled_per_address[address] += 1
         self.presence_changed()
-        return ""
+        return "", 0
 
     def refresh(self, user: str) -> bool:
         """A poll named ``user``: keep it present if it joined (:meth:`touch`, from

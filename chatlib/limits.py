@@ -216,4 +216,10 @@ class SendBudget:
         section 10.2.3) and a WebSocket error frame's ``retry_after``. Rounded up, so that
         a client that waits that long is not refused again (unless it spent the token)."""
         own = self.http.wait((address, user)) if bucket is None else bucket.wait()
-        return max(1, math.ceil(max(own, self.addresses.wait(address))))
+        return retry_after(max(own, self.addresses.wait(address)))
+
+
+def retry_after(wait: float) -> int:
+    """A refusal's ``Retry-After`` (and error frame's ``retry_after``) for a wait of ``wait``
+    seconds: whole seconds (RFC 9110, section 10.2.3), rounded up, at least 1."""
+    return max(1, math.ceil(wait))

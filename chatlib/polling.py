@@ -166,12 +166,13 @@ async def presence(request: Request) -> Response:
     with an ``<img>``, no Origin and no preflight, so a GET that added a name let another
     page on 127.0.0.1 add fake ones (issue 18). A POST must pass the Origin and
     Content-Type checks (chatlib.guard). One address may add names at most at
-    ``new_names_rate`` and hold ``polled_per_address`` of them (429 beyond).
+    ``new_names_rate`` and hold ``polled_per_address`` of them (429 beyond, with
+    ``Retry-After``).
     """
     hub: Hub = request.app.state.hub
     if request.method == "POST":
         user = nickname(await read_json(request, hub.limits), hub.limits)
-        refused = hub.touch(user, address(request.scope))
+        refused, retry_after = hub.touch(user, address(request.scope))
         if refused:
-            raise ChatError(429, refused)
+            raise ChatError(429, refused, retry_after)
     return JSONBody(hub.presence_event())

@@ -56,3 +56,29 @@ async def test_another_site_cannot_post_a_join(server, http):
                            headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert form.status_code == 415
     assert await names(http, server) == []
+
+
+async def test_a_refused_join_says_when_to_come_back(start_chat, http):
+    """Both per-address refusals of a new name carry ``Retry-After`` (RFC 9110, 10.2.3):
+    the new-name budget's wait, or ``presence_ttl`` for an address holding its maximum
+    of names. Waiting out the first is what is tested, so this test sleeps for it."""
+    server = await start_chat(limits=Limits(new_names_rate=1.0, new_names_burst=1,
+                                            presence_interval=0))
+
+    async def join(user: str) -> httpx.Response:
+        return await http.post(server.url + "api/presence", json={"user": user})
+
+    assert (await join("ann")).status_code == 200
+    refused = await join("bea")
+    refused_at = asyncio.get_running_loop().time()
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1", \
+        refused.headers
+    assert "new nicknames" in refused.json()["error"]
+    await asyncio.sleep(max(0.0, refused_at + 1 - asyncio.get_running_loop().time()))
+    assert (await join("bea")).status_code == 200
+
+    full = await start_chat(limits=Limits(polled_per_address=1, presence_ttl=7.5))
+    assert (await http.post(full.url + "api/presence", json={"user": "ann"})).status_code \
+        == 200
+    held = await http.post(full.url + "api/presence", json={"user": "bea"})
+    assert held.status_code == 429 and held.headers["Retry-After"] == "8", held.headers
