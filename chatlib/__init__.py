@@ -20,6 +20,7 @@ _LAZY = {
     "RedisLog": ".redis_log",
     "SSEClient": ".clients",
     "WebSocketClient": ".clients",
+    "WebTransportClient": ".clients",
 }
 
 
@@ -34,6 +35,6 @@ def __getattr__(name: str):
 __all__ = [
     "ChatPanel", "ChatServer", "Limits", "LongPollClient", "MemoryLog", "Message", "MessageLog",
     "PollingClient", "RedisLog", "SQLiteLog", "SSEClient", "StoreUnavailable", "WebSocketClient",
-    "start_server", "stop_server",
+    "WebTransportClient", "start_server", "stop_server",
 ]
 __version__ = "0.1.0"

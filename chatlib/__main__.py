@@ -32,7 +32,8 @@ async def serve(args: argparse.Namespace) -> None:
                     header_timeout=args.header_timeout)
     server = ChatServer(args.host, args.port, log=log, limits=limits,
                         compression=args.compression, token=args.token,
-                        forwarded_allow_ips=args.forwarded_allow_ips)
+                        forwarded_allow_ips=args.forwarded_allow_ips,
+                        webtransport=args.webtransport)
     await server.start()
     # What exists now (uvicorn, Starlette, websockets, chatlib) lives as long as the process:
     # take it out of the cyclic GC's full collections, which otherwise walk it again and
@@ -43,6 +44,9 @@ async def serve(args: argparse.Namespace) -> None:
     gc.freeze()
     link = page_link(server.url, server.token)
     print(f"chatlib serving on {link}  (Ctrl+C to stop)", flush=True)
+    if server.wt_url:
+        print(f"WebTransport on {server.wt_url} (UDP), certificate SHA-256 {server.wt_hash}",
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--forwarded-allow-ips", metavar="IPS", default=None,
                    help="behind a reverse proxy: its addresses (comma-separated, or '*'),"
                         " whose X-Forwarded-For names the client (default: trust nobody's)")
+    p.add_argument("--webtransport", action="store_true",
+                   help="also serve WebTransport over HTTP/3, on UDP at the same port"
+                        " (chatlib/webtransport.py; the page tries it first)")
     p.add_argument("--compression", action="store_true",
                    help="offer permessage-deflate to WebSocket clients")
     defaults = Limits()

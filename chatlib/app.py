@@ -57,6 +57,14 @@ async def limits_for_clients(request: Request) -> Response:
                      "rate": limits.rate, "burst": limits.burst})
 
 
+async def webtransport_info(request: Request) -> Response:
+    """``GET /api/webtransport``: where the WebTransport session is, and the certificate's
+    hash (chatlib.webtransport.WebTransportServer.info); ``{"available": false}`` when
+    the server runs without it."""
+    server = request.app.state.webtransport
+    return JSONBody({"available": False}) if server is None else server.info(request)
+
+
 # -- errors: {"error": ...} and a status code, for that request only ----------------------
 
 
@@ -100,6 +108,7 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
         Route("/api/events", events),  # chatlib.sse
         Route("/api/presence", presence, methods=["GET", "POST"]),
         Route("/api/limits", limits_for_clients),
+        Route("/api/webtransport", webtransport_info),  # chatlib.webtransport
         WebSocketRoute("/ws", websocket),  # chatlib.ws
     ]
     app = ChatApp(
@@ -112,4 +121,5 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
     app.state.hub = hub
     app.state.budget = SendBudget(hub.limits)
     app.state.stuck = StuckWatch(hub.limits)
+    app.state.webtransport = None  # chatlib.webtransport.WebTransportServer, if on
     return app

@@ -465,3 +465,115 @@ class WebSocketClient(Client):
         self.stats.bytes_received += _frame_size(
             raw.encode() if isinstance(raw, str) else raw, masked=False)
         self._handle(*wire.parse_ws(raw))
+
+
+class WebTransportClient(Client):
+    """WebTransport over HTTP/3 (aioquic): one QUIC connection, one bidirectional stream of
+    JSON lines both ways, typing notices as datagrams (chatlib.webtransport).
+
+    ``connect()`` asks ``GET /api/webtransport`` for the session's URL and the certificate's
+    SHA-256 (or takes ``wt_url=`` and ``cert_hash=``), opens the QUIC connection, checks that
+    the server's certificate has that hash (what a browser's ``serverCertificateHashes``
+    does), sends the CONNECT (with ``Authorization`` in token mode), then the hello.
+    :attr:`close_code` and :attr:`close_reason` are the server's close capsule's, once it
+    sent one.
+    """
+
+    transport = "webtransport"
+
+    def __init__(self, url: str, user: str, *, after: int = 0, origin: str | None = None,
+                 wt_url: str | None = None, cert_hash: str | None = None, **options):
+        super().__init__(url, user, after=after, **options)
+        self.origin = origin
+        self.wt_url, self.cert_hash = wt_url, cert_hash
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.setup_time: float | None = None
+        """Seconds from the first QUIC packet to the session's 200 (handshake + CONNECT)."""
+        self._session = None  # chatlib.webtransport.ClientSession while connected
+        self._arrived = asyncio.Event()
+
+    async def connect(self) -> None:
+        from .webtransport import ClientSession
+
+        wt_url, cert_hash = self.wt_url, self.cert_hash
+        if wt_url is None or cert_hash is None:
+            async with httpx.AsyncClient(headers=self._auth, timeout=10.0) as http:
+                response = await http.get(urljoin(self.url, "api/webtransport"))
+                self.stats.requests += 1
+            response.raise_for_status()
+            info = response.json()
+            if not info.get("available"):
+                raise ConnectionError("the server runs without WebTransport")
+            wt_url, cert_hash = wt_url or info["url"], cert_hash or info["hash"]
+        self._session = session = ClientSession(self._line, self._datagram, self._ended)
+        started = time.perf_counter()
+        status, error = await session.open(wt_url, cert_hash, origin=self.origin,
+                                           headers=self._auth)
+        if status != 200:
+            self._session = None
+            raise ChatRefused(status, error)
+        self.setup_time = time.perf_counter() - started
+        self.stats.requests += 1
+        self.close_code, self.close_reason = None, ""
+        self._send_line(wire.ws_hello(self.user, self.last_id))
+        await self._resend()
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None and not self._session.ended
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _send_line(self, text: str) -> None:
+        data = text.encode() + b"\n"
+        self.stats.bytes_sent += len(data)
+        self._session.send(data)
+
+    async def _send_pending(self, client_id: str, text: str) -> Message:
+        """Write the line, then wait (events arrive meanwhile) until it is acknowledged."""
+        waiting = self._acked.get(client_id)
+        if waiting is None:
+            waiting = self._acked[client_id] = asyncio.get_running_loop().create_future()
+        self._send_line(wire.ws_post(text, client_id))
+        try:
+            async with asyncio.timeout(self.ack_timeout):
+                return await asyncio.shield(waiting)
+        finally:
+            if not waiting.done():
+                self._acked.pop(client_id, None)
+
+    async def send_typing(self) -> None:
+        """A typing notice, as a datagram (it may be lost)."""
+        self._session.send_datagram(wire.WS_TYPING.encode())
+
+    async def _fetch(self) -> None:
+        if not self.connected:
+            if self._session is not None and self._session.ended:
+                raise ConnectionError(f"the session ended ({self.close_code}: "
+                                      f"{self.close_reason})")
+            await self.connect()
+        self._arrived.clear()
+        await self._arrived.wait()
+
+    def _line(self, line: bytes) -> None:
+        self.stats.bytes_received += len(line) + 1
+        self._handle(*wire.parse_ws(line))
+        self._arrived.set()
+
+    def _datagram(self, data: bytes) -> None:
+        self.stats.bytes_received += len(data)
+        self._handle(*wire.parse_ws(data))
+        self._arrived.set()
+
+    def _ended(self, code: int | None, reason: str) -> None:
+        """The session ended: a pending send fails (its message stays pending)."""
+        self.close_code, self.close_reason = code, reason
+        for waiting in self._acked.values():
+            if not waiting.done():
+                waiting.set_exception(ConnectionError(f"session closed ({code}: {reason})"))
+        self._acked.clear()
+        self._arrived.set()

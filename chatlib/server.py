@@ -37,7 +37,7 @@ from .app import create_app
 from .auth import checked_token
 from .closecode import CloseCode
 from .colab import PAGE_UNREACHABLE, in_colab
-from .guard import host_policy
+from .guard import Guard, host_policy
 from .hub import Hub
 from .limits import Limits
 from .protocols import BoundedH11Protocol, BoundedWebSocketProtocol
@@ -210,6 +210,7 @@ class ChatServer:
         shutdown_timeout: float = 2.0,
         token: str | bool | None = None,
         forwarded_allow_ips: str | list[str] | None = None,
+        webtransport: bool = False,
     ) -> None:
         self.host = host
         self.requested_port = port
@@ -227,8 +228,12 @@ class ChatServer:
         default) let any client pick its address per request and escape every per-address
         budget. Behind a reverse proxy, name the proxy's address (chatlib.cluster passes
         nginx's) and make the proxy *set* the header, not append to the client's."""
+        self.webtransport = webtransport
+        """Also serve WebTransport over HTTP/3, on UDP at the same port (chatlib.webtransport)."""
         self.hub: Hub | None = None
         self.port: int | None = None
+        self._udp: list[socket.socket] = []
+        self._webtransport = None  # chatlib.webtransport.WebTransportServer, if on
         self._server: KernelFriendlyServer | None = None
         self._socket: socket.socket | None = None
         self._task: asyncio.Task | None = None
@@ -244,6 +249,19 @@ class ChatServer:
         return self.url.replace("http://", "ws://", 1) + "ws"
 
     @property
+    def wt_url(self) -> str | None:
+        """The WebTransport session URL (``https://127.0.0.1:PORT/wt``), None without it."""
+        if self._webtransport is None:
+            return None
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}/wt"
+
+    @property
+    def wt_hash(self) -> str | None:
+        """The SHA-256 (hex) of the WebTransport certificate (``serverCertificateHashes``)."""
+        return None if self._webtransport is None else self._webtransport.hash_hex
+
+    @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
@@ -254,7 +272,7 @@ class ChatServer:
         self.hub = Hub(self.log, self.limits, bus=self.log.bus())
         await self.hub.start()
         try:
-            self._socket = bind_socket(self.host, self.requested_port)
+            self._socket, self._udp = self._bind()
         except OSError:
             self.hub.close()
             if self.hub.bus is not None:
@@ -262,8 +280,15 @@ class ChatServer:
             raise
         self.port = self._socket.getsockname()[1]
         hosts = host_policy(self.host, self.port, self.limits, public_url(self))
+        app = create_app(self.hub, hosts, self.token)
+        if self._udp:
+            from .webtransport import WebTransportServer  # aioquic loads only when asked for
+
+            self._webtransport = app.state.webtransport = WebTransportServer(
+                self.hub, app.state.budget, Guard(None, self.limits, hosts), self.token)
+            await self._webtransport.start(self._udp)
         config = uvicorn.Config(
-            create_app(self.hub, hosts, self.token),
+            app,
             # h11 (pure Python) pinned, not "auto": httptools is not a dependency, and the
             # header timeout, body budget and lingering close are written for h11.
             http=functools.partial(BoundedH11Protocol, limits=self.limits),
@@ -299,6 +324,23 @@ class ChatServer:
         self._sweeper = asyncio.ensure_future(self._sweep_presence())
         return self
 
+    def _bind(self) -> tuple[socket.socket, list[socket.socket]]:
+        """The TCP socket and, with ``webtransport``, the UDP ones at the same port. With
+        ``port=0`` a port whose UDP twin is taken is given back and another one tried."""
+        for attempt in range(20):  # bounded: a free pair is found at once but for bad luck
+            tcp = bind_socket(self.host, self.requested_port)
+            if not self.webtransport:
+                return tcp, []
+            from .webtransport import bind_udp
+
+            try:
+                return tcp, bind_udp(self.host, tcp.getsockname()[1])
+            except OSError:
+                tcp.close()
+                if self.requested_port or attempt == 19:
+                    raise
+        raise AssertionError("unreachable")
+
     async def _sweep_presence(self) -> None:
         """Polling users leave by going quiet: re-check presence every few seconds."""
         while True:
@@ -315,6 +357,12 @@ class ChatServer:
             self._sweeper.cancel()
         if self.hub is not None:
             self.hub.close(code)
+        if self._webtransport is not None:
+            await self._webtransport.close()  # the sessions' close capsules, then the port
+            self._webtransport = None
+        for sock in self._udp:
+            sock.close()
+        self._udp = []
         try:
             if self._server is not None and self._task is not None:
                 self._server.should_exit = True

@@ -1,0 +1,399 @@
+"""WebTransport over HTTP/3 (chatlib.webtransport) with Python clients: chatting with the
+other transports, resume, the checks every transport has (Origin, Host, token, hello,
+limits), close codes, and bad input and floods that must hurt only their sender."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import pytest
+
+from chatlib import Limits, wire
+from chatlib.clients import ChatRefused, WebTransportClient
+from chatlib.closecode import CloseCode
+from chatlib.webtransport import (
+    MAX_EXTRA_STREAMS,
+    ClientSession,
+    bind_udp,
+    close_capsule,
+    make_certificate,
+    parse_close,
+    read_capsules,
+)
+
+pytestmark = pytest.mark.timeout(60)
+T = 10  # seconds: hang guard for one wait; never reached when things work
+
+
+@pytest.fixture
+async def wt_server(start_chat, limits: Limits):
+    return await start_chat(limits=limits, webtransport=True)
+
+
+@pytest.fixture
+async def make_wt():
+    """``await make_wt(server, "ada", **options)``: a connected WebTransportClient, closed
+    at teardown."""
+    clients: list[WebTransportClient] = []
+
+    async def make(server, user: str, **options) -> WebTransportClient:
+        client = WebTransportClient(server.url, user, **options)
+        clients.append(client)
+        await client.connect()
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+class Probe:
+    """A raw session (no client logic): every line and datagram it got, and its end."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+        self.datagrams: list[dict] = []
+        self.end: tuple[int | None, str] | None = None
+        self.changed = asyncio.Event()
+        self.session = ClientSession(self._line, self._datagram, self._end)
+
+    def _line(self, line: bytes) -> None:
+        self.lines.append(wire.loads(line))
+        self.changed.set()
+
+    def _datagram(self, data: bytes) -> None:
+        self.datagrams.append(wire.loads(data))
+        self.changed.set()
+
+    def _end(self, code, reason) -> None:
+        self.end = (code, reason)
+        self.changed.set()
+
+    async def until(self, condition, timeout: float = T):
+        """Wait until ``condition()`` is true (re-checked at every line, datagram, end)."""
+        async with asyncio.timeout(timeout):
+            while not condition():  # bounded by the timeout
+                self.changed.clear()
+                await self.changed.wait()
+        return condition()
+
+    def types(self) -> list[str]:
+        return [line.get("type") for line in self.lines]
+
+
+@pytest.fixture
+async def probe():
+    """``await probe(server, **open_options)``: an open raw session, closed at teardown."""
+    probes: list[Probe] = []
+
+    async def open_probe(server, expect: int = 200, **options) -> Probe:
+        p = Probe()
+        probes.append(p)
+        status, error = await p.session.open(server.wt_url, server.wt_hash, **options)
+        assert status == expect, error
+        return p
+
+    yield open_probe
+    for p in probes:
+        await p.session.close()
+
+
+def hello(user: str, after: int = 0) -> bytes:
+    return wire.ws_hello(user, after).encode() + b"\n"
+
+
+# -- chatting ------------------------------------------------------------------------------
+
+
+async def test_webtransport_chats_with_a_websocket(wt_server, make_wt, make_client):
+    ws = await make_client("ws", wt_server, "bob")
+    ada = await make_wt(wt_server, "ada")
+    sent = await ada.send("hello over QUIC")
+    assert sent.id == 1 and sent.user == "ada" and not ada.pending
+    assert (await ws.receive(timeout=T)).text == "hello over QUIC"
+    await ws.send("hello over TCP")
+    texts = [m.text for m in await ada.receive_many(2, timeout=T)]
+    assert texts == ["hello over QUIC", "hello over TCP"]
+    assert ada.setup_time is not None and ada.setup_time < T
+
+
+async def test_typing_goes_by_datagram_both_ways(wt_server, make_wt, make_client):
+    ws = await make_client("ws", wt_server, "bob")
+    ada = await make_wt(wt_server, "ada")
+    await ada.send("here")  # the hello is handled: the session is subscribed
+    await ada.send_typing()
+    async with asyncio.timeout(T):
+        for _ in range(1000):  # bounded: frames until the typing notice
+            kind, data = wire.parse_ws(await ws.ws.recv())
+            if kind == "typing" and data["user"] == "ada":
+                break
+    arrived = asyncio.Event()
+    ada.on_event = lambda kind, data: kind == "typing" and arrived.set()
+    await ws.send_typing()
+    async with asyncio.timeout(T):
+        await arrived.wait()
+    assert "bob" in ada.typing
+
+
+async def test_presence_and_resume_after_a_cursor(wt_server, make_wt, make_client):
+    ws = await make_client("ws", wt_server, "bob")
+    for i in range(5):
+        await ws.send(f"m{i}")
+    cy = await make_wt(wt_server, "cy", after=2)
+    got = await cy.receive_many(3, timeout=T)
+    assert [m.id for m in got] == [3, 4, 5]
+    async with asyncio.timeout(T):
+        while "cy" not in cy.presence:  # bounded by the timeout
+            await asyncio.sleep(0.01)
+    assert {"bob", "cy"} <= set(cy.presence)
+
+
+async def test_fresh_join_gets_the_newest_page_and_older_on_request(start_chat, probe):
+    server = await start_chat(limits=Limits(history=3), webtransport=True)
+    async with httpx.AsyncClient() as http:
+        for i in range(5):
+            await http.post(server.url + "api/messages", json={"user": "x", "text": f"m{i}"})
+    p = await probe(server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: sum(t == "message" for t in p.types()) == 3)
+    assert p.lines[0] == {"type": "history", "before": 3}
+    p.session.send(b'{"type": "older", "before": 3}\n')
+    await p.until(lambda: "older" in p.types())
+    older = p.lines[p.types().index("older")]
+    assert [m["id"] for m in older["messages"]] == [1, 2]
+
+
+async def test_gap_and_reset_on_resume(start_chat, probe):
+    from chatlib import MemoryLog
+
+    server = await start_chat(log=MemoryLog(max_messages=10), webtransport=True)
+    async with httpx.AsyncClient() as http:
+        for i in range(30):
+            await http.post(server.url + "api/messages", json={"user": "x", "text": f"m{i}"})
+    gap = await probe(server)
+    gap.session.send(hello("ada", after=2))
+    await gap.until(lambda: "gap" in gap.types())
+    assert gap.lines[0]["type"] == "gap" and gap.lines[0]["first_id"] > 3
+    reset = await probe(server)
+    reset.session.send(hello("bob", after=1000))
+    await reset.until(lambda: "reset" in reset.types())
+    assert reset.lines[0] == {"type": "reset"}
+
+
+async def test_pending_message_is_resent_after_a_reconnect(wt_server, make_wt):
+    ada = await make_wt(wt_server, "ada")
+    ada.pending["c1"] = "kept while offline"
+    await ada.reconnect()
+    async with asyncio.timeout(T):
+        while ada.pending:  # the resend's ack empties it
+            await ada.receive(timeout=T)
+    async with httpx.AsyncClient() as http:
+        body = (await http.get(wt_server.url + "api/messages?after=0")).json()
+    assert [m["text"] for m in body["messages"]] == ["kept while offline"]
+
+
+# -- the server side: start, stop, the info route -----------------------------------------
+
+
+async def test_info_route_and_stop_frees_the_udp_port(start_chat, http):
+    server = await start_chat(webtransport=True)
+    body = (await http.get(server.url + "api/webtransport")).json()
+    assert body == {"available": True, "url": server.wt_url, "hash": server.wt_hash,
+                    "hash_algorithm": "sha-256"}
+    local = (await http.get(server.url.replace("127.0.0.1", "localhost")
+                            + "api/webtransport")).json()
+    assert local["url"] == server.wt_url.replace("127.0.0.1", "localhost")
+    port = server.port
+    await server.stop()
+    for sock in bind_udp("127.0.0.1", port):  # free again, on both addresses
+        sock.close()
+
+
+async def test_without_webtransport_the_page_is_told_and_the_client_refused(server, http):
+    assert (await http.get(server.url + "api/webtransport")).json() == {"available": False}
+    assert server.wt_url is None
+    with pytest.raises(ConnectionError):
+        await WebTransportClient(server.url, "ada").connect()
+
+
+async def test_a_taken_udp_port_is_an_error_or_another_port(start_chat):
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    port = udp.getsockname()[1]
+    try:
+        with pytest.raises(OSError):
+            await start_chat(port=port, webtransport=True)
+    finally:
+        udp.close()
+
+
+async def test_stop_closes_sessions_with_going_away(start_chat, probe):
+    server = await start_chat(webtransport=True)
+    p = await probe(server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+    await server.stop()
+    await p.until(lambda: p.end is not None)
+    assert p.end[0] == CloseCode.GOING_AWAY
+
+
+def test_certificate_is_what_server_certificate_hashes_accepts():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    made = make_certificate()
+    certificate = made.certificate
+    lifetime = certificate.not_valid_after_utc - certificate.not_valid_before_utc
+    assert lifetime.days <= 14
+    assert isinstance(certificate.public_key(), ec.EllipticCurvePublicKey)
+    assert certificate.public_key().curve.name == "secp256r1"
+    assert certificate.issuer == certificate.subject  # self-signed
+
+
+def test_capsules_round_trip():
+    data = close_capsule(1008, "no hello") + close_capsule(1000, "é" * 600)
+    found, rest = read_capsules(data + data[:3])
+    assert rest == data[:3]
+    assert parse_close(found[0][1]) == (1008, "no hello")
+    code, reason = parse_close(found[1][1])
+    assert code == 1000 and len(reason.encode()) <= 1024
+
+
+# -- the checks every transport has -------------------------------------------------------
+
+
+async def test_foreign_origin_and_host_are_refused(wt_server, probe):
+    await probe(wt_server, expect=403, origin="http://evil.example")
+    good = f"http://127.0.0.1:{wt_server.port}"
+    await probe(wt_server, origin=good)
+
+
+async def test_token_mode(start_chat, http):
+    server = await start_chat(webtransport=True, token="sekrit")
+    with pytest.raises(ChatRefused) as refused:
+        await WebTransportClient(server.url, "ada", wt_url=server.wt_url,
+                                 cert_hash=server.wt_hash).connect()
+    assert refused.value.status == 401
+    ada = WebTransportClient(server.url, "ada", token="sekrit")
+    await ada.connect()
+    try:
+        assert (await ada.send("with a token")).id == 1
+    finally:
+        await ada.close()
+    # The page's way: a single-use ticket in the URL that /api/webtransport gives.
+    info = (await http.get(server.url + "api/webtransport",
+                           headers={"Authorization": "Bearer sekrit"})).json()
+    assert "?ticket=" in info["url"]
+    for expect in (200, 401):  # used once: a second session with it is refused
+        p = Probe()
+        status, _ = await p.session.open(info["url"], info["hash"])
+        await p.session.close()
+        assert status == expect
+
+
+async def test_bad_hello_and_no_hello_close_with_1008(start_chat, probe):
+    server = await start_chat(limits=Limits(hello_timeout=0.3), webtransport=True)
+    bad = await probe(server)
+    bad.session.send(b'{"type": "message", "text": "no hello"}\n')
+    await bad.until(lambda: bad.end is not None)
+    assert bad.end[0] == CloseCode.POLICY_VIOLATION
+    assert bad.types() == ["error"]
+    silent = await probe(server)
+    await silent.until(lambda: silent.end is not None)
+    assert silent.end == (CloseCode.POLICY_VIOLATION, "no hello within 0.3 s")
+
+
+async def test_rate_budget_applies(start_chat, make_wt):
+    server = await start_chat(limits=Limits(rate=1, burst=2), webtransport=True)
+    ada = await make_wt(server, "ada")
+    await ada.send("1")
+    await ada.send("2")
+    with pytest.raises(ChatRefused) as refused:
+        await ada.send("3")
+    assert refused.value.status == 429
+
+
+# -- bad input and floods: an error for the sender only ------------------------------------
+
+
+async def bystander_still_chats(server, make_client) -> None:
+    """Another client of the same server sends and receives as if nothing happened."""
+    ws = await make_client("ws", server, "bystander")
+    sent = await ws.send("still here")
+    async with asyncio.timeout(T):
+        while (await ws.receive()).id != sent.id:  # history first, then its own
+            pass
+
+
+async def test_garbage_lines_get_errors_and_the_session_stays(wt_server, probe, make_client):
+    p = await probe(wt_server)
+    p.session.send(hello("ada"))
+    p.session.send(b"\xff\xfe not utf-8\n{not json\n[1,2]\n{\"type\": \"nope\"}\n")
+    await p.until(lambda: p.types().count("error") == 4)
+    p.session.send(b'{"type": "message", "text": "fine", "client_id": "c1"}\n')
+    await p.until(lambda: "ack" in p.types())
+    assert p.end is None
+    await bystander_still_chats(wt_server, make_client)
+
+
+async def test_a_line_longer_than_the_limit_closes_with_1009(wt_server, probe, make_client):
+    p = await probe(wt_server)
+    p.session.send(hello("ada"))
+    p.session.send(b"x" * (wt_server.limits.max_frame + 10))
+    await p.until(lambda: p.end is not None)
+    assert p.end[0] == CloseCode.MESSAGE_TOO_BIG
+    await bystander_still_chats(wt_server, make_client)
+
+
+async def test_many_streams_close_the_session_only(wt_server, probe, make_client):
+    p = await probe(wt_server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+    h3 = p.session.protocol.h3
+    for _ in range(MAX_EXTRA_STREAMS + 5):
+        stream = h3.create_webtransport_stream(p.session.session_id)
+        p.session.protocol._quic.send_stream_data(stream, b"junk\n")
+    p.session.protocol.transmit()
+    await p.until(lambda: p.end is not None)
+    assert p.end[0] == CloseCode.POLICY_VIOLATION and "streams" in p.end[1]
+    await bystander_still_chats(wt_server, make_client)
+
+
+async def test_datagram_flood_is_dropped_and_told(start_chat, probe, make_client):
+    server = await start_chat(limits=Limits(rate=5, burst=5), webtransport=True)
+    p = await probe(server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+    for _ in range(2000):
+        p.session.send_datagram(b'{"type": "typing"}')
+        if _ % 50 == 0:
+            await asyncio.sleep(0)  # let the packets out
+    await p.until(lambda: any(line.get("error", "").startswith("too many datagrams")
+                              for line in p.lines))
+    told = [line for line in p.lines if line.get("type") == "error"]
+    assert len(told) <= 3  # at most once a second
+    assert sum(d.get("type") == "typing" for d in p.datagrams) <= 5 + 5  # the budget
+    assert p.end is None
+    await bystander_still_chats(server, make_client)
+
+
+async def test_a_client_that_never_reads_is_closed(start_chat, probe, make_client):
+    server = await start_chat(limits=Limits(stuck_timeout=0.5, max_queue=100000,
+                                            rate=1e6, burst=1000000, address_rate=1e6,
+                                            address_burst=1000000),
+                              webtransport=True)
+    p = await probe(server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+    p.session._transport.pause_reading()  # reads (and acknowledges) nothing from now on
+    ws = await make_client("ws", server, "bob")
+    for i in range(300):
+        await ws._send_frame(wire.ws_post("x" * 1500 + str(i)))
+    last = await ws.send("last")
+    async with asyncio.timeout(T):
+        while True:  # bounded: the server closes the stuck session within the timeout
+            if not [pr for pr in server._webtransport.protocols if pr.session is not None]:
+                break
+            await asyncio.sleep(0.05)
+    assert (await ws.receive_many(last.id, timeout=T))[-1].id == last.id
