@@ -15,10 +15,12 @@ import time
 
 import httpx
 from helpers import server_side_states
+from test_fragments import frame as fragment
 from test_ping_flood import open_websocket, ping
 from test_stuck_kernel import text_frame
 from torturekit import percentile, ws_open
 
+from chatlib.limits import MAX_FRAGMENTS
 from chatlib.validation import DEFAULT_IGNORABLE, FILLERS
 
 FAST = {"rate": 1e6, "burst": 10**6, "address_rate": 1e6, "address_burst": 10**6}
@@ -152,6 +154,63 @@ async def test_look_alike_names(spawn, figures):
     figures("look-alike names ('admin' + a default-ignorable code point or filler)",
             tried=len(tried), accepted=accepted, p99_ms=round(percentile(latencies, 99), 1))
     assert accepted == 0
+
+
+async def fragment_flood(port: int, stop: asyncio.Event) -> int:
+    """One connection that sends messages of MAX_FRAGMENTS frames of 1 byte each (the most
+    the frame budget lets through: each message is then refused as invalid JSON, one error
+    frame, read here) until ``stop``; returns the frames sent."""
+    reader, writer = await open_websocket(port)
+    writer.write(text_frame(json.dumps({"type": "hello", "user": "fragments"})))
+    message = b"".join([fragment(0x1, b"x", fin=False)]
+                       + [fragment(0x0, b"x", fin=False)] * (MAX_FRAGMENTS - 2)
+                       + [fragment(0x0, b"x", fin=True)])
+
+    async def drain() -> None:
+        while await reader.read(1 << 16):  # bounded: ends with the connection
+            pass
+
+    reading = asyncio.ensure_future(drain())
+    sent = 0
+    try:
+        for _ in range(100_000):  # bounded; ends at stop
+            if stop.is_set():
+                break
+            writer.write(message)
+            sent += MAX_FRAGMENTS
+            await asyncio.wait_for(writer.drain(), 30)
+    finally:
+        reading.cancel()
+        writer.transport.abort()
+    return sent
+
+
+async def test_continuation_frame_flood(spawn, bystander, figures):
+    """A bystander's latency while two connections send 1-byte continuation frames as
+    fast as the server reads them, against the same bystander on a quiet server."""
+    server = await spawn(limits=FAST)
+    phase = 6.0
+    async with bystander(server.ws_url, name="quiet", interval=0.02) as pair:
+        await asyncio.sleep(phase)  # the bystander measures meanwhile
+        quiet = await pair.finish()
+    stop = asyncio.Event()
+    started = time.monotonic()
+    floods = [asyncio.ensure_future(fragment_flood(server.port, stop)) for _ in range(2)]
+    async with bystander(server.ws_url, name="flooded", interval=0.02) as pair:
+        await asyncio.sleep(phase)  # the bystander measures meanwhile
+        stop.set()
+        frames = sum(await asyncio.gather(*floods))
+        flooded = await pair.finish()
+    figures("1-byte continuation-frame flood (2 connections)",
+            frames_per_s=round(frames / (time.monotonic() - started)),
+            quiet_p50_p99_ms=(quiet["p50_ms"], quiet["p99_ms"]),
+            flooded_p50_p99_ms=(flooded["p50_ms"], flooded["p99_ms"]),
+            server_cpu_s=round(server.cpu_seconds(), 1))
+    assert server.alive
+    for report in (quiet, flooded):
+        assert report["lost"] == report["duplicated"] == report["out_of_order"] == 0, report
+    # Generous: a loaded 2-core CI machine; the measured figures are printed above.
+    assert frames > 0 and flooded["p99_ms"] < 2000, flooded
 
 
 async def unread_pages(server, count: int, after: int) -> list[socket.socket]:
