@@ -62,9 +62,12 @@ H11_MAX_INCOMPLETE_EVENT_SIZE: int = inspect.signature(h11.Connection).parameter
 
 WS_OPEN = State.OPEN
 
-# What the fast path reads, per class: attributes its __init__ sets (found in the names
-# its code stores, so no instance is needed) and members of the class itself.
-EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+Expected = dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+"""What code reads of other libraries, per ``"module:name"``: attributes the class's
+``__init__`` sets (found in the names its code stores, so no instance is needed) and
+members of the class itself. A name with neither need only exist (a constant)."""
+
+EXPECTED: Expected = {
     "uvicorn.protocols.http.h11_impl:RequestResponseCycle": (
         ("conn", "transport", "flow", "disconnected"), ("send",)),
     "uvicorn.protocols.http.flow_control:FlowControl": (("write_paused",), ()),
@@ -73,15 +76,18 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "websockets.protocol:Protocol": (
         ("state", "extensions", "writes"), ("send_text", "data_to_send")),
     "h11:Connection": ((), ("our_state",)),
+    "h11:SEND_BODY": ((), ()),
 }
+"""What the fast path reads (tests/test_fastpath.py checks the installed versions)."""
 
 
-def probe() -> str | None:
-    """None if every internal the fast path uses is there; else what is missing."""
+def probe(expected: Expected | None = None) -> str | None:
+    """None if every internal in ``expected`` (default: :data:`EXPECTED`, the fast path's)
+    is there; else what is missing. chatlib.protocols probes its own list with it."""
     import importlib
 
     missing = []
-    for where, (set_in_init, members) in EXPECTED.items():
+    for where, (set_in_init, members) in (EXPECTED if expected is None else expected).items():
         module_name, _, class_name = where.partition(":")
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
@@ -92,8 +98,6 @@ def probe() -> str | None:
         stored = set(init.co_names) if init is not None else set()
         missing += [f"{where}.{name}" for name in set_in_init if name not in stored]
         missing += [f"{where}.{name}" for name in members if not hasattr(cls, name)]
-    if not hasattr(h11, "SEND_BODY"):
-        missing.append("h11.SEND_BODY")
     return ", ".join(missing) or None
 
 

@@ -22,21 +22,77 @@ are, with three additions, each measured with raw sockets (tests/test_edge.py, b
 
 A request uvicorn cannot parse already gets ``400`` at once; here the answer says why
 (h11's reason), and a request cut off by the client's EOF gets ``400`` too.
+
+**Checked once, at import**, as chatlib.fastpath is: the subclasses override and call
+uvicorn's methods and read its protocols' state (:data:`EXPECTED`, pinned by
+tests/test_fastpath.py). If an upgrade moved any of it, :data:`MISSING` says what, a
+warning is logged once, and the server runs uvicorn's own protocols
+(:func:`http_protocol`, :func:`websocket_protocol`): correct, without the bounds above.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import sys
 from http import HTTPStatus
 
 import h11
-from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from .fastpath import H11_MAX_INCOMPLETE_EVENT_SIZE, reset_connection, unsent_bytes
+from .fastpath import (
+    H11_MAX_INCOMPLETE_EVENT_SIZE,
+    Expected,
+    probe,
+    reset_connection,
+    unsent_bytes,
+)
 from .limits import LINGER_BYTES, LINGER_SECONDS, MAX_FRAGMENTS, Limits
 from .stuck import Progress
+
+_HTTP = "uvicorn.protocols.http.h11_impl"
+_WS = "uvicorn.protocols.websockets.websockets_sansio_impl"
+EXPECTED: Expected = {
+    f"{_HTTP}:H11Protocol": (
+        ("config", "loop", "conn", "transport", "cycle"),
+        ("connection_made", "connection_lost", "data_received", "eof_received",
+         "on_response_complete", "handle_websocket_upgrade", "send_400_response", "shutdown",
+         "pause_writing", "resume_writing")),
+    f"{_HTTP}:RequestResponseCycle": (
+        ("disconnected", "message_event", "response_started", "response_complete"), ()),
+    f"{_WS}:WebSocketsSansIOProtocol": (
+        ("conn", "transport", "queue", "frames", "read_paused", "close_sent", "close_timer",
+         "handshake_initiated", "handshake_complete"),
+        ("connection_lost", "data_received", "handle_cont", "handle_parser_exception",
+         "pause_writing", "resume_writing")),
+    "uvicorn.config:Config": (("h11_max_incomplete_event_size",), ()),
+}
+"""What the subclasses below override, call and read of uvicorn's protocols."""
+
+MISSING: str | None = probe(EXPECTED)
+"""Why uvicorn's own protocols are used (what the installed uvicorn lacks), or None."""
+if MISSING:
+    logging.getLogger("chatlib").warning(
+        "chatlib runs uvicorn's own protocols, without header timeout, body budget or "
+        "lingering close (the installed uvicorn lacks %s)", MISSING)
+    H11Protocol = WebSocketsSansIOProtocol = object  # the classes below are never used
+else:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+
+def http_protocol(limits: Limits):
+    """uvicorn's ``http`` option: :class:`BoundedH11Protocol` with ``limits``, or uvicorn's
+    own ``"h11"`` when :data:`MISSING` (read when a server starts)."""
+    if MISSING:
+        return "h11"
+    return functools.partial(BoundedH11Protocol, limits=limits)
+
+
+def websocket_protocol():
+    """uvicorn's ``ws`` option: :class:`BoundedWebSocketProtocol` (websockets' sans-I/O
+    protocol, bounded), or uvicorn's own ``"websockets-sansio"`` when :data:`MISSING`."""
+    return "websockets-sansio" if MISSING else BoundedWebSocketProtocol
 
 
 class LingeringClose:

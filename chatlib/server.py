@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import html
 import json
 import logging
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import uvicorn
 
+from . import protocols
 from .app import create_app
 from .auth import checked_token
 from .closecode import CloseCode
@@ -40,7 +40,6 @@ from .colab import PAGE_UNREACHABLE, in_colab
 from .guard import Guard, host_policy
 from .hub import Hub
 from .limits import Limits
-from .protocols import BoundedH11Protocol, BoundedWebSocketProtocol
 from .proxy import public_url
 from .store import MemoryLog, MessageLog
 
@@ -291,8 +290,8 @@ class ChatServer:
             app,
             # h11 (pure Python) pinned, not "auto": httptools is not a dependency, and the
             # header timeout, body budget and lingering close are written for h11.
-            http=functools.partial(BoundedH11Protocol, limits=self.limits),
-            ws=BoundedWebSocketProtocol,  # websockets-sansio, closing without a reset
+            http=protocols.http_protocol(self.limits),
+            ws=protocols.websocket_protocol(),  # websockets-sansio, closing without a reset
             # permessage-deflate roughly doubles memory per connection for ~100-byte chat
             # messages that barely compress: off by default (see bench/README.md).
             ws_per_message_deflate=self.compression,

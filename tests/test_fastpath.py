@@ -11,17 +11,17 @@ import ast
 import inspect
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import h11
 import pytest
 import uvicorn
 import websockets
-from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.asyncio.client import connect as ws_connect
 
-from chatlib import fastpath, wire
+from chatlib import fastpath, protocols, wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,22 +39,61 @@ def test_the_probe_names_what_is_missing(monkeypatch):
     assert fastpath.probe() == "h11:Connection.gone, uvicorn.nowhere:Cycle"
 
 
-def test_the_protocols_override_what_uvicorn_has():
-    """chatlib.protocols subclasses uvicorn's protocols; these are the methods it overrides
-    or calls and the state it reads. A rename upstream would silently skip a bound."""
-    for method in ("connection_made", "connection_lost", "data_received", "eof_received",
-                   "on_response_complete", "handle_websocket_upgrade", "send_400_response",
-                   "shutdown"):
-        assert callable(getattr(H11Protocol, method, None)), method
-    for method in ("data_received", "connection_lost", "handle_parser_exception"):
-        assert callable(getattr(WebSocketsSansIOProtocol, method, None)), method
-    ws_state = set(WebSocketsSansIOProtocol.__init__.__code__.co_names)
-    assert {"handshake_initiated", "handshake_complete", "close_sent", "queue",
-            "close_timer", "transport", "conn"} <= ws_state
-    cycle = set(H11Protocol.__init__.__code__.co_names)
-    assert {"conn", "cycle", "transport", "config"} <= cycle
+def test_the_installed_uvicorn_has_what_the_protocols_override():
+    """chatlib.protocols subclasses uvicorn's protocols: what it overrides, calls and reads
+    (protocols.EXPECTED) must be there, or it falls back to uvicorn's own protocols."""
+    assert fastpath.probe(protocols.EXPECTED) is None, \
+        f"uvicorn {uvicorn.__version__}: update chatlib.protocols.EXPECTED"
+    assert protocols.MISSING is None
     assert "max_incomplete_event_size" in inspect.signature(h11.Connection).parameters
     assert fastpath.H11_MAX_INCOMPLETE_EVENT_SIZE > 0
+
+
+WITHOUT_INTERNALS = """
+import asyncio, json, logging, sys
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+del WebSocketsSansIOProtocol.handle_cont  # an upgrade that renamed what chatlib overrides
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("chatlib").addHandler(handler)
+import httpx
+from websockets.asyncio.client import connect
+from chatlib import ChatServer, protocols
+
+async def main():
+    async with ChatServer("127.0.0.1", 0) as server, httpx.AsyncClient() as http:
+        kinds = set()
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "hello", "user": "ada"}))
+            posted = await http.post(server.url + "api/messages",
+                                     json={"user": "bob", "text": "hi"})
+            for _ in range(10):  # the history marker, presence, ... then the message
+                frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                if frame["type"] == "message":
+                    break
+            kinds = {type(c).__name__ for c in server._server.server_state.connections}
+        print(json.dumps({"missing": protocols.MISSING, "warnings": warnings,
+                          "posted": posted.status_code, "received": frame, "kinds": sorted(kinds)}))
+
+asyncio.run(main())
+"""
+
+
+def test_without_the_internals_it_overrides_the_server_runs_uvicorns_own():
+    """Remove a uvicorn method chatlib.protocols overrides: the probe names it, one warning
+    says so, and the server runs uvicorn's stock protocols, which still chat."""
+    done = subprocess.run([sys.executable, "-c", WITHOUT_INTERNALS], capture_output=True,
+                          text=True, timeout=50, cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["missing"] == (
+        "uvicorn.protocols.websockets.websockets_sansio_impl:WebSocketsSansIOProtocol"
+        ".handle_cont")
+    assert len(result["warnings"]) == 1 and "handle_cont" in result["warnings"][0]
+    assert result["posted"] == 201 and result["received"]["text"] == "hi"
+    assert "WebSocketsSansIOProtocol" in result["kinds"]
+    assert not any(kind.startswith("Bounded") for kind in result["kinds"])
 
 
 def sink_of(server, encoding):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
-from chatlib import Limits, fastpath
+from chatlib import Limits, fastpath, protocols
 from chatlib.wire import SSEParser
 
 pytestmark = pytest.mark.timeout(60)
@@ -21,12 +21,17 @@ TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 T = 10  # seconds: hang guard for one receive; never reached when things work
 
 
-@pytest.fixture(autouse=True, params=["fast", "public"], ids=["fast path", "public path"])
+@pytest.fixture(autouse=True, params=["fast", "public", "stock"],
+                ids=["fast path", "public path", "uvicorn's protocols"])
 def path(request, monkeypatch) -> str:
-    """Every test here runs twice: with chatlib.fastpath on, and switched off as it switches
-    itself off when the installed uvicorn/websockets/h11 lack what it expects."""
-    if request.param == "public":
+    """Every test here runs three times: with chatlib.fastpath on; switched off as it
+    switches itself off when the installed uvicorn/websockets/h11 lack what it expects;
+    and with that and uvicorn's own protocols instead of chatlib.protocols' (what a
+    uvicorn that lacks what those override gets: tests/test_fastpath.py)."""
+    if request.param != "fast":
         monkeypatch.setattr(fastpath, "MISSING", "switched off by the test")
+    if request.param == "stock":
+        monkeypatch.setattr(protocols, "MISSING", "switched off by the test")
     return request.param
 
 
