@@ -187,6 +187,8 @@ class _Direction:
             if not data:
                 if self.writer.can_write_eof():
                     self.writer.write_eof()  # pass the half-close on, in order
+                else:  # TLS (asyncio's has no half-close): close, with close_notify
+                    self.writer.close()
                 return
             if netem.rate:
                 if self.bucket is None or self.bucket.rate != netem.rate:
