@@ -13,7 +13,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Jupyter refuses to run as root (containers, some cloud VMs) unless told it may.
 LAB_ROOT := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 
-.PHONY: setup lab test torture lint chromium servers cluster bench notebooks clean
+.PHONY: setup lab test torture lint chromium servers iproute2 cluster bench notebooks clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ servers:
 	  >/dev/null || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server nginx; }
 
+# Debian's iproute2 (`ip`), for the torture suite's network namespaces (vanished peers:
+# tests/torture/netns.py); those tests skip, saying why, where namespaces cannot be made.
+iproute2:
+	@command -v ip >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq iproute2; }
+
 # Redis + 3 chat processes + nginx on http://127.0.0.1:8080/ (Ctrl+C stops them all).
 cluster: setup servers
 	$(BIN)/python -m chatlib.cluster
@@ -64,8 +70,8 @@ test: setup chromium servers lint
 
 # Fuzz, churn, kill -9, stuck clients and exhaustion against real server processes
 # (tests/torture/, about 3 minutes on 2 cores); TORTURE_SEED=N reproduces another run.
-torture: setup
-	$(BIN)/python -m pytest -p no:cacheprovider -rxX tests/torture
+torture: setup iproute2
+	$(BIN)/python -m pytest -p no:cacheprovider -rsxX tests/torture
 
 # Re-execute every notebook in place, so the outputs committed to git come from a clean run;
 # then clean_outputs.py replaces what only that run's kernel could show (ports, widget views).

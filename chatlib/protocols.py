@@ -385,7 +385,7 @@ def h11_reason(status: int) -> bytes:
 
 
 class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
-    """uvicorn's websockets-sansio protocol, with two fixes:
+    """uvicorn's websockets-sansio protocol, with these additions:
 
     * a close it sends for a protocol error (1009 too big, 1007 bad UTF-8, 1002, ...) is
       followed by a lingering close, not an immediate one that would reset the connection
@@ -394,6 +394,8 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
       128 headers, ``Transfer-Encoding``, a version other than 1.1, an unusual method) gets
       ``400`` at once; uvicorn 0.54 answered nothing and held the connection forever;
     * a message may come in at most MAX_FRAGMENTS frames (1008 past that);
+    * a peer that answers no ping within the ping timeout is reset, not closed with a FIN
+      that would sit behind the bytes it never acknowledged (:meth:`keepalive_timeout`);
     * it stops reading from a client whose output waits past the transport's high-water
       mark (asyncio's ``pause_writing``), until that output drains: every ping a client
       sends makes a pong, and four sockets that sent pings and read no pongs grew the
@@ -455,6 +457,15 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
     def connection_lost(self, exc) -> None:
         self.stop_lingering()
         super().connection_lost(exc)
+
+    def keepalive_timeout(self) -> None:
+        """No pong within the ping timeout: the peer vanished (or stopped reading). Its
+        close frame and our FIN would wait behind the bytes it never acknowledged, in
+        FIN-WAIT-1, for minutes of retransmissions: reset instead, if bytes wait."""
+        transport = self.transport
+        super().keepalive_timeout()  # 1011 to the app, a close frame, transport.close()
+        if unsent_bytes(transport):
+            reset_connection(transport)  # the socket closes with RST, not FIN
 
     def handle_parser_exception(self) -> None:
         close = self.conn.close_sent

@@ -1,7 +1,8 @@
 """The torture suite's fixtures (shared code: torturekit.py).
 
 * ``spawn``: ``await spawn(limits={...})`` starts ``launch.py`` (a ChatServer with those
-  Limits overrides) in a subprocess; ``await spawn(cli=["--db", path])`` starts
+  Limits overrides; ``options={...}``: ChatServer's; ``prefix=[...]``: a command to run it
+  under, such as ``ip netns exec NS``) in a subprocess; ``await spawn(cli=["--db", path])`` starts
   ``python -m chatlib serve``. Every process is stopped at teardown, also on failure.
 * ``bystander``: ``async with bystander(server.ws_url) as pair: ...; await pair.finish()``.
 * ``figures``: ``figures(section, **numbers)`` records what a test measured; the session
@@ -56,6 +57,7 @@ async def spawn(tmp_path):
     count = 0
 
     async def start(*, limits: dict | None = None, cli: list[str] | None = None,
+                    options: dict | None = None, prefix: list[str] = (),
                     timeout: float = 30.0) -> ServerProcess:
         nonlocal count
         count += 1
@@ -63,10 +65,11 @@ async def spawn(tmp_path):
         if cli is not None:
             argv = [sys.executable, "-m", "chatlib", "serve", "--port", "0", *cli]
         else:
-            argv = [sys.executable, str(HERE / "launch.py"), json.dumps(limits or {})]
+            argv = [sys.executable, str(HERE / "launch.py"), json.dumps(limits or {}),
+                    json.dumps(options or {})]
         with open(stderr_path, "wb") as stderr:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+                *prefix, *argv, stdout=asyncio.subprocess.PIPE, stderr=stderr,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             async with asyncio.timeout(timeout):
@@ -84,7 +87,7 @@ async def spawn(tmp_path):
             await proc.wait()
             raise RuntimeError(f"server did not start: {line!r} "
                                f"{stderr_path.read_text(errors='replace')[-2000:]}")
-        server = ServerProcess(proc, port, stderr_path)
+        server = ServerProcess(proc, port, stderr_path, (options or {}).get("host", "127.0.0.1"))
         procs.append(server)
         return server
 

@@ -85,10 +85,11 @@ def percentile(values, q: float) -> float:
 class ServerProcess:
     """A chat server in a subprocess: its port, pid, RSS and open descriptors."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, stderr_path: Path):
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, stderr_path: Path,
+                 host: str = "127.0.0.1"):
         self.proc, self.port, self.stderr_path = proc, port, stderr_path
-        self.url = f"http://127.0.0.1:{port}/"
-        self.ws_url = f"ws://127.0.0.1:{port}/ws"
+        self.url = f"http://{host}:{port}/"
+        self.ws_url = f"ws://{host}:{port}/ws"
         self._drain = asyncio.ensure_future(self._drain_stdout())
 
     async def _drain_stdout(self) -> None:
