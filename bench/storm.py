@@ -1,0 +1,525 @@
+"""Reconnect storm: N WebSocket clients come back at once after a server restart.
+
+``python bench/storm.py [-n 2000] [--catch-up 500] [--repeats 3] [--modes naive,jitter]
+[--json results.json]`` runs every mode once per repeat, modes alternating, and prints (and
+saves) each trial and the medians per mode. ``storm.trial(...)`` runs one trial from a
+notebook (chapter 12).
+
+One trial, three processes:
+
+* **server**: a :class:`chatlib.ChatServer` in this process (127.0.0.1, an ephemeral port, a
+  ``MemoryLog``), so ``time.process_time()`` here is the server's CPU. Every client comes
+  from 127.0.0.1, so the per-address budgets (sending, replay pages) are lifted: in real life
+  2,000 clients come from 2,000 addresses, and here they would share one address's budget.
+* **the storm** (``storm.py clients``, one process): N raw WebSocket clients. Each checks
+  that ids arrive one after the other (chatlib's ids count 1, 2, 3...): an id above
+  ``last_id + 1`` counts the ids between as lost, one at or below ``last_id`` as duplicated.
+* **a bystander** (``storm.py bystander``, one process): one WebSocket client that posts a
+  live message every ``1 / live_rate`` s, on a fixed schedule, and measures when it gets
+  each one back: latency = received - scheduled send time (so a late send counts).
+
+1. **Join** (not measured): the storm's clients connect, 1 ms apart, resuming after the
+   newest id; a ``sync`` message reaches all of them.
+2. **Restart**: the server stops with 1012 (service restart); ``catch_up`` messages are
+   appended to the log while it is down; a new server starts on the same port with the same
+   log (``t0``: it accepts). Every client now has ``catch_up`` messages to catch up on.
+3. **Storm**: each client reconnects by its mode's policy (:func:`next_delay`) and sends its
+   cursor; it is *back* once it has every message up to the newest at ``t0``. The bystander
+   reconnects at once and posts live messages until every client is back.
+4. **Settle**: one last message; every client must reach it; then the counts.
+
+Modes: ``naive`` reconnects at once, then retries every ``naive_delay`` s (the same instants
+for everyone); ``jitter`` waits ``uniform(0, min(cap, base * 2**attempt))`` before every
+attempt, the first included ("full jitter"); ``admission`` is ``jitter`` against a server
+with admission control (``Limits.admit_rate``, chatlib.admission: at most ``admit_rate`` new
+sessions per second, the rest closed 1013 ``busy: retry after S s``), and a client told
+"retry after S s" waits exactly S (the server gave each refused client its own slot). The
+``naive`` and ``jitter`` servers admit everyone (``admit_rate=0``). Without admission control
+in chatlib the ``admission`` mode is left out.
+
+Per trial: ``all_back_s`` (t0 until the last client is back), ``first_history_p50_s`` /
+``p99`` (t0 until a client's first message), ``server_cpu_s`` (this process, t0 until all
+back), ``lost``, ``duplicated``, ``attempts`` (connection attempts, all clients),
+``failed`` (attempts refused or cut), ``admitted_per_s`` (clients whose first message came
+in the busiest 80 % of the storm, divided by its length), ``bystander_p99_ms`` / ``max_ms``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import time
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+MODES = ("naive", "jitter", "admission")
+BASE, CAP, NAIVE_DELAY = 1.0, 30.0, 0.25
+"""Full jitter's first window and its cap (s); the naive client's fixed retry delay (s)."""
+
+
+RETRY_AFTER = re.compile(r"retry after ([0-9.]+) s")
+"""A server's "come back in S seconds" in a close reason (chatlib.closecode)."""
+
+
+def next_delay(mode: str, attempt: int, rng: random.Random, *, base: float = BASE,
+               cap: float = CAP, naive_delay: float = NAIVE_DELAY,
+               server_delay: float | None = None) -> float:
+    """Seconds to wait before connection attempt ``attempt`` (0: the first after a close).
+
+    ``server_delay``: the delay the server's close reason named; the ``admission`` mode
+    waits exactly that (the server spread the clients already), the others ignore it."""
+    if mode == "naive":
+        return 0.0 if attempt == 0 else naive_delay
+    if mode == "admission" and server_delay is not None:
+        return server_delay
+    return rng.uniform(0, min(cap, base * 2**attempt))  # full jitter
+
+
+def percentile(values, p: float) -> float:
+    """Nearest rank: the smallest value that at least ``p`` % of the values do not exceed."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[max(0, min(len(ordered) - 1, int(-(-len(ordered) * p // 100)) - 1))]
+
+
+# -- the storm's clients (their own process) ------------------------------------------------
+
+class Swarm:
+    """N clients, their counts, and a threshold: how many have reached a given id."""
+
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.url = f"ws://127.0.0.1:{a.port}/ws"
+        self.rng = random.Random(a.seed)
+        n = a.n
+        self.last = [a.after] * n
+        self.lost = self.dup = self.attempts = self.failed = 0
+        self.t_first = [0.0] * n  # first message after the restart (monotonic)
+        self.t_back = [0.0] * n
+        self.restarted = False  # the server was restarted: count firsts and backs
+        self.closed_by_restart = False  # a connection closed: attempts from now on count
+        self.threshold = 0
+        self.reached = 0
+        self.reached_all = asyncio.Event()
+        self.opened = 0
+        self.all_open = asyncio.Event()
+        self.stopping = False
+        self.sockets: list = [None] * n
+        self.phase = [""] * n  # what each client is doing now (for a report of the missing)
+        self.closes: dict[str, int] = {}  # close code and reason -> connections
+        self.failures: dict[str, int] = {}  # exception -> failed attempts
+
+    def set_threshold(self, last_id: int) -> None:
+        self.threshold = last_id
+        self.reached = sum(x >= last_id for x in self.last)
+        self.reached_all.clear()
+        if self.reached == self.a.n:
+            self.reached_all.set()
+
+    def on_message(self, i: int, message_id: int) -> None:
+        last = self.last[i]
+        if message_id <= last:
+            self.dup += 1
+            return
+        self.lost += message_id - last - 1
+        self.last[i] = message_id
+        now = time.monotonic()
+        if self.restarted and not self.t_first[i]:
+            self.t_first[i] = now
+        if last < self.threshold <= message_id:
+            if self.restarted and not self.t_back[i]:
+                self.t_back[i] = now
+            self.reached += 1
+            if self.reached == self.a.n:
+                self.reached_all.set()
+
+    async def client(self, i: int) -> None:
+        """Connect, read, and reconnect by the mode's policy until told to stop."""
+        attempt = 0
+        first = True
+        server_delay = None
+        while not self.stopping:  # bounded: the controller stops the swarm (or kills it)
+            self.phase[i] = "wait"
+            if not first:
+                await asyncio.sleep(next_delay(self.a.mode, attempt, self.rng, base=self.a.base,
+                                               cap=self.a.cap, naive_delay=self.a.naive_delay,
+                                               server_delay=server_delay))
+                attempt += 1
+            first = False
+            if self.restarted or self.closed_by_restart:
+                self.attempts += 1
+            self.phase[i] = "connect"
+            try:
+                ws = await connect(self.url, ping_interval=None, compression=None,
+                                   open_timeout=30, close_timeout=5)
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                # Refused, reset, or closed during the handshake (the old server going
+                # away answers nothing: InvalidMessage): try again, by the policy.
+                self.failed += 1
+                key = type(exc).__name__
+                self.failures[key] = self.failures.get(key, 0) + 1
+                continue
+            self.sockets[i] = ws
+            if not self.all_open.is_set():
+                self.opened += 1
+                if self.opened == self.a.n:
+                    self.all_open.set()
+            self.phase[i] = "read"
+            try:
+                await ws.send(json.dumps({"type": "hello", "user": f"storm{i}",
+                                          "after": self.last[i]}))
+                async for raw in ws:
+                    if raw.startswith('{"type":"message"'):
+                        if attempt:
+                            attempt = 0  # admitted: the next close starts from the first window
+                        self.on_message(i, json.loads(raw)["id"])
+            except ConnectionClosed:
+                pass
+            except OSError:
+                self.failed += 1
+            code = ws.close_code
+            self.closed_by_restart = True
+            hint = RETRY_AFTER.search(ws.close_reason or "")
+            server_delay = float(hint.group(1)) if hint else None
+            key = f"{code} {RETRY_AFTER.sub('retry after S s', ws.close_reason or '')}".strip()
+            self.closes[key] = self.closes.get(key, 0) + 1
+            self.sockets[i] = None
+
+    def result(self, t0: float) -> dict:
+        n = self.a.n
+        firsts = [t - t0 for t in self.t_first if t]
+        backs = [t - t0 for t in self.t_back if t]
+        admitted = sorted(firsts)
+        # The rate at which clients got in: the middle 80 % of first messages, so that the
+        # ragged start and end of the storm do not decide it.
+        lo, hi = len(admitted) // 10, (len(admitted) * 9) // 10 - 1
+        span = admitted[hi] - admitted[lo] if hi > lo else 0.0
+        return dict(n=n, back=len(backs), all_back_s=max(backs, default=float("nan")),
+                    back_p50_s=percentile(backs, 50),
+                    first_history_p50_s=percentile(firsts, 50),
+                    first_history_p99_s=percentile(firsts, 99),
+                    lost=self.lost, duplicated=self.dup, attempts=self.attempts,
+                    failed=self.failed,
+                    admitted_per_s=(hi - lo) / span if span > 0 else 0.0,
+                    closes=self.closes, failures=self.failures)
+
+
+async def read_commands():
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    return reader
+
+
+async def run_swarm(a: argparse.Namespace) -> None:
+    """The storm's process: commands on stdin, one word per line on stdout, JSON at the end."""
+    swarm = Swarm(a)
+    commands = await read_commands()
+    tasks = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i in range(a.n):  # paced: client i starts at start + i * spacing
+        await asyncio.sleep(max(0.0, start + i * a.spacing - loop.time()))
+        tasks.append(asyncio.ensure_future(swarm.client(i)))
+    await asyncio.wait_for(swarm.all_open.wait(), a.timeout)
+    print("connected", flush=True)
+    t0 = 0.0
+    while True:  # bounded: the controller sends "final" (or closes stdin: EOF ends it)
+        line = (await commands.readline()).decode().split()
+        if not line:
+            break
+        word, *args = line
+        if word == "sync":
+            swarm.set_threshold(int(args[0]))
+            await asyncio.wait_for(swarm.reached_all.wait(), a.timeout)
+            print("ready", flush=True)
+        elif word == "target":
+            t0 = float(args[1])
+            swarm.restarted = True
+            swarm.set_threshold(int(args[0]))
+            for i in range(a.n):  # those already back (a client that was quick)
+                if swarm.last[i] >= swarm.threshold and not swarm.t_back[i]:
+                    swarm.t_back[i] = time.monotonic()
+            try:
+                await asyncio.wait_for(swarm.reached_all.wait(), a.timeout)
+            except TimeoutError:
+                pass  # the result says how many are back
+            print("back", flush=True)
+        elif word == "final":
+            swarm.set_threshold(int(args[0]))
+            try:
+                await asyncio.wait_for(swarm.reached_all.wait(), a.timeout)
+            except TimeoutError:
+                pass
+            result = swarm.result(t0)
+            missing = [i for i in range(a.n) if swarm.last[i] < swarm.threshold]
+            result["final_missing"] = len(missing)
+            result["missing"] = [dict(i=i, last_id=swarm.last[i],
+                                      connected=swarm.sockets[i] is not None,
+                                      phase=swarm.phase[i])
+                                 for i in missing[:5]]
+            swarm.stopping = True
+            await asyncio.gather(*(ws.close() for ws in swarm.sockets if ws is not None),
+                                 return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            print(json.dumps(result), flush=True)
+            break
+
+
+async def run_bystander(a: argparse.Namespace) -> None:
+    """Post a live message every 1/rate s on a fixed schedule; time each one's return."""
+    commands = await read_commands()
+    url = f"ws://127.0.0.1:{a.port}/ws"
+    latencies: list[float] = []
+
+    async def session(stop: asyncio.Event | None) -> None:
+        async with connect(url, ping_interval=None, compression=None, open_timeout=30) as ws:
+            await ws.send(json.dumps({"type": "hello", "user": "bystander", "after": a.after}))
+            if stop is None:  # the join: just say we are here
+                print("ready", flush=True)
+                await commands.readline()  # "go": the server restarted
+                return
+            loop = asyncio.get_running_loop()
+            start, k, sent = loop.time(), 0, {}
+
+            async def reader() -> None:
+                async for raw in ws:
+                    if raw.startswith('{"type":"message"'):
+                        data = json.loads(raw)
+                        if data["user"] == "bystander" and data["text"] in sent:
+                            latencies.append(loop.time() - sent.pop(data["text"]))
+
+            reading = asyncio.ensure_future(reader())
+            while not stop.is_set():  # bounded: the controller sends "stop"
+                due = start + k / a.live_rate
+                try:
+                    await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
+                    break
+                except TimeoutError:
+                    pass
+                text = f"live {k}"
+                sent[text] = due  # from the scheduled time: a late send counts as latency
+                await ws.send(json.dumps({"type": "message", "text": text}))
+                k += 1
+            deadline = loop.time() + 10
+            while sent and loop.time() < deadline:  # the last ones in flight, bounded
+                await asyncio.sleep(0.01)
+            reading.cancel()
+            print(json.dumps(dict(sent=k, received=len(latencies),
+                                  p50_ms=percentile(latencies, 50) * 1000,
+                                  p99_ms=percentile(latencies, 99) * 1000,
+                                  max_ms=max(latencies, default=float("nan")) * 1000)),
+                  flush=True)
+
+    await session(None)
+    stop = asyncio.Event()
+
+    async def wait_stop() -> None:
+        await commands.readline()
+        stop.set()
+
+    waiter = asyncio.ensure_future(wait_stop())
+    for _ in range(100):  # the server may not listen yet: a few tries, bounded
+        try:
+            await session(stop)
+            break
+        except OSError:
+            await asyncio.sleep(0.05)
+    waiter.cancel()
+
+
+# -- the controller (the server's process) ---------------------------------------------------
+
+ADMIT_RATE = 200.0
+"""Sessions per second the ``admission`` mode's server admits (``Limits.admit_rate``)."""
+
+
+def has_admission() -> bool:
+    """Whether this chatlib has admission control (``Limits.admit_rate``)."""
+    import dataclasses
+
+    import chatlib
+    return any(f.name == "admit_rate" for f in dataclasses.fields(chatlib.Limits))
+
+
+def bench_limits(mode: str = "naive", admit_rate: float = ADMIT_RATE, **changes):
+    """Default limits, with the per-address budgets lifted (every client is 127.0.0.1), and
+    admission control on (at ``admit_rate``) in the ``admission`` mode only."""
+    import chatlib
+    options = dict(rate=1000, burst=1000, address_rate=1e6, address_burst=10**6,
+                   replay_rate=1e6, replay_burst=10**6)
+    if mode == "admission":
+        if not has_admission():
+            raise RuntimeError("this chatlib has no admission control (Limits.admit_rate)")
+        options.update(admit_rate=admit_rate, admit_burst=max(1, int(admit_rate)))
+    elif has_admission():
+        options.update(admit_rate=0)  # no control: the storm as it comes
+    options.update(changes)
+    return chatlib.Limits(**options)
+
+
+class Child:
+    """A ``storm.py`` role in its own process, spoken to by lines."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, role: str, *args: str) -> Child:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, os.path.abspath(__file__), role, *args,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        return cls(process)
+
+    def send(self, line: str) -> None:
+        self.process.stdin.write(line.encode() + b"\n")
+
+    async def expect(self, timeout: float) -> str:
+        line = await asyncio.wait_for(self.process.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"{self.process.pid} ended (exit {await self.process.wait()})")
+        return line.decode().strip()
+
+    async def stop(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+
+
+async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: float = 10.0,
+                base: float = BASE, cap: float = CAP, naive_delay: float = NAIVE_DELAY,
+                admit_rate: float = ADMIT_RATE, seed: int = 1, timeout: float = 120.0,
+                server_options: dict | None = None, spacing: float = 0.001) -> dict:
+    """One storm, in the running event loop (this process serves); returns its results."""
+    import chatlib
+    from chatlib.closecode import CloseCode
+
+    log = chatlib.MemoryLog()
+    options = dict(limits=bench_limits(mode, admit_rate), ws_ping_interval=None)
+    options.update(server_options or {})
+    server = await chatlib.ChatServer(port=0, log=log, **options).start()
+    port = str(server.port)
+    after = str(await log.last_id())
+    children: list[Child] = []
+    try:
+        swarm = await Child.start("clients", "--port", port, "-n", str(n), "--mode", mode,
+                                  "--after", after, "--base", str(base), "--cap", str(cap),
+                                  "--naive-delay", str(naive_delay), "--seed", str(seed),
+                                  "--timeout", str(timeout), "--spacing", str(spacing))
+        children.append(swarm)
+        bystander = await Child.start("bystander", "--port", port, "--after", after,
+                                      "--live-rate", str(live_rate))
+        children.append(bystander)
+        assert await swarm.expect(timeout) == "connected"
+        assert await bystander.expect(timeout) == "ready"
+        message, _ = await server.hub.post("bench", "sync")
+        swarm.send(f"sync {message.id}")
+        assert await swarm.expect(timeout) == "ready"
+
+        await server.stop(CloseCode.SERVICE_RESTART)
+        for k in range(catch_up):
+            await log.append("bench", f"while you were away: {k + 1} of {catch_up}")
+        target = await log.last_id()
+        server = chatlib.ChatServer(port=int(port), log=log, **options)
+        cpu0 = time.process_time()
+        await server.start()
+        t0 = time.monotonic()
+        bystander.send("go")
+        swarm.send(f"target {target} {t0}")
+        assert await swarm.expect(timeout + 10) == "back"
+        cpu_s = time.process_time() - cpu0
+        wall_s = time.monotonic() - t0
+        bystander.send("stop")
+        live = json.loads(await bystander.expect(30))
+        message, _ = await server.hub.post("bench", "the end")
+        swarm.send(f"final {message.id}")
+        result = json.loads(await swarm.expect(timeout + 10))
+    finally:
+        for child in children:
+            await child.stop()
+        await server.stop()
+    result.update(mode=mode, catch_up=catch_up,
+                  admit_rate=admit_rate if mode == "admission" else None,
+                  server_cpu_s=cpu_s, storm_wall_s=wall_s,
+                  bystander_p50_ms=live["p50_ms"], bystander_p99_ms=live["p99_ms"],
+                  bystander_max_ms=live["max_ms"], bystander_sent=live["sent"],
+                  bystander_received=live["received"])
+    return result
+
+
+SUMMARY_KEYS = ("all_back_s", "first_history_p50_s", "first_history_p99_s", "server_cpu_s",
+                "attempts", "failed", "admitted_per_s", "bystander_p99_ms",
+                "bystander_max_ms", "lost", "duplicated")
+
+
+def summarize(trials: list[dict]) -> dict:
+    """Medians per mode (lost and duplicated: the sum over every trial, which must be 0)."""
+    out = {}
+    for mode in dict.fromkeys(t["mode"] for t in trials):
+        mine = [t for t in trials if t["mode"] == mode]
+        out[mode] = {key: (sum(t[key] for t in mine) if key in ("lost", "duplicated")
+                           else statistics.median(t[key] for t in mine))
+                     for key in SUMMARY_KEYS}
+        out[mode]["trials"] = len(mine)
+    return out
+
+
+async def bench(a: argparse.Namespace) -> dict:
+    trials = []
+    modes = [m for m in a.modes if m != "admission" or has_admission()]
+    for r in range(a.repeats):
+        for mode in modes:
+            result = await trial(mode, a.n, a.catch_up, live_rate=a.live_rate, seed=r + 1,
+                                 timeout=a.timeout)
+            result["repeat"] = r
+            print(json.dumps(result), file=sys.stderr, flush=True)
+            trials.append(result)
+    return dict(n=a.n, catch_up=a.catch_up, live_rate=a.live_rate, repeats=a.repeats,
+                trials=trials, summary=summarize(trials))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("role", nargs="?", default="bench",
+                        choices=("bench", "clients", "bystander"))
+    parser.add_argument("--port", type=int)
+    parser.add_argument("-n", type=int, default=2000)
+    parser.add_argument("--catch-up", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
+    parser.add_argument("--mode", default="naive")
+    parser.add_argument("--after", type=int, default=0)
+    parser.add_argument("--base", type=float, default=BASE)
+    parser.add_argument("--cap", type=float, default=CAP)
+    parser.add_argument("--naive-delay", type=float, default=NAIVE_DELAY)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--spacing", type=float, default=0.001)
+    parser.add_argument("--live-rate", type=float, default=10.0)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--json", help="also write the results here")
+    a = parser.parse_args()
+    if a.role == "clients":
+        asyncio.run(run_swarm(a))
+    elif a.role == "bystander":
+        asyncio.run(run_bystander(a))
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        results = asyncio.run(bench(a))
+        print(json.dumps(results["summary"], indent=1))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""bench/storm.py: a tiny reconnect storm, checked for what must hold on any machine.
+
+20 clients in their own process, 30 messages to catch up each, every mode: every client is
+back, nothing lost or duplicated, every live message of the bystander came back, and the
+figures are in order (first history before the last client is back). No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import storm  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", [m for m in storm.MODES
+                                  if m != "admission" or storm.has_admission()])
+def test_storm_brings_every_client_back_with_nothing_lost(mode) -> None:
+    n, catch_up = 20, 30
+    result = asyncio.run(storm.trial(mode, n, catch_up, live_rate=20, base=0.2,
+                                     admit_rate=50, timeout=60))
+    assert result["mode"] == mode and result["n"] == n
+    assert result["back"] == n and result["final_missing"] == 0, result
+    assert result["lost"] == 0 and result["duplicated"] == 0, result
+    assert result["attempts"] >= n  # every client tried at least once after the restart
+    assert result["closes"].get("1012", 0) == n  # every one was told: service restart
+    assert 0 < result["first_history_p50_s"] <= result["first_history_p99_s"] \
+        <= result["all_back_s"]
+    assert result["bystander_received"] == result["bystander_sent"] > 0
+    assert 0 <= result["bystander_p50_ms"] <= result["bystander_p99_ms"] \
+        <= result["bystander_max_ms"]
+    assert result["server_cpu_s"] > 0
+
+
+def test_next_delay_policies() -> None:
+    rng = random.Random(1)
+    assert storm.next_delay("naive", 0, rng) == 0.0
+    assert storm.next_delay("naive", 3, rng, naive_delay=0.25) == 0.25
+    draws = [storm.next_delay("jitter", k, rng, base=1.0, cap=8.0) for k in range(8)
+             for _ in range(50)]
+    assert all(0 <= d <= 8.0 for d in draws) and max(draws) > 4  # capped, and spread
+    assert storm.next_delay("admission", 5, rng, server_delay=2.5) == 2.5  # told: obeyed
+    assert storm.next_delay("jitter", 0, rng, server_delay=2.5) <= 1.0  # not told: ignored
+
+
+def test_summary_takes_medians_and_sums_losses() -> None:
+    trials = [dict(mode="naive", lost=0, duplicated=0, **{k: v for k in storm.SUMMARY_KEYS
+                                                          if k not in ("lost", "duplicated")})
+              for v in (1.0, 3.0, 2.0)]
+    trials[1]["lost"] = 2
+    summary = storm.summarize(trials)["naive"]
+    assert summary["all_back_s"] == 2.0 and summary["lost"] == 2 and summary["trials"] == 3
