@@ -34,7 +34,14 @@ from pathlib import Path
 import anywidget
 import traitlets
 
-from .clients import ChatRefused, LongPollClient, PollingClient, SSEClient, WebSocketClient
+from .clients import (
+    ChatRefused,
+    LongPollClient,
+    PollingClient,
+    SSEClient,
+    WebSocketClient,
+    WebTransportClient,
+)
 from .closecode import CloseCode
 from .limits import Limits
 from .store import Message
@@ -44,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 CLIENTS = {"ws": WebSocketClient, "sse": SSEClient, "longpoll": LongPollClient,
-           "poll": PollingClient}
+           "poll": PollingClient, "webtransport": WebTransportClient}
 BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 TYPING_SHOW_S = 3.0
@@ -116,7 +123,8 @@ class ChatPanel(anywidget.AnyWidget):
     """A chat window for the notebook.
 
     ``target`` is a :class:`~chatlib.ChatServer` or any chat server's URL (a classmate's,
-    an instructor's). ``transport`` is one of ``ws``, ``sse``, ``longpoll``, ``poll``.
+    an instructor's). ``transport`` is one of ``ws``, ``sse``, ``longpoll``, ``poll``, or
+    ``webtransport`` (a server started with ``webtransport=True``, on this machine).
     ``shown`` bounds what the view gets (the newest messages); ``keep`` bounds
     :attr:`messages`.
     """

@@ -1,6 +1,9 @@
 // Browser client for the chatlib chat server (see README.md, "The chat protocol").
 //
-// One page, four transports, one message log:
+// One page, five transports, one message log:
+//   webtransport  WebTransport over HTTP/3 (UDP, same port; `api/webtransport` says where),
+//                 one bidirectional stream of JSON lines both ways, typing as datagrams;
+//                 only where the page is served by the chat server itself on loopback
 //   ws        WebSocket at `ws`, JSON text frames both ways
 //   sse       EventSource on `api/events`, sends with POST
 //   longpoll  GET `api/messages?after=ID&wait=25`, sends with POST
@@ -27,7 +30,7 @@
 
 (() => {
   // ---- settings ---------------------------------------------------------------
-  const AUTO_ORDER = ['ws', 'sse', 'longpoll', 'poll']; // best first
+  const AUTO_ORDER = ['webtransport', 'ws', 'sse', 'longpoll', 'poll']; // best first
   const TRANSPORTS = new Set(AUTO_ORDER);
   const POLL_INTERVAL_MS = 1000;    // short polling period
   const LONG_POLL_WAIT_S = 25;      // server caps wait at 25 s
@@ -458,7 +461,8 @@
       transport,
       closed: false,
       everOpened: false,
-      sendFrame: null, // set by the WebSocket transport while its socket is open
+      sendFrame: null, // set by ws and webtransport while their connection is open
+      sendTyping: null, // set by webtransport: typing notices as datagrams
       stop() {},       // set by each transport: release sockets, timers, requests
       opened() {
         if (conn.closed) return;
@@ -470,15 +474,19 @@
         setStatus('connected');
         resendPending(); // whatever was not acknowledged, on this new connection
       },
-      failed({ retry = true } = {}) {
+      // skipped: the transport is not available here (no try: auto mode moves on).
+      failed({ retry = true, skipped = false } = {}) {
         if (conn.closed) return;
         conn.closed = true;
         conn.stop();
-        onConnectionFailed(conn, retry);
+        onConnectionFailed(conn, retry, skipped);
       },
     };
     state.conn = conn;
-    const start = { ws: connectWs, sse: connectSse, longpoll: connectPolling, poll: connectPolling };
+    const start = {
+      webtransport: connectWt, ws: connectWs, sse: connectSse, longpoll: connectPolling,
+      poll: connectPolling,
+    };
     try {
       start[transport](conn);
     } catch (err) { // e.g. no WebSocket/EventSource in this browser, or a blocked URL
@@ -497,12 +505,12 @@
     state.conn = null;
   }
 
-  function onConnectionFailed(conn, retry) {
+  function onConnectionFailed(conn, retry, skipped) {
     if (!retry) { // e.g. a nickname the server refuses: retrying cannot help
       setStatus('disconnected');
       return;
     }
-    if (!conn.everOpened) {
+    if (!conn.everOpened && !skipped) {
       state.failedTries += 1;
       if (state.failedTries === GONE_AFTER_TRIES) serverGone();
     }
@@ -576,42 +584,142 @@
       if (conn.closed) return;
       let frame;
       try { frame = JSON.parse(event.data); } catch { return; }
-      switch (frame && frame.type) {
-        case 'message': handleMessage(frame); break;
-        case 'presence': renderPresence(frame.users, frame.count); break;
-        case 'typing': onTyping(frame.user); break;
-        case 'reset': resetLog(); break;
-        case 'gap': handleGap(frame); break;
-        case 'history': setBefore(frame.before); break;
-        case 'older': showOlder(frame); break;
-        case 'ack': acknowledged(frame); break;
-        case 'error':
-          if (typeof frame.client_id !== 'string') showNotice(`Server: ${frame.error}`);
-          else {
-            const own = state.own.get(frame.client_id);
-            if (own) refusedFor(own, frame.status, frame.error, frame.retry_after);
-          }
-          break;
-        default: break; // unknown frame types are ignored, for forward compatibility
-      }
+      onFrame(frame);
     };
 
     ws.onclose = (event) => {
       if (conn.closed) return;
-      switch (event.code) {
-        case 1008: // foreign origin / policy: the same hello would be refused again
-          showNotice(`Connection refused by the server (1008${event.reason ? `: ${event.reason}` : ''}).`);
-          conn.failed({ retry: false });
-          return;
-        case 1009:
-          showNotice('That message was too large for the server.');
-          break;
-        default: // 1001/1012 restarting, 1013 too slow, 1006 network: resume after lastId
-          break;
-      }
-      conn.failed();
+      onClose(conn, event.code, event.reason);
     };
     // onerror is always followed by onclose, which does the work.
+  }
+
+  // One event of a push transport that speaks the WebSocket's frames (ws, webtransport).
+  function onFrame(frame) {
+    switch (frame && frame.type) {
+      case 'message': handleMessage(frame); break;
+      case 'presence': renderPresence(frame.users, frame.count); break;
+      case 'typing': onTyping(frame.user); break;
+      case 'reset': resetLog(); break;
+      case 'gap': handleGap(frame); break;
+      case 'history': setBefore(frame.before); break;
+      case 'older': showOlder(frame); break;
+      case 'ack': acknowledged(frame); break;
+      case 'error':
+        if (typeof frame.client_id !== 'string') showNotice(`Server: ${frame.error}`);
+        else {
+          const own = state.own.get(frame.client_id);
+          if (own) refusedFor(own, frame.status, frame.error, frame.retry_after);
+        }
+        break;
+      default: break; // unknown frame types are ignored, for forward compatibility
+    }
+  }
+
+  // The end of a ws or webtransport connection, with its close code (the same table).
+  function onClose(conn, code, reason) {
+    switch (code) {
+      case 1008: // foreign origin / policy: the same hello would be refused again
+        showNotice(`Connection refused by the server (1008${reason ? `: ${reason}` : ''}).`);
+        conn.failed({ retry: false });
+        return;
+      case 1009:
+        showNotice('That message was too large for the server.');
+        break;
+      default: // 1001/1012 restarting, 1013 too slow, 1006 network: resume after lastId
+        break;
+    }
+    conn.failed();
+  }
+
+  // ---- transport: WebTransport ------------------------------------------------
+  // Tried first in auto mode, and only where it can work: the browser has WebTransport and
+  // the page comes from the chat server itself on loopback (its own port: UDP does not go
+  // through jupyter-server-proxy, Binder or a hub), and the server serves it
+  // (`api/webtransport`). Anything else fails at once, and auto mode falls back to ws.
+  function connectWt(conn) {
+    const loopback = ['127.0.0.1', 'localhost', '[::1]'].includes(location.hostname);
+    if (typeof WebTransport === 'undefined' || !loopback) {
+      conn.failed({ skipped: true });
+      return;
+    }
+    let wt = null;
+    let stopWatchdog = () => {};
+    const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
+    conn.stop = () => {
+      clearTimeout(openTimer);
+      stopWatchdog();
+      conn.sendFrame = conn.sendTyping = null;
+      if (wt) wt.close({ closeCode: 1000, reason: '' });
+      if (state.loadingOlder) olderDone();
+    };
+    const notHere = new Error('WebTransport is not available here');
+    openWt().catch((err) => {
+      if (err !== notHere) console.warn('webtransport:', err);
+      conn.failed({ skipped: err === notHere || err instanceof HttpError });
+    });
+
+    async function openWt() {
+      const info = await getJson('api/webtransport', CONNECT_TIMEOUT_MS);
+      const port = location.port || (location.protocol === 'https:' ? '443' : '80');
+      if (conn.closed) return;
+      // Another port than the page's: a proxy serves the page, and UDP will not pass it.
+      if (!info.available || new URL(info.url).port !== port) throw notHere;
+      const hash = Uint8Array.from(info.hash.match(/../g), (h) => parseInt(h, 16));
+      wt = new WebTransport(info.url, {
+        serverCertificateHashes: [{ algorithm: 'sha-256', value: hash }],
+      });
+      wt.closed.then(({ closeCode, reason }) => {
+        if (!conn.closed) onClose(conn, closeCode, reason);
+      }, () => { if (!conn.closed) conn.failed(); });
+      await wt.ready;
+      const stream = await wt.createBidirectionalStream();
+      if (conn.closed) return;
+      clearTimeout(openTimer);
+      const writer = stream.writable.getWriter();
+      const encoder = new TextEncoder();
+      // One JSON text per line (chatlib/webtransport.py): the hello first, as on a WebSocket.
+      const sendLine = (frame) => writer.write(encoder.encode(`${JSON.stringify(frame)}\n`))
+        .catch(() => {});
+      sendLine({ type: 'hello', user: state.nick, after: state.lastId });
+      conn.sendFrame = sendLine;
+      const datagrams = wt.datagrams.writable.getWriter();
+      conn.sendTyping = () => datagrams.write(encoder.encode('{"type":"typing"}')).catch(() => {});
+      readDatagrams(wt.datagrams.readable);
+      stopWatchdog = startWatchdog(conn);
+      conn.opened();
+      await readLines(stream.readable);
+    }
+
+    async function readLines(readable) {
+      const reader = readable.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || conn.closed) return;
+        const lines = (buffer + value).split('\n');
+        buffer = lines.pop();
+        for (const line of lines) {
+          let frame;
+          try { frame = JSON.parse(line); } catch { continue; }
+          if (!conn.closed) onFrame(frame);
+        }
+      }
+    }
+
+    async function readDatagrams(readable) {
+      const reader = readable.getReader();
+      const decoder = new TextDecoder();
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done || conn.closed) return;
+          let frame;
+          try { frame = JSON.parse(decoder.decode(value)); } catch { continue; }
+          if (!conn.closed) onFrame(frame);
+        }
+      } catch { /* the session ended: wt.closed says how */ }
+    }
   }
 
   // ---- transport: Server-Sent Events ------------------------------------------
@@ -928,7 +1036,8 @@
     if (state.holdTimer) return; // the send budget is spent: messages first
     state.lastTypingSent = now;
     const conn = state.conn;
-    if (conn && conn.sendFrame) conn.sendFrame({ type: 'typing' });
+    if (conn && conn.sendTyping) conn.sendTyping(); // a datagram (webtransport)
+    else if (conn && conn.sendFrame) conn.sendFrame({ type: 'typing' });
     else postJson('api/typing', { user: state.nick }).catch(() => {});
   }
 
