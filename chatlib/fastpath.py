@@ -151,13 +151,14 @@ def websocket_sink(scope) -> Sink | None:
         return None
     plain = not conn.extensions
     write, is_closing, is_writable = transport.write, transport.is_closing, writable.is_set
+    last = _last_frames  # text_frames' cache, read here without a call per client
 
     def sink(payloads: tuple[str, ...]) -> bool:
         if (not is_writable() or protocol.close_sent or conn.state is not WS_OPEN
                 or conn.writes or is_closing()):
             return False
         if plain:
-            write(text_frames(payloads))
+            write(last[1] if payloads is last[0] else text_frames(payloads))
         else:
             for payload in payloads:
                 conn.send_text(payload.encode())
@@ -185,18 +186,17 @@ def websocket_writer(scope) -> Writer | None:
     return write
 
 
-_last_frames: tuple[tuple[str, ...] | None, bytes] = (None, b"")  # None: nothing matches
+_last_frames: list = [None, b""]  # the last payloads and their frames; None: no match
 
 
 def text_frames(payloads: tuple[str, ...]) -> bytes:
     """Unmasked, unfragmented, uncompressed text frames (RFC 6455 5.2), one per payload,
     joined, the last ones kept: a fan-out asks with the same tuple once per client, and
     gets one encoding for all (websockets' ``broadcast()`` serialises once per client)."""
-    global _last_frames
     if payloads is _last_frames[0]:
         return _last_frames[1]
     data = b"".join([text_frame(payload) for payload in payloads])
-    _last_frames = (payloads, data)
+    _last_frames[:] = payloads, data
     return data
 
 
@@ -244,12 +244,13 @@ def sse_sink(scope) -> Sink | None:
             or not hasattr(cycle, "disconnected")):
         return None
     write, is_closing = transport.write, transport.is_closing
+    last = _last_chunk  # http_chunk's cache, read here without a call per client
 
     def sink(payloads: tuple[str, ...]) -> bool:
         if (flow.write_paused or cycle.disconnected or conn.our_state is not h11.SEND_BODY
                 or is_closing()):
             return False
-        write(http_chunk(payloads))
+        write(last[1] if payloads is last[0] else http_chunk(payloads))
         return True
 
     return sink
@@ -273,18 +274,17 @@ def sse_writer(scope) -> Writer | None:
     return write
 
 
-_last_chunk: tuple[tuple[str, ...] | None, bytes] = (None, b"")  # None: nothing matches
+_last_chunk: list = [None, b""]  # the last payloads and their chunk; None: no match
 
 
 def http_chunk(payloads: tuple[str, ...]) -> bytes:
     """``payloads`` as one chunk of a chunked HTTP/1.1 body (RFC 9112 7.1), the last one
     kept (as :func:`text_frames`)."""
-    global _last_chunk
     if payloads is _last_chunk[0]:
         return _last_chunk[1]
     data = "".join(payloads).encode()
     chunk = b"%x\r\n%b\r\n" % (len(data), data)
-    _last_chunk = (payloads, chunk)
+    _last_chunk[:] = payloads, chunk
     return chunk
 
 

@@ -40,7 +40,8 @@ class Batch:
     def __init__(self, items: tuple[tuple[int, str], ...]) -> None:
         self.items = items
         self.payloads = tuple(payload for _, payload in items)
-        self.first_id = next((message_id for message_id, _ in items if message_id), 0)
+        self.first_id = items[0][0] if len(items) == 1 else next(
+            (message_id for message_id, _ in items if message_id), 0)
         """The first message's id (ids only grow within a batch); 0 if none is a message."""
 
 

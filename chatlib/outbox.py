@@ -73,24 +73,22 @@ class Outbox:
         never overtakes a queued one; a message the writer already sent as history (id <=
         ``sent``) is queued, for the writer to skip.
         """
-        if self.closed:
+        direct = self.direct  # set only while open, idle and with nothing queued
+        if direct is not None:
+            first = batch.first_id
+            if (not first or first > self.sent) and direct(batch.payloads):
+                return True
+            self.direct = None  # queued from now on: nothing may overtake what follows
+        elif self.closed:
             return True
         queue = self._items
         items = batch.items
+        if len(queue) + len(items) > self.limit:
+            return False  # too slow: the hub closes it rather than let it hold others back
         if not queue:
-            direct = self.direct
-            first = batch.first_id
-            if direct is not None and (not first or first > self.sent) and direct(batch.payloads):
-                return True
-            if len(items) > self.limit:
-                return False
-            queue.extend(items)
             # Only a batch that finds the queue empty can find the writer asleep (it
             # sleeps only when the queue is empty): a burst skips an Event.set() per item.
             self._ready.set()
-            return True
-        if len(queue) + len(items) > self.limit:
-            return False  # too slow: the hub closes it rather than let it hold others back
         queue.extend(items)
         return True
 
@@ -102,6 +100,7 @@ class Outbox:
     def close(self, code: int) -> None:
         if not self.closed:
             self.closed, self.close_code = True, code
+            self.direct = None
             self._items.clear()
             self._ready.set()
             if self.on_close is not None:
