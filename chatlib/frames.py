@@ -73,6 +73,7 @@ import struct
 from dataclasses import dataclass
 
 from .closecode import CloseCode
+from .limits import DEFAULT_MAX_SIZE
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -93,9 +94,6 @@ __all__ = [
     "read_frame",
     "text",
 ]
-
-DEFAULT_MAX_SIZE = 2**20
-"""Largest payload :func:`decode` accepts by default: 1 MiB."""
 
 MAX_CONTROL_PAYLOAD = 125
 """Control frames (CLOSE, PING, PONG) carry at most 125 bytes, so the length fits in 7 bits."""

@@ -50,6 +50,8 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .limits import MAX_HEAD_SIZE
+
 __all__ = [
     "GUID",
     "MAX_HEAD_SIZE",
@@ -65,9 +67,6 @@ __all__ = [
 
 GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 """The fixed string the RFC appends to the key before hashing (section 1.3)."""
-
-MAX_HEAD_SIZE = 16 * 1024
-"""Largest response head (status line and headers) :func:`open_raw` reads: 16 KiB."""
 
 # RFC 9110, section 5.6.2: header names are "tokens".
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

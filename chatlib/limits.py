@@ -50,6 +50,23 @@ FANOUT_GROUP = 32
 """At most this many fan-outs waiting for the same clients go out together, client by
 client: a burst's frames to one client in one write (chatlib.hub)."""
 
+FD_LIMIT_WANTED = 4096
+"""File descriptors below which the server warns at start: one per connection
+(chatlib.server)."""
+
+# -- the clients' and the course's code ---------------------------------------------------
+
+MAX_OUTBOX = 100
+"""Own messages waiting for the server at most; the chat panel's view refuses more until
+some are sent (chatlib.panel)."""
+
+MAX_HEAD_SIZE = 16 * 1024
+"""Largest response head (status line and headers) the course's handshake client reads:
+16 KiB (chatlib.handshake.open_raw)."""
+
+DEFAULT_MAX_SIZE = 2**20
+"""Largest payload the course's frame codec accepts by default: 1 MiB (chatlib.frames)."""
+
 
 @dataclass
 class Limits:

@@ -43,7 +43,7 @@ from .clients import (
     WebTransportClient,
 )
 from .closecode import CloseCode
-from .limits import Limits
+from .limits import MAX_OUTBOX, Limits
 from .store import Message
 from .validation import printable, valid_client_id
 
@@ -60,8 +60,6 @@ SYNC_EVERY_S = 0.05
 """At most one history update to the view per this many seconds while messages pour in (a
 replay of 500 after a reconnect is one or a few updates, not 500); a message that arrives
 after a quiet moment goes to the view at once."""
-MAX_OUTBOX = 100
-"""Own messages waiting for the server at most; the view refuses more until some are sent."""
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .closecode import CloseCode
 from .colab import PAGE_UNREACHABLE, in_colab
 from .guard import Guard, host_policy
 from .hub import Hub
-from .limits import Limits
+from .limits import FD_LIMIT_WANTED, Limits
 from .proxy import public_url
 from .store import MemoryLog, MessageLog
 
@@ -81,8 +81,6 @@ class KernelFriendlyServer(uvicorn.Server):
 
 ACCEPT_LOG_INTERVAL = 10.0
 """Seconds between two "out of file descriptors" log lines."""
-FD_LIMIT_WANTED = 4096
-"""File descriptors below which the server warns at start: one per connection."""
 
 logger = logging.getLogger("chatlib")
 

@@ -762,3 +762,23 @@ def test_validators_raise_only_chat_errors(data):
         else:
             assert isinstance(value, str) and value.strip()
             value.encode("utf-8")  # always valid UTF-8
+
+
+# -- one home for each limit ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module, name", [
+    ("chatlib.panel", "MAX_OUTBOX"), ("chatlib.server", "FD_LIMIT_WANTED"),
+    ("chatlib.handshake", "MAX_HEAD_SIZE"), ("chatlib.frames", "DEFAULT_MAX_SIZE"),
+    ("chatlib.protocols", "LINGER_SECONDS"), ("chatlib.protocols", "MAX_FRAGMENTS")])
+def test_a_limit_lives_in_limits_and_stays_importable_where_it_is_used(module, name):
+    """Every limit is defined once, in chatlib.limits (with its reason); the modules that
+    apply it import it, so that `from chatlib.panel import MAX_OUTBOX` still works."""
+    import importlib
+    import inspect
+
+    from chatlib import limits
+
+    used_in = importlib.import_module(module)
+    assert getattr(used_in, name) is getattr(limits, name)
+    assert f"\n{name} = " not in inspect.getsource(used_in)
