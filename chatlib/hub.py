@@ -12,18 +12,21 @@ cursor; long polls sleep on an :class:`asyncio.Event` that every publish sets.
 A message reaches the subscribers one way only: appended to the log, then read back in id
 order by :meth:`Hub.catch_up` (or handed over, in id order, by :meth:`Hub.deliver` when
 something else reads the log), then :meth:`Hub._publish`.
+
+Who is here is chatlib.presence's (:attr:`Hub.presence`): the hub tells it who subscribes
+and unsubscribes, and fans out the ``presence`` events it makes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import NamedTuple, Protocol
 
 from .closecode import CloseCode
-from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits, retry_after
+from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits
+from .presence import Presence
 from .store import Bus, Message, MessageLog
 
 
@@ -107,15 +110,9 @@ class Hub:
         """Presence and typing between the processes sharing ``log`` (chatlib.redis_bus)."""
         self._subscribers: dict[Encoding, set[Subscriber]] = {}  # grouped by encoding
         self._new_message = asyncio.Event()
-        self._connected: Counter[str] = Counter()  # WebSocket and SSE users
-        self._polled: dict[str, tuple[float, str]] = {}  # HTTP user -> (last seen, address)
-        self._polled_per_address: Counter[str] = Counter()
-        self._new_names = RateLimits(limits.new_names_rate, limits.new_names_burst)
+        self.presence = Presence(limits, self._broadcast)
+        """Who is here; its ``presence`` events go out through this hub's fan-out."""
         self._replays = RateLimits(limits.replay_rate, limits.replay_burst)
-        self._presence_sent: list[str] = []
-        self._presence_data: dict = {"users": [], "count": 0}
-        self._presence_sent_at = float("-inf")  # loop time of the last presence broadcast
-        self._presence_due: asyncio.TimerHandle | None = None
         self._published = 0  # every message up to this id has been fanned out
         self._fanning: deque[tuple[list[Subscriber], Batch]] = deque()  # see _fan_out
         self._fanned = 0  # subscribers of _fanning[0] done (of each fan-out of the group)
@@ -126,7 +123,6 @@ class Hub:
         self._publishing = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []  # following the log and the bus
         self.closing = asyncio.Event()
-        self._elsewhere: frozenset[str] = frozenset()  # users of other processes (bus)
 
     @property
     def published(self) -> int:
@@ -141,7 +137,8 @@ class Hub:
             self._tasks.append(asyncio.ensure_future(self._follow()))
         if self.bus is not None:
             self._tasks.append(asyncio.ensure_future(
-                self.bus.run(self.here, self._typing_elsewhere, self._set_elsewhere)))
+                self.bus.run(self.presence.here, self._typing_elsewhere,
+                             self.presence.set_elsewhere)))
 
     # -- messages ------------------------------------------------------------------------
 
@@ -381,7 +378,7 @@ class Hub:
     def _typing_elsewhere(self, user: str) -> None:
         self._broadcast("typing", {"user": user})
 
-    # -- presence ------------------------------------------------------------------------
+    # -- subscribers ---------------------------------------------------------------------
 
     def subscribe(self, subscriber: Subscriber) -> Subscriber:
         """Fan out to ``subscriber`` from now on (and count its user as here)."""
@@ -389,11 +386,10 @@ class Hub:
         self._roster += 1
         user = subscriber.user
         if user:
-            if user in self._presence_sent:  # a second tab: the list won't change; tell it
-                payload = subscriber.encoding.event("presence", self._presence_data)
+            if self.presence.told(user):  # a second tab: the list won't change; tell it
+                payload = subscriber.encoding.event("presence", self.presence.data)
                 self._fan_out((subscriber,), Batch(((0, payload),)))
-            self._connected[user] += 1
-            self.presence_changed()
+            self.presence.connected(user)
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
@@ -401,12 +397,8 @@ class Hub:
         if subscriber in subscribers:
             subscribers.discard(subscriber)
             self._roster += 1
-            user = subscriber.user
-            if user:
-                self._connected[user] -= 1
-                if self._connected[user] <= 0:
-                    del self._connected[user]
-                self.presence_changed()
+            if subscriber.user:
+                self.presence.disconnected(subscriber.user)
 
     @property
     def subscribers(self) -> list[Subscriber]:
@@ -418,105 +410,6 @@ class Hub:
         """Whether a fan-out is still going out in slices."""
         return bool(self._fanning)
 
-    def touch(self, user: str, address: str = "") -> tuple[str, int]:
-        """An HTTP client named ``user`` at ``address`` joins (``POST /api/presence``).
-
-        Returns ``("", 0)`` or, when ``user`` is new and may not join the presence list, why
-        not and the seconds after which asking again may succeed (``Retry-After``): one
-        address may have at most ``polled_per_address`` polling names (a name that stops
-        polling leaves within ``presence_ttl``), and announce new ones at most at
-        ``new_names_rate`` (each new name is broadcast to everyone).
-        """
-        now = time.monotonic()
-        seen = self._polled.get(user)
-        if seen is not None:
-            self._polled[user] = (now, seen[1])
-            return "", 0
-        self._expire_polled(now)
-        if self._polled_per_address[address] >= self.limits.polled_per_address:
-            return (f"too many nicknames polling from this address "
-                    f"(at most {self.limits.polled_per_address})",
-                    retry_after(self.limits.presence_ttl))
-        if not self._new_names.allow(address):
-            return ("too many new nicknames from this address: slow down",
-                    retry_after(self._new_names.wait(address)))
-        self._polled[user] = (now, address)
-        self._polled_per_address[address] += 1
-        self.presence_changed()
-        return "", 0
-
-    def refresh(self, user: str) -> bool:
-        """A poll named ``user``: keep it present if it joined (:meth:`touch`, from
-        ``POST /api/presence``); True if so. A GET adds no name."""
-        seen = self._polled.get(user)
-        if seen is None or seen[0] < time.monotonic() - self.limits.presence_ttl:
-            return False
-        self._polled[user] = (time.monotonic(), seen[1])
-        return True
-
-    def take(self, user: str) -> bool:
-        """An event stream named ``user`` takes over its join: True if ``user`` joined
-        (:meth:`touch`); the stream then holds the name (:meth:`subscribe`), which leaves
-        when the stream ends rather than ``presence_ttl`` later."""
-        if not self.refresh(user):
-            return False
-        address = self._polled.pop(user)[1]
-        self._polled_per_address[address] -= 1
-        if self._polled_per_address[address] <= 0:
-            del self._polled_per_address[address]
-        return True
-
-    def _expire_polled(self, now: float) -> None:
-        expired = now - self.limits.presence_ttl
-        for user in [u for u, (seen, _) in self._polled.items() if seen < expired]:
-            address = self._polled.pop(user)[1]
-            self._polled_per_address[address] -= 1
-            if self._polled_per_address[address] <= 0:
-                del self._polled_per_address[address]
-
-    def here(self) -> set[str]:
-        """Users connected to this process: push clients with a nickname, recent pollers."""
-        self._expire_polled(time.monotonic())
-        return set(self._connected) | set(self._polled)
-
-    def presence(self) -> list[str]:
-        """Everyone here (sorted), in this process and (with a shared log) elsewhere."""
-        return sorted(self.here() | self._elsewhere)
-
-    def presence_event(self, users: list[str] | None = None) -> dict:
-        """What a presence event says: the first ``presence_names`` names and the count."""
-        users = self.presence() if users is None else users
-        return {"users": users[:self.limits.presence_names], "count": len(users)}
-
-    def _set_elsewhere(self, users: frozenset[str]) -> None:
-        """The users connected to the other processes (told by the bus) changed."""
-        self._elsewhere = users
-        self.presence_changed()
-
-    def presence_changed(self) -> None:
-        """Tell everyone who is here, if that changed: now, or with the next broadcast.
-
-        Broadcasts are at least ``presence_interval`` apart; changes in between are told
-        together when it has passed.
-        """
-        if self._presence_due is not None:
-            return  # a broadcast is already scheduled: it will say what is true then
-        loop = asyncio.get_running_loop()
-        wait = self._presence_sent_at + self.limits.presence_interval - loop.time()
-        if wait > 0:
-            self._presence_due = loop.call_later(wait, self._broadcast_presence)
-        else:
-            self._broadcast_presence()
-
-    def _broadcast_presence(self) -> None:
-        self._presence_due = None
-        users = self.presence()
-        if users != self._presence_sent:
-            self._presence_sent = users
-            self._presence_data = self.presence_event(users)
-            self._presence_sent_at = asyncio.get_running_loop().time()
-            self._broadcast("presence", self._presence_data)
-
     # -- shutdown ------------------------------------------------------------------------
 
     def close(self, code: int = CloseCode.GOING_AWAY) -> None:
@@ -524,8 +417,7 @@ class Hub:
         self.closing.set()
         for task in self._tasks:
             task.cancel()
-        if self._presence_due is not None:
-            self._presence_due.cancel()
+        self.presence.close()
         self._fanning.clear()
         self._fanned = 0
         for subscriber in self.subscribers:

@@ -42,7 +42,7 @@ async def poll(state, scope, receive) -> bytes | None:
     wait = min(max(float_param(params, "wait", 0.0), 0.0), limits.max_wait)
     user = optional_user(params, limits)
     if user:  # keeps a name that joined (POST /api/presence) present; adds none
-        hub.refresh(user)
+        hub.presence.refresh(user)
     if "before" in params:  # an older page (the resume protocol's "history" marker)
         before = int_param(params, "before", 0)
         older = await hub.log.before(before, limits.history)
@@ -172,7 +172,7 @@ async def presence(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     if request.method == "POST":
         user = nickname(await read_json(request, hub.limits), hub.limits)
-        refused, retry_after = hub.touch(user, address(request.scope))
+        refused, retry_after = hub.presence.touch(user, address(request.scope))
         if refused:
             raise ChatError(429, refused, retry_after)
-    return JSONBody(hub.presence_event())
+    return JSONBody(hub.presence.event())

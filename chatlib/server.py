@@ -342,7 +342,7 @@ class ChatServer:
         """Polling users leave by going quiet: re-check presence every few seconds."""
         while True:
             await asyncio.sleep(min(5.0, self.limits.presence_ttl / 3))
-            self.hub.presence_changed()
+            self.hub.presence.changed()
 
     async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
         """Stop serving and free the port; every client is told (``code`` / end of stream).

@@ -29,7 +29,7 @@ async def events(request: Request) -> Response:
     except (KeyError, ChatError):
         pass
     user = optional_user(request.query_params, hub.limits)
-    if user and not hub.take(user):  # a name joins by POST /api/presence, not by a GET
+    if user and not hub.presence.take(user):  # a name joins by POST /api/presence, not by a GET
         user = ""
     resume = await hub.resolve_cursor(after)
     outbox = hub.subscribe(Outbox(wire.SSE, user, hub.limits.max_queue))

@@ -440,24 +440,24 @@ async def test_presence_from_every_transport(hub):
     ws = join(hub, WEBSOCKET, "ada")
     sse = join(hub, SSE, "bob")
     reader = join(hub, SSE, "")  # an anonymous reader is not in the chat
-    hub.touch("carol")  # an HTTP (polling) user
-    assert hub.presence() == ["ada", "bob", "carol"]
+    hub.presence.touch("carol")  # an HTTP (polling) user
+    assert hub.presence.users() == ["ada", "bob", "carol"]
     hub.unsubscribe(ws)
     hub.unsubscribe(sse)
     hub.unsubscribe(reader)
-    assert hub.presence() == ["carol"]
+    assert hub.presence.users() == ["carol"]
     hub.unsubscribe(ws)  # twice is harmless
-    assert hub.presence() == ["carol"]
+    assert hub.presence.users() == ["carol"]
 
 
 async def test_presence_counts_connections_per_user(hub):
     first = join(hub, WEBSOCKET, "ada")
     second = join(hub, SSE, "ada")
-    assert hub.presence() == ["ada"]
+    assert hub.presence.users() == ["ada"]
     hub.unsubscribe(first)
-    assert hub.presence() == ["ada"]  # still connected over SSE
+    assert hub.presence.users() == ["ada"]  # still connected over SSE
     hub.unsubscribe(second)
-    assert hub.presence() == []
+    assert hub.presence.users() == []
 
 
 async def test_presence_changes_are_broadcast_once(hub):
@@ -470,10 +470,10 @@ async def test_presence_changes_are_broadcast_once(hub):
     assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"], "count": 1}
     again = join(hub, SSE, "ada")  # same set of users: nothing to tell
     assert await drain(watcher) == []
-    hub.touch("bob")
+    hub.presence.touch("bob")
     assert ws_events(await drain(watcher)) == [
         {"type": "presence", "users": ["ada", "bob"], "count": 2}]
-    hub.touch("bob")  # already present
+    hub.presence.touch("bob")  # already present
     assert await drain(watcher) == []
     hub.unsubscribe(ada)
     assert await drain(watcher) == []  # ada is still connected over SSE
@@ -484,18 +484,18 @@ async def test_presence_changes_are_broadcast_once(hub):
 async def test_polling_users_expire_after_the_ttl():
     hub = Hub(MemoryLog(), Limits(presence_ttl=0.05, presence_interval=0))
     watcher = join(hub, WEBSOCKET, "")
-    hub.touch("carol")
+    hub.presence.touch("carol")
     join(hub, WEBSOCKET, "ada")
-    assert hub.presence() == ["ada", "carol"]
+    assert hub.presence.users() == ["ada", "carol"]
     await drain(watcher)
     async with asyncio.timeout(5):
-        while "carol" in hub.presence():  # bounded by the timeout
+        while "carol" in hub.presence.users():  # bounded by the timeout
             await asyncio.sleep(0.01)
-    assert hub.presence() == ["ada"]  # push users never expire while connected
-    hub.presence_changed()  # what the server's sweeper calls
+    assert hub.presence.users() == ["ada"]  # push users never expire while connected
+    hub.presence.changed()  # what the server's sweeper calls
     assert ws_events(await drain(watcher)) == [{"type": "presence", "users": ["ada"], "count": 1}]
-    hub.touch("carol")  # back again
-    assert hub.presence() == ["ada", "carol"]
+    hub.presence.touch("carol")  # back again
+    assert hub.presence.users() == ["ada", "carol"]
 
 
 async def test_close_closes_every_outbox_with_1001(hub):

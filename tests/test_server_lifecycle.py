@@ -250,7 +250,7 @@ async def test_stop_ends_every_open_connection(start_chat, http):
             return await client.get(server.url + "api/messages?after=1&wait=25&user=bob")
 
     await http.post(server.url + "api/presence", json={"user": "bob"})  # joining: POST
-    joined_at = server.hub._polled["bob"][0]
+    joined_at = server.hub.presence.last_seen("bob")
     sse_task = asyncio.create_task(read_sse())
     poll_task = asyncio.create_task(long_poll())
     # Everything is connected: the SSE stream has started, the WebSocket user and the long
@@ -259,7 +259,8 @@ async def test_stop_ends_every_open_connection(start_chat, http):
     async with asyncio.timeout(T):
         while "retry: 1000" not in sse_lines:
             await asyncio.sleep(0.01)
-        while "ada" not in server.hub.presence() or server.hub._polled["bob"][0] == joined_at:
+        presence = server.hub.presence
+        while "ada" not in presence.users() or presence.last_seen("bob") == joined_at:
             await asyncio.sleep(0.01)
     assert not poll_task.done()
 

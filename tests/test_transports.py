@@ -311,11 +311,11 @@ async def test_http_poll_resume_on_the_wire(server, http, kind):
 async def test_long_poll_answers_as_soon_as_a_message_is_posted(server, http):
     await post(http, server, "bob", "old")
     await http.post(server.url + "api/presence", json={"user": "waiter"})
-    joined_at = server.hub._polled["waiter"][0]
+    joined_at = server.hub.presence.last_seen("waiter")
     poll = asyncio.create_task(
         http.get(server.url + "api/messages?after=1&wait=25&user=waiter"))
     # The handler has the request once the poll has refreshed the waiter's presence.
-    await wait_until(lambda: server.hub._polled["waiter"][0] != joined_at)
+    await wait_until(lambda: server.hub.presence.last_seen("waiter") != joined_at)
     assert not poll.done()
     message = await post(http, server, "bob", "new")
     async with asyncio.timeout(T):  # far less than the 25 s it would otherwise hang
