@@ -272,7 +272,7 @@ class Session:
         self.drained = asyncio.Event()
         self.drained.set()
         self.datagram_notice = 0.0  # when a client was last told its datagrams are dropped
-        self.acked, self.acked_at = 0, 0.0  # the stuck watch's last look
+        self.acked, self.acked_at = 0, None  # the stuck watch's last look (None: none yet)
         self.task = asyncio.ensure_future(self.run())
 
     @property
@@ -495,7 +495,9 @@ class Session:
         if self.stream_id is None:
             return False
         waiting, acked = quicpath.stream_backlog(self.protocol._quic, self.stream_id)
-        if not waiting or acked != self.acked:
+        # Progress, nothing waiting, or the first look (bytes may have been queued a moment
+        # ago): the clock starts (again) now.
+        if not waiting or acked != self.acked or self.acked_at is None:
             self.acked, self.acked_at = acked, now
             return False
         return now - self.acked_at >= self.server.limits.stuck_timeout

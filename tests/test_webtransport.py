@@ -397,3 +397,20 @@ async def test_a_client_that_never_reads_is_closed(start_chat, probe, make_clien
                 break
             await asyncio.sleep(0.05)
     assert (await ws.receive_many(last.id, timeout=T))[-1].id == last.id
+
+
+async def test_the_first_look_at_a_busy_stream_is_not_stuck(wt_server, probe, monkeypatch):
+    """wt-course saw idle readers closed as "stopped reading" right after connecting: the
+    stuck clock started at 0, so a first sweep that found bytes not acknowledged yet (the
+    peer's offset still 0) counted since the loop's start."""
+    from chatlib import quicpath
+
+    p = await probe(wt_server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+    session = next(pr.session for pr in wt_server._webtransport.protocols if pr.session)
+    monkeypatch.setattr(quicpath, "stream_backlog", lambda quic, stream_id: (1000, 0))
+    now = asyncio.get_running_loop().time()
+    assert not session.stuck(now)  # first look: the clock starts
+    assert not session.stuck(now + wt_server.limits.stuck_timeout / 2)
+    assert session.stuck(now + wt_server.limits.stuck_timeout)  # no progress since
