@@ -50,6 +50,16 @@ def test_next_delay_policies() -> None:
     assert storm.next_delay("jitter", 0, rng, server_delay=2.5) <= 1.0  # not told: ignored
 
 
+def test_message_ids_are_read_from_chatlib_frames() -> None:
+    from chatlib import wire
+    from chatlib.store import Message
+
+    frame = wire.ws_frame(Message(id=4711, ts=1.5, user="a", text='{"id":1},'))
+    assert frame.startswith(storm.MESSAGE_ID)  # the fast path, not the JSON fallback
+    assert storm.message_id(frame) == 4711
+    assert storm.message_id('{"type":"message","ts":1,"id":12}') == 12
+
+
 def test_summary_takes_medians_and_sums_losses() -> None:
     trials = [dict(mode="naive", lost=0, duplicated=0, **{k: v for k in storm.SUMMARY_KEYS
                                                           if k not in ("lost", "duplicated")})
