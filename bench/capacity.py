@@ -1,0 +1,228 @@
+"""Capacity: the most clients for which 95 % of broadcasts reach every client within 500 ms.
+
+``python bench/capacity.py [--start 250] [--max 16000] [--broadcasts 20] [--json out.json]``
+searches, for one chat server process, the largest N (to within ``--resolution``, 10 %)
+that meets the criterion, and prints (and saves) every step. ``capacity.measure(n)`` runs
+one step from a notebook (chapter 12).
+
+One step, two processes: a :class:`chatlib.ChatServer` in this process (127.0.0.1, an
+ephemeral port, per-address budgets lifted: every client is 127.0.0.1, see bench/storm.py),
+and N WebSocket clients in another (``capacity.py clients``). Once all are connected and a
+first message reached all of them, the server posts ``broadcasts`` messages, one every
+``interval`` s (``hub.post``: the server's own sender, no client's upload in the way). The
+clients' process keeps, per message id, how many clients got it and when the last one did
+(``time.monotonic``, one clock for both processes on Linux). A broadcast *reached all within
+500 ms* when all N got it and the last one no later than 500 ms after it was posted.
+
+Per step: ``within_share`` (the share of broadcasts that did), ``p50_all_ms`` / ``p95_all_ms``
+(time until the last client had it), ``server_cpu_s`` and ``clients_cpu_share`` (the clients'
+process's CPU time over the step's wall time: near 1.0, the load generator was the limit,
+and the step measures it, not the server).
+
+The search doubles N from ``--start`` while the criterion holds, then bisects between the
+last N that met it and the first that did not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import storm  # noqa: E402  (bench/storm.py: Child, bench_limits, message_id, percentile)
+
+WITHIN = 0.5
+"""Seconds within which a broadcast must reach every client."""
+SHARE = 0.95
+"""The share of broadcasts that must."""
+INTERVAL = 0.2
+"""Seconds between broadcasts."""
+
+
+async def run_clients(a: argparse.Namespace) -> None:
+    """The clients' process: connect N, then report per message id (count, last arrival)."""
+    url = f"ws://127.0.0.1:{a.port}/ws"
+    seen: dict[int, list] = {}  # id -> [clients that got it, monotonic time of the last]
+    connected = 0
+    all_in = asyncio.Event()
+    reached: dict[int, asyncio.Event] = {}
+
+    async def client(i: int) -> None:
+        nonlocal connected
+        for _ in range(20):  # a few tries (a full listen backlog refuses), bounded
+            try:
+                ws = await connect(url, ping_interval=None, compression=None, open_timeout=60)
+                break
+            except (OSError, InvalidHandshake, TimeoutError):
+                await asyncio.sleep(0.2)
+        else:
+            return
+        async with ws:
+            await ws.send(json.dumps({"type": "hello", "user": f"cap{i}", "after": a.after}))
+            connected += 1
+            if connected == a.n:
+                all_in.set()
+            try:
+                async for raw in ws:
+                    if raw.startswith('{"type":"message"'):
+                        now = time.monotonic()
+                        entry = seen.setdefault(storm.message_id(raw), [0, 0.0])
+                        entry[0] += 1
+                        entry[1] = now
+                        if entry[0] == a.n:
+                            event = reached.get(storm.message_id(raw))
+                            if event is not None:
+                                event.set()
+            except ConnectionClosed:
+                pass
+
+    commands = await storm.read_commands()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    for i in range(a.n):  # paced: client i starts at start + i * spacing
+        await asyncio.sleep(max(0.0, start + i * a.spacing - loop.time()))
+        tasks.append(asyncio.ensure_future(client(i)))
+    await asyncio.wait_for(all_in.wait(), a.timeout)
+    print("connected", flush=True)
+    cpu0 = wall0 = 0.0
+    while True:  # bounded: ends at "final" or EOF
+        words = (await commands.readline()).decode().split()
+        if not words:
+            break
+        last = int(words[1])
+        event = reached.setdefault(last, asyncio.Event())
+        if seen.get(last, [0])[0] >= a.n:
+            event.set()
+        try:
+            await asyncio.wait_for(event.wait(), a.timeout)
+        except TimeoutError:
+            pass  # the report says who is missing
+        if words[0] == "sync":
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            print("ready", flush=True)
+        else:
+            share = (time.process_time() - cpu0) / max(1e-9, time.monotonic() - wall0)
+            print(json.dumps(dict(seen={k: v for k, v in seen.items() if k > int(words[2])},
+                                  clients_cpu_share=share)), flush=True)
+            break
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def measure(n: int, broadcasts: int = 20, *, interval: float = INTERVAL,
+                  timeout: float = 120.0, spacing: float = 0.001) -> dict:
+    """One step: N clients, ``broadcasts`` messages; returns the step's figures."""
+    import chatlib
+
+    log = chatlib.MemoryLog()
+    server = await chatlib.ChatServer(port=0, log=log, limits=storm.bench_limits(),
+                                      ws_ping_interval=None).start()
+    clients = None
+    try:
+        clients = await storm.Child.start_script(
+            os.path.abspath(__file__), "clients", "--port", str(server.port), "-n", str(n),
+            "--after", str(await log.last_id()), "--timeout", str(timeout),
+            "--spacing", str(spacing))
+        assert await clients.expect(timeout + n * spacing) == "connected"
+        sync, _ = await server.hub.post("bench", "sync")
+        clients.send(f"sync {sync.id}")
+        assert await clients.expect(timeout) == "ready"
+        loop = asyncio.get_running_loop()
+        posted: dict[int, float] = {}
+        cpu0, start = time.process_time(), loop.time()
+        for k in range(broadcasts):
+            await asyncio.sleep(max(0.0, start + k * interval - loop.time()))  # the schedule
+            message, _ = await server.hub.post("bench", f"broadcast {k + 1} of {broadcasts}")
+            posted[message.id] = time.monotonic()
+        clients.send(f"final {message.id} {sync.id}")
+        report = json.loads(await clients.expect(timeout + 10))
+        server_cpu = time.process_time() - cpu0
+    finally:
+        if clients is not None:
+            await clients.stop()
+        await server.stop()
+    to_all = []
+    within = 0
+    for message_id, t_posted in posted.items():
+        count, last = report["seen"].get(str(message_id), [0, 0.0])
+        if count == n:
+            to_all.append(last - t_posted)
+            within += last - t_posted <= WITHIN
+        else:
+            to_all.append(float("inf"))  # not every client got it
+    return dict(n=n, broadcasts=broadcasts, interval=interval,
+                within_share=within / broadcasts,
+                p50_all_ms=storm.percentile(to_all, 50) * 1000,
+                p95_all_ms=storm.percentile(to_all, 95) * 1000,
+                incomplete=sum(t == float("inf") for t in to_all),
+                server_cpu_s=server_cpu, clients_cpu_share=report["clients_cpu_share"])
+
+
+def meets(step: dict) -> bool:
+    return step["within_share"] >= SHARE
+
+
+async def search(start: int, most: int, broadcasts: int, resolution: float) -> dict:
+    """Double from ``start`` while the criterion holds, then bisect; every step is kept."""
+    steps = []
+
+    async def step(n: int) -> bool:
+        result = await measure(n, broadcasts)
+        print(json.dumps(result), file=sys.stderr, flush=True)
+        steps.append(result)
+        return meets(result)
+
+    good, bad = 0, None
+    n = start
+    while n <= most:  # bounded: n doubles
+        if not await step(n):
+            bad = n
+            break
+        good, n = n, n * 2
+    while bad is not None and good and bad - good > resolution * good:  # bounded: halves
+        middle = (good + bad) // 2
+        if await step(middle):
+            good = middle
+        else:
+            bad = middle
+    return dict(capacity=good, first_failing=bad, steps=steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("role", nargs="?", default="search", choices=("search", "clients"))
+    parser.add_argument("--port", type=int)
+    parser.add_argument("-n", type=int, default=100)
+    parser.add_argument("--after", type=int, default=0)
+    parser.add_argument("--start", type=int, default=250)
+    parser.add_argument("--max", type=int, default=16000)
+    parser.add_argument("--broadcasts", type=int, default=20)
+    parser.add_argument("--resolution", type=float, default=0.1)
+    parser.add_argument("--spacing", type=float, default=0.001)
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--json", help="also write the results here")
+    a = parser.parse_args()
+    if a.role == "clients":
+        asyncio.run(run_clients(a))
+        return
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    one = asyncio.run(search(a.start, a.max, a.broadcasts, a.resolution))
+    results = dict(within_s=WITHIN, share=SHARE, interval_s=INTERVAL, broadcasts=a.broadcasts,
+                   setups={"one process": one})
+    print(json.dumps({k: v["capacity"] for k, v in results["setups"].items()}))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
