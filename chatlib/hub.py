@@ -49,7 +49,18 @@ class Batch:
 
 
 class Resume(NamedTuple):
-    """Where a client starts (:meth:`Hub.resolve_cursor`) and what it is told first."""
+    """Where a client starts (:meth:`Hub.resolve_cursor`) and what it is told first.
+
+    The resume protocol, decided here once for every transport (README, "Resuming";
+    chatlib.wire), by :meth:`of`:
+
+    * No cursor (0): a **fresh join** gets the newest page (at most ``limits.history``
+      messages), and ``before`` when older ones exist.
+    * A cursor within retention: everything after it (paced in pages: Hub.history).
+    * A cursor older than the oldest message kept: a **gap** (``gap`` = the first id
+      still kept), then everything from there.
+    * A cursor past the end (a new or emptied log): a **reset**, then a fresh join.
+    """
 
     start: int
     """The cursor: the client gets the messages after it."""
@@ -60,6 +71,18 @@ class Resume(NamedTuple):
     before: int = 0
     """Older messages exist below this id: ask ``GET /api/messages?before=ID``."""
 
+    @classmethod
+    def of(cls, after: int, first_id: int, last_id: int, history: int) -> Resume:
+        """Where a client that says ``after`` starts, in a log that holds ``first_id`` to
+        ``last_id``, given pages of ``history`` messages."""
+        reset = after > last_id
+        if after > 0 and not reset:
+            if after >= first_id - 1:
+                return cls(after)
+            return cls(first_id - 1, gap=first_id)
+        start = max(last_id - history, first_id - 1, 0)
+        return cls(start, reset=reset, before=start + 1 if start >= first_id else 0)
+
     def events(self) -> list[tuple[str, dict]]:
         """The events (name, data) that come before the history, in order."""
         events = [("reset", {})] if self.reset else []
@@ -68,6 +91,26 @@ class Resume(NamedTuple):
         if self.before:
             events.append(("history", {"before": self.before}))
         return events
+
+
+class Answer(NamedTuple):
+    """What a poll is answered (:meth:`Hub.poll`)."""
+
+    resume: Resume
+    messages: list[Message]
+    last_id: int
+    """The newest id in the log, as far as this process knows."""
+
+
+class Wake:
+    """What one publish tells the long polls parked until it (:meth:`Hub.poll`)."""
+
+    __slots__ = ("event", "messages")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.messages: list[Message] = []
+        """The messages that publish fanned out, in id order ([]: the log went back)."""
 
 
 class Encoding(Protocol):
@@ -109,7 +152,7 @@ class Hub:
         self.bus = bus
         """Presence and typing between the processes sharing ``log`` (chatlib.redis_bus)."""
         self._subscribers: dict[Encoding, set[Subscriber]] = {}  # grouped by encoding
-        self._new_message = asyncio.Event()
+        self._wake = Wake()  # the next publish wakes the long polls parked on it
         self.presence = Presence(limits, self._broadcast)
         """Who is here; its ``presence`` events go out through this hub's fan-out."""
         self._replays = RateLimits(limits.replay_rate, limits.replay_burst)
@@ -198,14 +241,13 @@ class Hub:
             self._published = 0
             for subscriber in self.subscribers:
                 subscriber.close(CloseCode.SERVICE_RESTART)
-            self._new_message.set()  # parked long polls answer; their next poll resets
-            self._new_message = asyncio.Event()
+            self._wake_polls([])  # parked long polls answer; their next poll resets
 
     def _publish(self, messages: list[Message]) -> None:
         """The one way a message reaches the subscribers: each of ``messages`` (read from
         the log, in id order) not published yet, encoded once per encoding, then every long
         poll wakes. Called with ``_publishing`` held, so ids go out in order."""
-        published = False
+        published = []
         for message in messages:
             if message.id <= self._published:
                 continue
@@ -213,15 +255,15 @@ class Hub:
                 if subscribers:
                     self._fan_out(subscribers, Batch(((message.id, encoding.message(message)),)))
             self._published = message.id
-            published = True
+            published.append(message)
         if published:
-            # Wake every long poll, then arm a fresh event for the next message.
-            self._new_message.set()
-            self._new_message = asyncio.Event()
+            self._wake_polls(published)
 
-    async def last_id(self) -> int:
-        """The newest message's id (0 for an empty log)."""
-        return await self.log.last_id()
+    def _wake_polls(self, published: list[Message]) -> None:
+        """Wake every long poll with what was ``published``; the next ones park anew."""
+        wake, self._wake = self._wake, Wake()
+        wake.messages = published
+        wake.event.set()
 
     async def history(self, cursor: int, address: str | None = None
                       ) -> AsyncIterator[list[Message]]:
@@ -252,44 +294,47 @@ class Hub:
                     await asyncio.sleep(min(1 / max(self.limits.replay_rate, 1e-3), 0.25))
 
     async def resolve_cursor(self, after: int) -> Resume:
-        """Where a client that says ``after`` starts: the resume protocol, decided here
-        once for every transport (README, "Resuming"; chatlib.wire).
+        """Where a client that says ``after`` starts (:meth:`Resume.of`; one read of the
+        log's bounds)."""
+        page = await self.log.page(after, 0)
+        return Resume.of(after, page.first_id, page.last_id, self.limits.history)
 
-        * No cursor (0): a **fresh join** gets the newest page (at most
-          ``limits.history`` messages), and ``before`` when older ones exist.
-        * A cursor within retention: everything after it (paced in pages: history).
-        * A cursor older than the oldest message kept: a **gap** (``gap`` = the first id
-          still kept), then everything from there.
-        * A cursor past the end (a new or emptied log): a **reset**, then a fresh join.
+    async def poll(self, after: int, timeout: float = 0) -> Answer:
+        """A poll's answer: where a client that says ``after`` starts (:meth:`Resume.of`),
+        the messages from there (at most ``limits.history``), waiting up to ``timeout``
+        seconds for the first (a long poll), and the log's last id.
+
+        One read of the log per answer: the first page and the log's bounds come together
+        (:meth:`MessageLog.page`), and a long poll woken by a publish takes the messages
+        that publish fanned out instead of reading them back. A second read only when the
+        start is not the client's cursor (a fresh join with older messages, a reset), or
+        when the wake-up carried nothing that follows the cursor (the log went back).
         """
-        last = await self.log.last_id()
-        reset = after > last
-        if after > 0 and not reset:
-            first = await self.log.first_id()
-            if after >= first - 1:
-                return Resume(after)
-            return Resume(first - 1, gap=first)
-        first = await self.log.first_id()
-        start = max(last - self.limits.history, first - 1, 0)
-        return Resume(start, reset=reset, before=start + 1 if start >= first else 0)
-
-    async def wait_after(self, after: int, timeout: float) -> list[Message]:
-        """Messages after ``after``, waiting up to ``timeout`` s for the first (long poll)."""
-        # Take the event *before* reading the log: a message appended while we read sets
-        # this very event, so it cannot slip between the read and the wait.
-        new_message = self._new_message
-        messages = await self.log.after(after, self.limits.history)
-        if messages or timeout <= 0 or self.closing.is_set():
-            return messages
+        # Take the wake-up *before* reading the log: a message published while we read
+        # sets this very one, so it cannot slip between the read and the wait.
+        wake = self._wake
+        history = self.limits.history
+        page = await self.log.page(after, history)
+        resume = Resume.of(after, page.first_id, page.last_id, history)
+        if resume.reset or resume.before:  # the newest page, not the one after `after`
+            page = await self.log.page(resume.start, history)
+        if page.messages or timeout <= 0 or self.closing.is_set():
+            return Answer(resume, page.messages, page.last_id)
         closing = asyncio.ensure_future(self.closing.wait())
-        arrived = asyncio.ensure_future(new_message.wait())
+        arrived = asyncio.ensure_future(wake.event.wait())
         try:
             await asyncio.wait({closing, arrived}, timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
             arrived.cancel()
-        return await self.log.after(after, self.limits.history)
+        if not wake.event.is_set():  # timed out, or the hub is closing: nothing new
+            return Answer(resume, [], page.last_id)
+        published = wake.messages
+        if published and published[0].id == resume.start + 1:
+            return Answer(resume, published[:history], max(published[-1].id, page.last_id))
+        page = await self.log.page(resume.start, history)
+        return Answer(resume, page.messages, page.last_id)
 
     # -- events that are not messages ----------------------------------------------------
 

@@ -133,7 +133,7 @@ class Outbox:
                      address: str | None = None) -> AsyncIterator[list[str]]:
         """What this client is sent, as batches of encoded payloads.
 
-        The events of ``resume`` (reset, gap, history: see Hub.resolve_cursor), the
+        The events of ``resume`` (reset, gap, history: see Resume.of), the
         history after its cursor page by page, then what the hub queues here, skipping
         messages already sent as history (the outbox was subscribed before the history
         was read, so nothing falls between the two; paced by ``address``'s replay budget,

@@ -12,7 +12,7 @@ from starlette.routing import request_response
 
 from . import wire
 from .fastpath import server_send
-from .hub import Hub, Resume
+from .hub import Answer, Hub
 from .validation import (
     ChatError,
     client_id,
@@ -48,14 +48,13 @@ async def poll(state, scope, receive) -> bytes | None:
         older = await hub.log.before(before, limits.history)
         first = await hub.log.first_id()
         return wire.dumps(wire.older_body(older, first)).encode()
-    resume = await hub.resolve_cursor(after)
     if wait > 0:
-        found = await until_disconnected(receive, hub.wait_after(resume.start, wait))
-        if found is None:
+        answer = await until_disconnected(receive, hub.poll(after, wait))
+        if answer is None:
             return None
     else:
-        found = await hub.wait_after(resume.start, 0)
-    return poll_answer(state, found, await hub.last_id(), resume)
+        answer = await hub.poll(after)
+    return poll_answer(state, answer)
 
 
 POLL_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
@@ -113,21 +112,21 @@ async def until_disconnected(receive, work):
     return waiting.result() if waiting.done() and not waiting.cancelled() else None
 
 
-def poll_answer(state, found: list, last_id: int, resume: Resume) -> bytes:
-    """The JSON body for ``found`` messages, shared by every poll that gets the same ones.
+def poll_answer(state, answer: Answer) -> bytes:
+    """The JSON body of ``answer``, shared by every poll that gets the same one.
 
     After a message, every long poll parked at the same cursor wakes and gets the same
     messages: the answer is encoded once (the last one is kept, per app) and sent to
     each. Equal lists of (frozen) messages make equal bodies, so a replaced log can't be
     answered from the cache with its predecessor's texts.
     """
-    key = (found, last_id, resume)
     cached = getattr(state, "poll_answer", None)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == answer:
         return cached[1]
-    answer = wire.dumps(wire.messages_body(found, last_id, resume.events())).encode()
-    state.poll_answer = (key, answer)
-    return answer
+    body = wire.dumps(wire.messages_body(answer.messages, answer.last_id,
+                                         answer.resume.events())).encode()
+    state.poll_answer = (answer, body)
+    return body
 
 
 async def post_message(request: Request) -> Response:

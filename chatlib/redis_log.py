@@ -56,6 +56,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .limits import RETAIN_BYTES, RETAIN_MESSAGES
 from .store import (
     Message,
+    Page,
     StoreUnavailable,
     reused_client_id,
 )
@@ -223,6 +224,19 @@ class RedisLog:
         entries = await self._call(
             self._redis.xrange(self._stream, min=f"{max(after_id, 0) + 1}-0", count=limit))
         return [_entry(entry_id, fields) for entry_id, fields in entries]
+
+    async def page(self, after_id: int, limit: int) -> Page:
+        """One round trip (MULTI/EXEC): the entries after ``after_id``, the id counter and
+        the oldest entry."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xrange(self._stream, min=f"{max(after_id, 0) + 1}-0", count=max(limit, 1))
+        pipe.get(self._counter)
+        pipe.xrange(self._stream, count=1)
+        entries, counter, oldest = await self._call(pipe.execute())
+        last = int(counter or 0)
+        first = int(oldest[0][0].partition("-")[0]) if oldest else last + 1
+        return Page([_entry(entry_id, fields) for entry_id, fields in entries[:limit]],
+                    first, last)
 
     async def before(self, before_id: int, limit: int) -> list[Message]:
         if before_id <= 1:

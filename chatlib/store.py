@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .limits import RETAIN_BYTES, RETAIN_MESSAGES, TRIM_TO
 from .validation import ChatError, printable
@@ -97,6 +97,18 @@ def reused_client_id(original: Message) -> ChatError:
                           f" text (message {original.id}): use a new one")
 
 
+class Page(NamedTuple):
+    """One read of the log (:meth:`MessageLog.page`): messages after a cursor, and the
+    log's bounds at that moment."""
+
+    messages: list[Message]
+    """Up to ``limit`` messages after the cursor, oldest first."""
+    first_id: int
+    """The oldest id the log keeps (``last_id + 1`` if it is empty)."""
+    last_id: int
+    """The newest id in the log (0 if it is empty)."""
+
+
 class StoreUnavailable(Exception):
     """The store cannot be reached right now (e.g. Redis is restarting): nothing was stored
     or read. The server answers 503 and the client may try again."""
@@ -123,6 +135,10 @@ class MessageLog(Protocol):
 
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         """Up to ``limit`` messages with ``id > after_id``, oldest first."""
+
+    async def page(self, after_id: int, limit: int) -> Page:
+        """:meth:`after`, :meth:`first_id` and :meth:`last_id` in one read (one round trip
+        to a store elsewhere): what a poll needs to answer, resume protocol included."""
 
     async def before(self, before_id: int, limit: int) -> list[Message]:
         """The newest ``limit`` messages with ``id < before_id``, oldest first (an older
@@ -233,6 +249,11 @@ class MemoryLog:
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         start = bisect.bisect_right(self._ids, after_id)
         return self._messages[start : start + limit]
+
+    async def page(self, after_id: int, limit: int) -> Page:
+        start = bisect.bisect_right(self._ids, after_id)
+        return Page(self._messages[start : start + limit],
+                    self._ids[0] if self._ids else self._next_id, self._next_id - 1)
 
     async def before(self, before_id: int, limit: int) -> list[Message]:
         end = bisect.bisect_left(self._ids, before_id)
@@ -369,6 +390,12 @@ class SQLiteLog:
             " LIMIT ?", (before_id, limit)).fetchall()
         return [Message(*row) for row in reversed(rows)]
 
+    def _page(self, after_id: int, limit: int) -> Page:
+        first, last = self._db.execute("SELECT MIN(id), COALESCE(MAX(id), 0) FROM messages"
+                                       ).fetchone()
+        messages = self._select(after_id, limit) if limit else []
+        return Page(messages, first if first is not None else last + 1, last)
+
     def _max_id(self) -> int:
         return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM messages").fetchone()[0]
 
@@ -382,6 +409,9 @@ class SQLiteLog:
 
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         return await self._run(self._select, after_id, limit)
+
+    async def page(self, after_id: int, limit: int) -> Page:
+        return await self._run(self._page, after_id, limit)
 
     async def before(self, before_id: int, limit: int) -> list[Message]:
         return await self._run(self._select_before, before_id, limit)

@@ -13,7 +13,7 @@ carries it; the WebSocket sender of one gets ``ack``, the stored message
 * HTTP: a JSON body; ``GET /api/messages`` answers ``{"messages": [...], "last_id": N}``
   (plus the resume protocol's events as fields: ``"reset": true``, ``"gap"``, ``"history"``).
 
-The resume protocol (decided in one place, chatlib.hub.Hub.resolve_cursor; README,
+The resume protocol (decided in one place, chatlib.hub.Resume.of; README,
 "Resuming"), the same on every transport:
 
 * a **fresh join** (no cursor, or 0) gets the newest page (at most ``Limits.history``

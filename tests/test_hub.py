@@ -323,45 +323,101 @@ async def test_typing_is_not_stored(hub):
 # -- long polling -----------------------------------------------------------------------
 
 
-async def test_wait_after_returns_at_once_when_messages_exist(hub):
+async def messages_after(hub, after, timeout=0):
+    """A long poll's messages (Hub.poll's answer)."""
+    return (await hub.poll(after, timeout)).messages
+
+
+async def test_a_poll_answers_at_once_when_messages_exist(hub):
     first, _ = await hub.post("ada", "one")
     second, _ = await hub.post("bob", "two")
     async with asyncio.timeout(5):  # would hang for 60 s if it waited
-        assert await hub.wait_after(0, timeout=60) == [first, second]
-        assert await hub.wait_after(first.id, timeout=60) == [second]
+        assert await messages_after(hub, 0, timeout=60) == [first, second]
+        assert await hub.poll(first.id, timeout=60) == (Resume(first.id), [second], second.id)
 
 
-async def test_wait_after_waits_for_the_next_post(hub):
+async def test_a_long_poll_waits_for_the_next_post(hub):
     await hub.post("ada", "old")
-    waiter = asyncio.create_task(hub.wait_after(1, timeout=60))
+    waiter = asyncio.create_task(hub.poll(1, timeout=60))
     for _ in range(5):
         await asyncio.sleep(0)
     assert not waiter.done()
     message, _ = await hub.post("bob", "new")
     async with asyncio.timeout(5):
-        assert await waiter == [message]
+        assert await waiter == (Resume(1), [message], message.id)
 
 
-async def test_wait_after_times_out_with_nothing(hub):
+async def test_a_long_poll_times_out_with_nothing(hub):
+    await hub.post("ada", "old")
     async with asyncio.timeout(10):
-        assert await hub.wait_after(0, timeout=0.2) == []
-        assert await hub.wait_after(0, timeout=0) == []
+        assert await hub.poll(1, timeout=0.2) == (Resume(1), [], 1)
+        assert await hub.poll(1, timeout=0) == (Resume(1), [], 1)
 
 
-async def test_wait_after_ends_when_the_hub_closes(hub):
-    waiter = asyncio.create_task(hub.wait_after(0, timeout=60))
+async def test_a_long_poll_ends_when_the_hub_closes(hub):
+    waiter = asyncio.create_task(hub.poll(0, timeout=60))
     await asyncio.sleep(0)
     hub.close()
     async with asyncio.timeout(5):
-        assert await waiter == []
+        assert await messages_after(hub, 0) == []
+        assert (await waiter).messages == []
     async with asyncio.timeout(5):  # and a new long poll does not wait at all
-        assert await hub.wait_after(0, timeout=60) == []
+        assert await messages_after(hub, 0, timeout=60) == []
+
+
+class CountingLog(MemoryLog):
+    """A MemoryLog that records which task read it, and how."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[asyncio.Task, str]] = []
+
+    def _read(self, how: str) -> None:
+        self.reads.append((asyncio.current_task(), how))
+
+    def reads_by(self, task) -> list[str]:
+        return [how for reader, how in self.reads if reader is task]
+
+    async def page(self, after_id, limit):
+        self._read("page")
+        return await super().page(after_id, limit)
+
+    async def after(self, after_id, limit=1000):
+        self._read("after")
+        return await super().after(after_id, limit)
+
+    async def first_id(self):
+        self._read("first_id")
+        return await super().first_id()
+
+    async def last_id(self):
+        self._read("last_id")
+        return await super().last_id()
+
+
+async def test_a_long_poll_reads_the_log_once_per_answer():
+    """Its page and the log's bounds in one read; woken by a post, the messages that post
+    published (it used to make four or five calls: last and first id, after, after again,
+    last id)."""
+    log = CountingLog()
+    hub = Hub(log, Limits())
+    await hub.start()
+    await hub.post("ada", "old")
+    async with asyncio.timeout(5):
+        at_once = asyncio.create_task(hub.poll(0, timeout=60))
+        assert (await at_once).messages[0].text == "old"
+        waiter = asyncio.create_task(hub.poll(1, timeout=60))
+        while not log.reads_by(waiter):  # bounded by the timeout
+            await asyncio.sleep(0)
+        await hub.post("bob", "new")
+        assert (await waiter).messages[0].text == "new"
+    assert log.reads_by(at_once) == ["page"]
+    assert log.reads_by(waiter) == ["page"]
+    hub.close()
 
 
 class GatedLog:
-    """A log whose first ``after()`` pauses after reading, so a post can slip in."""
-
-    shared = pushes = False  # only this process writes it
+    """A log whose first ``page()`` pauses after reading, so a post can slip in."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
@@ -369,28 +425,22 @@ class GatedLog:
         self.gate = asyncio.Event()
         self.reads = 0
 
-    async def append(self, user, text, client_id=None):
-        return await self.inner.append(user, text, client_id)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-    async def after(self, after_id, limit=1000):
-        result = await self.inner.after(after_id, limit)
+    async def page(self, after_id, limit):
+        result = await self.inner.page(after_id, limit)
         self.reads += 1
         if self.reads == 1:
             self.read_done.set()
             await self.gate.wait()
         return result
 
-    async def last_id(self):
-        return await self.inner.last_id()
-
-    async def close(self):
-        await self.inner.close()
-
 
 async def test_no_message_lost_when_a_post_races_a_long_poll(log):
     gated = GatedLog(log)
     hub = Hub(gated, Limits())
-    waiter = asyncio.create_task(hub.wait_after(0, timeout=60))
+    waiter = asyncio.create_task(messages_after(hub, 0, timeout=60))
     async with asyncio.timeout(5):
         await gated.read_done.wait()  # the long poll read the (empty) log ...
         message, _ = await hub.post("ada", "in the gap")  # ... a post lands before it waits
@@ -405,7 +455,7 @@ async def test_many_long_polls_and_posts_interleaved_lose_nothing(hub):
     async def follower():
         cursor, got = 0, []
         while len(got) < count:
-            page = await hub.wait_after(cursor, timeout=60)
+            page = await messages_after(hub, cursor, timeout=60)
             got += page
             cursor = page[-1].id if page else cursor
         return [m.text for m in got]

@@ -250,3 +250,23 @@ async def test_sqlite_migrates_a_database_from_before_client_ids(tmp_path):
         assert [m.client_id for m in await reopened.after(0)] == [None, None, "c-1"]
     finally:
         await reopened.close()
+
+
+async def test_a_page_is_after_first_id_and_last_id_in_one_read(every_log):
+    """MessageLog.page: what a poll needs, in one read; trimmed by retention too."""
+    log = every_log
+    assert await log.page(0, 10) == ([], 1, 0)
+    for i in range(5):
+        await log.append("ada", f"m{i}")
+    assert await log.page(2, 2) == (await log.after(2, 2), 1, 5)
+    assert await log.page(5, 10) == ([], 1, 5)
+    assert await log.page(0, 0) == ([], 1, 5)
+
+
+async def test_a_page_says_where_retention_starts(tmp_path):
+    log = MemoryLog(max_messages=4)
+    for i in range(6):
+        await log.append("ada", f"m{i}")
+    page = await log.page(0, 10)
+    assert page.first_id == await log.first_id() > 1
+    assert page.messages == await log.after(0, 10) and page.last_id == 6
