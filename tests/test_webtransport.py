@@ -414,3 +414,31 @@ async def test_the_first_look_at_a_busy_stream_is_not_stuck(wt_server, probe, mo
     assert not session.stuck(now)  # first look: the clock starts
     assert not session.stuck(now + wt_server.limits.stuck_timeout / 2)
     assert session.stuck(now + wt_server.limits.stuck_timeout)  # no progress since
+
+
+async def test_a_foreign_host_in_authority_is_refused(wt_server):
+    """A rebinding page names its own host in ``:authority``: refused as a WebSocket
+    handshake with that Host is (chatlib.guard)."""
+    check = wt_server._webtransport.check
+    request = {b":method": b"CONNECT", b":protocol": b"webtransport", b":path": b"/wt"}
+    status, error = check({**request, b":authority": b"evil.example:%d" % wt_server.port},
+                          False)
+    assert status == 403 and "host not allowed" in error
+    assert check({**request, b":authority": b"localhost:%d" % wt_server.port}, False)[0] == 200
+    assert check({**request, b":path": b"/other"}, False)[0] == 404
+    assert check({b":method": b"GET", b":path": b"/wt"}, False)[0] == 405
+
+
+async def test_lines_faster_than_handled_close_the_session_only(wt_server, probe,
+                                                                make_client):
+    """Lines wait in a queue while one is handled (a store may take its time): more than
+    MAX_QUEUED_LINES waiting close the session. (Over the network, packets arrive one per
+    loop callback and a quick store keeps up; here they all arrive at once.)"""
+    p = await probe(wt_server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+    session = next(pr.session for pr in wt_server._webtransport.protocols if pr.session)
+    session.stream_data(session.stream_id, b'{"type": "typing"}\n' * 2000, False)
+    await p.until(lambda: p.end is not None)
+    assert p.end == (CloseCode.POLICY_VIOLATION, "sending too fast")
+    await bystander_still_chats(wt_server, make_client)
