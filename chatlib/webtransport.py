@@ -68,7 +68,7 @@ from urllib.parse import parse_qsl, urlsplit
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer, BufferReadError, encode_uint_var
-from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import (
     DatagramReceived,
     DataReceived,
@@ -536,7 +536,12 @@ class ChatProtocol(QuicConnectionProtocol):
                 log.debug("HTTP/3 error: %s", exc)
                 return
             for h3_event in h3_events:
-                self.h3_event(h3_event)
+                try:
+                    self.h3_event(h3_event)
+                except Exception:  # a bug here must cost this connection only, said aloud
+                    log.exception("WebTransport: closing a connection after an error")
+                    self.close(error_code=ErrorCode.H3_INTERNAL_ERROR, reason_phrase="error")
+                    return
 
     def datagram_received(self, data, addr) -> None:
         if not self.address:
@@ -548,7 +553,8 @@ class ChatProtocol(QuicConnectionProtocol):
     def h3_event(self, event: H3Event) -> None:
         session = self.session
         if isinstance(event, HeadersReceived):
-            self.connect_request(event.stream_id, dict(event.headers))
+            if session is None or event.stream_id != session.session_id:  # not trailers
+                self.connect_request(event.stream_id, dict(event.headers))
         elif session is None:
             return
         elif isinstance(event, WebTransportStreamDataReceived):

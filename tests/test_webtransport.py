@@ -442,3 +442,22 @@ async def test_lines_faster_than_handled_close_the_session_only(wt_server, probe
     await p.until(lambda: p.end is not None)
     assert p.end == (CloseCode.POLICY_VIOLATION, "sending too fast")
     await bystander_still_chats(wt_server, make_client)
+
+
+async def test_a_bug_in_a_handler_closes_that_connection_only(wt_server, probe, make_client,
+                                                              monkeypatch, caplog):
+    from chatlib import webtransport
+
+    p = await probe(wt_server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+
+    def broken(self, data):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(webtransport.Session, "datagram", broken)
+    p.session.send_datagram(b'{"type": "typing"}')
+    await p.until(lambda: p.end is not None)
+    assert "closing a connection after an error" in caplog.text
+    monkeypatch.undo()
+    await bystander_still_chats(wt_server, make_client)
