@@ -36,6 +36,10 @@ MAX_FRAGMENTS = 1024
 this the connection is closed with 1008. websockets parses each frame in Python, so a
 message sent one byte per frame cost the event loop ~1 us a byte: two such connections
 held a core (issue 18), the WebSocket twin of ``Limits.max_body_chunks``."""
+READ_SLICE = 4 * 1024
+"""Bytes of one WebSocket connection parsed per event-loop step: a read brings up to
+256 KiB, which websockets parses in one go, and a flood of 1-byte frames made that ~37,000
+frames while everyone else waited (chatlib.protocols)."""
 
 FANOUT_SLICE = 256
 """Deliveries one event-loop step makes before the loop may run anything else.

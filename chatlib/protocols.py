@@ -47,7 +47,7 @@ from .fastpath import (
     reset_connection,
     unsent_bytes,
 )
-from .limits import LINGER_BYTES, LINGER_SECONDS, MAX_FRAGMENTS, Limits
+from .limits import LINGER_BYTES, LINGER_SECONDS, MAX_FRAGMENTS, READ_SLICE, Limits
 from .stuck import Progress
 
 _HTTP = "uvicorn.protocols.http.h11_impl"
@@ -393,7 +393,9 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
     * a handshake that h11 accepted but websockets' stricter HTTP parser refuses (more than
       128 headers, ``Transfer-Encoding``, a version other than 1.1, an unusual method) gets
       ``400`` at once; uvicorn 0.54 answered nothing and held the connection forever;
-    * a message may come in at most MAX_FRAGMENTS frames (1008 past that);
+    * a message may come in at most MAX_FRAGMENTS frames (1008 past that), and a read is
+      parsed READ_SLICE bytes per event-loop step, so that one connection's 1-byte
+      frames never hold the loop for long;
     * a peer that answers no ping within the ping timeout is reset, not closed with a FIN
       that would sit behind the bytes it never acknowledged (:meth:`keepalive_timeout`);
     * it stops reading from a client whose output waits past the transport's high-water
@@ -412,10 +414,15 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
         if not self.lingering and not self.transport.is_closing():
             self.transport.pause_reading()
 
+    backlog: memoryview | None = None
+    """Bytes read and not parsed yet: websockets gets READ_SLICE of them per loop step."""
+
     def resume_writing(self) -> None:
         super().resume_writing()
         self.output_paused = False
-        if not self.read_paused and not self.transport.is_closing():
+        if self.backlog is not None:
+            self.loop.call_soon(self._parse_backlog)  # it resumes reading when done
+        elif not self.read_paused and not self.transport.is_closing():
             self.transport.resume_reading()  # (uvicorn's own pause, for its queue, stays)
 
     def handle_cont(self, event) -> None:
@@ -433,12 +440,36 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
         if self.lingering:
             self.drain(self.transport, data)
             return
-        super().data_received(data)
-        if self.output_paused and not self.transport.is_closing():
+        if self.backlog is not None:  # after what waits: the order is kept
+            self.backlog = memoryview(bytes(self.backlog) + data)
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes | memoryview) -> None:
+        """Parse READ_SLICE bytes now and the rest in later loop steps, reading no more
+        meanwhile: one connection's read never holds the loop for more than a slice."""
+        if len(data) > READ_SLICE:
+            self.backlog = memoryview(data)[READ_SLICE:]
+            data = data[:READ_SLICE]
+            self.loop.call_soon(self._parse_backlog)
+        super().data_received(bytes(data))
+        if (self.output_paused or self.backlog is not None) and not self.transport.is_closing():
             self.transport.pause_reading()  # uvicorn's receive() may have resumed it
         if (self.conn.handshake_exc is not None and not self.handshake_initiated
                 and not self.close_sent):
             self.handle_handshake_exception()  # uvicorn < 0.55 does not call it itself
+
+    def _parse_backlog(self) -> None:
+        if self.backlog is None or self.output_paused:  # resume_writing() calls again
+            return
+        if self.lingering or self.transport.is_closing():
+            self.backlog = None
+            return
+        data, self.backlog = self.backlog, None
+        self._parse(data)
+        if self.backlog is None and not (self.output_paused or self.read_paused
+                                         or self.transport.is_closing()):
+            self.transport.resume_reading()
 
     def handle_handshake_exception(self) -> None:
         """Answer a handshake websockets refused: ``400`` with its reason, then linger.

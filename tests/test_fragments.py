@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import struct
+import time
 
 from test_ping_flood import open_websocket
 from test_stuck_kernel import text_frame
@@ -64,3 +65,43 @@ async def test_a_message_in_a_few_frames_still_arrives(server, make_client):
         assert (await reader_client.receive(timeout=10)).text == "in pieces"
     finally:
         writer.transport.abort()
+
+
+async def test_a_burst_of_1_byte_frames_never_holds_the_loop_long(server):
+    """A read brings up to 256 KiB; websockets parsed it in one go, ~37,000 1-byte frames
+    while every other client waited (bystander p50 129 ms under two such floods). Now a
+    read is parsed READ_SLICE bytes per loop step. Measured in this thread's CPU time
+    between two steps of a ticker on the server's loop (the client here shares it), which
+    a loaded machine's scheduler does not inflate as it does wall-clock time."""
+    reader, writer = await open_websocket(server.port)
+    writer.write(text_frame(json.dumps({"type": "hello", "user": "frag"})))
+    message = b"".join([frame(0x1, b"x", fin=False)]
+                       + [frame(0x0, b"x", fin=False)] * (MAX_FRAGMENTS - 2)
+                       + [frame(0x0, b"x", fin=True)])  # within the budget: invalid JSON
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def tick() -> None:
+        last = time.thread_time()
+        for _ in range(10**7):  # bounded; ends at stop
+            await asyncio.sleep(0)
+            now = time.thread_time()
+            gaps.append(now - last)
+            last = now
+            if stop.is_set():
+                return
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        writer.write(message * 30)  # ~210 KB in one write: the server reads it at once
+        errors = 0
+        async with asyncio.timeout(30):
+            while errors < 30:  # one error frame per message, bounded by the timeout
+                head = await reader.readexactly(2)
+                body = await reader.readexactly(head[1] & 0x7F)
+                errors += b'"error"' in body
+    finally:
+        stop.set()
+        await ticker
+        writer.transport.abort()
+    assert max(gaps) < 0.025, f"the loop was held {max(gaps) * 1000:.0f} ms of CPU"

@@ -209,8 +209,9 @@ async def test_continuation_frame_flood(spawn, bystander, figures):
     assert server.alive
     for report in (quiet, flooded):
         assert report["lost"] == report["duplicated"] == report["out_of_order"] == 0, report
-    # Generous: a loaded 2-core CI machine; the measured figures are printed above.
-    assert frames > 0 and flooded["p99_ms"] < 2000, flooded
+    # Generous: a loaded 2-core CI machine; the measured figures are printed above. (Each
+    # read parsed in one go, p50 was 129-552 ms; READ_SLICE brought it to 24-38 ms.)
+    assert frames > 0 and flooded["p50_ms"] < 200 and flooded["p99_ms"] < 2000, flooded
 
 
 async def unread_pages(server, count: int, after: int) -> list[socket.socket]:
