@@ -10,6 +10,7 @@ WebSocket gets an error frame and stays open.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -69,8 +70,12 @@ async def webtransport_info(request: Request) -> Response:
 
 
 async def chat_error(request: Request, exc: ChatError) -> Response:
-    headers = None if exc.retry_after is None else {"Retry-After": str(exc.retry_after)}
-    return JSONBody({"error": exc.error}, status_code=exc.status, headers=headers)
+    """``{"error"}``; for a refusal that passes also ``"retry_after"`` (seconds) in the body
+    and, rounded up to whole seconds as RFC 9110 section 10.2.3 wants, in ``Retry-After``."""
+    if exc.retry_after is None:
+        return JSONBody({"error": exc.error}, status_code=exc.status)
+    return JSONBody({"error": exc.error, "retry_after": exc.retry_after}, status_code=exc.status,
+                    headers={"Retry-After": str(math.ceil(exc.retry_after))})
 
 
 async def store_unavailable(request: Request, exc: StoreUnavailable) -> Response:

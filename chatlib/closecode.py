@@ -9,6 +9,8 @@ frame, so they are not here (see :func:`chatlib.frames.sendable_close_code`).
 from __future__ import annotations
 
 import enum
+import re
+from typing import NamedTuple
 
 
 class CloseCode(enum.IntEnum):
@@ -36,4 +38,76 @@ class CloseCode(enum.IntEnum):
     """IANA registry: the service is restarting; the client may reconnect in a moment (the
     chat: also its log went back, FLUSHALL; the reconnect is told to reset)."""
     TRY_AGAIN_LATER = 1013
-    """IANA registry: temporary condition (the chat: this client could not keep up)."""
+    """IANA registry: try again later, a temporary condition (the chat: this client could
+    not keep up, or the server admits no more sessions now: the reason tells, see
+    :data:`CLOSES`)."""
+
+
+# -- why a connection ends, and what the client does next ---------------------------------
+#
+# Two codes carry more than one meaning (1013: "you fell behind" or "the server is busy";
+# 1012: "restarting" or "the log went back"), so every close chatlib sends names its *kind*
+# as the first word of its reason, and a delay the server asks for as "retry after S s".
+# A reason is at most 123 bytes (RFC 6455 section 5.5.1: a control frame's payload is at
+# most 125 bytes, 2 of them the code); these are ASCII and far shorter. The same code and
+# reason end an SSE stream, as its last event (``event: close``), so every push client
+# reads one table.
+
+BEHIND = "behind"
+BUSY = "busy"
+RESTART = "restart"
+RESET = "reset"
+STORE = "store"
+
+
+class Close(NamedTuple):
+    """One row of :data:`CLOSES`."""
+
+    code: CloseCode
+    kind: str
+    reason: str
+    """The reason sent, a template: ``{s}`` is the delay in seconds."""
+    then: str
+    """What a client does next."""
+
+
+CLOSES: tuple[Close, ...] = (
+    Close(CloseCode.TRY_AGAIN_LATER, BEHIND, "behind: you fell behind; resume from your last id",
+          "reconnect at once (with jittered backoff) and resume after its last id"),
+    Close(CloseCode.TRY_AGAIN_LATER, BUSY, "busy: retry after {s} s",
+          "wait the given delay (the server spreads it: do not shorten it), then reconnect"),
+    Close(CloseCode.SERVICE_RESTART, RESTART, "restart: retry after {s} s",
+          "wait the given delay (each client is told its own), then resume"),
+    Close(CloseCode.SERVICE_RESTART, RESTART, "restart",
+          "a naive restart, no delay given: reconnect with jittered backoff"),
+    Close(CloseCode.SERVICE_RESTART, RESET, "reset: the log went back",
+          "reconnect with jittered backoff; the server then says reset"),
+    Close(CloseCode.INTERNAL_ERROR, STORE,
+          "store: message store unavailable; reconnect in a few seconds with your last id",
+          "reconnect with jittered backoff and resume after its last id"),
+)
+"""Every close (and end of an SSE stream) chatlib sends with a meaning beyond its code;
+README, "WebSocket close codes". Other codes (1008, 1009, ...) carry a free-text reason."""
+
+
+def close_reason(kind: str, retry_after: float | None = None) -> str:
+    """The reason for a close of ``kind`` (a row of :data:`CLOSES`), with ``retry_after``
+    seconds when the row asks for a delay."""
+    for row in CLOSES:
+        if row.kind == kind and ("{s}" in row.reason) == (retry_after is not None):
+            return row.reason if retry_after is None else row.reason.format(s=f"{retry_after:.2f}")
+    raise ValueError(f"no close of kind {kind!r} with retry_after={retry_after!r}")
+
+
+RETRY_AFTER = re.compile(r"\bretry after (\d{1,6}(?:\.\d{1,6})?) s\b")
+
+
+def read_close_reason(reason: str) -> tuple[str, float | None]:
+    """``(kind, retry_after)`` of a close reason: the kind is the reason's first word ("" if
+    it names none of :data:`CLOSES`), ``retry_after`` the delay it asks for, in seconds, or
+    None. The inverse of :func:`close_reason`; chatlib/panel.py and static/app.js read
+    reasons the same way."""
+    kind = re.match(r"[a-z]*", reason or "").group()
+    kind = kind if any(row.kind == kind for row in CLOSES) else ""
+    found = RETRY_AFTER.search(reason or "")
+    return kind, float(found.group(1)) if found else None

@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from typing import NamedTuple, Protocol
 
+from .admission import Admission
 from .closecode import CloseCode
 from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits
 from .presence import Presence
@@ -151,6 +152,8 @@ class Hub:
         self.limits = limits
         self.bus = bus
         """Presence and typing between the processes sharing ``log`` (chatlib.redis_bus)."""
+        self.admission = Admission(limits)
+        """New sessions: every transport asks :meth:`Admission.admit` first."""
         self._subscribers: dict[Encoding, set[Subscriber]] = {}  # grouped by encoding
         self._wake = Wake()  # the next publish wakes the long polls parked on it
         self.presence = Presence(limits, self._broadcast)

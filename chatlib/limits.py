@@ -119,6 +119,14 @@ class Limits:
     replay_burst: int = 20
     """... with bursts of up to this many: four clients resuming 20,000 messages each
     from one address held a core (issue 18); past the budget a replay waits, paced."""
+    admit_rate: float = 200.0
+    """New sessions per second the server admits (WebSocket handshakes, SSE streams, polling
+    joins; chatlib.admission), all clients together: after a restart or a failover every
+    client comes back at once, and each arrival costs a handshake, a history replay and a
+    presence change. The rest are told when to come back (503 + ``Retry-After``, close 1013
+    "busy"). 0 admits everyone. A classroom joining at once fits in the burst ..."""
+    admit_burst: int = 400
+    """... with bursts of up to this many."""
     heartbeat: float = 15.0
     """Seconds between SSE comment lines that keep idle proxies from closing the stream."""
     presence_ttl: float = 30.0
@@ -166,6 +174,10 @@ class RateLimit:
             self._tokens -= 1
             return True
         return False
+
+    def tokens(self) -> float:
+        """Tokens saved up now; takes nothing."""
+        return min(self.burst, self._tokens + (time.monotonic() - self._stamp) * self.rate)
 
     def wait(self) -> float:
         """Seconds until :meth:`allow` would say yes (0 if it would now); takes nothing."""

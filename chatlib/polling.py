@@ -11,6 +11,7 @@ from starlette.responses import Response
 from starlette.routing import request_response
 
 from . import wire
+from .admission import BUSY_ERROR
 from .fastpath import server_send
 from .hub import Answer, Hub
 from .validation import (
@@ -171,6 +172,10 @@ async def presence(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     if request.method == "POST":
         user = nickname(await read_json(request, hub.limits), hub.limits)
+        if not hub.presence.refresh(user):  # a new polling session (a name here is not)
+            wait = hub.admission.admit()
+            if wait is not None:
+                raise ChatError(503, BUSY_ERROR, wait)
         refused, retry_after = hub.presence.touch(user, address(request.scope))
         if refused:
             raise ChatError(429, refused, retry_after)

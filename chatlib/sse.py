@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import wire
-from .closecode import CloseCode
+from .admission import BUSY_ERROR
+from .closecode import CloseCode, read_close_reason
 from .fastpath import server_send, sse_sink, sse_writer
 from .hub import Hub, Resume
 from .outbox import Outbox
@@ -23,6 +24,9 @@ async def events(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     if hub.closing.is_set():
         raise ChatError(503, "server is stopping")
+    wait = hub.admission.admit()
+    if wait is not None:
+        raise ChatError(503, BUSY_ERROR, wait)
     after = int_param(request.query_params, "after", 0)
     try:  # a reconnecting EventSource knows best; a header that is no id is ignored
         after = cursor(request.headers["last-event-id"], "Last-Event-ID")
@@ -39,6 +43,15 @@ async def events(request: Request) -> Response:
 
 
 RETRY, PING = (wire.SSE_RETRY,), (wire.SSE_PING,)
+
+
+def closing_event(code: int, reason: str) -> tuple[str, ...]:
+    """The end of a stream the server closes: ``event: close`` with the WebSocket close
+    ``code`` and ``reason`` it stands for (chatlib.closecode.CLOSES), after a ``retry:``
+    field with the delay the reason asks for, which a browser's own EventSource obeys."""
+    _, delay = read_close_reason(reason)
+    close = wire.SSE.event("close", {"code": code, "reason": reason})
+    return (close,) if delay is None else (f"retry: {round(delay * 1000)}\n\n", close)
 
 
 class EventStream(Response):
@@ -88,6 +101,9 @@ class EventStream(Response):
             async for batch in outbox.stream(hub, self.resume, hub.limits.heartbeat,
                                              address(scope)):
                 await chunk(tuple(batch) if batch else PING)  # empty: heartbeat passed
+            if not hang_up.done():  # the server ends it: say why, as a WebSocket close does
+                await chunk(closing_event(outbox.close_code,
+                                          hub.admission.closing(outbox.close_code)))
             await raw({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             hang_up.cancel()

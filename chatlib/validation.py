@@ -16,10 +16,11 @@ from .limits import MAX_CLIENT_ID, MAX_ID, Limits
 
 class ChatError(Exception):
     """Bad input from one client: an HTTP status (or an error frame) and a message;
-    ``retry_after`` (whole seconds) for a refusal that passes: ``Retry-After`` / the error
-    frame's ``retry_after``."""
+    ``retry_after`` (seconds: whole for a 429, fractions for a 503 of chatlib.admission)
+    for a refusal that passes: ``Retry-After`` (rounded up) / the body's or error frame's
+    ``retry_after``."""
 
-    def __init__(self, status: int, error: str, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, error: str, retry_after: float | None = None) -> None:
         super().__init__(error)
         self.status = status
         self.error = error

@@ -12,7 +12,7 @@ from functools import partial
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import wire
-from .closecode import CloseCode
+from .closecode import BUSY, STORE, CloseCode, close_reason
 from .fastpath import (
     reset_connection,
     server_send,
@@ -31,7 +31,7 @@ from .web import JSONBody, address
 
 log = logging.getLogger("chatlib")
 
-STORE_DOWN = "message store unavailable: reconnect in a few seconds with your last id"
+STORE_DOWN = close_reason(STORE)
 """The reason of a 1011 close when the log cannot be read (Redis down, OOM, hung): not
 1013, which says that this client fell behind (chatlib.closecode)."""
 
@@ -43,6 +43,10 @@ async def websocket(ws: WebSocket) -> None:
         await ws.send_denial_response(JSONBody({"error": "server is stopping"}, 503))
         return
     await ws.accept()
+    wait = hub.admission.admit()  # after the handshake: a browser reads only a close code
+    if wait is not None:
+        await ws.close(CloseCode.TRY_AGAIN_LATER, close_reason(BUSY, wait))
+        return
     try:
         user, after = await receive_hello(ws, limits)
     except ChatError as exc:
@@ -170,7 +174,7 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume):
                 if transport is not None and transport.is_closing():
                     return  # the reader sees the disconnect and cleans up
                 await send({"type": "websocket.send", "text": payload})
-        await ws.close(outbox.close_code)
+        await ws.close(outbox.close_code, hub.admission.closing(outbox.close_code))
     except (WebSocketDisconnect, OSError):  # uvicorn's ClientDisconnected is an OSError
         pass  # the client is gone; the reader sees the disconnect and cleans up
     except StoreUnavailable:  # history unreadable now: the client resumes when it reconnects

@@ -1,0 +1,105 @@
+"""Admission control, reconnect hints, restarts that spread reconnects, and backpressure
+made visible (issue 20; chatlib.admission, chatlib.closecode.CLOSES, ChatServer.stats).
+
+Before: every client of a restarted server came back at once and was admitted at once;
+1013 meant both "you fell behind" and (nowhere) "busy"; no client could be told when to
+come back; the server's queues were visible to no one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from chatlib import Limits
+from chatlib.admission import Admission
+from chatlib.closecode import BUSY, CLOSES, close_reason, read_close_reason
+
+T = 30.0
+
+
+@pytest.fixture
+def admissions(monkeypatch):
+    """Every call of Admission.admit, in every hub: (monotonic time, the answer)."""
+    calls: list[tuple[float, float | None]] = []
+    admit = Admission.admit
+
+    def spy(self):
+        answer = admit(self)
+        calls.append((time.monotonic(), answer))
+        return answer
+
+    monkeypatch.setattr(Admission, "admit", spy)
+    return calls
+
+
+# -- the bucket and its slots -------------------------------------------------------------
+
+
+def test_refused_sessions_get_slots_at_the_admission_rate():
+    admission = Admission(Limits(admit_rate=100, admit_burst=10))
+    answers = [admission.admit() for _ in range(50)]
+    assert answers[:10] == [None] * 10 and None not in answers[10:]
+    waits = answers[10:]
+    # Each refused client its own slot, 1/rate after the previous one (plus < 1 slot of
+    # jitter): the 40 refused come back over 0.4 s, at the rate the bucket refills.
+    for k, wait in enumerate(waits):
+        assert k * 0.01 - 0.005 <= wait <= (k + 2) * 0.01 + 0.005, (k, wait)
+    assert (admission.admitted, admission.refused) == (10, 40)
+
+
+def test_admit_rate_zero_admits_everyone():
+    admission = Admission(Limits(admit_rate=0))
+    assert all(admission.admit() is None for _ in range(10_000))
+
+
+def test_every_close_reason_reads_back_and_fits_a_close_frame():
+    for row in CLOSES:
+        delay = 12.3456 if "{s}" in row.reason else None
+        reason = close_reason(row.kind, delay)
+        assert len(reason.encode()) <= 123  # RFC 6455 5.5: 125 bytes, 2 of them the code
+        assert read_close_reason(reason) == (row.kind, None if delay is None else 12.35)
+    # "come back later" and "you fell behind" share 1013 and are told apart by the kind
+    behind, busy = (read_close_reason(close_reason(k, d)) for k, d in (("behind", None),
+                                                                        (BUSY, 2.0)))
+    assert behind == ("behind", None) and busy == (BUSY, 2.0)
+    assert read_close_reason("") == ("", None)
+    assert read_close_reason("anything else") == ("", None)
+
+
+# -- each transport says "come back later" its own way ------------------------------------
+
+
+async def test_a_busy_server_tells_each_transport_when_to_come_back(start_chat):
+    server = await start_chat(limits=Limits(admit_rate=0.5, admit_burst=1))
+    async with httpx.AsyncClient(timeout=T) as http:
+        joined = await http.post(server.url + "api/presence", json={"user": "pat"})
+        assert joined.status_code == 200  # the one token
+        # a WebSocket: accepted, then closed with 1013 and the delay in its reason
+        async with ws_connect(server.ws_url) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.send(json.dumps({"type": "hello", "user": "ws", "after": 0}))
+                await asyncio.wait_for(ws.recv(), T)
+        close = closed.value.rcvd
+        kind, delay = read_close_reason(close.reason)
+        assert (close.code, kind) == (1013, BUSY) and 0 < delay <= 60
+        # SSE and a polling join: 503, Retry-After in whole seconds, the exact delay in the body
+        for method, path, body in (("GET", "api/events", None),
+                                   ("POST", "api/presence", {"user": "new"})):
+            response = await http.request(method, server.url + path, json=body)
+            assert response.status_code == 503, response.text
+            wait = response.json()["retry_after"]
+            assert int(response.headers["Retry-After"]) == math.ceil(wait)
+            assert wait > delay  # each refused client a later slot
+            delay = wait
+        # a name already here is not a new session: its refresh is not refused
+        assert (await http.post(server.url + "api/presence", json={"user": "pat"})
+                ).status_code == 200
+    assert (server.hub.admission.admitted, server.hub.admission.refused) == (1, 3)
