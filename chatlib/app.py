@@ -11,6 +11,7 @@ WebSocket gets an error frame and stays open.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -21,8 +22,10 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
+from . import wire
 from .auth import TokenGate
-from .fastpath import RAW_SEND
+from .closecode import CloseCode
+from .fastpath import RAW_SEND, unsent_bytes
 from .guard import Guard, HostPolicy
 from .hub import Hub
 from .limits import SendBudget
@@ -64,6 +67,75 @@ async def webtransport_info(request: Request) -> Response:
     the server runs without it."""
     server = request.app.state.webtransport
     return JSONBody({"available": False}) if server is None else server.info(request)
+
+
+def server_stats(state) -> dict:
+    """Backpressure and admission now, computed on request (nothing is kept for it on the
+    path of a message; ``ChatServer.stats()``, ``GET /api/stats``)::
+
+        {"connections": {"websocket": N, "sse": N, "long_poll": N},
+         "clients": [{"transport": "websocket" | "sse", "user": U, "queued": FRAMES,
+                      "unsent_bytes": B | None}, ...],      # deepest queue first
+         "queued_max": FRAMES, "unsent_bytes_max": B,
+         "closes": {CODE: N}, "behind": N, "stuck_resets": N,
+         "admission": {"rate", "burst", "admitted", "refused", "tokens"},
+         "published": ID}
+
+    ``queued``: frames in the client's outbox (it is closed with 1013 at
+    ``Limits.max_queue``); ``unsent_bytes``: bytes written for it and not acknowledged,
+    asyncio's buffer and the kernel's (None without the fast path); ``long_poll``: long
+    polls parked now; ``closes``: push connections closed, by code, counted when decided
+    (``behind``: 1013, fell behind, stuck ones included; 1001 also counts SSE clients that
+    hung up; both need the fast path); ``stuck_resets``: connections reset for not reading
+    (chatlib.stuck); all since the server started. Costs one ioctl per push client.
+    """
+    hub: Hub = state.hub
+    stuck: StuckWatch = state.stuck
+    clients = []
+    for subscriber in hub.subscribers:
+        transport = stuck.transport(subscriber)
+        unsent = None
+        if transport is not None and not transport.is_closing():
+            unsent = unsent_bytes(transport)
+        clients.append({"transport": "websocket" if subscriber.encoding is wire.WEBSOCKET
+                        else "sse", "user": subscriber.user, "queued": subscriber.queued,
+                        "unsent_bytes": unsent})
+    clients.sort(key=lambda c: (c["queued"], c["unsent_bytes"] or 0), reverse=True)
+    closes = stuck.closes
+    return {
+        "connections": {"websocket": sum(c["transport"] == "websocket" for c in clients),
+                        "sse": sum(c["transport"] == "sse" for c in clients),
+                        "long_poll": state.long_polls},
+        "clients": clients,
+        "queued_max": max((c["queued"] for c in clients), default=0),
+        "unsent_bytes_max": max((c["unsent_bytes"] or 0 for c in clients), default=0),
+        "closes": {int(code): n for code, n in sorted(closes.items())},
+        "behind": closes[CloseCode.TRY_AGAIN_LATER],
+        "stuck_resets": stuck.resets,
+        "admission": hub.admission.stats(),
+        "published": hub.published,
+    }
+
+
+STATS_EVERY = 1.0
+"""Seconds ``GET /api/stats`` reuses its answer: a client asking in a loop costs one
+computation (one ioctl per push client) per second, however often it asks."""
+
+
+async def stats(request: Request) -> Response:
+    """``GET /api/stats``: :func:`server_stats`, the first 100 clients (deepest queues) named,
+    as guarded as every route (Host, Origin, token); at most one computation per
+    :data:`STATS_EVERY` s."""
+    state = request.app.state
+    now = time.monotonic()
+    cached = getattr(state, "stats_cache", None)
+    if cached is None or now - cached[0] >= STATS_EVERY:
+        data = server_stats(state)
+        data["clients_count"] = len(data["clients"])
+        data["clients"] = data["clients"][:100]
+        cached = state.stats_cache = (now, wire.dumps(data).encode())
+    return Response(cached[1], media_type="application/json",
+                    headers={"Cache-Control": "no-store"})
 
 
 # -- errors: {"error": ...} and a status code, for that request only ----------------------
@@ -114,6 +186,7 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
         Route("/api/presence", presence, methods=["GET", "POST"]),
         Route("/api/limits", limits_for_clients),
         Route("/api/webtransport", webtransport_info),  # chatlib.webtransport
+        Route("/api/stats", stats),
         WebSocketRoute("/ws", websocket),  # chatlib.ws
     ]
     app = ChatApp(
@@ -127,4 +200,5 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
     app.state.budget = SendBudget(hub.limits)
     app.state.stuck = StuckWatch(hub.limits)
     app.state.webtransport = None  # chatlib.webtransport.WebTransportServer, if on
+    app.state.long_polls = 0  # parked now (chatlib.polling)
     return app

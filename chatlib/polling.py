@@ -50,7 +50,11 @@ async def poll(state, scope, receive) -> bytes | None:
         first = await hub.log.first_id()
         return wire.dumps(wire.older_body(older, first)).encode()
     if wait > 0:
-        answer = await until_disconnected(receive, hub.poll(after, wait))
+        state.long_polls += 1  # parked now: ChatServer.stats
+        try:
+            answer = await until_disconnected(receive, hub.poll(after, wait))
+        finally:
+            state.long_polls -= 1
         if answer is None:
             return None
     else:

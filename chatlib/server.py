@@ -33,7 +33,7 @@ from pathlib import Path
 import uvicorn
 
 from . import protocols
-from .app import create_app
+from .app import create_app, server_stats
 from .auth import checked_token
 from .closecode import CloseCode
 from .colab import PAGE_UNREACHABLE, in_colab
@@ -235,6 +235,7 @@ class ChatServer:
         self._socket: socket.socket | None = None
         self._task: asyncio.Task | None = None
         self._sweeper: asyncio.Task | None = None
+        self._app = None
 
     @property
     def url(self) -> str:
@@ -277,7 +278,7 @@ class ChatServer:
             raise
         self.port = self._socket.getsockname()[1]
         hosts = host_policy(self.host, self.port, self.limits, public_url(self))
-        app = create_app(self.hub, hosts, self.token)
+        app = self._app = create_app(self.hub, hosts, self.token)
         if self._udp:
             from .webtransport import WebTransportServer  # aioquic loads only when asked for
 
@@ -377,6 +378,12 @@ class ChatServer:
             self._task = None
             if self.hub is not None and self.hub.bus is not None:
                 await self.hub.bus.close()  # this process's users leave the others' presence
+
+    def stats(self) -> dict:
+        """Backpressure and admission now (chatlib.app.server_stats; ``GET /api/stats``)."""
+        if self._app is None:
+            raise RuntimeError("the server has not started")
+        return server_stats(self._app.state)
 
     async def __aenter__(self) -> ChatServer:
         return await self.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from functools import partial
 
 from .closecode import CloseCode
@@ -61,6 +62,16 @@ class StuckWatch:
         self.limits = limits
         self._watched: dict[Outbox, tuple[asyncio.WriteTransport, Progress]] = {}
         self._sweeper: asyncio.Task | None = None
+        self.resets = 0
+        """Connections reset so far (chatlib.ChatServer.stats) ..."""
+        self.closes: Counter[int] = Counter()
+        """... and watched push clients the server closed, by close code (1013: fell
+        behind), counted when decided (the close frame may never get through)."""
+
+    def transport(self, outbox: Outbox) -> asyncio.WriteTransport | None:
+        """The connection under a watched ``outbox`` (None: not watched)."""
+        entry = self._watched.get(outbox)
+        return entry[0] if entry is not None else None
 
     def watch(self, scope, outbox: Outbox) -> None:
         transport = transport_of(scope)
@@ -80,6 +91,7 @@ class StuckWatch:
     def _closed(self, transport: asyncio.WriteTransport, code: int) -> None:
         """The hub gave up on this client (1013): the close frame (or the end of the SSE
         stream) is on its way; if the client does not read it either, reset."""
+        self.closes[code] += 1
         if code == CloseCode.TRY_AGAIN_LATER:
             asyncio.get_running_loop().call_later(self.limits.stuck_timeout, self._check,
                                                   transport)
@@ -91,6 +103,7 @@ class StuckWatch:
     def _reset(self, transport: asyncio.WriteTransport) -> None:
         log.info("resetting a connection that stopped reading (%s)",
                  transport.get_extra_info("peername"))
+        self.resets += 1
         reset_connection(transport)
 
     async def _sweep(self) -> None:

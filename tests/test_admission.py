@@ -9,8 +9,11 @@ come back; the server's queues were visible to no one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
+import os
+import socket
 import time
 
 import httpx
@@ -20,7 +23,9 @@ from websockets.exceptions import ConnectionClosed
 
 from chatlib import Limits
 from chatlib.admission import Admission
+from chatlib.clients import WebSocketClient
 from chatlib.closecode import BUSY, CLOSES, close_reason, read_close_reason
+from chatlib.frames import text as text_frame
 
 T = 30.0
 
@@ -103,3 +108,50 @@ async def test_a_busy_server_tells_each_transport_when_to_come_back(start_chat):
         assert (await http.post(server.url + "api/presence", json={"user": "pat"})
                 ).status_code == 200
     assert (server.hub.admission.admitted, server.hub.admission.refused) == (1, 3)
+
+
+# -- backpressure, visible ------------------------------------------------------------------
+
+
+async def test_stats_show_a_slow_readers_queue_and_its_1013(start_chat):
+    server = await start_chat(limits=Limits(max_queue=64, rate=10_000, burst=10_000,
+                                            address_rate=10_000, address_burst=10_000))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                     f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)
+        assert head.startswith(b"HTTP/1.1 101")
+        writer.write(text_frame(json.dumps({"type": "hello", "user": "slow", "after": 0}),
+                                mask_key=os.urandom(4)))
+        await writer.drain()
+        async with WebSocketClient(server.url, "fast") as fast, \
+                httpx.AsyncClient(timeout=T) as http:
+            text = "x" * 1900
+            deepest = 0
+            for i in range(8000):  # bounded: until the slow reader is closed
+                await fast.send(f"{i} {text}")
+                stats = server.stats()
+                if stats["behind"]:
+                    break
+                slow = next(c for c in stats["clients"] if c["user"] == "slow")
+                deepest = max(deepest, slow["queued"])
+                if i == 5:
+                    over_http = (await http.get(server.url + "api/stats")).json()
+                    assert over_http["connections"]["websocket"] == 2
+                    assert {c["user"] for c in over_http["clients"]} == {"slow", "fast"}
+            # its queue grew to the bound, with megabytes unread in the buffers below it;
+            # then it was closed with 1013 (fell behind), counted
+            assert deepest > 32 and slow["unsent_bytes"] > 100_000, (deepest, slow)
+            assert stats["behind"] == 1 and stats["closes"] == {1013: 1}, (i, deepest, slow)
+            assert stats["stuck_resets"] == 0
+            fast_row = next(c for c in stats["clients"] if c["user"] == "fast")
+            assert fast_row["queued"] == 0
+    finally:
+        writer.transport.abort()
