@@ -17,6 +17,11 @@ with the same ``client_id``, and the server stores each one once.
 ``token=`` is for a server started with one (``ChatServer(token=...)``): it goes in an
 ``Authorization: Bearer`` header, on every request and on the WebSocket handshake.
 
+Coming back after a failure: ``await client.come_back(error)`` waits as the server asked
+(a close reason's "retry after S s", a 503's ``retry_after``: chatlib.closecode,
+chatlib.admission), or else :attr:`Client.backoff`'s next delay (:class:`Backoff`:
+exponential, full jitter, capped), then reconnects, and tries again while it fails.
+
 Each one counts
 what it costs in ``stats``: requests made and bytes on the wire (HTTP bytes are counted from
 the request and response as sent; WebSocket bytes by RFC 6455 framing rules, uncompressed).
@@ -25,6 +30,7 @@ the request and response as sent; WebSocket bytes by RFC 6455 framing rules, unc
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections import deque
@@ -34,9 +40,88 @@ from urllib.parse import urlencode, urljoin
 
 import httpx
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from . import wire
+from .closecode import read_close_reason
 from .store import Message
+
+
+@dataclass
+class Backoff:
+    """When to try again after a failure: exponential backoff with full jitter, capped.
+
+    Attempt n (from 0) waits a random time in ``[0, min(cap, base * 2**n))``: the bound
+    doubles with each failure, and the randomness spreads the clients that failed together
+    over the whole interval instead of bringing them back together ("full jitter", Marc
+    Brooker's "Exponential Backoff And Jitter", AWS Architecture Blog, 2015). When the
+    server said how long to wait (its delay is already spread per client:
+    chatlib.admission), that delay is used as it is, up to ``max_wait``. :meth:`reset` after
+    a success.
+    """
+
+    base: float = 0.5
+    cap: float = 30.0
+    max_wait: float = 300.0
+    """The longest server delay honoured (seconds): a bound against a broken server."""
+    attempt: int = 0
+
+    def delay(self, retry_after: float | None = None) -> float:
+        """Seconds to wait before the next attempt (and count this one)."""
+        bound = min(self.cap, self.base * 2 ** min(self.attempt, 60))
+        self.attempt += 1
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_wait)
+        return random.uniform(0, bound)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def server_delay(error: BaseException | None) -> float | None:
+    """The delay (seconds) the server asked for when it refused or closed us, else None:
+    a WebSocket close reason's "retry after S s" (chatlib.closecode), an SSE stream's last
+    ``event: close`` (:class:`StreamClosed`), a refused handshake's or request's
+    ``Retry-After`` (a 503's or 429's body ``retry_after`` first: it is exact)."""
+    if isinstance(error, ConnectionClosed):
+        close = error.rcvd
+        return read_close_reason(close.reason)[1] if close is not None else None
+    if isinstance(error, StreamClosed):
+        return read_close_reason(error.reason)[1]
+    if isinstance(error, ChatRefused):
+        return error.retry_after
+    response = getattr(error, "response", None)  # httpx.HTTPStatusError, InvalidStatus
+    if response is None:
+        return None
+    headers = response.headers
+    try:
+        body = wire.loads(response.content if isinstance(error, httpx.HTTPStatusError)
+                          else response.body)
+        if isinstance(body, dict) and isinstance(body.get("retry_after"), (int, float)):
+            return float(body["retry_after"])
+    except (ValueError, TypeError, httpx.ResponseNotRead):
+        pass
+    try:
+        return float(headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def retryable(error: BaseException) -> bool:
+    """Does this failure go away by reconnecting (network, server restart, overload)?
+
+    A refusal that the same request would get again (401, 403, 400 ...) does not, and
+    neither does a bug: a client should stop and show those rather than hide them behind
+    endless reconnecting.
+    """
+    status = getattr(getattr(error, "response", None), "status_code", None)  # httpx, websockets
+    status = getattr(error, "status", status)  # ChatRefused
+    if status is not None:
+        return status == 429 or status >= 500 or status == 408
+    # OSError: refused, reset, unreachable; TimeoutError; ConnectionClosed (websockets),
+    # TransportError (httpx) and ConnectionError (ours) cover a connection that ended.
+    return isinstance(error, (OSError, TimeoutError, ConnectionClosed, InvalidHandshake,
+                              httpx.TransportError, EOFError))
 
 
 @dataclass
@@ -74,6 +159,8 @@ class Client:
         """Called with ``(type, data)`` for every event that is not a message."""
         self._inbox: deque[Message] = deque()
         self._acked: dict[str, asyncio.Future[Message]] = {}  # sends waiting for their ack
+        self.backoff = Backoff()
+        """How :meth:`come_back` waits when the server gave no delay."""
 
     async def __aenter__(self):
         await self.connect()
@@ -92,6 +179,27 @@ class Client:
         """Drop the connection and open a new one that resumes after ``last_id``."""
         await self.close()
         await self.connect()
+
+    async def come_back(self, error: BaseException | None = None, *,
+                        attempts: int = 1000) -> None:
+        """Reconnect after ``error`` (what ``receive``, ``send`` or ``connect`` raised), as
+        the server asks: after the delay it gave (:func:`server_delay`), else after
+        :attr:`backoff`'s next delay; an attempt that fails in a way reconnecting can cure
+        (:func:`retryable`) waits again, at most ``attempts`` times, then raises. Resumes
+        after ``last_id`` and resends what is pending, as :meth:`reconnect` does. A
+        WebSocket refused as busy is accepted and then closed: that shows at its next
+        ``receive`` (or ``send``); call ``come_back`` with that error again.
+        """
+        for _ in range(attempts):
+            await asyncio.sleep(self.backoff.delay(server_delay(error)))
+            try:
+                await self.reconnect()
+                return
+            except Exception as exc:
+                if not retryable(exc):
+                    raise
+                error = exc
+        raise error
 
     @property
     def _auth(self) -> dict[str, str]:
@@ -174,6 +282,7 @@ class Client:
 
     def _handle(self, kind: str, data: dict) -> None:
         """One event from the server, whatever the transport."""
+        self.backoff.attempt = 0  # the server took us: the next failure starts from base
         if kind == "message":
             self._accept(data)
             return
@@ -263,7 +372,9 @@ class HTTPClient(Client):
         response = await self._post("api/messages",
                                     {"user": self.user, "text": text, "client_id": client_id})
         if response.status_code not in (200, 201):
-            error = ChatRefused(response.status_code, response.json().get("error", ""))
+            body = response.json()
+            error = ChatRefused(response.status_code, body.get("error", ""),
+                                body.get("retry_after"))
             self._refused(client_id, error)
             raise error
         message = wire.message(wire.loads(response.content))
@@ -296,9 +407,18 @@ class ChatRefused(Exception):
     """The server refused what we sent: the HTTP status (a WebSocket error frame gives the
     same status) and the server's error message."""
 
-    def __init__(self, status: int, error: str) -> None:
+    def __init__(self, status: int, error: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status}: {error}")
-        self.status, self.error = status, error
+        self.status, self.error, self.retry_after = status, error, retry_after
+
+
+class StreamClosed(ConnectionError):
+    """The server ended an SSE stream, saying why as a WebSocket close would (its last
+    ``event: close``: the close ``code`` and ``reason``, chatlib.closecode.CLOSES)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"the server ended the event stream ({code} {reason})".strip())
+        self.code, self.reason = code, reason
 
 
 class PollingClient(HTTPClient):
@@ -357,6 +477,8 @@ class SSEClient(HTTPClient):
         request = self._http.build_request("GET", urljoin(self.url, "api/events?" + query),
                                            headers={"Accept": "text/event-stream"})
         self._stream = await self._http.send(request, stream=True)
+        if self._stream.status_code != 200:
+            await self._stream.aread()  # a refusal's body: its retry_after (server_delay)
         self._stream.raise_for_status()
         self.stats.requests += 1
         self.stats.bytes_sent += len(request.url.raw_path) + 15 + _head_size(request.headers)
@@ -364,6 +486,7 @@ class SSEClient(HTTPClient):
                                       + _head_size(self._stream.headers))
         self._chunks = self._stream.aiter_bytes()
         self._parser, self._events = wire.SSEParser(), deque()
+        self._ended_by = (1006, "")  # no close event: what a WebSocket would say
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -379,11 +502,14 @@ class SSEClient(HTTPClient):
             try:
                 chunk = await anext(self._chunks)
             except StopAsyncIteration:
-                raise ConnectionError("the server ended the event stream") from None
+                raise StreamClosed(*self._ended_by) from None
             self.stats.bytes_received += len(chunk)
             self._events.extend(self._parser.feed(chunk))
         event = self._events.popleft()
-        self._handle(event.event, wire.loads(event.data))
+        data = wire.loads(event.data)
+        if event.event == "close":  # the stream's last event: why it ends
+            self._ended_by = (data.get("code", 1006), str(data.get("reason", "")))
+        self._handle(event.event, data)
 
 
 def _frame_size(payload: bytes, masked: bool) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
-import random
 import secrets
 import time
 from collections.abc import Callable
@@ -35,14 +34,17 @@ import anywidget
 import traitlets
 
 from .clients import (
+    Backoff,
     ChatRefused,
     LongPollClient,
     PollingClient,
     SSEClient,
     WebSocketClient,
     WebTransportClient,
+    retryable,
+    server_delay,
 )
-from .closecode import CloseCode
+from .closecode import BUSY, CloseCode, read_close_reason
 from .limits import MAX_OUTBOX, Limits
 from .store import Message
 from .validation import printable, valid_client_id
@@ -52,8 +54,9 @@ logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 CLIENTS = {"ws": WebSocketClient, "sse": SSEClient, "longpoll": LongPollClient,
            "poll": PollingClient, "webtransport": WebTransportClient}
-BACKOFF_MIN_S = 0.2
-BACKOFF_MAX_S = 5.0
+BACKOFF = dict(base=0.4, cap=5.0)
+"""The panel's :class:`~chatlib.clients.Backoff`: a server back on its port is found
+within ~5 s."""
 TYPING_SHOW_S = 3.0
 """Show "X is typing…" this long after X's last typing notice (as the chat page does)."""
 SYNC_EVERY_S = 0.05
@@ -91,30 +94,14 @@ as the status line says them."""
 
 def describe(exc: BaseException) -> str:
     """One line saying what went wrong, for the status line."""
-    code = getattr(getattr(exc, "rcvd", None), "code", None)  # websockets' ConnectionClosed
+    close = getattr(exc, "rcvd", None)  # websockets' ConnectionClosed
+    code = getattr(close, "code", None)
+    if code == CloseCode.TRY_AGAIN_LATER and read_close_reason(close.reason)[0] == BUSY:
+        return f"the server is busy (close {int(code)})"
     if code in PLANNED_CLOSES:
         return f"{PLANNED_CLOSES[code]} (close {int(code)})"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def retryable(exc: BaseException) -> bool:
-    """Does this failure go away by reconnecting (network, server restart, overload)?
-
-    A refusal that the same request would get again (401, 403, 400 ...) does not, and
-    neither does a bug: those stop the panel with the error shown, instead of hiding it
-    behind endless reconnecting.
-    """
-    status = getattr(getattr(exc, "response", None), "status_code", None)  # httpx, websockets
-    status = getattr(exc, "status", status)  # ChatRefused
-    if status is not None:
-        return status == 429 or status >= 500 or status == 408
-    # OSError: refused, reset, unreachable; TimeoutError; ConnectionClosed (websockets),
-    # TransportError (httpx) and ConnectionError (ours) cover a connection that ended.
-    import httpx
-    from websockets.exceptions import ConnectionClosed, InvalidHandshake
-    return isinstance(exc, (OSError, TimeoutError, ConnectionClosed, InvalidHandshake,
-                            httpx.TransportError, EOFError))
 
 
 class ChatPanel(anywidget.AnyWidget):
@@ -219,24 +206,27 @@ class ChatPanel(anywidget.AnyWidget):
     # -- the connection ------------------------------------------------------------------
 
     async def _run(self) -> None:
-        delay = BACKOFF_MIN_S
+        backoff = Backoff(**BACKOFF)
+        error: BaseException | None = None
         try:
             for attempt in range(self.max_reconnects):
                 if attempt:
-                    # Exponential backoff with jitter, so a restarted server isn't hit by
-                    # everyone at the same instant. The view counts down to retry_at. Who
-                    # is here and typing is unknown until we are back.
-                    pause = delay * random.uniform(0.8, 1.2)
+                    # As the server asked (a close reason's delay, a 503's retry_after), else
+                    # exponential backoff with full jitter, so that a restarted server isn't
+                    # hit by everyone at the same instant (chatlib.clients.Backoff). The view
+                    # counts down to retry_at. Who is here and typing is unknown until we
+                    # are back.
+                    pause = backoff.delay(server_delay(error))
                     self._set(state="reconnecting", retry_at=time.time() + pause,
                               presence=[], typing=None)
                     await asyncio.sleep(pause)
-                    delay = min(delay * 2, BACKOFF_MAX_S)
                     self._set(retry_at=0.0)
                 try:
                     await self._connection()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    error = exc
                     if not retryable(exc):
                         logger.error("ChatPanel %s: stopped by an error", self.url, exc_info=exc)
                         self._set(state="failed", error=describe(exc))
@@ -249,7 +239,7 @@ class ChatPanel(anywidget.AnyWidget):
                                     self.url, describe(exc))
                     self._set(error=describe(exc))
                     if self._client_was_connected:
-                        delay = BACKOFF_MIN_S  # it worked until now: retry soon
+                        backoff.reset()  # it worked until now: retry soon
             self._set(state="closed")
         finally:
             if self.state not in ("closed", "failed"):

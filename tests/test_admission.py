@@ -23,7 +23,14 @@ from websockets.exceptions import ConnectionClosed
 
 from chatlib import Limits
 from chatlib.admission import Admission
-from chatlib.clients import WebSocketClient
+from chatlib.clients import (
+    Backoff,
+    LongPollClient,
+    SSEClient,
+    WebSocketClient,
+    retryable,
+    server_delay,
+)
 from chatlib.closecode import BUSY, CLOSES, close_reason, read_close_reason
 from chatlib.frames import text as text_frame
 
@@ -79,6 +86,20 @@ def test_every_close_reason_reads_back_and_fits_a_close_frame():
     assert read_close_reason("anything else") == ("", None)
 
 
+def test_backoff_has_full_jitter_a_cap_and_obeys_the_server():
+    backoff = Backoff(base=0.5, cap=4.0)
+    bounds = [0.5, 1, 2, 4, 4, 4]
+    for bound in bounds:
+        assert 0 <= backoff.delay() < bound
+    assert backoff.delay(2.5) == 2.5  # the server's delay as it is
+    assert Backoff(max_wait=10).delay(1e9) == 10
+    backoff.reset()
+    assert backoff.attempt == 0
+    # full jitter: the delays of many clients cover the whole interval
+    delays = sorted(Backoff(base=1.0).delay() for _ in range(2000))
+    assert delays[100] < 0.1 and delays[-100] > 0.9
+
+
 # -- each transport says "come back later" its own way ------------------------------------
 
 
@@ -95,6 +116,7 @@ async def test_a_busy_server_tells_each_transport_when_to_come_back(start_chat):
         close = closed.value.rcvd
         kind, delay = read_close_reason(close.reason)
         assert (close.code, kind) == (1013, BUSY) and 0 < delay <= 60
+        assert server_delay(closed.value) == delay
         # SSE and a polling join: 503, Retry-After in whole seconds, the exact delay in the body
         for method, path, body in (("GET", "api/events", None),
                                    ("POST", "api/presence", {"user": "new"})):
@@ -107,7 +129,36 @@ async def test_a_busy_server_tells_each_transport_when_to_come_back(start_chat):
         # a name already here is not a new session: its refresh is not refused
         assert (await http.post(server.url + "api/presence", json={"user": "pat"})
                 ).status_code == 200
-    assert (server.hub.admission.admitted, server.hub.admission.refused) == (1, 3)
+    stats = server.stats()["admission"]
+    assert (stats["admitted"], stats["refused"]) == (1, 3)
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse", "longpoll"])
+async def test_clients_come_back_when_the_server_says(start_chat, monkeypatch, transport):
+    """A server that refuses the first attempt ("come back after 1.5 s") and admits the
+    next: the client's next attempt comes 1.5 s later, not at its backoff's pace (which
+    starts below 0.5 s)."""
+    server = await start_chat()
+    answers = iter([1.5])
+    attempts: list[float] = []
+
+    def admit():
+        attempts.append(time.monotonic())
+        return next(answers, None)
+
+    monkeypatch.setattr(server.hub.admission, "admit", admit)
+    cls = {"ws": WebSocketClient, "sse": SSEClient, "longpoll": LongPollClient}[transport]
+    client = cls(server.url, "kim")
+    try:
+        with pytest.raises(Exception) as refused:
+            await client.connect()
+            await client.receive(timeout=T)  # a WebSocket refused shows on its first read
+        assert retryable(refused.value) and server_delay(refused.value) == 1.5
+        await client.come_back(refused.value)
+        assert len(attempts) >= 2  # an SSE session: its join, then its stream
+        assert 1.5 <= attempts[1] - attempts[0] < 1.5 + 3.0  # generous: a loaded machine
+    finally:
+        await client.close()
 
 
 # -- backpressure, visible ------------------------------------------------------------------
