@@ -12,6 +12,7 @@ import gc
 import signal
 
 from .auth import page_link
+from .closecode import CloseCode
 from .limits import RETAIN_BYTES, RETAIN_MESSAGES, Limits
 from .server import ChatServer
 from .store import MemoryLog, SQLiteLog
@@ -29,6 +30,7 @@ async def serve(args: argparse.Namespace) -> None:
         log = MemoryLog(max_messages=args.retain, max_bytes=args.retain_bytes)
     limits = Limits(allowed_origins=set(args.allow_origin), allowed_hosts=set(args.allow_host),
                     rate=args.rate, burst=args.burst, max_queue=args.max_queue,
+                    admit_rate=args.admit_rate, admit_burst=args.admit_burst,
                     header_timeout=args.header_timeout)
     server = ChatServer(args.host, args.port, log=log, limits=limits,
                         compression=args.compression, token=args.token,
@@ -47,12 +49,18 @@ async def serve(args: argparse.Namespace) -> None:
     if server.wt_url:
         print(f"WebTransport on {server.wt_url} (UDP), certificate SHA-256 {server.wt_hash}",
               flush=True)
-    stop = asyncio.Event()
+    # Ctrl+C (SIGINT): going away (1001). SIGTERM, what a deploy or chatlib.cluster's rolling
+    # restart sends: restarting (1012), each push client told its own delay
+    # (--restart-spread; ChatServer.restarting), so that they do not all come back at once.
+    stopping: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+        loop.add_signal_handler(sig, lambda sig=sig: stopping.done() or stopping.set_result(sig))
+    if await stopping == signal.SIGTERM:
+        server.restarting(args.restart_spread)
+        await server.stop(CloseCode.SERVICE_RESTART)
+    else:
+        await server.stop()
     await log.close()
 
 
@@ -96,6 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-queue", type=int, default=defaults.max_queue,
                    help="frames queued for one slow push client before it is closed with 1013"
                         f" (default {defaults.max_queue})")
+    p.add_argument("--admit-rate", type=float, default=defaults.admit_rate,
+                   help="new sessions admitted per second; the rest are told when to come"
+                        f" back (0: admit all; default {defaults.admit_rate:g})")
+    p.add_argument("--admit-burst", type=int, default=defaults.admit_burst,
+                   help=f"... with bursts of up to this many (default {defaults.admit_burst})")
+    p.add_argument("--restart-spread", type=float, default=None, metavar="S",
+                   help="on SIGTERM, tell each push client a random delay in [0, S) s to come"
+                        " back after (0: none, the naive restart; default: clients/admit-rate)")
     p.add_argument("--header-timeout", type=float, default=defaults.header_timeout,
                    help="seconds a connection may take to send a request's headers"
                         f" (default {defaults.header_timeout:g})")

@@ -261,6 +261,20 @@ class Cluster:
             raise
         return self
 
+    async def rolling_restart(self, pause: float = 1.0) -> None:
+        """Restart the chat processes one at a time, as a deploy does: SIGTERM, then the
+        same command on the same port, then ``pause`` seconds before the next one.
+
+        On SIGTERM a process closes its push clients with 1012 and tells each its own delay
+        (``chatlib serve --restart-spread``; default: its clients / its admit rate), so
+        they come back spread out, through nginx, to whichever processes are up. The
+        naive deploy, for comparison: ``Cluster(args=("--restart-spread", "0"))``.
+        """
+        for server in self.servers:
+            await server.stop()
+            await server.start()
+            await asyncio.sleep(pause)
+
     async def stop(self) -> None:
         """nginx first (no new requests), then the chat processes, then Redis."""
         for part in [self.nginx, *self.servers, self.redis]:
@@ -285,12 +299,25 @@ async def _main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    restarts: set[asyncio.Task] = set()
+
+    def rolling_restart() -> None:
+        if not restarts:  # one at a time
+            task = asyncio.ensure_future(cluster.rolling_restart())
+            restarts.add(task)
+            task.add_done_callback(restarts.discard)
+            task.add_done_callback(lambda _: print("rolling restart done", flush=True))
+
+    loop.add_signal_handler(signal.SIGHUP, rolling_restart)
     print(f"Redis on {cluster.redis.url}; chat processes on "
           + ", ".join(s.url for s in cluster.servers))
-    print(f"The chat, through nginx: {cluster.url}  (Ctrl+C stops everything)", flush=True)
+    print(f"The chat, through nginx: {cluster.url}  (Ctrl+C stops everything; "
+          f"kill -HUP {os.getpid()}: a rolling restart)", flush=True)
     try:
         await stop.wait()
     finally:
+        for task in restarts:
+            task.cancel()
         print("stopping nginx, the chat processes and Redis ...", flush=True)
         await cluster.stop()
 

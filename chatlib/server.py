@@ -379,6 +379,37 @@ class ChatServer:
             if self.hub is not None and self.hub.bus is not None:
                 await self.hub.bus.close()  # this process's users leave the others' presence
 
+    async def restart(self, spread: float | None = None) -> ChatServer:
+        """Stop and start again on the same port with the same log: a deploy, in one process.
+
+        Every push client is closed with 1012 and told its own delay (:meth:`restarting`),
+        so that reconnects spread over ``spread`` seconds instead of arriving at once;
+        ``spread=0`` is the naive restart, for comparison.
+        """
+        self.restarting(spread)
+        port = self.port
+        await self.stop(CloseCode.SERVICE_RESTART)
+        if port is not None:
+            self.requested_port = port
+        return await self.start()
+
+    def restarting(self, spread: float | None = None) -> float:
+        """Announce a restart: every push client closed with 1012 from now on (by
+        ``stop(CloseCode.SERVICE_RESTART)``) is told, in its close reason (an SSE stream: its
+        ``event: close`` and ``retry:``), its own random delay in ``[0, spread)`` seconds
+        before it comes back (chatlib.closecode.CLOSES). None (the default): the time the
+        server takes to admit them all, push clients / ``admit_rate``, at least 1 s.
+        ``spread=0``: the naive restart, 1012 and no delay, every client back at once
+        (admission control alone then bounds the storm). Returns the spread.
+        """
+        if spread is None:
+            rate = self.limits.admit_rate
+            clients = len(self.hub.subscribers) if self.hub is not None else 0
+            spread = max(1.0, clients / rate) if rate > 0 else 1.0
+        if self.hub is not None:
+            self.hub.admission.restart_window = spread
+        return spread
+
     def stats(self) -> dict:
         """Backpressure and admission now (chatlib.app.server_stats; ``GET /api/stats``)."""
         if self._app is None:

@@ -161,6 +161,125 @@ async def test_clients_come_back_when_the_server_says(start_chat, monkeypatch, t
         await client.close()
 
 
+# -- a reconnect storm, bounded --------------------------------------------------------------
+
+
+class CountingClient(WebSocketClient):
+    """Counts every message frame as it arrives, before the client's own dedupe."""
+
+    def __init__(self, *args, **options) -> None:
+        super().__init__(*args, **options)
+        self.seen: list[int] = []
+
+    def _accept(self, data: dict) -> None:
+        self.seen.append(data["id"])
+        super()._accept(data)
+
+
+async def follow(client: CountingClient, want: int) -> None:
+    """Receive until message ``want``, coming back as told after every close."""
+    for _ in range(1000):  # bounded: each round a message or a reconnect
+        if client.last_id >= want:
+            return
+        try:
+            await client.receive(timeout=T)
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            await client.come_back(exc)
+    raise AssertionError("too many rounds")
+
+
+async def test_a_reconnect_storm_is_admitted_at_the_configured_rate(start_chat, admissions):
+    """300 WebSocket clients reconnect at once (a naive restart) to a server admitting 100
+    new sessions per second: admissions in any 1 s window stay within rate + 10 % +
+    burst, every client is back, and each got every message once, in order."""
+    rate, burst, clients_n = 100, 30, 300
+    server = await start_chat(limits=Limits(admit_rate=0, rate=1000, burst=1000))
+    clients = [CountingClient(server.url, f"c{i}") for i in range(clients_n)]
+    try:
+        for i in range(0, clients_n, 50):
+            await asyncio.gather(*(c.connect() for c in clients[i:i + 50]))
+        await subscribed(server, clients_n)
+        async with httpx.AsyncClient(timeout=T) as http:
+            for i in range(20):
+                assert (await http.post(server.url + "api/messages",
+                                        json={"user": "bob", "text": f"m{i}"})).status_code == 201
+            followers = [asyncio.ensure_future(follow(c, 40)) for c in clients]
+            await asyncio.sleep(0)
+            server.limits = Limits(admit_rate=rate, admit_burst=burst, rate=1000, burst=1000)
+            admissions.clear()
+            await server.restart(spread=0)  # naive: everyone back at once
+            for i in range(20, 40):  # messages arrive while the storm goes on
+                assert (await http.post(server.url + "api/messages",
+                                        json={"user": "bob", "text": f"m{i}"})).status_code == 201
+            async with asyncio.timeout(120):
+                await asyncio.gather(*followers)
+        admitted = sorted(t for t, answer in admissions if answer is None)
+        refused = sum(answer is not None for _, answer in admissions)
+        assert len(admitted) == clients_n  # each came back once, and stayed
+        worst = max(sum(1 for u in admitted[i:] if u < t + 1.0) for i, t in enumerate(admitted))
+        assert worst <= rate * 1.1 + burst, worst
+        span = admitted[-1] - admitted[0]
+        assert (clients_n - burst) / span >= rate * 0.5, span  # the hints waste little time
+        assert refused > 0
+        for client in clients:  # 0 lost, 0 duplicated, in order, counted on the wire
+            assert client.seen == list(range(1, 41)), (client.user, client.seen)
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+# -- a restart that spreads the reconnects ---------------------------------------------------
+
+
+@pytest.mark.parametrize("spread", [0.0, 3.0])
+async def test_a_restart_spreads_reconnects_over_its_window(start_chat, admissions, spread):
+    """Each client is told its own delay in the 1012's reason: the reconnects spread evenly
+    over the window; the naive restart (spread 0) brings everyone back at once."""
+    n = 120
+    server = await start_chat(limits=Limits(admit_rate=0))
+    clients = [WebSocketClient(server.url, f"r{i}") for i in range(n)]
+    try:
+        await asyncio.gather(*(c.connect() for c in clients))
+        await subscribed(server, n)
+        comebacks = [asyncio.ensure_future(come_back_once(c)) for c in clients]
+        await asyncio.sleep(0)
+        admissions.clear()
+        closed = time.monotonic()
+        await server.restart(spread=spread)
+        async with asyncio.timeout(T):
+            await asyncio.gather(*comebacks)
+        backs = sorted(t - closed for t, answer in admissions if answer is None)
+        assert len(backs) == n
+        if spread:
+            quarters = [sum(1 for b in backs if q * spread / 4 <= b < (q + 1) * spread / 4)
+                        for q in range(4)]
+            assert all(n * 0.1 <= count <= n * 0.45 for count in quarters), quarters
+        else:
+            # at once: within the backoff's first bound (0.5 s) plus the restart, on a loaded
+            # machine; half the window the spread restart uses
+            assert backs[int(n * 0.9)] < 1.5, backs
+    finally:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+
+async def subscribed(server, n: int) -> None:
+    """Wait until ``n`` WebSockets have said hello (the server runs in this loop too)."""
+    async with asyncio.timeout(T):
+        while server.stats()["connections"]["websocket"] < n:  # bounded by the timeout
+            await asyncio.sleep(0.01)
+
+
+async def come_back_once(client: WebSocketClient) -> None:
+    """Wait for the server to close us, then come back as told."""
+    try:
+        await client.receive(timeout=T)
+    except Exception as exc:
+        await client.come_back(exc)
+    else:
+        raise AssertionError("a message, not the close")
+
+
 # -- backpressure, visible ------------------------------------------------------------------
 
 
