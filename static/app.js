@@ -37,6 +37,7 @@
   const CONNECT_TIMEOUT_MS = 5000;  // a transport that has not opened by then counts as failed
   const BACKOFF_MIN_MS = 500;
   const BACKOFF_MAX_MS = 5000;     // a server back on its port is found within ~5 s
+  const SERVER_DELAY_MAX_MS = 300000; // the longest delay a server may ask for that is obeyed
   const GONE_AFTER_TRIES = 3;       // failed tries in a row before saying the server is gone
   const TYPING_SEND_EVERY_MS = 2000;
   const TYPING_SHOW_MS = 3000;
@@ -76,6 +77,7 @@
     autoIndex: 0,          // auto mode: which entry of AUTO_ORDER we are trying
     autoLocked: false,     // auto mode: a transport worked, so stick with it
     attempt: 0,            // failed attempts since the last success (backoff exponent)
+    serverDelayMs: null,   // the delay the server asked for before the next reconnect, if any
     failedTries: 0,        // connections since the last success that never opened
     reconnectTimer: null,
     lastId: 0,             // cursor: newest message id shown
@@ -128,12 +130,33 @@
   // The server answers errors with {"error": "..."}; fall back to the status line.
   async function errorFrom(res) {
     let message = `${res.status} ${res.statusText}`;
+    let body = null;
     try {
-      const body = await res.json();
+      body = await res.json();
       if (body && typeof body.error === 'string') message = `${res.status}: ${body.error}`;
     } catch { /* not JSON: keep the status line */ }
-    const retryAfter = Number(res.headers.get('Retry-After'));
-    return new HttpError(res.status, message, Number.isFinite(retryAfter) ? retryAfter : null);
+    // The body's retry_after is exact (a busy server's 503 spreads its clients by fractions
+    // of a second); Retry-After has whole seconds only.
+    let retryAfter = body && typeof body.retry_after === 'number' ? body.retry_after : null;
+    const header = res.headers.get('Retry-After');
+    if (retryAfter === null && header !== null && Number.isFinite(Number(header))) retryAfter = Number(header);
+    return new HttpError(res.status, message, retryAfter);
+  }
+
+  // Why the server closed a WebSocket or ended an SSE stream, as chatlib/closecode.py's
+  // CLOSES table writes it: the reason's first word is its kind ("behind", "busy",
+  // "restart", "reset", "store"), and "retry after S s" the delay it asks for.
+  function readCloseReason(reason) {
+    const text = typeof reason === 'string' ? reason : '';
+    const found = /\bretry after (\d{1,6}(?:\.\d{1,6})?) s\b/.exec(text);
+    return { kind: (/^[a-z]*/.exec(text) || [''])[0], retryAfter: found ? Number(found[1]) : null };
+  }
+
+  // Remember a delay the server asked for (seconds); the next reconnect waits exactly that.
+  function serverAsked(retryAfterS) {
+    if (typeof retryAfterS === 'number' && retryAfterS >= 0) {
+      state.serverDelayMs = Math.min(retryAfterS * 1000, SERVER_DELAY_MAX_MS);
+    }
   }
 
   async function getJson(url, timeoutMs, signal) {
@@ -543,12 +566,15 @@
       + 'keeps trying this address.');
   }
 
-  // Exponential backoff with jitter: 0.5 s, 1 s, 2 s ... capped at 5 s, each
-  // randomised to 50–100 % so that many clients of a restarted server do not
-  // all come back in the same millisecond.
+  // The delay the server asked for (a close reason's "retry after S s", a 503's
+  // retry_after: it spreads its clients itself), else exponential backoff with full
+  // jitter: a random time below 0.5 s, 1 s, 2 s ... capped at 5 s, so that many clients
+  // of a restarted server do not all come back in the same millisecond (the same policy
+  // as chatlib.clients.Backoff).
   function scheduleReconnect() {
     const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** state.attempt);
-    const delay = base / 2 + Math.random() * base / 2;
+    const delay = state.serverDelayMs !== null ? state.serverDelayMs : Math.random() * base;
+    state.serverDelayMs = null;
     state.attempt += 1;
     setStatus(state.failedTries >= GONE_AFTER_TRIES ? 'disconnected' : 'reconnecting');
     clearTimeout(state.reconnectTimer);
@@ -618,6 +644,7 @@
 
   // The end of a ws or webtransport connection, with its close code (the same table).
   function onClose(conn, code, reason) {
+    serverAsked(readCloseReason(reason).retryAfter); // 1013 busy, 1012 restart: its delay
     switch (code) {
       case 1008: // foreign origin / policy: the same hello would be refused again
         showNotice(`Connection refused by the server (1008${reason ? `: ${reason}` : ''}).`);
@@ -626,7 +653,7 @@
       case 1009:
         showNotice('That message was too large for the server.');
         break;
-      default: // 1001/1012 restarting, 1013 too slow, 1006 network: resume after lastId
+      default: // 1001/1012 restarting, 1013 behind or busy, 1006 network: resume after lastId
         break;
     }
     conn.failed();
@@ -724,7 +751,15 @@
 
   // ---- transport: Server-Sent Events ------------------------------------------
   function connectSse(conn) {
-    joinPresence().catch(() => {}).finally(() => { if (!conn.closed) openEventSource(conn); });
+    joinPresence().then(() => {
+      if (!conn.closed) openEventSource(conn);
+    }, (err) => {
+      if (conn.closed) return;
+      if (err instanceof HttpError && err.status === 503) { // busy: come back when told
+        serverAsked(err.retryAfter);
+        conn.failed();
+      } else openEventSource(conn); // presence is decoration: stream anyway
+    });
   }
 
   function openEventSource(conn) {
@@ -755,6 +790,7 @@
     on('gap', handleGap);
     on('history', (data) => setBefore(data.before));
     es.addEventListener('reset', () => { if (!conn.closed) resetLog(); });
+    on('close', (data) => serverAsked(readCloseReason(data.reason).retryAfter)); // the last event
 
     // EventSource would retry on its own, but at a fixed interval and never
     // after an HTTP error; closing it and using our own backoff keeps one
@@ -790,7 +826,10 @@
           showNotice(err.message);           // 400/403/413: asking again will not help
           conn.failed({ retry: false });
         } else {
-          if (err instanceof HttpError) showNotice(err.message);
+          if (err instanceof HttpError) {
+            showNotice(err.message);
+            serverAsked(err.retryAfter);
+          }
           conn.failed();                     // network error, 429 or 5xx: back off
         }
         return;

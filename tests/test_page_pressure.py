@@ -1,0 +1,107 @@
+"""The chat page under pressure, in real Chromium (static/app.js; chatlib.admission,
+chatlib.closecode.CLOSES): it comes back when the server says, not at its own pace.
+
+* Refused as busy (WebSocket close 1013 "busy: retry after S s"; the SSE page's join, 503
+  with ``retry_after``), its next attempt comes S seconds later.
+* Closed by a restart that spreads its clients (1012 "restart: retry after S s"; SSE: the
+  stream's last ``close`` event), it comes back after S seconds.
+
+Before, the page came back after its own backoff (below 0.5 s for a first retry) whatever
+the server said.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from helpers import needs_chromium
+from playwright.async_api import async_playwright, expect
+from test_page_send import open_page
+
+import chatlib.admission
+from chatlib.admission import Admission
+from chatlib.closecode import CloseCode
+
+UI_MS = 30_000  # generous: the machine is shared
+SLACK = 5.0  # seconds a loaded machine may add to a delay, at most
+
+pytestmark = [pytest.mark.timeout(120), needs_chromium()]
+
+
+class Attempts:
+    """Every Admission.admit, timed; ``refuse`` answers the next one with a delay."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.times: list[float] = []
+        self.refuse: float | None = None
+        admit = Admission.admit
+
+        def spy(admission):
+            self.times.append(time.monotonic())
+            if self.refuse is not None:
+                wait, self.refuse = self.refuse, None
+                admission.refused += 1
+                return wait
+            return admit(admission)
+
+        monkeypatch.setattr(Admission, "admit", spy)
+
+    async def wait_for(self, count: int) -> float:
+        """The time of attempt number ``count`` (from 1), once it came."""
+        async with asyncio.timeout(UI_MS / 1000):
+            while len(self.times) < count:  # bounded by the timeout
+                await asyncio.sleep(0.02)
+        return self.times[count - 1]
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_the_page_waits_as_long_as_a_busy_server_says(transport, start_chat, monkeypatch):
+    attempts = Attempts(monkeypatch)
+    server = await start_chat()
+    async with async_playwright() as p:
+        browser, page, errors = await open_page(p, f"{server.url}?user=ada&transport={transport}")
+        try:
+            before = len(attempts.times)
+            attempts.refuse = 2.5
+            for subscriber in server.hub.subscribers:  # it fell behind: it comes back at once
+                subscriber.close(CloseCode.TRY_AGAIN_LATER)
+            refused = await attempts.wait_for(before + 1)  # ... and is told: busy, 2.5 s
+            again = await attempts.wait_for(before + 2)
+            assert 2.5 <= again - refused < 2.5 + SLACK, again - refused
+            await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
+                                                                    timeout=UI_MS)
+        finally:
+            await browser.close()
+    assert not errors, errors
+
+
+class FixedDelays:
+    """Stands in for chatlib.admission's random module: every restart delay is ``value``."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def uniform(self, low: float, high: float) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_the_page_comes_back_after_its_restart_delay(transport, start_chat, monkeypatch):
+    attempts = Attempts(monkeypatch)
+    server = await start_chat()
+    async with async_playwright() as p:
+        browser, page, errors = await open_page(p, f"{server.url}?user=ada&transport={transport}")
+        try:
+            monkeypatch.setattr(chatlib.admission, "random", FixedDelays(3.0))
+            before = len(attempts.times)
+            closed = time.monotonic()
+            await server.restart(spread=4.0)  # every client told: come back after 3.0 s
+            back = await attempts.wait_for(before + 1)
+            assert 3.0 <= back - closed < 3.0 + SLACK, back - closed
+            await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
+                                                                    timeout=UI_MS)
+        finally:
+            await browser.close()
+    assert not errors, errors
