@@ -208,6 +208,7 @@ class ChatPanel(anywidget.AnyWidget):
     async def _run(self) -> None:
         backoff = Backoff(**BACKOFF)
         error: BaseException | None = None
+        self._planned = False  # the last close was a planned one (PLANNED_CLOSES)
         try:
             for attempt in range(self.max_reconnects):
                 if attempt:
@@ -234,6 +235,10 @@ class ChatPanel(anywidget.AnyWidget):
                     # Shown in the panel's own status line (with the countdown); the log gets
                     # it at INFO only: a WARNING would land on the kernel's stderr, under the
                     # cell that made the panel, for what is an expected event (a restart).
+                    if isinstance(exc, ConnectionRefusedError) and self._planned:
+                        continue  # a restarting server is not listening yet: keep saying so
+                    self._planned = getattr(getattr(exc, "rcvd", None), "code",
+                                            None) in PLANNED_CLOSES
                     if describe(exc) != self.error:  # once per kind of problem, not per retry
                         logger.info("ChatPanel %s: connection lost (%s); reconnecting",
                                     self.url, describe(exc))
