@@ -36,7 +36,7 @@ from __future__ import annotations
 import random
 import time
 
-from .closecode import BEHIND, RESET, RESTART, CloseCode, close_reason
+from .closecode import BEHIND, RESTART, CloseCode, close_reason
 from .limits import Limits, RateLimit
 
 MAX_DELAY = 60.0
@@ -60,9 +60,8 @@ class Admission:
         self.refused = 0
         self.restart_window: float | None = None
         """Set by ``ChatServer.restart``: each push client closed with 1012 from now on is
-        told to come back after a random delay in ``[0, restart_window)`` seconds; 0: told
-        nothing (the naive restart, for comparison); None: not restarting (a 1012 then
-        means that the log went back)."""
+        told to come back after a random delay in ``[0, restart_window)`` seconds; 0 or
+        None: told nothing (the naive restart, for comparison; a log that went back)."""
 
     def admit(self) -> float | None:
         """Admit a new session (None), or refuse it: the seconds after which it should try
@@ -83,15 +82,14 @@ class Admission:
 
     def closing(self, code: int) -> str:
         """The reason to close a push connection with ``code`` (chatlib.closecode.CLOSES):
-        1013 "behind"; 1012 "restart" with this client's random delay while restarting,
-        else "reset" (the log went back); "" for other codes."""
+        1013 "behind"; 1012 "restart" with this client's random delay while a restart
+        spreads its clients; "" for other codes (and a 1012 without a delay)."""
         if code == CloseCode.TRY_AGAIN_LATER:
             return close_reason(BEHIND)
         if code == CloseCode.SERVICE_RESTART:
             window = self.restart_window
-            if window is None:
-                return close_reason(RESET)
-            return close_reason(RESTART, random.uniform(0, window) if window > 0 else None)
+            if window:
+                return close_reason(RESTART, random.uniform(0, window))
         return ""
 
     def stats(self) -> dict:

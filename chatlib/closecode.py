@@ -45,9 +45,9 @@ class CloseCode(enum.IntEnum):
 
 # -- why a connection ends, and what the client does next ---------------------------------
 #
-# Two codes carry more than one meaning (1013: "you fell behind" or "the server is busy";
-# 1012: "restarting" or "the log went back"), so every close chatlib sends names its *kind*
-# as the first word of its reason, and a delay the server asks for as "retry after S s".
+# 1013 carries two meanings ("you fell behind", "the server is busy, come back later"), so
+# every close chatlib sends with a meaning names its *kind* as the first word of its
+# reason, and a delay the server asks for as "retry after S s".
 # A reason is at most 123 bytes (RFC 6455 section 5.5.1: a control frame's payload is at
 # most 125 bytes, 2 of them the code); these are ASCII and far shorter. The same code and
 # reason end an SSE stream, as its last event (``event: close``), so every push client
@@ -56,7 +56,6 @@ class CloseCode(enum.IntEnum):
 BEHIND = "behind"
 BUSY = "busy"
 RESTART = "restart"
-RESET = "reset"
 STORE = "store"
 
 
@@ -78,16 +77,15 @@ CLOSES: tuple[Close, ...] = (
           "wait the given delay (the server spreads it: do not shorten it), then reconnect"),
     Close(CloseCode.SERVICE_RESTART, RESTART, "restart: retry after {s} s",
           "wait the given delay (each client is told its own), then resume"),
-    Close(CloseCode.SERVICE_RESTART, RESTART, "restart",
-          "a naive restart, no delay given: reconnect with jittered backoff"),
-    Close(CloseCode.SERVICE_RESTART, RESET, "reset: the log went back",
-          "reconnect with jittered backoff; the server then says reset"),
     Close(CloseCode.INTERNAL_ERROR, STORE,
           "store: message store unavailable; reconnect in a few seconds with your last id",
           "reconnect with jittered backoff and resume after its last id"),
 )
 """Every close (and end of an SSE stream) chatlib sends with a meaning beyond its code;
-README, "WebSocket close codes". Other codes (1008, 1009, ...) carry a free-text reason."""
+README, "WebSocket close codes". A 1012 without a reason is a restart that gave no delay
+(a naive one, or uvicorn's own at shutdown) or a log that went back (the reconnect is then
+told to reset): reconnect with jittered backoff. Other codes (1008, 1009, ...) carry a
+free-text reason or none."""
 
 
 def close_reason(kind: str, retry_after: float | None = None) -> str:

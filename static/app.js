@@ -145,7 +145,7 @@
 
   // Why the server closed a WebSocket or ended an SSE stream, as chatlib/closecode.py's
   // CLOSES table writes it: the reason's first word is its kind ("behind", "busy",
-  // "restart", "reset", "store"), and "retry after S s" the delay it asks for.
+  // "restart", "store"), and "retry after S s" the delay it asks for.
   function readCloseReason(reason) {
     const text = typeof reason === 'string' ? reason : '';
     const found = /\bretry after (\d{1,6}(?:\.\d{1,6})?) s\b/.exec(text);
