@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from helpers import needs_chromium
 from playwright.async_api import async_playwright, expect
+from test_page_send import open_page
 
 import chatlib
 import chatlib.server
-from chatlib.browser import launch
 from chatlib.closecode import CloseCode
 
 UI_MS = 20_000
@@ -131,12 +131,10 @@ async def test_the_open_page_survives_a_kernel_restart(tmp_path):
         await kc.wait_for_ready(timeout=60)
         port = port_of(await run_cell(kc, START_CELL))
         async with async_playwright() as p:
-            browser = await launch(p)
+            url = f"http://127.0.0.1:{port}/?user=ada&transport=ws"
+            browser, page, _ = await open_page(p, url)
             try:
-                page = await browser.new_page()
-                await page.goto(f"http://127.0.0.1:{port}/?user=ada&transport=ws")
-                status = page.locator("#status")
-                await expect(status).to_have_attribute("data-state", "connected", timeout=UI_MS)
+                status = page.locator("#status")  # connected (open_page)
                 await page.evaluate("window.__samePage = true")
 
                 await km.restart_kernel(now=True)
@@ -163,12 +161,9 @@ async def test_the_open_page_survives_a_kernel_restart(tmp_path):
 async def test_a_server_on_another_port_is_announced_within_three_tries(start_chat):
     server = await start_chat()
     async with async_playwright() as p:
-        browser = await launch(p)
+        browser, page, _ = await open_page(p, f"{server.url}?user=ada&transport=ws")
         try:
-            page = await browser.new_page()
-            await page.goto(f"{server.url}?user=ada&transport=ws")
-            status = page.locator("#status")
-            await expect(status).to_have_attribute("data-state", "connected", timeout=UI_MS)
+            status = page.locator("#status")  # connected (open_page)
             await expect(page.locator("#presence li")).to_have_text(["ada"], timeout=UI_MS)
             # An older notice, stale once the server is gone.
             await page.evaluate("""() => {
