@@ -209,3 +209,23 @@ async def wait_session(server) -> None:
     async with asyncio.timeout(T):
         while not sessions(server):  # bounded by the timeout
             await asyncio.sleep(0.02)
+
+
+async def test_the_page_uses_webtransport_in_token_mode(start_chat, make_client):
+    """A page cannot send the token on a WebTransport CONNECT (no headers, no cookie): it
+    gets a single-use ticket from ``GET api/webtransport`` (which its cookie passes)."""
+    from chatlib.auth import page_link
+
+    server = await start_chat(webtransport=True, token="sekrit")
+    async with async_playwright() as p:
+        browser, page, errors = await open_page(
+            p, page_link(server.url, server.token).replace("?token=", "?user=ada&token="))
+        try:
+            await expect(page.locator("#transport")).to_have_text("webtransport")
+            bob = await make_client("ws", server, "bob", token="sekrit", ready=False)
+            await bob.send("with a ticket")
+            await expect(page.locator("#messages li.message .text")).to_have_text(
+                ["with a ticket"], timeout=UI_MS)
+        finally:
+            await browser.close()
+    assert not errors, errors
