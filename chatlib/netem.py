@@ -36,7 +36,8 @@ What it models, per connection and per direction (client -> server, server -> cl
 * **TLS** (``tls=True``): clients speak TLS to the proxy (``https://``, ``wss://``); the
   proxy decrypts *behind* the delay and forwards plain HTTP to the target, so the TLS
   handshake's flights pay the delay as on a real network. The certificate is a fresh
-  self-signed ECDSA P-256 one for ``127.0.0.1``/``localhost``, made at start;
+  self-signed ECDSA P-256 one for ``127.0.0.1``/``localhost`` (the WebTransport server's
+  kind), made at start;
   :meth:`Netem.client_ssl_context` trusts it.
 * **Stalls and cuts**: :meth:`Netem.stall` holds every byte (both directions, every
   connection) for a while, like a link that goes quiet; :meth:`Netem.cut` aborts every
@@ -74,8 +75,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import os
 import random
 import re
@@ -469,33 +468,22 @@ def _check_probability(name: str, value: float) -> None:
 
 
 def _self_signed_server_context() -> tuple[bytes, ssl.SSLContext]:
-    """A fresh ECDSA P-256 certificate for 127.0.0.1 and localhost, and a server context.
+    """A server context with a fresh self-signed certificate (the WebTransport server's kind:
+    chatlib.webtransport.make_certificate, ECDSA P-256, for 127.0.0.1 and localhost), and
+    that certificate in PEM, for clients to trust.
 
-    Valid for one day, never written anywhere that outlives this call (the ``ssl`` module
-    loads a certificate only from a file: a private temporary directory, removed at once).
-    Returns the certificate (PEM), for clients to trust, and the context.
+    The key is never written anywhere that outlives this call (the ``ssl`` module loads a
+    certificate only from a file: a private temporary directory, removed at once).
     """
-    from cryptography import x509  # installed with aioquic
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.hazmat.primitives import serialization
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chatlib netem")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256()))
-    cert_pem = certificate.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    from .webtransport import make_certificate  # aioquic's dependencies: load only for TLS
+
+    made = make_certificate()
+    cert_pem = made.certificate.public_bytes(serialization.Encoding.PEM)
+    key_pem = made.private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "netem.pem")
