@@ -470,7 +470,7 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
         await server.stop()
     result.update(mode=mode, catch_up=catch_up,
                   admit_rate=admit_rate if mode == "admission" else None,
-                  server_cpu_s=cpu_s, storm_wall_s=wall_s,
+                  server_cpu_s=cpu_s, storm_wall_s=wall_s, load_average=os.getloadavg()[0],
                   bystander_p50_ms=live["p50_ms"], bystander_p99_ms=live["p99_ms"],
                   bystander_max_ms=live["max_ms"], bystander_sent=live["sent"],
                   bystander_received=live["received"])
@@ -505,6 +505,8 @@ async def bench(a: argparse.Namespace) -> dict:
             print(json.dumps(result), file=sys.stderr, flush=True)
             trials.append(result)
     return dict(n=a.n, catch_up=a.catch_up, live_rate=a.live_rate, repeats=a.repeats,
+                cores=os.cpu_count(),
+                load_average=statistics.median(t["load_average"] for t in trials),
                 trials=trials, summary=summarize(trials))
 
 
