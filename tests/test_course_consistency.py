@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "notebooks"))
 import estimate_times  # noqa: E402  (notebooks/estimate_times.py)
 import figures  # noqa: E402  (notebooks/figures.py)
 
-CHAPTERS = range(1, 12)
+CHAPTERS = range(1, 13)
 
 # ---- reading the sources ------------------------------------------------------------------
 

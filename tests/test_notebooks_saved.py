@@ -26,8 +26,8 @@ def source(cell: dict) -> str:
     return "".join(cell["source"])
 
 
-def test_there_are_eleven_chapters():
-    assert len(NOTEBOOKS) == 11, NOTEBOOKS
+def test_there_are_twelve_chapters():
+    assert len(NOTEBOOKS) == 12, NOTEBOOKS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
