@@ -100,6 +100,12 @@ async def probe():
         await p.session.close()
 
 
+async def post_many(server, count: int) -> None:
+    async with httpx.AsyncClient() as http:
+        for i in range(count):
+            await http.post(server.url + "api/messages", json={"user": "x", "text": f"m{i}"})
+
+
 def hello(user: str, after: int = 0) -> bytes:
     return wire.ws_hello(user, after).encode() + b"\n"
 
@@ -152,9 +158,7 @@ async def test_presence_and_resume_after_a_cursor(wt_server, make_wt, make_clien
 
 async def test_fresh_join_gets_the_newest_page_and_older_on_request(start_chat, probe):
     server = await start_chat(limits=Limits(history=3), webtransport=True)
-    async with httpx.AsyncClient() as http:
-        for i in range(5):
-            await http.post(server.url + "api/messages", json={"user": "x", "text": f"m{i}"})
+    await post_many(server, 5)
     p = await probe(server)
     p.session.send(hello("ada"))
     await p.until(lambda: sum(t == "message" for t in p.types()) == 3)
@@ -169,9 +173,7 @@ async def test_gap_and_reset_on_resume(start_chat, probe):
     from chatlib import MemoryLog
 
     server = await start_chat(log=MemoryLog(max_messages=10), webtransport=True)
-    async with httpx.AsyncClient() as http:
-        for i in range(30):
-            await http.post(server.url + "api/messages", json={"user": "x", "text": f"m{i}"})
+    await post_many(server, 30)
     gap = await probe(server)
     gap.session.send(hello("ada", after=2))
     await gap.until(lambda: "gap" in gap.types())
