@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -303,6 +304,7 @@ async def run_bystander(a: argparse.Namespace) -> None:
                 return
             loop = asyncio.get_running_loop()
             start, k, sent = loop.time(), 0, {}
+            all_back = asyncio.Event()  # set when no live message is in flight
 
             async def reader() -> None:
                 async for raw in ws:
@@ -310,6 +312,8 @@ async def run_bystander(a: argparse.Namespace) -> None:
                         data = json.loads(raw)
                         if data["user"] == "bystander" and data["text"] in sent:
                             latencies.append(loop.time() - sent.pop(data["text"]))
+                            if not sent:
+                                all_back.set()
 
             reading = asyncio.ensure_future(reader())
             while not stop.is_set():  # bounded: the controller sends "stop"
@@ -323,9 +327,10 @@ async def run_bystander(a: argparse.Namespace) -> None:
                 sent[text] = due  # from the scheduled time: a late send counts as latency
                 await ws.send(json.dumps({"type": "message", "text": text}))
                 k += 1
-            deadline = loop.time() + 10
-            while sent and loop.time() < deadline:  # the last ones in flight, bounded
-                await asyncio.sleep(0.01)
+            all_back.clear()
+            if sent:  # wait for the last ones in flight (bounded)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(all_back.wait(), 10)
             reading.cancel()
             print(json.dumps(dict(sent=k, received=len(latencies),
                                   p50_ms=percentile(latencies, 50) * 1000,
