@@ -139,8 +139,8 @@ async def test_vanished_peers_are_released(spawn, figures):
             await asyncio.sleep(0.1)
         orphans = {kind: sockets_from(server.pid, topology.client_address(k))[1]
                    for k, kind in enumerate(TRANSPORTS)}
-        figures("vanished peers (link cut, no FIN; ping 2 s, heartbeat 2 s, stuck_timeout "
-                "2 s, presence_ttl 3 s, max_wait 2 s)",
+        settings = ", ".join(f"{k} {v:g} s" for k, v in {"ping": PING, **LIMITS}.items())
+        figures(f"vanished peers (link cut, no FIN; {settings})",
                 presence_gone_s=left, released_s=freed,
                 bound_s={kind: max(b) for kind, b in limit.items()},
                 kernel_sockets_left=orphans)
