@@ -176,12 +176,14 @@ class ChunkCountingConnection(h11.Connection):
 
 class BoundedH11Protocol(LingeringClose, H11Protocol):
     """uvicorn's h11 protocol with a header timeout, a body budget, lingering close, and
-    the stuck-client rule for every response: a connection whose output passed the
-    transport's high-water mark (asyncio's ``pause_writing``) and whose client then
-    acknowledges nothing for ``limits.stuck_timeout`` seconds is reset. (100 sockets with
-    a 4 KB receive buffer that asked for a 500-message page and never read held 115 MB of
-    the server and 267 MB of kernel buffers for over 75 s: issue 18.) A slow reader that
-    makes progress is left alone.
+    the stuck-client rule for every response (chatlib.stuck.Progress): a connection whose
+    output waits, in asyncio's buffer (past its high-water mark) or, once a response is
+    complete, in the kernel's, and whose client acknowledges nothing of it for
+    ``limits.stuck_timeout`` seconds is reset. (100 sockets with a 4 KB receive buffer
+    that asked for a 500-message page and never read held 115 MB of the server and 267 MB
+    of kernel buffers for over 75 s; a page small enough for the kernel's buffers ended
+    in a FIN stuck behind it in FIN-WAIT-1: issue 18.) A slow reader that makes progress
+    is left alone, and a close waits until it has taken what we wrote (:meth:`linger`).
 
     Make one per server with ``functools.partial(BoundedH11Protocol, limits=...)``.
     """
