@@ -73,8 +73,9 @@ def server_stats(state) -> dict:
     """Backpressure and admission now, computed on request (nothing is kept for it on the
     path of a message; ``ChatServer.stats()``, ``GET /api/stats``)::
 
-        {"connections": {"websocket": N, "sse": N, "long_poll": N},
-         "clients": [{"transport": "websocket" | "sse", "user": U, "queued": FRAMES,
+        {"connections": {"websocket": N, "sse": N, "webtransport": N, "long_poll": N},
+         "clients": [{"transport": "websocket" | "sse" | "webtransport", "user": U,
+                      "queued": FRAMES,
                       "unsent_bytes": B | None}, ...],      # deepest queue first
          "queued_max": FRAMES, "unsent_bytes_max": B,
          "closes": {CODE: N}, "behind": N, "stuck_resets": N,
@@ -97,14 +98,17 @@ def server_stats(state) -> dict:
         unsent = None
         if transport is not None and not transport.is_closing():
             unsent = unsent_bytes(transport)
-        clients.append({"transport": "websocket" if subscriber.encoding is wire.WEBSOCKET
-                        else "sse", "user": subscriber.user, "queued": subscriber.queued,
-                        "unsent_bytes": unsent})
+        kind = getattr(subscriber, "transport", None)  # webtransport (chatlib.webtransport)
+        if kind is None:
+            kind = "websocket" if subscriber.encoding is wire.WEBSOCKET else "sse"
+        clients.append({"transport": kind, "user": subscriber.user,
+                        "queued": subscriber.queued, "unsent_bytes": unsent})
     clients.sort(key=lambda c: (c["queued"], c["unsent_bytes"] or 0), reverse=True)
     closes = stuck.closes
     return {
         "connections": {"websocket": sum(c["transport"] == "websocket" for c in clients),
                         "sse": sum(c["transport"] == "sse" for c in clients),
+                        "webtransport": sum(c["transport"] == "webtransport" for c in clients),
                         "long_poll": state.long_polls},
         "clients": clients,
         "queued_max": max((c["queued"] for c in clients), default=0),

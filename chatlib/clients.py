@@ -593,6 +593,16 @@ class WebSocketClient(Client):
         self._handle(*wire.parse_ws(raw))
 
 
+class SessionClosed(StreamClosed):
+    """A WebTransport session ended: the server's close capsule's ``code`` and ``reason``
+    (chatlib.closecode.CLOSES, read by :func:`server_delay`), or code None if the
+    connection ended without one."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        ConnectionError.__init__(self, f"the WebTransport session ended ({code} {reason})")
+        self.code, self.reason = code, reason
+
+
 class WebTransportClient(Client):
     """WebTransport over HTTP/3 (aioquic): one QUIC connection, one bidirectional stream of
     JSON lines both ways, typing notices as datagrams (chatlib.webtransport).
@@ -632,6 +642,7 @@ class WebTransportClient(Client):
             if not info.get("available"):
                 raise ConnectionError("the server runs without WebTransport")
             wt_url, cert_hash = wt_url or info["url"], cert_hash or info["hash"]
+        self.close_code, self.close_reason = None, ""
         self._session = session = ClientSession(self._line, self._datagram, self._ended)
         started = time.perf_counter()
         status, error = await session.open(wt_url, cert_hash, origin=self.origin,
@@ -641,7 +652,6 @@ class WebTransportClient(Client):
             raise ChatRefused(status, error)
         self.setup_time = time.perf_counter() - started
         self.stats.requests += 1
-        self.close_code, self.close_reason = None, ""
         self._send_line(wire.ws_hello(self.user, self.last_id))
         await self._resend()
 
@@ -655,6 +665,8 @@ class WebTransportClient(Client):
             self._session = None
 
     def _send_line(self, text: str) -> None:
+        if self._session.ended:  # e.g. refused as busy right after the CONNECT's 200
+            raise SessionClosed(self.close_code, self.close_reason)
         data = text.encode() + b"\n"
         self.stats.bytes_sent += len(data)
         self._session.send(data)
@@ -679,8 +691,7 @@ class WebTransportClient(Client):
     async def _fetch(self) -> None:
         if not self.connected:
             if self._session is not None and self._session.ended:
-                raise ConnectionError(f"the session ended ({self.close_code}: "
-                                      f"{self.close_reason})")
+                raise SessionClosed(self.close_code, self.close_reason)
             await self.connect()
         self._arrived.clear()
         await self._arrived.wait()
@@ -700,6 +711,6 @@ class WebTransportClient(Client):
         self.close_code, self.close_reason = code, reason
         for waiting in self._acked.values():
             if not waiting.done():
-                waiting.set_exception(ConnectionError(f"session closed ({code}: {reason})"))
+                waiting.set_exception(SessionClosed(code, reason))
         self._acked.clear()
         self._arrived.set()

@@ -283,7 +283,8 @@ class ChatServer:
             from .webtransport import WebTransportServer  # aioquic loads only when asked for
 
             self._webtransport = app.state.webtransport = WebTransportServer(
-                self.hub, app.state.budget, Guard(None, self.limits, hosts), self.token)
+                self.hub, app.state.budget, Guard(None, self.limits, hosts), app.state.stuck,
+                self.token)
             await self._webtransport.start(self._udp)
         config = uvicorn.Config(
             app,

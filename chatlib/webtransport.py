@@ -95,12 +95,13 @@ from starlette.responses import Response
 
 from . import quicpath, wire
 from .auth import TokenGate, cookie_name
-from .closecode import CloseCode
+from .closecode import BUSY, CloseCode, close_reason
 from .guard import Guard
 from .hub import Batch, Hub, Resume
 from .limits import Limits, SendBudget
 from .outbox import Outbox
 from .store import StoreUnavailable
+from .stuck import StuckWatch
 from .validation import ChatError
 from .web import JSONBody
 from .ws import STORE_DOWN, error_data, handle_frame
@@ -218,6 +219,8 @@ class SessionOutbox(Outbox):
     whose lone typing events go as datagrams instead of on the stream."""
 
     __slots__ = ("datagram",)
+    transport = "webtransport"
+    """What ``GET /api/stats`` calls this client (chatlib.app.server_stats)."""
 
     def __init__(self, user: str, limit: int, datagram) -> None:
         super().__init__(wire.WEBSOCKET, user, limit)
@@ -428,14 +431,16 @@ class Session:
                 if self.closed:
                     return
                 self.write(tuple(batch))
-            self.close(outbox.close_code or CloseCode.GOING_AWAY,
-                       STORE_DOWN if outbox.close_code == CloseCode.INTERNAL_ERROR else "")
+            code = outbox.close_code or CloseCode.GOING_AWAY
+            self.close(code, STORE_DOWN if code == CloseCode.INTERNAL_ERROR
+                       else hub.admission.closing(code))
         except StoreUnavailable:
             self.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
 
     def outbox_closed(self, code: int) -> None:
         """The hub gave up on this client (1013) or the server stops: the writer closes
         the session after what it was writing; nothing more is queued."""
+        self.server.stuck.closes[code] += 1
         self.drained.set()
 
     # -- out --------------------------------------------------------------------------
@@ -580,6 +585,11 @@ class ChatProtocol(QuicConnectionProtocol):
                                          (b"sec-webtransport-http3-draft", b"draft02")])
         self.transmit_soon()
         self.session = Session(self.server, self, stream_id, self.address)
+        # Admission control (chatlib.admission), as for a WebSocket: after the CONNECT's
+        # 200, since a page reads a close code and reason but no refused CONNECT's status.
+        wait = self.server.hub.admission.admit()
+        if wait is not None:
+            self.session.close(CloseCode.TRY_AGAIN_LATER, close_reason(BUSY, wait))
 
     def session_closed(self, session: Session) -> None:
         """The close capsule is on its way; a client that does not end the connection
@@ -605,17 +615,17 @@ class WebTransportServer:
     """The UDP side of a :class:`~chatlib.server.ChatServer`: aioquic's server on
     ``host:port`` (and ``::1`` beside ``127.0.0.1``), sessions into ``hub``."""
 
-    def __init__(self, hub: Hub, budget: SendBudget, guard: Guard,
-                 token: str | None = None, admission=None) -> None:
+    def __init__(self, hub: Hub, budget: SendBudget, guard: Guard, stuck: StuckWatch,
+                 token: str | None = None) -> None:
         if quicpath.MISSING:
             raise RuntimeError("this aioquic lacks what chatlib.quicpath reads: "
                                + ", ".join(quicpath.MISSING))
         self.hub, self.budget, self.guard = hub, budget, guard
         self.limits: Limits = hub.limits
         self.token_gate = TokenGate(None, token) if token else None
-        self.admission = admission
-        """A callable ``(address) -> str | None``: why a new session is refused (the
-        server's admission control), or None."""
+        self.stuck = stuck
+        """The server's stuck-client watch: its counts (``closes``, ``resets``) include
+        WebTransport sessions (``GET /api/stats``)."""
         self.certificate = make_certificate()
         self.protocols: set[ChatProtocol] = set()
         self.port = 0
@@ -682,6 +692,7 @@ class WebTransportServer:
                     if session.outbox is not None:
                         session.outbox.close(CloseCode.TRY_AGAIN_LATER)
                     session.closed = True
+                    self.stuck.resets += 1
                     protocol.close(error_code=0x0, reason_phrase="stopped reading")
                     self.protocols.discard(protocol)
 
@@ -710,10 +721,6 @@ class WebTransportServer:
             if not (self.token_gate.presented(scope, cookie_name(self.port))
                     or any(self.redeem(ticket) for ticket in tickets)):
                 return 401, "a token is required"
-        if self.admission is not None:
-            why = self.admission("webtransport")
-            if why:
-                return 503, why
         return 200, ""
 
     def ticket(self) -> str:

@@ -463,3 +463,41 @@ async def test_a_bug_in_a_handler_closes_that_connection_only(wt_server, probe, 
     assert "closing a connection after an error" in caplog.text
     monkeypatch.undo()
     await bystander_still_chats(wt_server, make_client)
+
+
+# -- admission, close reasons, stats (chatlib.admission, chatlib.closecode) ----------------
+
+
+async def test_admission_refuses_a_session_with_busy_and_its_delay(start_chat, probe):
+    from chatlib.clients import SessionClosed, server_delay
+
+    server = await start_chat(limits=Limits(admit_rate=0.5, admit_burst=1), webtransport=True)
+    first = await probe(server)
+    first.session.send(hello("ada"))
+    await first.until(lambda: first.lines)
+    refused = WebTransportClient(server.url, "bob")
+    try:  # the CONNECT's 200, then the close (a page reads only that): at once or later
+        with pytest.raises(SessionClosed) as closed:
+            await refused.connect()
+            await refused.receive(timeout=T)
+    finally:
+        await refused.close()
+    assert closed.value.code == CloseCode.TRY_AGAIN_LATER
+    assert closed.value.reason.startswith("busy: retry after ")
+    assert 0 < server_delay(closed.value) <= 60
+    assert first.end is None  # the admitted one goes on
+    assert server.stats()["admission"]["refused"] == 1
+
+
+async def test_stats_name_webtransport_and_restart_says_when(start_chat, probe):
+    server = await start_chat(webtransport=True)
+    p = await probe(server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+    stats = server.stats()
+    assert stats["connections"]["webtransport"] == 1
+    assert [c["transport"] for c in stats["clients"]] == ["webtransport"]
+    await server.restart(spread=5)
+    await p.until(lambda: p.end is not None)
+    assert p.end[0] == CloseCode.SERVICE_RESTART
+    assert p.end[1].startswith("restart: retry after ")
