@@ -5,9 +5,11 @@ does (the venv's ``python3`` kernelspec), pinned to CPU 0 (``taskset -a -p -c 0`
 is started in it exactly as a learner does in notebook 01::
 
     import chatlib
-    server = await chatlib.start_server()   # port 0: the OS picks a free port
+    server = await chatlib.start_server(limits=chatlib.Limits(admit_rate=0))
 
-with chatlib's default limits: none raised. The load's senders each send far below the
+with chatlib's default limits, but for admission control (off: N clients connecting as fast
+as they can are a storm the server would spread at 200 new sessions/s; bench/storm.py
+measures that). The load's senders each send far below the
 per-connection limit (5/s, bursts of 20), and the whole room's 10 messages/s from 127.0.0.1
 stays below the per-address limit (50/s, bursts of 200). Then ``classroom_load.py`` (pinned
 to CPU 1) opens N WebSocket clients, waits until all are registered, and chats at ``--rate``
@@ -50,7 +52,8 @@ from load_client import status_kb
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 PY = sys.executable
-START_CELL = "import chatlib\nserver = await chatlib.start_server()\nserver.port"
+START_CELL = ("import chatlib\nserver = await chatlib.start_server("
+              "limits=chatlib.Limits(admit_rate=0))\nserver.port")
 PIN = True
 
 
@@ -262,7 +265,8 @@ def free_port() -> int:
 
 def cli_run(a: argparse.Namespace, n: int) -> dict:
     port = free_port()
-    proc = subprocess.Popen(taskset(0) + [PY, "-m", "chatlib", "serve", "--port", str(port)],
+    proc = subprocess.Popen(taskset(0) + [PY, "-m", "chatlib", "serve", "--port", str(port),
+                                          "--admit-rate", "0"],  # a classroom joins at once
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     load = None
     try:

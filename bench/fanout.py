@@ -23,7 +23,9 @@ the server by PID. Sections (see bench/README.md for the method and the results)
                  RSS, all delivered, a cell's round trip meanwhile; the CLI with 10,000.
 
 chatlib is started with ``--rate 1000000 --burst 1000000``: its default limit (5 messages/s per
-client, bursts of 20) would throttle the one benchmark sender. Everything else is the default
+client, bursts of 20) would throttle the one benchmark sender; and ``--admit-rate 0``: admission
+control (200 new sessions/s) would spread the join storm's 1000 joins in one second over three
+(bench/storm.py measures it). Everything else is the default
 (``--max-queue 1024``, no compression unless the section says so).
 
     .venv/bin/python bench/fanout.py              # everything, ~4 min on 2 cores
@@ -55,7 +57,7 @@ import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 PY = sys.executable
-RATE_ARGS = ["--rate", "1000000", "--burst", "1000000"]
+RATE_ARGS = ["--rate", "1000000", "--burst", "1000000", "--admit-rate", "0"]
 LABEL = {"chatlib": "chatlib (Starlette + uvicorn websockets-sansio)",
          "baseline": "baseline: raw websockets + broadcast()",
          "node": "reference: Node.js ws"}

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chatlib.cluster import ChatProcess, RedisProcess, free_port  # noqa: E402
 
 PAD = "x" * 40
-RATE = ("--rate", "1000000", "--burst", "1000000")
+RATE = ("--rate", "1000000", "--burst", "1000000", "--admit-rate", "0")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -86,7 +86,7 @@ async def test_crowds_then_recovery(spawn, figures):
     need = max(CROWDS.values()) + 500
     if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < need:
         pytest.skip(f"needs {need} open files (ulimit -Hn is lower)")
-    server = await spawn()
+    server = await spawn(limits={"admit_rate": 0})  # crowds of descriptors, not admissions
     await health(server.port)  # warm up
     baseline_fds = server.open_fds()
     idle = await health(server.port)
