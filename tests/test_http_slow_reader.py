@@ -46,10 +46,12 @@ async def test_a_response_nobody_reads_is_reset_after_the_stuck_timeout(start_ch
             writer.transport.abort()
 
 
-async def test_an_unread_response_that_fits_in_kernel_buffers_is_reset(start_chat):
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+async def test_an_unread_response_that_fits_in_kernel_buffers_is_reset(start_chat, connection):
     """A page small enough for the kernel's buffers never passes asyncio's high-water mark:
-    it used to wait there, then a FIN queued behind it held the connection in FIN-WAIT-1
-    for minutes (about 100 s of zero-window probes) for a client that never reads."""
+    it used to wait there, then a FIN queued behind it (at the keep-alive timeout, or at
+    once after a ``Connection: close`` answer) held the connection in FIN-WAIT-1 for
+    minutes (about 100 s of zero-window probes) for a client that never reads."""
     server = await start_chat(limits=Limits(stuck_timeout=1.0))
     for _ in range(40):  # one page of ~200 KB
         await server.hub.post("bob", "\U0001f600" * 1000)
@@ -61,7 +63,7 @@ async def test_an_unread_response_that_fits_in_kernel_buffers_is_reset(start_cha
     port = sock.getsockname()[1]
     try:
         writer.write(f"GET /api/messages?after=0 HTTP/1.1\r\nHost: 127.0.0.1:{server.port}"
-                     "\r\n\r\n".encode())
+                     f"\r\nConnection: {connection}\r\n\r\n".encode())
         await writer.drain()
         async with asyncio.timeout(20):  # the stuck timeout, a sweep, and load
             while server_side_states(server.port, {port}) != {}:  # bounded by the timeout
