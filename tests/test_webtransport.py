@@ -501,3 +501,31 @@ async def test_stats_name_webtransport_and_restart_says_when(start_chat, probe):
     await p.until(lambda: p.end is not None)
     assert p.end[0] == CloseCode.SERVICE_RESTART
     assert p.end[1].startswith("restart: retry after ")
+
+
+async def test_loss_and_reordering_deliver_every_message_once_in_order(start_chat,
+                                                                        make_client):
+    """Through chatlib.netem's UDP relay, 5 % loss and 5 % reordering each way: QUIC
+    retransmits, and the stream hands over every message once, in order, both ways."""
+    from chatlib import netem
+
+    wt_server = await start_chat(limits=Limits(rate=1000, burst=1000, address_rate=1000,
+                                               address_burst=1000), webtransport=True)
+    relay = await netem.start_udp(wt_server, delay=0.003, jitter=0.002, loss=0.05,
+                                  reorder=0.05, seed=21)
+    ada = WebTransportClient(wt_server.url, "ada", wt_url=f"https://127.0.0.1:{relay.port}/wt",
+                             cert_hash=wt_server.wt_hash)
+    try:
+        await ada.connect()
+        bob = await make_client("ws", wt_server, "bob")
+        sent = [await bob.send(f"from bob {i}") for i in range(100)]
+        got = await ada.receive_many(100, timeout=30)
+        assert [m.id for m in got] == [m.id for m in sent]
+        mine = [await ada.send(f"from ada {i}") for i in range(30)]
+        async with httpx.AsyncClient() as http:
+            body = (await http.get(wt_server.url + "api/messages?after=100")).json()
+        assert [m["text"] for m in body["messages"]] == [m.text for m in mine]
+        assert relay.stats.dropped > 0 and relay.stats.reordered > 0
+    finally:
+        await ada.close()
+        await relay.stop()
