@@ -32,6 +32,9 @@ import tempfile
 from pathlib import Path
 
 NGINX_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
+NGINX_FAIL_TIMEOUT = 10.0
+"""nginx's ``fail_timeout`` (its default; deploy/nginx.conf keeps it): how long a chat process
+that refused a connection is left out (:meth:`Cluster.rolling_restart`)."""
 
 
 def free_port() -> int:
@@ -261,9 +264,13 @@ class Cluster:
             raise
         return self
 
-    async def rolling_restart(self, pause: float = 1.0) -> None:
+    async def rolling_restart(self, pause: float = NGINX_FAIL_TIMEOUT + 1) -> None:
         """Restart the chat processes one at a time, as a deploy does: SIGTERM, then the
         same command on the same port, then ``pause`` seconds before the next one.
+
+        The pause must outlast nginx's ``fail_timeout``: nginx counts a process that refused
+        a connection (while it restarted) as failed for that long, and stopping the next
+        one meanwhile leaves it no live upstream (502 for everyone).
 
         On SIGTERM a process closes its push clients with 1012 and tells each its own delay
         (``chatlib serve --restart-spread``; default: its clients / its admit rate), so
