@@ -36,7 +36,12 @@ sockets, made before, are not affected.
 
 Cleanup: :meth:`stop` (or leaving ``async with``) kills what :meth:`spawn` started, stops the
 relay, closes the TUN devices (they vanish with their descriptor) and deletes both
-namespaces. An ``atexit`` hook does the same for links still up when the process exits.
+namespaces. An ``atexit`` hook does the same for links still up when the process exits, and
+:meth:`start` deletes the namespaces left by links whose process was killed (SIGKILL skips
+both): names ``chatlib-lossy-<pid>-...`` whose pid no longer runs.
+
+The relay shares the caller's loop: a loop busy elsewhere (a long cell, a CPU-bound task)
+holds packets longer than ``delay``, as it would hold any other callback.
 :func:`available` says whether this machine can make a link (root, ``ip``, /dev/net/tun,
 namespaces), and why not.
 """
@@ -192,6 +197,21 @@ def _sysctl(*settings: str) -> None:
             file.write(value)
 
 
+def _reap_stale() -> None:
+    """Delete the namespaces of links whose process is gone (killed before its cleanup ran:
+    SIGKILL, a kernel killed by Jupyter). Only names this module makes are touched."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/run/netns"):
+            parts = name.split("-")  # chatlib-lossy-PID-N-SIDE
+            if len(parts) != 5 or parts[:2] != ["chatlib", "lossy"] or not parts[2].isdigit():
+                continue
+            pid = int(parts[2])
+            if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+                continue
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                _ip("netns", "del", name)
+
+
 def _ip(*args: str) -> None:
     """Run ``ip ARGS``; RuntimeError with its message if it fails."""
     done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)
@@ -258,6 +278,7 @@ class LossyLink:
         if reason:
             raise RuntimeError(f"cannot make a lossy link: {reason}")
         self._loop = asyncio.get_running_loop()
+        _reap_stale()
         _live.add(self)
         try:
             for side, other in (("a", "b"), ("b", "a")):

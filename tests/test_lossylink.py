@@ -228,3 +228,16 @@ def test_an_exiting_process_removes_its_links():
     assert len(names) == 2
     listed = namespaces()
     assert not any(name in listed for name in names)
+
+
+async def test_start_removes_namespaces_of_killed_processes():
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, timeout=30)
+    stale = f"chatlib-lossy-{int(gone.stdout)}-0-a"  # as a SIGKILLed process leaves it
+    subprocess.run(["ip", "netns", "add", stale], check=True, timeout=10)
+    try:
+        async with lossylink.LossyLink():
+            pass
+        assert stale not in namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", stale], capture_output=True, timeout=10)
