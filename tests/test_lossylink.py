@@ -99,6 +99,35 @@ async def test_without_loss_every_datagram_arrives():
     assert link.stats.dropped == 0
 
 
+async def test_reorders_when_asked():
+    class Sequence(Counter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numbers: list[int] = []
+
+        def datagram_received(self, data: bytes, addr) -> None:
+            self.numbers.append(int(data))
+            super().datagram_received(data, addr)
+
+    async with lossylink.LossyLink(delay=0.005, reorder=0.3, reorder_gap=0.05,
+                                   seed=2) as link:
+        with link.inside("b"):
+            server, counter = await asyncio.get_running_loop().create_datagram_endpoint(
+                Sequence, local_addr=(link.b_host, PORT))
+        client, _ = await udp_endpoint(link, "a", remote_addr=(link.b_host, PORT))
+        try:
+            for i in range(100):  # bounded: 100 datagrams, 2 ms apart
+                client.sendto(str(i).encode())
+                await asyncio.sleep(0.002)
+            await wait_for(lambda: counter.count >= 100, counter.changed, 30)
+        finally:
+            client.close()
+            server.close()
+    assert sorted(counter.numbers) == list(range(100))  # all there, none twice
+    assert counter.numbers != list(range(100))  # but not in order
+    assert link.stats.reordered > 0
+
+
 async def test_delays_each_direction_as_configured():
     delay = 0.1
     async with lossylink.LossyLink(delay=delay) as link:
