@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -270,3 +271,22 @@ async def test_start_removes_namespaces_of_killed_processes():
         assert stale not in namespaces()
     finally:
         subprocess.run(["ip", "netns", "del", stale], capture_output=True, timeout=10)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["tickers", "chat"])
+def test_the_head_of_line_bench_runs_and_writes_its_figures(tmp_path, chat):
+    """bench/hol.py, shortened: every case measured on both paths, every message counted."""
+    output = tmp_path / "hol.json"
+    bench = os.path.join(os.path.dirname(__file__), "..", "bench", "hol.py")
+    done = subprocess.run([sys.executable, bench, "--messages", "10", "--gap", "0.01",
+                           "--delay", "0.005", "--loss", "2", "--repeats", "1",
+                           "--output", str(output), *(["--chat"] if chat else [])],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(output.read_text())
+    cases = {"chat-ws", "chat-wt"} if chat else {"ws", "quic-one", "quic-many"}
+    assert {(run["path"], case) for run in result["runs"] for case in run["cases"]} == {
+        (path, case) for path in ("real", "model") for case in cases}
+    assert all(set(figures) == {"p50", "p95", "p99", "max", "late"}
+               for run in result["runs"] for figures in run["cases"].values())
+    assert "| 2% | real |" in done.stdout  # the Markdown table
