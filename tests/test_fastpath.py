@@ -140,4 +140,4 @@ def test_the_hub_imports_nothing_about_transports():
                 for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
                 for alias in node.names}
     assert imported <= {"__future__", "asyncio", "time", "collections", "collections.abc",
-                        "typing", "closecode", "limits", "presence", "store"}, imported
+                        "typing", "admission", "closecode", "limits", "presence", "store"}, imported
