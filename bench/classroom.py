@@ -8,7 +8,7 @@ is started in it exactly as a learner does in notebook 01::
     server = await chatlib.start_server(limits=chatlib.Limits(admit_rate=0))
 
 with chatlib's default limits, but for admission control (off: N clients connecting as fast
-as they can are a storm the server would spread at 200 new sessions/s; bench/storm.py
+as they can are a storm the server would spread at 100 new sessions/s; bench/storm.py
 measures that). The load's senders each send far below the
 per-connection limit (5/s, bursts of 20), and the whole room's 10 messages/s from 127.0.0.1
 stays below the per-address limit (50/s, bursts of 200). Then ``classroom_load.py`` (pinned

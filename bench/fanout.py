@@ -24,8 +24,8 @@ the server by PID. Sections (see bench/README.md for the method and the results)
 
 chatlib is started with ``--rate 1000000 --burst 1000000``: its default limit (5 messages/s per
 client, bursts of 20) would throttle the one benchmark sender; and ``--admit-rate 0``: admission
-control (200 new sessions/s) would spread the join storm's 1000 joins in one second over three
-(bench/storm.py measures it). Everything else is the default
+control (100 new sessions/s, bursts of 400) would spread the join storm's 1000 joins in one
+second over seven (bench/storm.py measures it). Everything else is the default
 (``--max-queue 1024``, no compression unless the section says so).
 
     .venv/bin/python bench/fanout.py              # everything, ~4 min on 2 cores

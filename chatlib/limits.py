@@ -119,12 +119,14 @@ class Limits:
     replay_burst: int = 20
     """... with bursts of up to this many: four clients resuming 20,000 messages each
     from one address held a core (issue 18); past the budget a replay waits, paced."""
-    admit_rate: float = 200.0
+    admit_rate: float = 100.0
     """New sessions per second the server admits (WebSocket handshakes, SSE streams, polling
     joins; chatlib.admission), all clients together: after a restart or a failover every
-    client comes back at once, and each arrival costs a handshake, a history replay and a
-    presence change. The rest are told when to come back (503 + ``Retry-After``, close 1013
-    "busy"). 0 admits everyone. A classroom joining at once fits in the burst ..."""
+    client comes back at once, and each arrival costs a handshake, a history replay (a page
+    of ``history`` messages) and a presence change; at this rate a storm of full-page resumes
+    leaves about half a core for live traffic (README, "Limits and security"; bench/storm.py).
+    The rest are told when to come back (503 + ``Retry-After``, close 1013 "busy"). 0
+    admits everyone. A classroom joining at once fits in the burst ..."""
     admit_burst: int = 400
     """... with bursts of up to this many."""
     heartbeat: float = 15.0
