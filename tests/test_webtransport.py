@@ -529,3 +529,21 @@ async def test_loss_and_reordering_deliver_every_message_once_in_order(start_cha
     finally:
         await ada.close()
         await relay.stop()
+
+
+async def test_the_panel_chats_over_webtransport(wt_server, make_client):
+    from chatlib import ChatPanel
+
+    bob = await make_client("ws", wt_server, "bob")
+    panel = ChatPanel(wt_server, user="notebook", transport="webtransport")
+    try:
+        await panel.wait_connected()
+        panel._handle_custom_msg({"type": "send", "text": "from the panel",
+                                  "client_id": "p-1"}, [])
+        assert (await bob.receive(timeout=T)).text == "from the panel"
+        await bob.send("to the panel")
+        await panel.wait_for(lambda p: not p.outbox and len(p.messages) == 2, timeout=T)
+        assert [m.text for m in panel.messages.values()] == ["from the panel", "to the panel"]
+        assert "over webtransport" in repr(panel)
+    finally:
+        await panel.aclose()
