@@ -322,7 +322,7 @@ class Session:
         if len(self.refused) > MAX_EXTRA_STREAMS:
             self.close(CloseCode.POLICY_VIOLATION, "too many streams: the chat uses one")
             return
-        quic = self.protocol._quic
+        quic = self.protocol.quic
         with contextlib.suppress(Exception):  # a stream the peer already ended: nothing to do
             quic.stop_stream(stream_id, WT_STREAM_ERROR)
         if stream_id % 4 == 0:  # bidirectional: our side too
@@ -455,7 +455,7 @@ class Session:
     def write(self, payloads: tuple[str, ...]) -> None:
         if self.closed or self.stream_id is None or not payloads:
             return
-        quic = self.protocol._quic
+        quic = self.protocol.quic
         quic.send_stream_data(self.stream_id, lines(payloads))
         self.protocol.transmit_soon()
         if quicpath.stream_backlog(quic, self.stream_id)[0] > HIGH_WATER:
@@ -464,12 +464,12 @@ class Session:
     def check_drained(self) -> None:
         """After the client acknowledged something: write again below :data:`LOW_WATER`."""
         if not self.drained.is_set() and self.stream_id is not None:
-            waiting, _ = quicpath.stream_backlog(self.protocol._quic, self.stream_id)
+            waiting, _ = quicpath.stream_backlog(self.protocol.quic, self.stream_id)
             if waiting < LOW_WATER:
                 self.drained.set()
 
     def send_datagram(self, payload: str) -> None:
-        quic = self.protocol._quic
+        quic = self.protocol.quic
         if quicpath.datagrams_pending(quic) >= MAX_PENDING_DATAGRAMS:
             return  # a typing notice may be lost; a client that does not read loses them
         with contextlib.suppress(Exception):  # too big for a datagram, connection closing
@@ -487,7 +487,7 @@ class Session:
         self.drained.set()
         if self.outbox is not None:
             self.outbox.close(code)
-        quic = self.protocol._quic
+        quic = self.protocol.quic
         with contextlib.suppress(Exception):  # the connection may be closing already
             if self.stream_id is not None:
                 quic.send_stream_data(self.stream_id, b"", end_stream=True)
@@ -499,7 +499,7 @@ class Session:
         """Has the client acknowledged nothing for ``stuck_timeout`` s while bytes wait?"""
         if self.stream_id is None:
             return False
-        waiting, acked = quicpath.stream_backlog(self.protocol._quic, self.stream_id)
+        waiting, acked = quicpath.stream_backlog(self.protocol.quic, self.stream_id)
         # Progress, nothing waiting, or the first look (bytes may have been queued a moment
         # ago): the clock starts (again) now.
         if not waiting or acked != self.acked or self.acked_at is None:
@@ -516,6 +516,7 @@ class ChatProtocol(QuicConnectionProtocol):
 
     def __init__(self, *args, server: WebTransportServer, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.quic = self._quic  # the QuicConnection, for the session
         self.server = server
         self.h3: H3Connection | None = None
         self.session: Session | None = None
@@ -789,6 +790,7 @@ class ClientProtocol(QuicConnectionProtocol):
 
     def __init__(self, *args, session: ClientSession, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.quic = self._quic  # the QuicConnection, for the session
         self.h3 = H3Connection(self._quic, enable_webtransport=True)
         self.session = session
 
@@ -850,12 +852,12 @@ class ClientSession:
             async with asyncio.timeout(timeout):
                 protocol.connect(address)
                 await protocol.wait_connected()
-                der = quicpath.peer_certificate_der(protocol._quic)
+                der = quicpath.peer_certificate_der(protocol.quic)
                 if der is None or hashlib.sha256(der).hexdigest() != cert_hash.lower():
                     raise ConnectionError("the server's certificate does not have the hash "
                                           "it announced")
                 h3 = protocol.h3
-                self.session_id = protocol._quic.get_next_available_stream_id()
+                self.session_id = protocol.quic.get_next_available_stream_id()
                 authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 request = [(b":method", b"CONNECT"), (b":protocol", b"webtransport"),
                            (b":scheme", b"https"), (b":authority", authority.encode()),
@@ -887,7 +889,7 @@ class ClientSession:
     def send(self, data: bytes) -> None:
         if self.ended:
             raise ConnectionError(f"the session ended ({self.close_code}: {self.close_reason})")
-        self.protocol._quic.send_stream_data(self.stream_id, data)
+        self.protocol.quic.send_stream_data(self.stream_id, data)
         self.protocol.transmit()
 
     def send_datagram(self, data: bytes) -> None:

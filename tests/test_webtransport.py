@@ -355,7 +355,7 @@ async def test_many_streams_close_the_session_only(wt_server, probe, make_client
     h3 = p.session.protocol.h3
     for _ in range(MAX_EXTRA_STREAMS + 5):
         stream = h3.create_webtransport_stream(p.session.session_id)
-        p.session.protocol._quic.send_stream_data(stream, b"junk\n")
+        p.session.protocol.quic.send_stream_data(stream, b"junk\n")
     p.session.protocol.transmit()
     await p.until(lambda: p.end is not None)
     assert p.end[0] == CloseCode.POLICY_VIOLATION and "streams" in p.end[1]
