@@ -13,6 +13,7 @@ the server said.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -56,25 +57,32 @@ class Attempts:
         return self.times[count - 1]
 
 
-@pytest.mark.parametrize("transport", ["ws", "sse"])
-async def test_the_page_waits_as_long_as_a_busy_server_says(transport, start_chat, monkeypatch):
-    attempts = Attempts(monkeypatch)
-    server = await start_chat()
+@contextlib.asynccontextmanager
+async def chatting(server, transport: str):
+    """The chat page of ``server`` over ``transport``, connected; no page error at the end."""
     async with async_playwright() as p:
         browser, page, errors = await open_page(p, f"{server.url}?user=ada&transport={transport}")
         try:
-            before = len(attempts.times)
-            attempts.refuse = 2.5
-            for subscriber in server.hub.subscribers:  # it fell behind: it comes back at once
-                subscriber.close(CloseCode.TRY_AGAIN_LATER)
-            refused = await attempts.wait_for(before + 1)  # ... and is told: busy, 2.5 s
-            again = await attempts.wait_for(before + 2)
-            assert 2.5 <= again - refused < 2.5 + SLACK, again - refused
+            yield page
             await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
                                                                     timeout=UI_MS)
         finally:
             await browser.close()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_the_page_waits_as_long_as_a_busy_server_says(transport, start_chat, monkeypatch):
+    attempts = Attempts(monkeypatch)
+    server = await start_chat()
+    async with chatting(server, transport):
+        before = len(attempts.times)
+        attempts.refuse = 2.5
+        for subscriber in server.hub.subscribers:  # it fell behind: it comes back at once
+            subscriber.close(CloseCode.TRY_AGAIN_LATER)
+        refused = await attempts.wait_for(before + 1)  # ... and is told: busy, 2.5 s
+        again = await attempts.wait_for(before + 2)
+        assert 2.5 <= again - refused < 2.5 + SLACK, again - refused
 
 
 class FixedDelays:
@@ -91,17 +99,10 @@ class FixedDelays:
 async def test_the_page_comes_back_after_its_restart_delay(transport, start_chat, monkeypatch):
     attempts = Attempts(monkeypatch)
     server = await start_chat()
-    async with async_playwright() as p:
-        browser, page, errors = await open_page(p, f"{server.url}?user=ada&transport={transport}")
-        try:
-            monkeypatch.setattr(chatlib.admission, "random", FixedDelays(3.0))
-            before = len(attempts.times)
-            closed = time.monotonic()
-            await server.restart(spread=4.0)  # every client told: come back after 3.0 s
-            back = await attempts.wait_for(before + 1)
-            assert 3.0 <= back - closed < 3.0 + SLACK, back - closed
-            await expect(page.locator("#status")).to_have_attribute("data-state", "connected",
-                                                                    timeout=UI_MS)
-        finally:
-            await browser.close()
-    assert not errors, errors
+    async with chatting(server, transport):
+        monkeypatch.setattr(chatlib.admission, "random", FixedDelays(3.0))
+        before = len(attempts.times)
+        closed = time.monotonic()
+        await server.restart(spread=4.0)  # every client told: come back after 3.0 s
+        back = await attempts.wait_for(before + 1)
+        assert 3.0 <= back - closed < 3.0 + SLACK, back - closed
