@@ -217,6 +217,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     one = asyncio.run(search(a.start, a.max, a.broadcasts, a.resolution))
     results = dict(within_s=WITHIN, share=SHARE, interval_s=INTERVAL, broadcasts=a.broadcasts,
+                   cores=os.cpu_count(), load_average=os.getloadavg()[0],
                    setups={"one process": one})
     print(json.dumps({k: v["capacity"] for k, v in results["setups"].items()}))
     if a.json:
