@@ -33,15 +33,18 @@ for everyone); ``jitter`` waits ``uniform(0, min(cap, base * 2**attempt))`` befo
 attempt, the first included ("full jitter"); ``admission`` is ``jitter`` against a server
 with admission control (``Limits.admit_rate``, chatlib.admission: at most ``admit_rate`` new
 sessions per second, the rest closed 1013 ``busy: retry after S s``), and a client told
-"retry after S s" waits exactly S (the server gave each refused client its own slot). The
-``naive`` and ``jitter`` servers admit everyone (``admit_rate=0``). Without admission control
-in chatlib the ``admission`` mode is left out.
+"retry after S s" waits exactly S (the server gave each refused client its own slot);
+``spread`` is ``admission`` with a restart that announces each client's own delay in its
+1012 close reason (``ChatServer.restarting()``: ``restart: retry after S s``, S uniform over
+the time the server takes to admit everyone). The ``naive`` and ``jitter`` servers admit
+everyone (``admit_rate=0``). Without admission control in chatlib the last two are left out.
 
 Per trial: ``all_back_s`` (t0 until the last client is back), ``first_history_p50_s`` /
 ``p99`` (t0 until a client's first message), ``server_cpu_s`` (this process, t0 until all
 back), ``lost``, ``duplicated``, ``attempts`` (connection attempts, all clients),
-``failed`` (attempts refused or cut), ``admitted_per_s`` (clients whose first message came
-in the busiest 80 % of the storm, divided by its length), ``bystander_p99_ms`` / ``max_ms``.
+``failed`` (attempts refused or cut), ``admitted_per_s`` (from the clients' first messages:
+after the first ``admit_burst``, admitted at once, and before the last 5 %, stragglers),
+``bystander_p99_ms`` / ``max_ms``.
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ import time
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-MODES = ("naive", "jitter", "admission")
+MODES = ("naive", "jitter", "admission", "spread")
+HINTED = ("admission", "spread")
+"""The modes whose clients wait exactly the delay a server's close reason names."""
 BASE, CAP, NAIVE_DELAY = 1.0, 30.0, 0.25
 """Full jitter's first window and its cap (s); the naive client's fixed retry delay (s)."""
 
@@ -74,11 +79,12 @@ def next_delay(mode: str, attempt: int, rng: random.Random, *, base: float = BAS
                server_delay: float | None = None) -> float:
     """Seconds to wait before connection attempt ``attempt`` (0: the first after a close).
 
-    ``server_delay``: the delay the server's close reason named; the ``admission`` mode
-    waits exactly that (the server spread the clients already), the others ignore it."""
+    ``server_delay``: the delay the server's close reason named; the ``admission`` and
+    ``spread`` modes wait exactly that (the server spread the clients already), the others
+    ignore it."""
     if mode == "naive":
         return 0.0 if attempt == 0 else naive_delay
-    if mode == "admission" and server_delay is not None:
+    if mode in HINTED and server_delay is not None:
         return server_delay
     return rng.uniform(0, min(cap, base * 2**attempt))  # full jitter
 
@@ -206,14 +212,14 @@ class Swarm:
             self.closes[key] = self.closes.get(key, 0) + 1
             self.sockets[i] = None
 
-    def result(self, t0: float) -> dict:
+    def result(self, t0: float, burst: int = 0) -> dict:
         n = self.a.n
         firsts = [t - t0 for t in self.t_first if t]
         backs = [t - t0 for t in self.t_back if t]
         admitted = sorted(firsts)
-        # The rate at which clients got in: the middle 80 % of first messages, so that the
-        # ragged start and end of the storm do not decide it.
-        lo, hi = len(admitted) // 10, (len(admitted) * 9) // 10 - 1
+        # The rate at which clients got in, from their first messages: after the first
+        # ``burst`` (admitted at once) and before the last 5 % (stragglers).
+        lo, hi = min(burst, len(admitted) // 2), len(admitted) - 1 - len(admitted) // 20
         span = admitted[hi] - admitted[lo] if hi > lo else 0.0
         return dict(n=n, back=len(backs), all_back_s=max(backs, default=float("nan")),
                     back_p50_s=percentile(backs, 50),
@@ -272,7 +278,7 @@ async def run_swarm(a: argparse.Namespace) -> None:
                 await asyncio.wait_for(swarm.reached_all.wait(), a.timeout)
             except TimeoutError:
                 pass
-            result = swarm.result(t0)
+            result = swarm.result(t0, a.burst)
             missing = [i for i in range(a.n) if swarm.last[i] < swarm.threshold]
             result["final_missing"] = len(missing)
             result["missing"] = [dict(i=i, last_id=swarm.last[i],
@@ -357,8 +363,10 @@ async def run_bystander(a: argparse.Namespace) -> None:
 
 # -- the controller (the server's process) ---------------------------------------------------
 
-ADMIT_RATE = 200.0
-"""Sessions per second the ``admission`` mode's server admits (``Limits.admit_rate``)."""
+ADMIT_RATE = 50.0
+"""Sessions per second the ``admission`` and ``spread`` servers admit (``Limits.admit_rate``):
+at 500 messages of history each, what one process can replay on this machine (bench/README.md,
+"Reconnect storm"). Bursts of a tenth of a second's worth."""
 
 
 def has_admission() -> bool:
@@ -369,16 +377,20 @@ def has_admission() -> bool:
     return any(f.name == "admit_rate" for f in dataclasses.fields(chatlib.Limits))
 
 
+def admit_burst(admit_rate: float) -> int:
+    return max(1, int(admit_rate / 10))
+
+
 def bench_limits(mode: str = "naive", admit_rate: float = ADMIT_RATE, **changes):
     """Default limits, with the per-address budgets lifted (every client is 127.0.0.1), and
     admission control on (at ``admit_rate``) in the ``admission`` mode only."""
     import chatlib
     options = dict(rate=1000, burst=1000, address_rate=1e6, address_burst=10**6,
                    replay_rate=1e6, replay_burst=10**6)
-    if mode == "admission":
+    if mode in HINTED:
         if not has_admission():
             raise RuntimeError("this chatlib has no admission control (Limits.admit_rate)")
-        options.update(admit_rate=admit_rate, admit_burst=max(1, int(admit_rate)))
+        options.update(admit_rate=admit_rate, admit_burst=admit_burst(admit_rate))
     elif has_admission():
         options.update(admit_rate=0)  # no control: the storm as it comes
     options.update(changes)
@@ -440,7 +452,8 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
         swarm = await Child.start("clients", "--port", port, "-n", str(n), "--mode", mode,
                                   "--after", after, "--base", str(base), "--cap", str(cap),
                                   "--naive-delay", str(naive_delay), "--seed", str(seed),
-                                  "--timeout", str(timeout), "--spacing", str(spacing))
+                                  "--timeout", str(timeout), "--spacing", str(spacing),
+                                  "--burst", str(admit_burst(admit_rate) if mode in HINTED else 0))
         children.append(swarm)
         bystander = await Child.start("bystander", "--port", port, "--after", after,
                                       "--live-rate", str(live_rate))
@@ -451,6 +464,7 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
         swarm.send(f"sync {message.id}")
         assert await swarm.expect(timeout) == "ready"
 
+        spread = server.restarting(None if mode == "spread" else 0) if has_admission() else 0
         await server.stop(CloseCode.SERVICE_RESTART)
         for k in range(catch_up):
             await log.append("bench", f"while you were away: {k + 1} of {catch_up}")
@@ -474,7 +488,7 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
             await child.stop()
         await server.stop()
     result.update(mode=mode, catch_up=catch_up,
-                  admit_rate=admit_rate if mode == "admission" else None,
+                  admit_rate=admit_rate if mode in HINTED else None, restart_spread_s=spread,
                   server_cpu_s=cpu_s, storm_wall_s=wall_s, load_average=os.getloadavg()[0],
                   bystander_p50_ms=live["p50_ms"], bystander_p99_ms=live["p99_ms"],
                   bystander_max_ms=live["max_ms"], bystander_sent=live["sent"],
@@ -501,7 +515,7 @@ def summarize(trials: list[dict]) -> dict:
 
 async def bench(a: argparse.Namespace) -> dict:
     trials = []
-    modes = [m for m in a.modes if m != "admission" or has_admission()]
+    modes = [m for m in a.modes if m not in HINTED or has_admission()]
     for r in range(a.repeats):
         for mode in modes:
             result = await trial(mode, a.n, a.catch_up, live_rate=a.live_rate, seed=r + 1,
@@ -531,6 +545,7 @@ def main() -> None:
     parser.add_argument("--naive-delay", type=float, default=NAIVE_DELAY)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--spacing", type=float, default=0.001)
+    parser.add_argument("--burst", type=int, default=0)
     parser.add_argument("--live-rate", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--json", help="also write the results here")

@@ -30,7 +30,10 @@ def test_storm_brings_every_client_back_with_nothing_lost(mode) -> None:
     assert result["back"] == n and result["final_missing"] == 0, result
     assert result["lost"] == 0 and result["duplicated"] == 0, result
     assert result["attempts"] >= n  # every client tried at least once after the restart
-    assert result["closes"].get("1012", 0) == n  # every one was told: service restart
+    restarts = sum(k for key, k in result["closes"].items() if key.split()[0] == "1012")
+    assert restarts == n  # every one was told: service restart
+    if mode == "spread":  # each with its own delay
+        assert result["closes"].get("1012 restart: retry after S s") == n, result["closes"]
     assert 0 < result["first_history_p50_s"] <= result["first_history_p99_s"] \
         <= result["all_back_s"]
     assert result["bystander_received"] == result["bystander_sent"] > 0
@@ -47,6 +50,7 @@ def test_next_delay_policies() -> None:
              for _ in range(50)]
     assert all(0 <= d <= 8.0 for d in draws) and max(draws) > 4  # capped, and spread
     assert storm.next_delay("admission", 5, rng, server_delay=2.5) == 2.5  # told: obeyed
+    assert storm.next_delay("spread", 0, rng, server_delay=0.7) == 0.7
     assert storm.next_delay("jitter", 0, rng, server_delay=2.5) <= 1.0  # not told: ignored
 
 
