@@ -46,7 +46,13 @@ nothing for ``Limits.stuck_timeout`` while bytes wait for it has its QUIC connec
 at once (the CONNECTION_CLOSE frees everything, as a TCP reset does). A client that sends
 garbage gets an error event; one that opens more streams than its one gets them refused,
 and after :data:`MAX_EXTRA_STREAMS` its session closed (1008); one that floods datagrams
-has them dropped past its budget, and is told (429) at most once a second.
+has them dropped past its budget, and is told (429) at most once a second. Admission
+control (chatlib.admission) counts a session as it counts a WebSocket.
+
+Reading order: :class:`WebTransportServer` (binding, checks, the stuck sweep), then
+:class:`ChatProtocol` (one QUIC connection), :class:`Session` (one chat session), and at the
+end :class:`ClientSession`, the Python side that chatlib.clients.WebTransportClient uses.
+Every read of aioquic's private state is in chatlib.quicpath.
 """
 
 from __future__ import annotations
