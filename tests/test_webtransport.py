@@ -547,3 +547,29 @@ async def test_the_panel_chats_over_webtransport(wt_server, make_client):
         assert "over webtransport" in repr(panel)
     finally:
         await panel.aclose()
+
+
+async def test_chatlib_serve_webtransport(tmp_path):
+    """``python -m chatlib serve --webtransport``: says where, serves, frees both ports on
+    SIGTERM."""
+    import sys
+
+    from helpers import end_process
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "chatlib", "serve", "--port", "0", "--webtransport",
+        stdout=asyncio.subprocess.PIPE, cwd=tmp_path)
+    try:
+        async with asyncio.timeout(30):
+            serving = (await process.stdout.readline()).decode()
+            where = (await process.stdout.readline()).decode()
+        url = serving.split("serving on ", 1)[1].split()[0]
+        assert where.startswith("WebTransport on https://127.0.0.1:") and "SHA-256" in where
+        async with WebTransportClient(url, "ada") as ada:
+            assert (await ada.send("over the CLI's server")).id == 1
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+    finally:
+        await end_process(process)
+    assert process.returncode == 0
+    for sock in bind_udp("127.0.0.1", port):  # freed
+        sock.close()
