@@ -29,9 +29,11 @@ What it models, per connection and per direction (client -> server, server -> cl
   to ``burst`` bytes. Bytes wait for their tokens after their delay, in order.
 * **Loss** (``loss=``, a probability per chunk): this relay joins two loopback TCP
   connections, and neither loses a segment, so a loss is *modelled* by its effect: the
-  chunk arrives ``retransmit`` seconds late (by default ``2 * delay + 0.2``: a round trip
-  plus Linux's minimum retransmission timeout, ``TCP_RTO_MIN``, as a steady path's RTO),
-  and, because TCP delivers in order, every chunk behind it waits too. That is
+  chunk arrives ``retransmit`` seconds late, and, because TCP delivers in order, every
+  chunk behind it waits too. The default, ``2 * delay + 0.2`` (a round trip plus Linux's
+  minimum retransmission timeout, ``TCP_RTO_MIN``), is a steady path's RTO: a *tail* loss,
+  with nothing sent after it. With data flowing behind the loss, Linux's RACK-TLP
+  (RFC 8985) detects it sooner, about ``1.25 * (2 * delay)`` after sending: pass that. That is
   head-of-line blocking; the kernel's own retransmission machinery is not involved.
 * **TLS** (``tls=True``): clients speak TLS to the proxy (``https://``, ``wss://``); the
   proxy decrypts *behind* the delay and forwards plain HTTP to the target, so the TLS
@@ -517,7 +519,8 @@ class UdpStats:
 
     datagrams_up: int = 0  # client -> server, sent to the server
     datagrams_down: int = 0  # server -> client, sent to the client
-    dropped: int = 0  # lost on purpose (``loss``)
+    dropped: int = 0  # lost on purpose (``loss`` or ``drop``), both directions
+    dropped_down: int = 0  # ... of which server -> client
     reordered: int = 0  # held ``reorder_gap`` more, so later ones could overtake
     flows: int = 0  # client addresses seen
     refused: int = 0  # beyond MAX_FLOWS, or BACKLOG while a flow's socket opens
@@ -584,6 +587,9 @@ class UdpNetem:
         reorder_gap: how long a reordered datagram is held on top of its delay.
         port: the port to listen on, on 127.0.0.1; 0 picks a free one.
         seed: seed for the random numbers (jitter, loss, reordering): repeatable runs.
+        drop: ``drop(n, up)`` is called for every datagram (``n`` counts the datagrams of
+            that direction from 0, ``up`` is client -> server) and drops it when true: the
+            same losses in two runs, whatever else differs (on top of ``loss``).
 
     Settings are attributes, read per datagram. Delivery is scheduled with the event loop's
     timers (``call_at``): no task per datagram, and :meth:`stop` cancels what is pending.
@@ -591,7 +597,8 @@ class UdpNetem:
 
     def __init__(self, target, *, delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0,
                  reorder: float = 0.0, reorder_gap: float = 0.01, port: int = 0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None,
+                 drop: Callable[[int, bool], bool] | None = None) -> None:
         if delay < 0 or jitter < 0 or reorder_gap < 0:
             raise ValueError("delay, jitter and reorder_gap must be >= 0 seconds")
         _check_probability("loss", loss)
@@ -599,6 +606,8 @@ class UdpNetem:
         self.target_host, self.target_port, _ = _target_address(target)
         self.delay, self.jitter, self.loss = delay, jitter, loss
         self.reorder, self.reorder_gap = reorder, reorder_gap
+        self.drop = drop
+        self._counts = [0, 0]  # datagrams seen so far: [down, up]
         self.requested_port = port
         self.port: int | None = None
         self.stats = UdpStats()
@@ -648,10 +657,17 @@ class UdpNetem:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
-    def _schedule(self, send: Callable[[bytes], None], data: bytes) -> None:
+    def _schedule(self, send: Callable[[bytes], None], data: bytes, up: bool) -> None:
         """Drop ``data``, or call ``send(data)`` after its delay (a timer, not a task)."""
+        n = self._counts[up]
+        self._counts[up] += 1
+        if self.drop is not None and self.drop(n, up):
+            self.stats.dropped += 1
+            self.stats.dropped_down += not up
+            return
         if self.loss and self._random.random() < self.loss:
             self.stats.dropped += 1
+            self.stats.dropped_down += not up
             return
         wait = self.delay
         if self.jitter:
@@ -684,14 +700,14 @@ class UdpNetem:
                 remote_addr=(self.target_host, self.target_port)))
             self._opening.add(task)
             task.add_done_callback(self._opening.discard)
-        self._schedule(flow.send, data)
+        self._schedule(flow.send, data, up=True)
 
     def _from_server(self, data: bytes, client) -> None:
         def send(data: bytes) -> None:
             if self._listener is not None:
                 self._listener.sendto(data, client)
                 self.stats.datagrams_down += 1
-        self._schedule(send, data)
+        self._schedule(send, data, up=False)
 
 
 async def start_udp(target, *, delay: float = 0.0, jitter: float = 0.0, loss: float = 0.0,

@@ -514,6 +514,22 @@ async def test_udp_loss_rate_is_within_bounds_and_repeatable(start_relay):
     assert len(set(outcomes[0])) == len(outcomes[0])  # nothing duplicated
 
 
+async def test_udp_drop_schedule_drops_the_same_datagrams_every_run(start_relay):
+    n = 100
+    for _ in range(2):
+        async with udp_endpoint() as (target, sink):
+            relay = await start_relay(target.get_extra_info("sockname"),
+                                      drop=lambda i, up: up and i % 10 == 9)
+            async with udp_endpoint(remote=relay.address) as (client, _):
+                for i in range(n):
+                    client.sendto(b"%d" % i)
+                    await asyncio.sleep(0)
+                await wait_until(lambda r=relay: len(sink.received) + r.stats.dropped == n)
+        got = sorted(int(data) for data, _, _ in sink.received)
+        assert got == [i for i in range(n) if i % 10 != 9]
+        assert (relay.stats.dropped, relay.stats.dropped_down) == (10, 0)
+
+
 async def test_udp_reordering_lets_later_datagrams_overtake(start_relay):
     n = 500
     async with udp_endpoint() as (target, sink):
