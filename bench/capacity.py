@@ -214,7 +214,6 @@ def main() -> None:
     if a.role == "clients":
         asyncio.run(run_clients(a))
         return
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     one = asyncio.run(search(a.start, a.max, a.broadcasts, a.resolution))
     results = dict(within_s=WITHIN, share=SHARE, interval_s=INTERVAL, broadcasts=a.broadcasts,
                    cores=os.cpu_count(), load_average=os.getloadavg()[0],

@@ -63,6 +63,9 @@ import time
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from chatlib.clients import Backoff  # noqa: E402  (the repository's chatlib, installed or not)
+
 MODES = ("naive", "jitter", "admission", "spread")
 HINTED = ("admission", "spread")
 """The modes whose clients wait exactly the delay a server's close reason names."""
@@ -74,19 +77,18 @@ RETRY_AFTER = re.compile(r"retry after ([0-9.]+) s")
 """A server's "come back in S seconds" in a close reason (chatlib.closecode)."""
 
 
-def next_delay(mode: str, attempt: int, rng: random.Random, *, base: float = BASE,
-               cap: float = CAP, naive_delay: float = NAIVE_DELAY,
-               server_delay: float | None = None) -> float:
+def next_delay(mode: str, attempt: int, *, base: float = BASE, cap: float = CAP,
+               naive_delay: float = NAIVE_DELAY, server_delay: float | None = None) -> float:
     """Seconds to wait before connection attempt ``attempt`` (0: the first after a close).
 
-    ``server_delay``: the delay the server's close reason named; the ``admission`` and
-    ``spread`` modes wait exactly that (the server spread the clients already), the others
-    ignore it."""
+    ``naive``: none, then ``naive_delay`` every time. The others: chatlib's own
+    :class:`chatlib.clients.Backoff` (full jitter), which the ``admission`` and ``spread``
+    modes also give ``server_delay``, the delay the server's close reason named: waited
+    exactly (the server spread the clients already); ``jitter`` ignores it."""
     if mode == "naive":
         return 0.0 if attempt == 0 else naive_delay
-    if mode in HINTED and server_delay is not None:
-        return server_delay
-    return rng.uniform(0, min(cap, base * 2**attempt))  # full jitter
+    backoff = Backoff(base=base, cap=cap, attempt=attempt)
+    return backoff.delay(server_delay if mode in HINTED else None)
 
 
 def percentile(values, p: float) -> float:
@@ -117,7 +119,7 @@ class Swarm:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.url = f"ws://127.0.0.1:{a.port}/ws"
-        self.rng = random.Random(a.seed)
+        random.seed(a.seed)  # Backoff draws from the module's generator
         n = a.n
         self.last = [a.after] * n
         self.lost = self.dup = self.attempts = self.failed = 0
@@ -168,7 +170,7 @@ class Swarm:
         while not self.stopping:  # bounded: the controller stops the swarm (or kills it)
             self.phase[i] = "wait"
             if not first:
-                await asyncio.sleep(next_delay(self.a.mode, attempt, self.rng, base=self.a.base,
+                await asyncio.sleep(next_delay(self.a.mode, attempt, base=self.a.base,
                                                cap=self.a.cap, naive_delay=self.a.naive_delay,
                                                server_delay=server_delay))
                 attempt += 1
@@ -296,10 +298,17 @@ async def run_swarm(a: argparse.Namespace) -> None:
 
 
 async def run_bystander(a: argparse.Namespace) -> None:
-    """Post a live message every 1/rate s on a fixed schedule; time each one's return."""
+    """Post a live message every 1/rate s on a fixed schedule; time each one's return.
+
+    Refused or cut (admission control may refuse it too), it reconnects after the server's
+    delay (or 50 ms); the messages it had in flight then are dropped from the count."""
     commands = await read_commands()
     url = f"ws://127.0.0.1:{a.port}/ws"
+    loop = asyncio.get_running_loop()
     latencies: list[float] = []
+    sent: dict[str, float] = {}  # text -> scheduled send time, until it comes back
+    all_back = asyncio.Event()  # set when no live message is in flight
+    state = dict(k=0, start=0.0, dropped=0, reconnects=0)
 
     async def session(stop: asyncio.Event | None) -> None:
         async with connect(url, ping_interval=None, compression=None, open_timeout=30) as ws:
@@ -308,9 +317,6 @@ async def run_bystander(a: argparse.Namespace) -> None:
                 print("ready", flush=True)
                 await commands.readline()  # "go": the server restarted
                 return
-            loop = asyncio.get_running_loop()
-            start, k, sent = loop.time(), 0, {}
-            all_back = asyncio.Event()  # set when no live message is in flight
 
             async def reader() -> None:
                 async for raw in ws:
@@ -322,29 +328,40 @@ async def run_bystander(a: argparse.Namespace) -> None:
                                 all_back.set()
 
             reading = asyncio.ensure_future(reader())
-            while not stop.is_set():  # bounded: the controller sends "stop"
-                due = start + k / a.live_rate
-                try:
-                    await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
-                    break
-                except TimeoutError:
-                    pass
-                text = f"live {k}"
-                sent[text] = due  # from the scheduled time: a late send counts as latency
-                await ws.send(json.dumps({"type": "message", "text": text}))
-                k += 1
-            all_back.clear()
-            if sent:  # wait for the last ones in flight (bounded)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(all_back.wait(), 10)
-            reading.cancel()
-            print(json.dumps(dict(sent=k, received=len(latencies),
-                                  p50_ms=percentile(latencies, 50) * 1000,
-                                  p99_ms=percentile(latencies, 99) * 1000,
-                                  max_ms=max(latencies, default=float("nan")) * 1000)),
-                  flush=True)
+            try:
+                while not stop.is_set():  # bounded: the controller sends "stop"
+                    due = state["start"] + state["k"] / a.live_rate
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), max(0.0, due - loop.time()))
+                        break
+                    if reading.done():
+                        reading.result()  # the connection closed: raise why
+                    text = f"live {state['k']}"
+                    sent[text] = due  # from the scheduled time: a late send counts
+                    state["k"] += 1
+                    await ws.send(json.dumps({"type": "message", "text": text}))
+                all_back.clear()
+                if sent:  # wait for the last ones in flight (bounded)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(all_back.wait(), 10)
+            finally:
+                reading.cancel()
 
-    await session(None)
+    async def retrying(stop: asyncio.Event | None) -> None:
+        for _ in range(1000):  # refused, cut, or the server not listening yet: bounded tries
+            try:
+                await session(stop)
+                return
+            except (OSError, InvalidHandshake, ConnectionClosed) as exc:
+                state["reconnects"] += 1
+                state["dropped"] += len(sent)
+                sent.clear()
+                reason = getattr(getattr(exc, "rcvd", None), "reason", "") or ""
+                hint = RETRY_AFTER.search(reason)
+                await asyncio.sleep(float(hint.group(1)) if hint else 0.05)
+
+    await retrying(None)
+    state["reconnects"] = 0
     stop = asyncio.Event()
 
     async def wait_stop() -> None:
@@ -352,13 +369,14 @@ async def run_bystander(a: argparse.Namespace) -> None:
         stop.set()
 
     waiter = asyncio.ensure_future(wait_stop())
-    for _ in range(100):  # the server may not listen yet: a few tries, bounded
-        try:
-            await session(stop)
-            break
-        except OSError:
-            await asyncio.sleep(0.05)
+    state["start"] = loop.time()
+    await retrying(stop)
     waiter.cancel()
+    print(json.dumps(dict(sent=state["k"] - state["dropped"], received=len(latencies),
+                          dropped=state["dropped"], reconnects=state["reconnects"],
+                          p50_ms=percentile(latencies, 50) * 1000,
+                          p99_ms=percentile(latencies, 99) * 1000,
+                          max_ms=max(latencies, default=float("nan")) * 1000)), flush=True)
 
 
 # -- the controller (the server's process) ---------------------------------------------------
@@ -492,6 +510,7 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
                   server_cpu_s=cpu_s, storm_wall_s=wall_s, load_average=os.getloadavg()[0],
                   bystander_p50_ms=live["p50_ms"], bystander_p99_ms=live["p99_ms"],
                   bystander_max_ms=live["max_ms"], bystander_sent=live["sent"],
+                  bystander_reconnects=live["reconnects"],
                   bystander_received=live["received"])
     return result
 
@@ -555,7 +574,6 @@ def main() -> None:
     elif a.role == "bystander":
         asyncio.run(run_bystander(a))
     else:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         results = asyncio.run(bench(a))
         print(json.dumps(results["summary"], indent=1))
         if a.json:
