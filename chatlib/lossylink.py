@@ -53,6 +53,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import functools
 import itertools
 import os
 import random
@@ -115,6 +116,19 @@ def available() -> str | None:
         return f"/dev/net/tun cannot be opened ({exc.strerror})"
     if not os.path.exists("/proc/self/ns/net"):
         return "this kernel has no network namespaces"
+    return _probe_namespace()
+
+
+@functools.cache
+def _probe_namespace() -> str | None:
+    """Make and delete one namespace (root in a container may lack CAP_SYS_ADMIN)."""
+    name = f"chatlib-lossy-{os.getpid()}-probe-a"  # a name _reap_stale() knows
+    try:
+        _ip("netns", "add", name)
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot make a network namespace: {exc}"
+    with contextlib.suppress(RuntimeError, OSError, subprocess.TimeoutExpired):
+        _ip("netns", "del", name)
     return None
 
 
