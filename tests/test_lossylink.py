@@ -211,6 +211,30 @@ async def test_chat_over_a_lossy_link_delivers_every_message_once_in_order():
     assert link.stats.dropped > 0
 
 
+async def test_a_server_spawned_in_b_serves_clients_in_a():
+    """``python -m chatlib serve`` in namespace B, a client in A: the CLI binds B's address."""
+    async with lossylink.LossyLink(delay=0.005) as link:
+        server = await link.spawn(
+            "b", sys.executable, "-m", "chatlib", "serve", "--webtransport",
+            "--host", link.b_host, "--port", str(PORT), stdout=asyncio.subprocess.PIPE)
+        banner = await asyncio.wait_for(server.stdout.readline(), 60)
+        assert b"chatlib serving on" in banner, banner
+        url = f"http://{link.b_host}:{PORT}/"
+        with link.inside("a"):
+            ada = WebSocketClient(url, "ada")
+            await asyncio.wait_for(ada.connect(), 30)
+            bob = WebTransportClient(url, "bob")
+            await asyncio.wait_for(bob.connect(), 30)
+        try:
+            sent = await ada.send("over the link")
+            got = await bob.receive(timeout=30)
+        finally:
+            await ada.close()
+            await bob.close()
+    assert (got.id, got.text) == (sent.id, "over the link")
+    assert server.returncode is not None  # stop() ended it
+
+
 async def test_stop_removes_namespaces_devices_and_processes():
     link = lossylink.LossyLink()
     await link.start()
