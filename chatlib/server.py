@@ -356,12 +356,6 @@ class ChatServer:
             self._sweeper.cancel()
         if self.hub is not None:
             self.hub.close(code)
-        if self._webtransport is not None:
-            await self._webtransport.close()  # the sessions' close capsules, then the port
-            self._webtransport = None
-        for sock in self._udp:
-            sock.close()
-        self._udp = []
         try:
             if self._server is not None and self._task is not None:
                 self._server.should_exit = True
@@ -374,6 +368,14 @@ class ChatServer:
                 if not done:
                     self._task.cancel()
         finally:
+            # WebTransport after HTTP: a page that reconnects meanwhile finds no HTTP server
+            # (and waits) rather than a WebTransport port that refuses it (and gives up on it).
+            if self._webtransport is not None:
+                await self._webtransport.close()  # the sessions' close capsules, then the port
+                self._webtransport = None
+            for sock in self._udp:
+                sock.close()
+            self._udp = []
             if self._socket is not None:
                 self._socket.close()
             self._task = None

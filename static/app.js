@@ -45,6 +45,7 @@
   const RESEND_RETRY_MS = 2000;     // a send that failed (network, 5xx) is tried again
   const RATE_RETRY_MS = 1000;       // a send refused as too fast (429), without Retry-After
   const ACK_TIMEOUT_MS = 10000;     // a WebSocket send with no ack by then goes again
+  const WT_MISSES_TO_SKIP = 2;      // webtransport not opening this often: use the next one
   // A quiet stream (WebSocket or SSE) may be idle or dead, and page code can't tell: it sees
   // neither SSE comments nor WebSocket PINGs. So the page checks: every WATCHDOG_EVERY_MS it
   // asks for presence, and no answer within WATCHDOG_DEADLINE_MS means the network is gone.
@@ -79,6 +80,7 @@
     attempt: 0,            // failed attempts since the last success (backoff exponent)
     serverDelayMs: null,   // the delay the server asked for before the next reconnect, if any
     failedTries: 0,        // connections since the last success that never opened
+    wtMisses: 0,           // webtransport sessions in a row that did not open, server up
     reconnectTimer: null,
     lastId: 0,             // cursor: newest message id shown
     before: 0,             // older messages exist below this id (the `history` marker); 0: none
@@ -537,8 +539,16 @@
       state.failedTries += 1;
       if (state.failedTries === GONE_AFTER_TRIES) serverGone();
     }
+    // A transport that is not available here (webtransport: the server answers but does
+    // not offer it, or UDP does not get through) makes way for the next one at once, even
+    // after auto mode settled on it (a server restarted without it).
+    if (state.mode === 'auto' && skipped && state.autoIndex + 1 < AUTO_ORDER.length) {
+      state.autoIndex += 1;
+      connect();
+      return;
+    }
     // Auto mode, nothing has worked yet: fall back to the next transport at
-    // once. After the last one, start over from WebSocket, with backoff (the
+    // once. After the last one, start over from the first, with backoff (the
     // server may simply be down, in which case every transport fails).
     if (state.mode === 'auto' && !state.autoLocked && !conn.everOpened) {
       state.autoIndex += 1;
@@ -672,7 +682,15 @@
     }
     let wt = null;
     let stopWatchdog = () => {};
-    const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
+    // Once the server has answered `api/webtransport`, a session that does not open is
+    // WebTransport's own failure (UDP refused or dropped), or a server stopping between
+    // the two: twice in a row, and WebTransport is skipped (a restart misses only once).
+    let serverAnswered = false;
+    const notOpened = () => {
+      if (serverAnswered && !conn.everOpened) state.wtMisses += 1;
+      conn.failed({ skipped: state.wtMisses >= WT_MISSES_TO_SKIP });
+    };
+    const openTimer = setTimeout(notOpened, CONNECT_TIMEOUT_MS);
     conn.stop = () => {
       clearTimeout(openTimer);
       stopWatchdog();
@@ -683,7 +701,8 @@
     const notHere = new Error('WebTransport is not available here');
     openWt().catch((err) => {
       if (err !== notHere) console.warn('webtransport:', err);
-      conn.failed({ skipped: err === notHere || err instanceof HttpError });
+      if (err === notHere || err instanceof HttpError) conn.failed({ skipped: true });
+      else notOpened();
     });
 
     async function openWt() {
@@ -692,13 +711,14 @@
       if (conn.closed) return;
       // Another port than the page's: a proxy serves the page, and UDP will not pass it.
       if (!info.available || new URL(info.url).port !== port) throw notHere;
+      serverAnswered = true;
       const hash = Uint8Array.from(info.hash.match(/../g), (h) => parseInt(h, 16));
       wt = new WebTransport(info.url, {
         serverCertificateHashes: [{ algorithm: 'sha-256', value: hash }],
       });
       wt.closed.then(({ closeCode, reason }) => {
         if (!conn.closed) onClose(conn, closeCode, reason);
-      }, () => { if (!conn.closed) conn.failed(); });
+      }, () => { if (!conn.closed) notOpened(); });
       await wt.ready;
       const stream = await wt.createBidirectionalStream();
       if (conn.closed) return;
@@ -714,6 +734,7 @@
       conn.sendTyping = () => datagrams.write(encoder.encode('{"type":"typing"}')).catch(() => {});
       readDatagrams(wt.datagrams.readable);
       stopWatchdog = startWatchdog(conn);
+      state.wtMisses = 0;
       conn.opened();
       await readLines(stream.readable);
     }

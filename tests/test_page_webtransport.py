@@ -218,3 +218,24 @@ async def test_the_page_uses_webtransport_in_token_mode(start_chat, make_client)
         finally:
             await browser.close()
     assert not errors, errors
+
+
+async def test_the_page_falls_back_when_a_restarted_server_has_no_webtransport(start_chat):
+    log = MemoryLog()
+    server = await start_chat(log=log, webtransport=True)
+    async with async_playwright() as p:
+        browser, page, errors = await open_page(p, f"{server.url}?user=ada")
+        try:
+            await expect(page.locator("#transport")).to_have_text("webtransport")
+            port = server.port
+            await server.stop()
+            await expect(page.locator("#status")).not_to_have_attribute(
+                "data-state", "connected", timeout=UI_MS)
+            await log.append("bob", "after the restart")
+            await start_chat(log=log, port=port)  # without WebTransport now
+            await expect(page.locator("#messages li.message .text")).to_have_text(
+                ["after the restart"], timeout=UI_MS)
+            await expect(page.locator("#transport")).to_have_text("ws")
+        finally:
+            await browser.close()
+    assert not errors, errors
