@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from chatlib import Limits, wire
-from chatlib.clients import ChatRefused, WebTransportClient
+from chatlib.clients import ChatRefused, SessionClosed, WebTransportClient
 from chatlib.closecode import CloseCode
 from chatlib.webtransport import (
     MAX_EXTRA_STREAMS,
@@ -573,3 +573,25 @@ async def test_chatlib_serve_webtransport(tmp_path):
     assert process.returncode == 0
     for sock in bind_udp("127.0.0.1", port):  # freed
         sock.close()
+
+
+async def test_rerunning_start_server_keeps_the_port_for_webtransport_too():
+    """A notebook's start cell run again: the new server takes the same port, UDP included,
+    and a WebTransport client resumes on it (1012 from the old one, then its history)."""
+    import chatlib
+
+    try:
+        first = await chatlib.start_server(webtransport=True)
+        async with WebTransportClient(first.url, "ada") as ada:
+            await ada.send("before")
+            url, certificate = first.wt_url, first.wt_hash
+            second = await chatlib.start_server(webtransport=True)  # the cell, re-run
+            assert second.port == first.port and second.wt_url == url
+            assert second.wt_hash != certificate  # a new certificate, made at start
+            with pytest.raises(SessionClosed) as closed:
+                await ada.receive_many(2, timeout=T)  # its own message, then the close
+            assert closed.value.code == CloseCode.SERVICE_RESTART
+            await ada.reconnect()  # with the new hash, from api/webtransport
+            assert (await ada.send("after")).id == 2
+    finally:
+        await asyncio.wait_for(chatlib.stop_server(), 20)
