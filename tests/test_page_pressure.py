@@ -5,6 +5,8 @@ chatlib.closecode.CLOSES): it comes back when the server says, not at its own pa
   with ``retry_after``), its next attempt comes S seconds later.
 * Closed by a restart that spreads its clients (1012 "restart: retry after S s"; SSE: the
   stream's last ``close`` event), it comes back after S seconds.
+* Many pages after a naive restart: admitted at the configured rate, every page back with
+  every message shown once.
 
 Before, the page came back after its own backoff (below 0.5 s for a first retry) whatever
 the server said.
@@ -22,7 +24,9 @@ from playwright.async_api import async_playwright, expect
 from test_page_send import open_page
 
 import chatlib.admission
+from chatlib import Limits
 from chatlib.admission import Admission
+from chatlib.browser import launch
 from chatlib.closecode import CloseCode
 
 UI_MS = 30_000  # generous: the machine is shared
@@ -36,6 +40,7 @@ class Attempts:
 
     def __init__(self, monkeypatch) -> None:
         self.times: list[float] = []
+        self.admitted: list[float] = []
         self.refuse: float | None = None
         admit = Admission.admit
 
@@ -45,7 +50,10 @@ class Attempts:
                 wait, self.refuse = self.refuse, None
                 admission.refused += 1
                 return wait
-            return admit(admission)
+            answer = admit(admission)
+            if answer is None:
+                self.admitted.append(self.times[-1])
+            return answer
 
         monkeypatch.setattr(Admission, "admit", spy)
 
@@ -106,3 +114,46 @@ async def test_the_page_comes_back_after_its_restart_delay(transport, start_chat
         await server.restart(spread=4.0)  # every client told: come back after 3.0 s
         back = await attempts.wait_for(before + 1)
         assert 3.0 <= back - closed < 3.0 + SLACK, back - closed
+
+
+async def test_many_pages_come_back_from_a_storm_at_the_admitted_rate(start_chat, monkeypatch):
+    """16 chat pages (one Chromium) and a naive restart: they come back at once, the server
+    admits 4 per second (bursts of 4) and tells the rest when; every page is back, showing
+    each message once, and no 1 s window admitted more than rate + 10 % + burst."""
+    attempts = Attempts(monkeypatch)
+    pages_n, rate, burst = 16, 4, 4
+    server = await start_chat(limits=Limits(admit_rate=0))
+    for i in range(3):
+        await server.log.append("bob", f"before {i}")
+    async with async_playwright() as p:
+        browser = await launch(p)
+        errors: list[str] = []
+        try:
+            pages = []
+            for i in range(pages_n):
+                page = await browser.new_page(viewport={"width": 700, "height": 500})
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                await page.goto(f"{server.url}?user=p{i}&transport=ws")
+                pages.append(page)
+            for page in pages:
+                await expect(page.locator("#status")).to_have_attribute(
+                    "data-state", "connected", timeout=UI_MS)
+            server.limits = Limits(admit_rate=rate, admit_burst=burst)
+            attempts.admitted.clear()
+            await server.restart(spread=0)  # naive: every page comes back at once
+            for i in range(3):
+                await server.hub.post("bob", f"after {i}")
+            want = [f"before {i}" for i in range(3)] + [f"after {i}" for i in range(3)]
+            for page in pages:  # every page back, every message shown once, in order
+                await expect(page.locator("#messages li.message .text")).to_have_text(
+                    want, timeout=60_000)
+                await expect(page.locator("#status")).to_have_attribute(
+                    "data-state", "connected", timeout=UI_MS)
+        finally:
+            await browser.close()
+    assert not errors, errors
+    admitted = sorted(attempts.admitted)
+    assert len(admitted) >= pages_n  # each page came back (once, unless cut meanwhile)
+    worst = max(sum(1 for u in admitted[i:] if u < t + 1.0) for i, t in enumerate(admitted))
+    assert worst <= rate * 1.1 + burst, (worst, admitted)
+    assert server.hub.admission.refused > 0  # the storm was refused, then admitted
