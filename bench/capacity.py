@@ -199,17 +199,13 @@ async def search(start: int, most: int, broadcasts: int, resolution: float) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    storm.common_arguments(parser)
     parser.add_argument("role", nargs="?", default="search", choices=("search", "clients"))
-    parser.add_argument("--port", type=int)
     parser.add_argument("-n", type=int, default=100)
-    parser.add_argument("--after", type=int, default=0)
     parser.add_argument("--start", type=int, default=250)
     parser.add_argument("--max", type=int, default=16000)
     parser.add_argument("--broadcasts", type=int, default=20)
     parser.add_argument("--resolution", type=float, default=0.1)
-    parser.add_argument("--spacing", type=float, default=0.001)
-    parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--json", help="also write the results here")
     a = parser.parse_args()
     if a.role == "clients":
         asyncio.run(run_clients(a))

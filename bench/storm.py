@@ -548,26 +548,31 @@ async def bench(a: argparse.Namespace) -> dict:
                 trials=trials, summary=summarize(trials))
 
 
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every role of storm.py and bench/capacity.py."""
+    parser.add_argument("--port", type=int, help="the chat server's (a client role's)")
+    parser.add_argument("--after", type=int, default=0, help="the clients' first cursor")
+    parser.add_argument("--spacing", type=float, default=0.001, help="s between connects")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--json", help="also write the results here")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common_arguments(parser)
     parser.add_argument("role", nargs="?", default="bench",
                         choices=("bench", "clients", "bystander"))
-    parser.add_argument("--port", type=int)
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--catch-up", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES))
     parser.add_argument("--mode", default="naive")
-    parser.add_argument("--after", type=int, default=0)
     parser.add_argument("--base", type=float, default=BASE)
     parser.add_argument("--cap", type=float, default=CAP)
     parser.add_argument("--naive-delay", type=float, default=NAIVE_DELAY)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--spacing", type=float, default=0.001)
     parser.add_argument("--burst", type=int, default=0)
     parser.add_argument("--live-rate", type=float, default=10.0)
-    parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--json", help="also write the results here")
     a = parser.parse_args()
     if a.role == "clients":
         asyncio.run(run_swarm(a))
