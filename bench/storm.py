@@ -81,12 +81,13 @@ def next_delay(mode: str, attempt: int, *, base: float = BASE, cap: float = CAP,
                naive_delay: float = NAIVE_DELAY, server_delay: float | None = None) -> float:
     """Seconds to wait before connection attempt ``attempt`` (0: the first after a close).
 
-    ``naive``: none, then ``naive_delay`` every time. The others: chatlib's own
-    :class:`chatlib.clients.Backoff` (full jitter), which the ``admission`` and ``spread``
-    modes also give ``server_delay``, the delay the server's close reason named: waited
-    exactly (the server spread the clients already); ``jitter`` ignores it."""
-    if mode == "naive":
-        return 0.0 if attempt == 0 else naive_delay
+    ``naive``: none, then ``naive_delay`` every time. ``jitter``: chatlib's own
+    :class:`chatlib.clients.Backoff` (full jitter). ``admission`` and ``spread``: the delay
+    the server's close reason named (``server_delay``), waited exactly (the server spread the
+    clients already); without one, at once the first time (as ``naive``: the server alone
+    shapes the arrivals), then ``Backoff``."""
+    if mode == "naive" or (mode in HINTED and server_delay is None and attempt == 0):
+        return 0.0 if attempt == 0 else naive_delay  # hinted modes: at once, like naive
     backoff = Backoff(base=base, cap=cap, attempt=attempt)
     return backoff.delay(server_delay if mode in HINTED else None)
 
@@ -127,6 +128,7 @@ class Swarm:
         self.t_back = [0.0] * n
         self.restarted = False  # the server was restarted: count firsts and backs
         self.closed_by_restart = False  # a connection closed: attempts from now on count
+        self.cpu0 = 0.0  # this process's CPU time at the restart
         self.threshold = 0
         self.reached = 0
         self.reached_all = asyncio.Event()
@@ -223,7 +225,9 @@ class Swarm:
         # ``burst`` (admitted at once) and before the last 5 % (stragglers).
         lo, hi = min(burst, len(admitted) // 2), len(admitted) - 1 - len(admitted) // 20
         span = admitted[hi] - admitted[lo] if hi > lo else 0.0
+        cpu_share = (time.process_time() - self.cpu0) / max(1e-9, time.monotonic() - t0)
         return dict(n=n, back=len(backs), all_back_s=max(backs, default=float("nan")),
+                    firsts=[round(t, 4) for t in admitted], clients_cpu_share=cpu_share,
                     back_p50_s=percentile(backs, 50),
                     first_history_p50_s=percentile(firsts, 50),
                     first_history_p99_s=percentile(firsts, 99),
@@ -265,6 +269,7 @@ async def run_swarm(a: argparse.Namespace) -> None:
         elif word == "target":
             t0 = float(args[1])
             swarm.restarted = True
+            swarm.cpu0 = time.process_time()
             swarm.set_threshold(int(args[0]))
             for i in range(a.n):  # those already back (a client that was quick)
                 if swarm.last[i] >= swarm.threshold and not swarm.t_back[i]:
@@ -483,6 +488,7 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
         assert await swarm.expect(timeout) == "ready"
 
         spread = server.restarting(None if mode == "spread" else 0) if has_admission() else 0
+        down = time.monotonic()
         await server.stop(CloseCode.SERVICE_RESTART)
         for k in range(catch_up):
             await log.append("bench", f"while you were away: {k + 1} of {catch_up}")
@@ -491,6 +497,7 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
         cpu0 = time.process_time()
         await server.start()
         t0 = time.monotonic()
+        admissions = record_admissions(server)
         bystander.send("go")
         swarm.send(f"target {target} {t0}")
         assert await swarm.expect(timeout + 10) == "back"
@@ -505,7 +512,9 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
         for child in children:
             await child.stop()
         await server.stop()
-    result.update(mode=mode, catch_up=catch_up,
+    result.update(admission_rate(admissions, admit_rate, admit_burst(admit_rate))
+                  if mode in HINTED else {})
+    result.update(mode=mode, catch_up=catch_up, downtime_s=t0 - down,
                   admit_rate=admit_rate if mode in HINTED else None, restart_spread_s=spread,
                   server_cpu_s=cpu_s, storm_wall_s=wall_s, load_average=os.getloadavg()[0],
                   bystander_p50_ms=live["p50_ms"], bystander_p99_ms=live["p99_ms"],
@@ -515,9 +524,41 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
     return result
 
 
+def record_admissions(server) -> list[float]:
+    """The monotonic times at which ``server`` admits a session, from now on (its
+    ``hub.admission.admit()`` wrapped: the transports call it once per new session)."""
+    admission = server.hub.admission
+    admit, times = admission.admit, []
+
+    def recorded() -> float | None:
+        wait = admit()
+        if wait is None:
+            times.append(time.monotonic())
+        return wait
+
+    admission.admit = recorded
+    return times
+
+
+def admission_rate(times: list[float], rate: float, burst: int) -> dict:
+    """The server's admission rate once the burst is spent (sessions after the first
+    ``burst``, over their span), and the most admitted in any 1 s window, with its bound
+    ``rate * 1.1 + burst`` (tests/test_admission.py checks the same)."""
+    rest = times[burst:]
+    steady = (len(rest) - 1) / (rest[-1] - rest[0]) if len(rest) > 1 and rest[-1] > rest[0] else 0
+    worst = max((sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times)),
+                default=0)
+    return dict(server_admitted=len(times), server_admitted_per_s=steady,
+                worst_1s=worst, worst_1s_bound=rate * 1.1 + burst)
+
+
 SUMMARY_KEYS = ("all_back_s", "first_history_p50_s", "first_history_p99_s", "server_cpu_s",
-                "attempts", "failed", "admitted_per_s", "bystander_p99_ms",
+                "attempts", "failed", "admitted_per_s", "bystander_p99_ms", "downtime_s",
+                "clients_cpu_share",
                 "bystander_max_ms", "lost", "duplicated")
+
+
+ADMISSION_KEYS = ("server_admitted_per_s", "worst_1s", "worst_1s_bound")
 
 
 def summarize(trials: list[dict]) -> dict:
@@ -525,9 +566,10 @@ def summarize(trials: list[dict]) -> dict:
     out = {}
     for mode in dict.fromkeys(t["mode"] for t in trials):
         mine = [t for t in trials if t["mode"] == mode]
+        keys = [k for k in (*SUMMARY_KEYS, *ADMISSION_KEYS) if all(k in t for t in mine)]
         out[mode] = {key: (sum(t[key] for t in mine) if key in ("lost", "duplicated")
                            else statistics.median(t[key] for t in mine))
-                     for key in SUMMARY_KEYS}
+                     for key in keys}
         out[mode]["trials"] = len(mine)
     return out
 

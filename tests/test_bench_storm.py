@@ -31,6 +31,11 @@ def test_storm_brings_every_client_back_with_nothing_lost(mode) -> None:
     assert result["attempts"] >= n  # every client tried at least once after the restart
     restarts = sum(k for key, k in result["closes"].items() if key.split()[0] == "1012")
     assert restarts == n  # every one was told: service restart
+    assert result["downtime_s"] > 0 and result["clients_cpu_share"] >= 0
+    assert len(result["firsts"]) == n
+    if mode in storm.HINTED:  # the server never admitted more than its bucket allows
+        assert result["server_admitted"] >= n
+        assert result["worst_1s"] <= result["worst_1s_bound"], result
     if mode == "spread":  # each with its own delay
         assert result["closes"].get("1012 restart: retry after S s") == n, result["closes"]
     assert 0 < result["first_history_p50_s"] <= result["first_history_p99_s"] \
