@@ -32,7 +32,7 @@ async def test_a_reader_that_stops_is_reset_when_its_bytes_sit_in_the_kernel(sta
                         if isinstance(c, BoundedWebSocketProtocol)]
         transport = connection.transport
         async with asyncio.timeout(10):
-            while "stuck" not in server.hub.presence():  # its hello is in
+            while "stuck" not in server.hub.presence.users():  # its hello is in
                 await asyncio.sleep(0.01)
         # Posted in-process: 300 HTTP POSTs took over stuck_timeout on a loaded machine,
         # and the client was reset before the checks below could see its bytes wait.
