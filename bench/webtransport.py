@@ -6,16 +6,17 @@
 
 For each N and each rep, WebSocket and WebTransport alternate (ws, wt, ws, wt ...), each on a
 fresh chat server process (this file with ``--serve``: ``start_server(webtransport=True)``,
-rate limits lifted for the one sender; the stuck-client and hello timeouts raised to an hour,
-because with a thousand pure-Python QUIC sessions the server or the load process can take
-longer than the default 10 s to get to a session's ACKs or hello) pinned to CPU 0 (``taskset -c
-0`` where there is one). One load process (this file with ``--load``, on CPU 1) opens N readers
-of one transport (chatlib's ``WebSocketClient`` / ``WebTransportClient``), waits until each has
-its history, then, between two readings of the server's CPU time (``/proc/PID/stat``, user +
-system, 10 ms ticks), one WebSocket sender sends M messages, each after the previous one's ack,
-and every reader receives all M. CPU per delivery = that CPU time / (N * M): the server's whole
-cost of a message (parse, append, fan-out, encode, encrypt, send) shared by its N deliveries.
-The sender's own cost is the same in both columns.
+rate limits and admission control lifted for the load's joins; the stuck-client and hello
+timeouts raised to an hour, because with a thousand pure-Python QUIC sessions the server or the
+load process can take longer than the default 10 s to get to a session's ACKs or hello) pinned
+to CPU 0 (``taskset -c 0`` where there is one). One load process (this file with ``--load``, on
+CPU 1) opens N readers of one transport (chatlib's ``WebSocketClient`` /
+``WebTransportClient``), waits until each has its history, then, between two readings of the
+server's CPU time (``/proc/PID/stat``, user + system, 10 ms ticks), one WebSocket sender sends
+M messages, each after the previous one's ack, and every reader receives all M. CPU per
+delivery = that CPU time / (N * M): the server's whole cost of a message (parse, append, fan-
+out, encode, encrypt, send) shared by its N deliveries. The sender's own cost is the same in
+both columns.
 
 ``--profile`` runs one more WebTransport server at the smallest N (3 M messages) under
 ``cProfile`` and groups its own time (``tottime``) by where the code lives: aioquic's QUIC
@@ -148,7 +149,7 @@ async def serve(port: int) -> None:
     import chatlib  # noqa: PLC0415  (after the path: this file runs from bench/)
 
     limits = chatlib.Limits(rate=1_000_000, burst=1_000_000, stuck_timeout=3600.0,
-                            hello_timeout=3600.0)
+                            hello_timeout=3600.0, admit_rate=0)  # admit_rate=0: no admission
     await chatlib.start_server(port=port, webtransport=True, limits=limits)
     await asyncio.Event().wait()  # until SIGINT ends asyncio.run (and cProfile writes)
 
