@@ -226,9 +226,15 @@ class RedisLog:
         return [_entry(entry_id, fields) for entry_id, fields in entries]
 
     async def page(self, after_id: int, limit: int) -> Page:
-        """One round trip (MULTI/EXEC): the entries after ``after_id``, the id counter and
-        the oldest entry."""
-        pipe = self._redis.pipeline(transaction=True)
+        """One round trip: the entries after ``after_id``, the id counter and the oldest
+        entry.
+
+        A plain pipeline, not MULTI/EXEC: at ``maxmemory`` Redis refuses to queue any command
+        in a transaction, reads included, and reads must go on working when writes cannot.
+        Read in this order, a message trimmed between two reads can only make ``first``
+        larger than the page's oldest id: a gap reported that the page already covers, never
+        one it hides."""
+        pipe = self._redis.pipeline(transaction=False)
         pipe.xrange(self._stream, min=f"{max(after_id, 0) + 1}-0", count=max(limit, 1))
         pipe.get(self._counter)
         pipe.xrange(self._stream, count=1)
