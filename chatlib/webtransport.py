@@ -275,6 +275,8 @@ class Session:
         self.stream_id: int | None = None  # the client's bidirectional stream, once opened
         self.refused: set[int] = set()  # other streams it opened (refused)
         self.buffer = bytearray()  # an unfinished line
+        self.capsule_rest = b""  # an unfinished capsule on the CONNECT stream
+        self.early: bytes | None = None  # a datagram that came before the hello was handled
         self.lines: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.outbox: SessionOutbox | None = None
         self.closed = False
@@ -339,7 +341,10 @@ class Session:
     def datagram(self, data: bytes) -> None:
         """A datagram from the client: a typing notice, within its budget."""
         outbox = self.outbox
-        if outbox is None or self.closed:
+        if self.closed:
+            return
+        if outbox is None:  # the hello is not handled yet: keep the latest for then
+            self.early = data
             return
         budget = self.server.budget
         if not budget.allow(self.address, self.rate):
@@ -362,8 +367,11 @@ class Session:
         self.server.hub.typing(outbox.user)
 
     def capsules(self, data: bytes, ended: bool) -> None:
-        """Data on the CONNECT stream: capsules; the client's close ends the session."""
-        found, _ = read_capsules(data)
+        """Data on the CONNECT stream: capsules (one may be split across DATA frames);
+        the client's close ends the session."""
+        found, self.capsule_rest = read_capsules(self.capsule_rest + data)
+        if len(self.capsule_rest) > 2 * MAX_REASON:  # no capsule the server reads is longer
+            self.capsule_rest = b""
         if ended or any(kind == CLOSE_SESSION for kind, _ in found):
             self.lines.put_nowait(None)
 
@@ -405,6 +413,9 @@ class Session:
         outbox.on_close = self.outbox_closed
         hub.subscribe(outbox)
         writer = asyncio.ensure_future(self.write_all(resume))
+        if self.early is not None:  # a typing notice sent with the hello: shown, not lost
+            self.datagram(self.early)
+            self.early = None
         try:
             for _ in range(1 << 62):  # until the client ends (None)
                 line = await self.lines.get()

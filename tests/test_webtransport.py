@@ -595,3 +595,36 @@ async def test_rerunning_start_server_keeps_the_port_for_webtransport_too():
             assert (await ada.send("after")).id == 2
     finally:
         await asyncio.wait_for(chatlib.stop_server(), 20)
+
+
+async def test_a_close_capsule_split_in_two_is_read(wt_server, probe):
+    """The client's CLOSE_WEBTRANSPORT_SESSION may come in two DATA frames (ch11 review,
+    finding 18): the server keeps the first half and ends the session on the second."""
+    p = await probe(wt_server)
+    p.session.send(hello("ada"))
+    await p.until(lambda: p.lines)
+    capsule = close_capsule(1000, "bye, in two halves")
+    h3 = p.session.protocol.h3
+    for half in (capsule[:5], capsule[5:]):  # no FIN: only the capsule can end it
+        h3.send_data(p.session.session_id, half, end_stream=False)
+        p.session.protocol.transmit()
+        await asyncio.sleep(0.05)  # two packets, two DATA events (not a wait for a result)
+    await p.until(lambda: p.end is not None)
+    assert p.end[0] == CloseCode.NORMAL
+
+
+async def test_a_typing_datagram_sent_with_the_hello_is_not_lost(wt_server, make_client):
+    """A datagram that arrives before the hello is handled (wt-course: 2 of 2 lost when
+    sent right after connect) is kept, and handled once the session is subscribed."""
+    bob = await make_client("ws", wt_server, "bob")
+    ada = WebTransportClient(wt_server.url, "ada")
+    try:
+        await ada.connect()
+        await ada.send_typing()
+        async with asyncio.timeout(T):
+            for _ in range(1000):  # bounded: frames until ada's typing notice
+                kind, data = wire.parse_ws(await bob.ws.recv())
+                if kind == "typing" and data["user"] == "ada":
+                    break
+    finally:
+        await ada.close()
