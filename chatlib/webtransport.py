@@ -74,7 +74,7 @@ from urllib.parse import parse_qsl, urlsplit
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
 from aioquic.buffer import Buffer, BufferReadError, encode_uint_var
-from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection, Setting
 from aioquic.h3.events import (
     DatagramReceived,
     DataReceived,
@@ -810,6 +810,9 @@ class ClientProtocol(QuicConnectionProtocol):
         self.quic = self._quic  # the QuicConnection, for the session
         self.h3 = H3Connection(self._quic, enable_webtransport=True)
         self.session = session
+        self.settings = asyncio.Event()
+        """Set once the server's SETTINGS arrived (RFC 9220 section 3: no extended CONNECT
+        before SETTINGS_ENABLE_CONNECT_PROTOCOL = 1)."""
 
     def quic_event_received(self, event: QuicEvent) -> None:
         session = self.session
@@ -819,7 +822,10 @@ class ClientProtocol(QuicConnectionProtocol):
         if isinstance(event, StreamDataReceived) and event.stream_id == session.stream_id:
             session.stream_data(event.data, event.end_stream)  # our stream: lines, raw
             return
-        for h3_event in self.h3.handle_event(event):
+        h3_events = self.h3.handle_event(event)
+        if self.h3.received_settings is not None:
+            self.settings.set()
+        for h3_event in h3_events:
             if isinstance(h3_event, HeadersReceived) and h3_event.stream_id == session.session_id:
                 session.response(dict(h3_event.headers))
             elif isinstance(h3_event, DataReceived) and h3_event.stream_id == session.session_id:
@@ -874,6 +880,11 @@ class ClientSession:
                     raise ConnectionError("the server's certificate does not have the hash "
                                           "it announced")
                 h3 = protocol.h3
+                await protocol.settings.wait()
+                settings = h3.received_settings
+                if not (settings.get(Setting.ENABLE_CONNECT_PROTOCOL)
+                        and settings.get(Setting.ENABLE_WEBTRANSPORT)):
+                    raise ConnectionError("the server's HTTP/3 SETTINGS offer no WebTransport")
                 self.session_id = protocol.quic.get_next_available_stream_id()
                 authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                 request = [(b":method", b"CONNECT"), (b":protocol", b"webtransport"),
