@@ -405,10 +405,10 @@ async def test_tls_is_decrypted_behind_the_delay(server, start_proxy):
     proxy = await start_proxy(server, delay=DELAY, tls=True)
     assert proxy.url.startswith("https://127.0.0.1:")
     context = proxy.client_ssl_context()
-    started = time.perf_counter()
-    async with httpx.AsyncClient(verify=context) as http:
+    async with httpx.AsyncClient(verify=context) as http:  # its first creation takes a while
+        started = time.perf_counter()
         response = await http.get(proxy.url + "api/presence")
-    elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
     assert response.status_code == 200
     ws_url = proxy.url.replace("https", "wss", 1) + "ws"
     # The closing handshake must end with the server's close passed on (not after the
@@ -621,3 +621,28 @@ async def test_command_line(server):
             process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 15)
     assert process.returncode == 0, (await process.stderr.read()).decode()
+
+
+async def test_command_line_udp():
+    async with udp_endpoint(echo=True) as (target, _):
+        host, port = target.get_extra_info("sockname")[:2]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "chatlib", "netem", "--udp", "--listen", "0",
+            "--target", f"{host}:{port}", "--delay", "20ms", "--seed", "1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+            assert line.startswith("netem: udp://127.0.0.1:"), line
+            relay_port = int(line.split()[1].rsplit(":", 1)[1])
+            async with udp_endpoint(remote=("127.0.0.1", relay_port)) as (client, inbox):
+                started = time.perf_counter()
+                client.sendto(b"ping")
+                await wait_until(lambda: inbox.received)
+            assert inbox.received[0][0] == b"ping"
+            assert inbox.received[0][2] - started >= 2 * 0.02  # the delay, each way
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(process.wait(), 15)
+        assert process.returncode == 0, (await process.stderr.read()).decode()
