@@ -776,6 +776,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="DURATION", help="stall the link this often, e.g. 20s")
     parser.add_argument("--stall-for", type=parse_duration, default=2.0, metavar="DURATION",
                         help="how long each stall lasts (default 2s)")
+    parser.add_argument("--loss", type=float, default=0.0, metavar="P",
+                        help="probability of a loss per chunk (TCP: modelled, see --help of "
+                             "chatlib.netem) or per datagram (--udp), e.g. 0.02")
+    parser.add_argument("--tls", action="store_true",
+                        help="TCP: speak TLS to clients (https://, wss://; a fresh self-signed "
+                             "certificate, so curl -k), decrypted behind the delay")
+    parser.add_argument("--udp", action="store_true",
+                        help="relay UDP datagrams (QUIC, WebTransport) instead of TCP")
+    parser.add_argument("--reorder", type=float, default=0.0, metavar="P",
+                        help="--udp: probability that a datagram is held back 10 ms")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for jitter, loss and reordering (repeatable runs)")
 
 
 async def _repeat(every: float, action: Callable[[], None]) -> None:
@@ -785,13 +797,25 @@ async def _repeat(every: float, action: Callable[[], None]) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
-    """Run the proxy the command line describes, until SIGINT or SIGTERM."""
-    proxy = await start(args.target, delay=args.delay, jitter=args.jitter, rate=args.rate,
-                        port=args.listen)
-    print(f"netem: {proxy.url} -> {proxy.target_host}:{proxy.target_port}  "
-          f"delay {args.delay * 1000:g} ms, jitter {args.jitter * 1000:g} ms, "
-          f"rate {'unlimited' if not args.rate else f'{args.rate:g} B/s'}  (Ctrl+C to stop)",
-          flush=True)
+    """Run the proxy (or, with ``--udp``, the relay) the command line describes, until SIGINT
+    or SIGTERM."""
+    if args.udp:
+        if args.rate or args.tls or args.cut_every or args.stall_every:
+            raise SystemExit("netem --udp: --rate, --tls, --cut-every and --stall-every are "
+                             "TCP options")
+        proxy = await start_udp(args.target, delay=args.delay, jitter=args.jitter,
+                                loss=args.loss, reorder=args.reorder, seed=args.seed,
+                                port=args.listen)
+        print(f"netem: udp://127.0.0.1:{proxy.port} -> {proxy.target_host}:{proxy.target_port}"
+              f"  delay {args.delay * 1000:g} ms, jitter {args.jitter * 1000:g} ms, "
+              f"loss {args.loss:g}, reorder {args.reorder:g}  (Ctrl+C to stop)", flush=True)
+    else:
+        proxy = await start(args.target, delay=args.delay, jitter=args.jitter, rate=args.rate,
+                            port=args.listen, loss=args.loss, tls=args.tls, seed=args.seed)
+        print(f"netem: {proxy.url} -> {proxy.target_host}:{proxy.target_port}  "
+              f"delay {args.delay * 1000:g} ms, jitter {args.jitter * 1000:g} ms, "
+              f"rate {'unlimited' if not args.rate else f'{args.rate:g} B/s'}, "
+              f"loss {args.loss:g}  (Ctrl+C to stop)", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
