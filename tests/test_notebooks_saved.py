@@ -58,3 +58,15 @@ def test_run_all_leaves_the_chat_running(path):
     for i, cell in enumerate(code[:-1]):
         assert "stop_server()" not in cell and "server.stop()" not in cell, (
             f"code cell {i} stops the server: Run All must end with a live chat")
+
+
+def test_chapter_12_saved_storm_compares_every_policy():
+    """Chapter 12's saved live storm has a row for each of bench/storm.py's policies,
+    admission control included: a run saved from a chatlib without it once went unnoticed."""
+    (path,) = [p for p in NOTEBOOKS if p.name.startswith("12-")]
+    tables = [text for cell in load(path)["cells"] for output in cell.get("outputs", [])
+              for text in ["".join(output.get("data", {}).get("text/markdown", ""))]
+              if text.startswith("| policy | server down (s) |")]
+    assert len(tables) == 1, "the live storm's table is missing from the saved outputs"
+    for policy in ("naive", "jitter", "admission", "spread"):
+        assert f"\n| {policy} |" in tables[0], f"no {policy} row in the saved storm table"
