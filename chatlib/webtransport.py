@@ -88,6 +88,7 @@ from aioquic.quic.events import (
     ConnectionTerminated,
     ProtocolNegotiated,
     QuicEvent,
+    StopSendingReceived,
     StreamDataReceived,
     StreamReset,
 )
@@ -276,6 +277,7 @@ class Session:
         self.refused: set[int] = set()  # other streams it opened (refused)
         self.buffer = bytearray()  # an unfinished line
         self.capsule_rest = b""  # an unfinished capsule on the CONNECT stream
+        self.closed_stream = False  # the client stopped the chat stream: nothing more to write
         self.early: bytes | None = None  # a datagram that came before the hello was handled
         self.lines: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.outbox: SessionOutbox | None = None
@@ -470,10 +472,20 @@ class Session:
         return True
 
     def write(self, payloads: tuple[str, ...]) -> None:
-        if self.closed or self.stream_id is None or not payloads:
+        """Write ``payloads`` as lines on the chat stream; never raises (the hub's fan-out
+        calls it through the sink)."""
+        if self.closed or self.closed_stream or self.stream_id is None or not payloads:
             return
         quic = self.protocol.quic
-        quic.send_stream_data(self.stream_id, lines(payloads))
+        try:
+            quic.send_stream_data(self.stream_id, lines(payloads))
+        except Exception:  # noqa: BLE001 (aioquic raises on a stream the peer stopped)
+            # Called from the hub's fan-out: raising would stop it for everyone. The client
+            # stopped (or reset) its stream: its session ends, on the next loop turn.
+            asyncio.get_running_loop().call_soon(
+                self.close, CloseCode.GOING_AWAY, "the chat stream was stopped")
+            self.closed_stream = True
+            return
         self.protocol.transmit_soon()
         if quicpath.stream_backlog(quic, self.stream_id)[0] > HIGH_WATER:
             self.drained.clear()
@@ -505,9 +517,10 @@ class Session:
         if self.outbox is not None:
             self.outbox.close(code)
         quic = self.protocol.quic
-        with contextlib.suppress(Exception):  # the connection may be closing already
-            if self.stream_id is not None:
+        if self.stream_id is not None and not self.closed_stream:
+            with contextlib.suppress(Exception):  # a stream the client stopped or reset
                 quic.send_stream_data(self.stream_id, b"", end_stream=True)
+        with contextlib.suppress(Exception):  # the connection may be closing already
             self.h3.send_data(self.session_id, close_capsule(code, reason), end_stream=True)
             self.protocol.transmit_soon()
         self.protocol.session_closed(self)
@@ -549,7 +562,7 @@ class ChatProtocol(QuicConnectionProtocol):
             if self.session is not None:
                 self.session.gone()
             return
-        elif isinstance(event, StreamReset) and self.session is not None:
+        elif isinstance(event, (StreamReset, StopSendingReceived)) and self.session is not None:
             if event.stream_id in (self.session.stream_id, self.session.session_id):
                 self.session.lines.put_nowait(None)  # the client dropped its stream
         if self.h3 is not None:

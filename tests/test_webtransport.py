@@ -628,3 +628,20 @@ async def test_a_typing_datagram_sent_with_the_hello_is_not_lost(wt_server, make
                     break
     finally:
         await ada.close()
+
+
+async def test_a_client_that_stops_its_stream_hurts_nobody_else(wt_server, probe,
+                                                                make_client, make_wt):
+    """STOP_SENDING on the chat stream resets the server's sending side, and aioquic then
+    raises on every write: a write made inside the hub's fan-out must not break it."""
+    p = await probe(wt_server)
+    p.session.send(hello("mallory"))
+    await p.until(lambda: p.lines)
+    ada = await make_wt(wt_server, "ada")
+    bob = await make_client("ws", wt_server, "bob")
+    p.session.protocol.quic.stop_stream(p.session.stream_id, 0)
+    p.session.protocol.transmit()
+    await p.until(lambda: p.end is not None)  # its session ends
+    sent = [await bob.send(f"after {i}") for i in range(3)]
+    got = await ada.receive_many(3, timeout=T)
+    assert [m.id for m in got] == [m.id for m in sent]
