@@ -23,10 +23,21 @@ import fanout
 BENCH = os.path.dirname(os.path.abspath(__file__))
 
 
+def serve_args(where: str) -> list[str]:
+    """fanout.RATE_ARGS without the options that checkout's CLI does not have yet (an
+    older chatlib, e.g. one from before admission control, refuses `--admit-rate`): the
+    option, the same for both, or left at that checkout's (absent) default."""
+    with open(os.path.join(where, "chatlib", "__main__.py"), encoding="utf-8") as f:
+        cli = f.read()
+    args = fanout.RATE_ARGS
+    pairs = zip(args[::2], args[1::2], strict=True)
+    return [item for option, value in pairs if f'"{option}"' in cli for item in (option, value)]
+
+
 def start(where: str, port: int) -> subprocess.Popen:
     if where == "baseline":
         return fanout.start_server("baseline", port, False)
-    cmd = [fanout.PY, "-m", "chatlib", "serve", "--port", str(port), *fanout.RATE_ARGS]
+    cmd = [fanout.PY, "-m", "chatlib", "serve", "--port", str(port), *serve_args(where)]
     return fanout.start_command(cmd, f"chatlib in {where}", cwd=where)
 
 
