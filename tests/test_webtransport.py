@@ -307,7 +307,7 @@ async def test_bad_hello_and_no_hello_close_with_1008(start_chat, probe):
 
 
 async def test_rate_budget_applies(start_chat, make_wt):
-    server = await start_chat(limits=Limits(rate=1, burst=2), webtransport=True)
+    server = await start_chat(limits=Limits(rate=0.05, burst=2), webtransport=True)
     ada = await make_wt(server, "ada")
     await ada.send("1")
     await ada.send("2")
@@ -367,15 +367,19 @@ async def test_datagram_flood_is_dropped_and_told(start_chat, probe, make_client
     p = await probe(server)
     p.session.send(hello("ada"))
     await p.until(lambda: p.lines)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     for _ in range(2000):
         p.session.send_datagram(b'{"type": "typing"}')
         if _ % 50 == 0:
             await asyncio.sleep(0)  # let the packets out
     await p.until(lambda: any(line.get("error", "").startswith("too many datagrams")
                               for line in p.lines))
+    seconds = loop.time() - started  # a loaded machine takes longer: the budget refills
     told = [line for line in p.lines if line.get("type") == "error"]
-    assert len(told) <= 3  # at most once a second
-    assert sum(d.get("type") == "typing" for d in p.datagrams) <= 5 + 5  # the budget
+    assert len(told) <= seconds + 1  # at most once a second
+    passed = sum(d.get("type") == "typing" for d in p.datagrams)
+    assert passed <= 5 + 5 * seconds + 1  # the budget: a burst of 5, then 5/s
     assert p.end is None
     await bystander_still_chats(server, make_client)
 
