@@ -287,8 +287,9 @@ def main() -> None:
                                           if r["n"] == n and r["kind"] == kind)
                   for kind in ("ws", "wt")}
         m = next(r["m"] for r in runs if r["n"] == n)
-        print(f"| {n} | {m} | {median['ws']:.1f} | {median['wt']:.1f} | "
-              f"{median['wt'] / median['ws']:.2f}× |")
+        # A tiny run may measure no tick at all (10 ms each) for the WebSocket: no ratio.
+        ratio = f"{median['wt'] / median['ws']:.2f}×" if median["ws"] else "n/a"
+        print(f"| {n} | {m} | {median['ws']:.1f} | {median['wt']:.1f} | {ratio} |")
     print(f"\nmedians of {args.reps} runs each (server CPU, user + system, / (N * M))")
     if args.profile:
         with tempfile.TemporaryDirectory() as directory:
