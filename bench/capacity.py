@@ -167,6 +167,18 @@ async def measure(n: int, broadcasts: int = 20, *, interval: float = INTERVAL,
                 server_cpu_s=server_cpu, clients_cpu_share=report["clients_cpu_share"])
 
 
+def readme_table(results: dict, setup: str = "one process") -> str:
+    """bench/README.md's table of a saved search, steps by size (tests/test_bench_capacity.py
+    checks that the README shows the saved JSON's figures)."""
+    rows = ["| clients | broadcasts reaching all within 500 ms | p50 / p95 time to all (ms) "
+            "| server CPU (s) | clients' process CPU share |", "|---:|---:|---:|---:|---:|"]
+    for step in sorted(results["setups"][setup]["steps"], key=lambda s: s["n"]):
+        rows.append(f"| {step['n']} | {step['within_share']:.0%} | {step['p50_all_ms']:.0f} / "
+                    f"{step['p95_all_ms']:.0f} | {step['server_cpu_s']:.2f} "
+                    f"| {step['clients_cpu_share']:.2f} |")
+    return "\n".join(rows)
+
+
 def meets(step: dict) -> bool:
     return step["within_share"] >= SHARE
 

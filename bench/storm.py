@@ -574,6 +574,24 @@ def summarize(trials: list[dict]) -> dict:
     return out
 
 
+def readme_table(results: dict) -> str:
+    """bench/README.md's table of a saved run (tests/test_bench_storm.py checks that the
+    README shows the saved JSON's figures)."""
+    rows = ["| policy | storms | all back (s) | p50 / p99 first history (s) | server CPU (s) "
+            "| attempts (failed) | admitted after the burst (/s) | bystander p99 / max (ms) "
+            "| lost | duplicated |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode, r in results["summary"].items():
+        admitted = (f"{r['server_admitted_per_s']:.0f}" if "server_admitted_per_s" in r
+                    else "-")
+        rows.append(f"| {mode} | {r['trials']} | {r['all_back_s']:.1f} "
+                    f"| {r['first_history_p50_s']:.1f} / {r['first_history_p99_s']:.1f} "
+                    f"| {r['server_cpu_s']:.1f} | {r['attempts']:.0f} ({r['failed']:.0f}) "
+                    f"| {admitted} | {r['bystander_p99_ms']:.0f} / {r['bystander_max_ms']:.0f} "
+                    f"| {r['lost']} | {r['duplicated']} |")
+    return "\n".join(rows)
+
+
 async def bench(a: argparse.Namespace) -> dict:
     trials = []
     modes = [m for m in a.modes if m not in HINTED or has_admission()]

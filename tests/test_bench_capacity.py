@@ -38,3 +38,16 @@ def test_search_doubles_then_bisects(monkeypatch) -> None:
     assert tried[:4] == [100, 200, 400, 800]      # doubling until the first failure
     assert result["capacity"] <= limit < result["first_failing"]
     assert result["first_failing"] - result["capacity"] <= 0.1 * result["capacity"]
+
+
+def test_readme_shows_the_saved_search() -> None:
+    """bench/README.md's capacity table and figure are the saved JSON's (review of chapter
+    12: a README and a JSON from different runs)."""
+    import json
+
+    with open(os.path.join(BENCH, "capacity-results.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(BENCH, "README.md")) as f:
+        readme = f.read()
+    assert capacity.readme_table(saved) in readme
+    assert f"**Capacity: {saved['setups']['one process']['capacity']} clients**" in readme

@@ -73,3 +73,16 @@ def test_summary_takes_medians_and_sums_losses() -> None:
     trials[1]["lost"] = 2
     summary = storm.summarize(trials)["naive"]
     assert summary["all_back_s"] == 2.0 and summary["lost"] == 2 and summary["trials"] == 3
+
+
+def test_readme_shows_the_saved_storms() -> None:
+    """bench/README.md's storm table is the saved JSON's (review of chapter 12: a README and
+    a JSON from different runs), and the saved run lost and duplicated nothing."""
+    import json
+
+    with open(os.path.join(BENCH, "storm-results.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(BENCH, "README.md")) as f:
+        readme = f.read()
+    assert storm.readme_table(saved) in readme
+    assert all(r["lost"] == 0 and r["duplicated"] == 0 for r in saved["summary"].values())
