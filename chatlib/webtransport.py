@@ -136,6 +136,10 @@ HIGH_WATER = 64 * 1024
 written: the hub's batches wait in its outbox (bounded: 1013 when full)."""
 LOW_WATER = 16 * 1024
 """... and below which the writer writes again."""
+IDLE_TIMEOUT = 30.0
+"""QUIC idle timeout (seconds) the server offers: a connection silent this long ends."""
+PING_EVERY = IDLE_TIMEOUT / 3
+"""Seconds between keep-alive PINGs to each session's client (a quiet chat is silent)."""
 TICKET_TTL = 30.0
 """Seconds a ticket (token mode) stays valid; each is good for one session."""
 WT_STREAM_ERROR = 0x52E4A40FA8DB
@@ -551,6 +555,7 @@ class ChatProtocol(QuicConnectionProtocol):
         self.h3: H3Connection | None = None
         self.session: Session | None = None
         self._transmit_due = False
+        self.pinged = 0.0  # loop time of the last keep-alive PING (WebTransportServer._sweep)
         self.address = ""  # the client's IP address (its per-address budgets)
         server.protocols.add(self)
 
@@ -672,7 +677,7 @@ class WebTransportServer:
     def configuration(self) -> QuicConfiguration:
         configuration = QuicConfiguration(
             is_client=False, alpn_protocols=H3_ALPN, max_datagram_frame_size=65536,
-            idle_timeout=max(30.0, self.limits.stuck_timeout * 3))
+            idle_timeout=IDLE_TIMEOUT)
         configuration.certificate = self.certificate.certificate
         configuration.private_key = self.certificate.private_key
         return configuration
@@ -709,15 +714,22 @@ class WebTransportServer:
         self._transports.clear()
 
     async def _sweep(self) -> None:
-        """The stuck-client rule: every ``stuck_timeout / 4`` s, close the connection of a
-        client that acknowledged nothing for ``stuck_timeout`` s while bytes waited."""
-        interval = max(self.limits.stuck_timeout / 4, 0.05)
+        """Every ``stuck_timeout / 4`` s (at most :data:`PING_EVERY`): the stuck-client rule
+        (close the connection of a client that acknowledged nothing for ``stuck_timeout`` s
+        while bytes waited), and a PING to each session's client every :data:`PING_EVERY`
+        s, as the WebSocket pings: a quiet chat is not idle to QUIC (its idle timeout would
+        end the connection), and a client that vanished stops answering and times out."""
+        interval = max(min(self.limits.stuck_timeout / 4, PING_EVERY), 0.05)
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
             for protocol in list(self.protocols):
                 session = protocol.session
+                if session is not None and now - protocol.pinged >= PING_EVERY:
+                    protocol.pinged = now
+                    protocol.quic.send_ping(0)
+                    protocol.transmit_soon()
                 if session is not None and session.stuck(now):
                     log.info("closing a WebTransport connection that stopped reading")
                     if session.outbox is not None:

@@ -649,3 +649,19 @@ async def test_a_client_that_stops_its_stream_hurts_nobody_else(wt_server, probe
     sent = [await bob.send(f"after {i}") for i in range(3)]
     got = await ada.receive_many(3, timeout=T)
     assert [m.id for m in got] == [m.id for m in sent]
+
+
+async def test_a_quiet_session_is_kept_alive(start_chat, monkeypatch):
+    """wt-course: an idle session ended after QUIC's idle timeout (30 s), a quiet chat
+    included. The server pings each session's client well within it."""
+    from chatlib import webtransport
+
+    monkeypatch.setattr(webtransport, "IDLE_TIMEOUT", 1.0)
+    monkeypatch.setattr(webtransport, "PING_EVERY", 0.3)
+    server = await start_chat(webtransport=True)
+    async with WebTransportClient(server.url, "ada") as ada:
+        ended = asyncio.Event()
+        ada._session.on_end = lambda code, reason: ended.set()
+        with pytest.raises(TimeoutError):  # nothing ends it in 3 idle timeouts
+            await asyncio.wait_for(ended.wait(), 3.0)
+        assert (await ada.send("still here")).id == 1
