@@ -48,17 +48,25 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 async def start_proxy():
     """``await start_proxy(target, **options)``: a started proxy, stopped at teardown."""
-    proxies: list[netem.Netem] = []
+    async with stopped_at_exit(netem.start) as start:
+        yield start
 
-    async def start(target, **options) -> netem.Netem:
-        proxy = await netem.start(target, **options)
-        proxies.append(proxy)
+
+@contextlib.asynccontextmanager
+async def stopped_at_exit(starter):
+    """``start(target, **options)`` calling ``starter`` (netem.start or netem.start_udp);
+    everything it started is stopped when the block ends."""
+    started = []
+
+    async def start(target, **options):
+        proxy = await starter(target, **options)
+        started.append(proxy)
         return proxy
 
     try:
         yield start
     finally:
-        for proxy in proxies:
+        for proxy in started:
             await asyncio.wait_for(proxy.stop(), 10)
 
 
@@ -461,18 +469,8 @@ async def udp_endpoint(echo: bool = False, remote=None):
 @pytest.fixture
 async def start_relay():
     """``await start_relay(target, **options)``: a started UDP relay, stopped at teardown."""
-    relays: list[netem.UdpNetem] = []
-
-    async def start(target, **options) -> netem.UdpNetem:
-        relay = await netem.start_udp(target, **options)
-        relays.append(relay)
-        return relay
-
-    try:
+    async with stopped_at_exit(netem.start_udp) as start:
         yield start
-    finally:
-        for relay in relays:
-            await asyncio.wait_for(relay.stop(), 10)
 
 
 async def test_udp_delay_applies_each_way(start_relay):
