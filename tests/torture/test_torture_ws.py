@@ -87,7 +87,7 @@ async def run_case(port: int, family: str, hello: bool, stream: bytes, after: in
 
 
 async def test_websocket_fuzz(spawn, bystander, figures):
-    server = await spawn()
+    server = await spawn(limits={"admit_rate": 0})  # frames, not admissions: 5,000 sessions
     rng = random.Random(SEED)
     cases = [ws_case(rng) for _ in range(CASES)]
     results: Counter[str] = Counter()
