@@ -5,8 +5,9 @@ After a restart or a failover every client reconnects at once, and each arrival 
 more than a message does: a handshake, a history replay, a presence change broadcast to
 everyone. :class:`Admission` admits new sessions at ``Limits.admit_rate`` per second
 (bursts of ``admit_burst``) and hands each refused client its own slot in the future,
-``1/admit_rate`` after the previous one's: told when to come back, the refused return
-spread out at the rate the server admits, instead of all at once again.
+``1/admit_rate`` after the previous one's, kept for it: told when to come back, the
+refused return spread out at the rate the server admits, instead of all at once again,
+and get in when they do.
 
 What counts as a session (one :meth:`Admission.admit` each), and why:
 
@@ -33,19 +34,42 @@ ChatPanel (chatlib/panel.py).
 
 from __future__ import annotations
 
+import collections
+import math
 import random
 import time
 
 from .closecode import BEHIND, RESTART, CloseCode, close_reason
-from .limits import Limits, RateLimit
+from .limits import Limits
 
 MAX_DELAY = 60.0
 """The longest delay a refused client is told (seconds): the queue of slots stops there."""
 
+EARLY = 0.001
+"""How early (seconds) a client may come back for its slot: a timer's slack. Delays are
+told rounded up to 0.01 s, and a client counts its delay from when it reads it, so one that
+waits what it was told is not early."""
+
+LATE = 1.0
+"""How long (seconds) a slot waits for someone to take it: a client that comes back later
+than its slot (its own delay, or the server's loop was busy when it arrived) still finds
+it. A slot nobody takes within this time is given up: the rate is not saved up."""
+
 
 class Admission:
-    """A token bucket for new sessions, the slots handed to the refused, and the reasons
-    push connections are closed with.
+    """A schedule of admissions, ``1/admit_rate`` apart: new sessions take the free places
+    in it (GCRA: at most ``admit_burst`` at once), refused ones are handed a place of
+    their own (a slot) and told when it is, and the reasons push connections are closed
+    with.
+
+    A slot is taken by the first session that arrives once it is due (from :data:`EARLY`
+    before it until :data:`LATE` after it), in the order the slots were handed out: a
+    session is not told apart from another, so whoever comes takes the oldest due slot.
+    A refused client that comes back when it was told therefore gets in, and the server
+    admits at its rate as long as the refused keep coming back: a slot is never lost to a
+    client that is a moment early, nor to a loop that was busy at its instant. (A token
+    bucket forgets both: its tokens overflow while the refused wait, and the refused
+    return to find the latecomers took the rest.)
 
     One per hub (``hub.admission``): every transport calls :meth:`admit` once per new
     session, before it does any work for it.
@@ -54,8 +78,10 @@ class Admission:
     def __init__(self, limits: Limits) -> None:
         self.rate = limits.admit_rate
         self.burst = limits.admit_burst
-        self._bucket = RateLimit(self.rate, self.burst) if self.rate > 0 else None
-        self._next_slot = 0.0  # monotonic time of the next free slot for a refused client
+        self._gap = 1 / self.rate if self.rate > 0 else 0.0
+        self._tolerance = (max(1, self.burst) - 1) * self._gap  # GCRA: the burst
+        self._next = -math.inf  # the schedule's next free place (monotonic time)
+        self._slots: collections.deque[float] = collections.deque()  # handed out, untaken
         self.admitted = 0
         self.refused = 0
         self.restart_window: float | None = None
@@ -64,21 +90,31 @@ class Admission:
         None: told nothing (the naive restart, for comparison; a log that went back)."""
 
     def admit(self) -> float | None:
-        """Admit a new session (None), or refuse it: the seconds after which it should try
-        again, its own slot in the queue of refused clients (plus up to one slot of
-        jitter), at most :data:`MAX_DELAY`."""
-        if self._bucket is None:
+        """Admit a new session (None), or refuse it: the seconds after which it should
+        come back, to the slot it is handed, at most :data:`MAX_DELAY` (a client told
+        ``MAX_DELAY`` holds no slot: the schedule is full)."""
+        if self.rate <= 0:
             self.admitted += 1
             return None
-        if self._bucket.allow():
+        now = time.monotonic()
+        slots = self._slots
+        while slots and slots[0] < now - LATE:
+            slots.popleft()  # nobody came for it
+        if slots and slots[0] <= now + EARLY:
+            slots.popleft()  # a slot that is due: already counted in the schedule
+            self.admitted += 1
+            return None
+        if self._next <= now + self._tolerance:  # a free place now (within the burst)
+            self._next = max(self._next, now) + self._gap
             self.admitted += 1
             return None
         self.refused += 1
-        now = time.monotonic()
-        gap = 1 / self.rate
-        slot = max(self._next_slot, now + self._bucket.wait())
-        self._next_slot = min(slot + gap, now + MAX_DELAY)
-        return round(min(slot - now + random.uniform(0, gap), MAX_DELAY), 2)
+        slot = max(self._next - self._tolerance, now)  # its earliest place in the schedule
+        if slot - now >= MAX_DELAY:
+            return MAX_DELAY
+        self._next = max(self._next, slot) + self._gap
+        slots.append(slot)
+        return math.ceil((slot - now) * 100 - 1e-6) / 100  # up: never early
 
     def closing(self, code: int) -> str:
         """The reason to close a push connection with ``code`` (chatlib.closecode.CLOSES):
@@ -93,11 +129,16 @@ class Admission:
         return ""
 
     def stats(self) -> dict:
-        """``{"rate", "burst", "admitted", "refused", "tokens"}``: the bucket and what it
-        decided since the server started."""
-        tokens = round(self._bucket.tokens(), 1) if self._bucket is not None else None
+        """``{"rate", "burst", "admitted", "refused", "slots", "tokens"}``: what it decided
+        since the server started, the slots handed out and not taken yet, and how many new
+        sessions it would admit at once now (None: no admission control)."""
+        if self.rate <= 0:
+            tokens = None
+        else:
+            free = (time.monotonic() + self._tolerance - self._next) / self._gap + 1
+            tokens = round(min(max(1, self.burst), max(0.0, free)), 1)
         return {"rate": self.rate, "burst": self.burst, "admitted": self.admitted,
-                "refused": self.refused, "tokens": tokens}
+                "refused": self.refused, "slots": len(self._slots), "tokens": tokens}
 
 
 BUSY_ERROR = "server busy: too many new sessions; come back after retry_after seconds"
