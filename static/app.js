@@ -450,7 +450,14 @@
     try {
       const data = await joinPresence();
       if (!conn.closed) renderPresence(data.users, data.count);
-    } catch { /* presence is decoration; the next refresh will try again */ }
+    } catch (err) {
+      // Presence is decoration: the next refresh tries again. But a join refused as busy
+      // (503, chatlib.admission) was handed a slot: come back for it when told, not later.
+      if (err instanceof HttpError && err.status === 503 && err.retryAfter !== null) {
+        setTimeout(() => { if (!conn.closed) refreshPresence(conn); },
+          Math.min(err.retryAfter * 1000, SERVER_DELAY_MAX_MS));
+      }
+    }
   }
 
   // The silence watchdog of a streaming connection (see WATCHDOG_EVERY_MS); returns its stop.
@@ -784,7 +791,8 @@
   }
 
   function openEventSource(conn) {
-    const es = new EventSource(`api/events?after=${state.lastId}&user=${enc(state.nick)}`);
+    const url = `api/events?after=${state.lastId}&user=${enc(state.nick)}`;
+    const es = new EventSource(url);
     const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
     let stopWatchdog = () => {};
     conn.stop = () => {
@@ -816,7 +824,34 @@
     // EventSource would retry on its own, but at a fixed interval and never
     // after an HTTP error; closing it and using our own backoff keeps one
     // reconnect policy for every transport and lets auto mode fall back.
-    es.onerror = () => conn.failed();
+    es.onerror = () => {
+      if (conn.closed || conn.everOpened) { conn.failed(); return; }
+      // Refused before it opened: a busy server's 503 hands out a slot and says when, but
+      // EventSource shows neither the status nor Retry-After (WHATWG HTML fails the
+      // connection). Ask again with fetch, which does, and come back when told.
+      es.close();
+      streamRefusal(url).then((retryAfterS) => {
+        if (conn.closed) return;
+        serverAsked(retryAfterS);
+        conn.failed();
+      });
+    };
+  }
+
+  // The delay a 503 to GET `url` asks for (seconds), or null (another answer, or none).
+  async function streamRefusal(url) {
+    const abort = new AbortController();
+    const timer = setTimeout(() => abort.abort(), CONNECT_TIMEOUT_MS);
+    try {
+      const res = await fetch(url, { cache: 'no-store', signal: abort.signal });
+      if (res.status === 503) return (await errorFrom(res)).retryAfter;
+      return null; // admitted this time (the stream is dropped): the next attempt backs off
+    } catch {
+      return null; // no answer: the server is away
+    } finally {
+      clearTimeout(timer);
+      abort.abort();
+    }
   }
 
   // ---- transports: long polling and short polling ------------------------------

@@ -42,12 +42,16 @@ class Attempts:
         self.times: list[float] = []
         self.admitted: list[float] = []
         self.refuse: float | None = None
+        self.plan: dict[int, float] = {}  # attempt number (from 1) -> refused with this delay
         admit = Admission.admit
 
         def spy(admission):
             self.times.append(time.monotonic())
-            if self.refuse is not None:
-                wait, self.refuse = self.refuse, None
+            planned = self.plan.pop(len(self.times), None)
+            if self.refuse is not None or planned is not None:
+                wait = planned if planned is not None else self.refuse
+                if planned is None:
+                    self.refuse = None
                 admission.refused += 1
                 return wait
             answer = admit(admission)
@@ -91,6 +95,37 @@ async def test_the_page_waits_as_long_as_a_busy_server_says(transport, start_cha
         refused = await attempts.wait_for(before + 1)  # ... and is told: busy, 2.5 s
         again = await attempts.wait_for(before + 2)
         assert 2.5 <= again - refused < 2.5 + SLACK, again - refused
+
+
+async def test_a_refused_event_stream_comes_back_when_told(start_chat, monkeypatch):
+    """The stream itself refused (503): EventSource cannot read why (WHATWG HTML fails the
+    connection), so the page asks with fetch (refused too, told 2.5 s) and waits that long;
+    before, it came back after its own backoff (below 0.5 s)."""
+    attempts = Attempts(monkeypatch)
+    server = await start_chat()
+    async with chatting(server, "sse"):
+        before = len(attempts.times)
+        # after a 1013 the page joins (attempt before+1), then streams (+2: refused), then
+        # asks why (+3: refused, 2.5 s), then comes back (+4)
+        attempts.plan.update({before + 2: 2.5, before + 3: 2.5})
+        for subscriber in server.hub.subscribers:
+            subscriber.close(CloseCode.TRY_AGAIN_LATER)
+        told = await attempts.wait_for(before + 3)
+        again = await attempts.wait_for(before + 4)
+        assert 2.5 <= again - told < 2.5 + SLACK, again - told
+
+
+@pytest.mark.parametrize("transport", ["longpoll", "poll"])
+async def test_a_refused_polling_join_comes_back_when_told(transport, start_chat, monkeypatch):
+    """A polling page's join (POST /api/presence) refused as busy, told 1 s, joins again
+    after 1 s; before, at its next presence refresh, 5 s later."""
+    attempts = Attempts(monkeypatch)
+    attempts.refuse = 1.0
+    server = await start_chat()
+    async with chatting(server, transport):
+        told = await attempts.wait_for(1)
+        again = await attempts.wait_for(2)
+        assert 1.0 <= again - told < 4.0, again - told  # 4 s: below the 5 s refresh
 
 
 class FixedDelays:
