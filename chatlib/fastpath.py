@@ -143,6 +143,9 @@ def websocket_sink(scope) -> Sink | None:
     if MISSING:
         return None
     protocol = _owner(scope)
+    made = getattr(protocol, SINK, None)  # websocket_writer asks too: one per connection
+    if made is not None:
+        return made
     conn = getattr(protocol, "conn", None)
     transport = getattr(protocol, "transport", None)
     writable = getattr(protocol, "writable", None)
@@ -165,7 +168,15 @@ def websocket_sink(scope) -> Sink | None:
             write(b"".join(conn.data_to_send()))
         return True
 
+    if hasattr(protocol, SINK):
+        setattr(protocol, SINK, sink)
     return sink
+
+
+SINK = "chatlib_sink"
+"""Where :func:`websocket_sink` keeps the sink it made, on a protocol that has this
+attribute (chatlib.protocols'; it drops it when the connection is lost: the sink refers to
+the protocol): the writer asks for one too, and a closure with its cells is ~0.8 KiB."""
 
 
 def websocket_writer(scope) -> Writer | None:

@@ -17,11 +17,11 @@ in order.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from .closecode import CloseCode
 from .hub import Batch, Hub, Resume
+from .leanasync import LeanEvent
 from .wire import Encoding
 
 
@@ -54,8 +54,10 @@ class Outbox:
         flight): only then may a payload skip the queue without overtaking older ones."""
         self.sent = 0
         """Messages up to this id were sent as history: ``direct`` skips them (see push)."""
-        self._items: deque[tuple[int, str]] = deque()
-        self._ready = asyncio.Event()
+        # A list and chatlib.leanasync's Event, not a deque and asyncio's: ~1.4 KiB less
+        # per connection, and the writer takes the whole list at once (get).
+        self._items: list[tuple[int, str]] = []
+        self._ready = LeanEvent()
 
     @property
     def queued(self) -> int:
@@ -125,8 +127,7 @@ class Outbox:
                 # Awake (something was queued, or closed): what we take now is in flight
                 # until the next get(), and nothing may overtake it.
                 self.direct = None
-        items = list(self._items)
-        self._items.clear()
+        items, self._items = self._items, []
         return items
 
     async def stream(self, hub: Hub, resume: Resume, heartbeat: float | None = None,

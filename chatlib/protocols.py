@@ -47,6 +47,7 @@ from .fastpath import (
     reset_connection,
     unsent_bytes,
 )
+from .leanasync import LeanEvent, LeanQueue
 from .limits import LINGER_BYTES, LINGER_SECONDS, MAX_FRAGMENTS, READ_SLICE, Limits
 from .stuck import Progress
 
@@ -61,10 +62,10 @@ EXPECTED: Expected = {
     f"{_HTTP}:RequestResponseCycle": (
         ("disconnected", "message_event", "response_started", "response_complete"), ()),
     f"{_WS}:WebSocketsSansIOProtocol": (
-        ("conn", "transport", "queue", "frames", "read_paused", "close_sent", "close_timer",
-         "handshake_initiated", "handshake_complete"),
+        ("conn", "transport", "queue", "writable", "frames", "read_paused", "close_sent",
+         "close_timer", "handshake_initiated", "handshake_complete"),
         ("connection_lost", "data_received", "handle_cont", "handle_parser_exception",
-         "pause_writing", "resume_writing")),
+         "pause_writing", "resume_writing", "start_keepalive")),
     "uvicorn.config:Config": (("h11_max_incomplete_event_size",), ()),
 }
 """What the subclasses below override, call and read of uvicorn's protocols."""
@@ -404,8 +405,30 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
       mark (asyncio's ``pause_writing``), until that output drains: every ping a client
       sends makes a pong, and four sockets that sent pings and read no pongs grew the
       server by 207 MB in 8 s (issue 18). A client that does not read what it is sent
-      gets nothing more read either; what it sent meanwhile waits in its kernel buffers.
+      gets nothing more read either; what it sent meanwhile waits in its kernel buffers;
+    * it holds less per idle connection: its receive queue and ``writable`` flag are
+      chatlib.leanasync's (no 760-byte deque each), and once the handshake is answered it
+      lets go of the request's and the response's headers, which uvicorn (and websockets'
+      parser) keep for the connection's life (the app has them in the ASGI scope).
     """
+
+    chatlib_sink = None
+    """chatlib.fastpath.websocket_sink's sink for this connection, once made (fastpath.SINK)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue = LeanQueue()  # put_nowait, get, empty: all uvicorn uses
+        self.writable = LeanEvent()
+        self.writable.set()
+
+    def start_keepalive(self) -> None:
+        """uvicorn calls this once the handshake's response is written: the request and
+        response (read only to write that response) are done with."""
+        super().start_keepalive()
+        request = getattr(self, "request", None)
+        if request is not None:  # websockets' parser keeps it too (a local of its generator)
+            request.headers.clear()
+        self.request = self.response = None
 
     output_paused = False
     """The transport's write buffer passed its high-water mark: reading is paused."""
@@ -489,6 +512,7 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
 
     def connection_lost(self, exc) -> None:
         self.stop_lingering()
+        self.chatlib_sink = None  # no cycle (sink -> protocol) left for the cyclic GC
         super().connection_lost(exc)
 
     def keepalive_timeout(self) -> None:

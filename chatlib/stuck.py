@@ -24,6 +24,8 @@ class Progress:
     unknown, the first look counts as the start of the wait).
     """
 
+    __slots__ = ("timeout", "_acked", "_since")  # one per watched connection
+
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._acked: int | None = None  # at the last look; None: nothing was waiting
