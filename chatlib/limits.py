@@ -27,6 +27,10 @@ TRIM_TO = 0.9
 """A log over a cap drops its oldest messages down to this share of the cap, so that
 trimming runs once per ~10 % of the cap, not on every append."""
 
+MAX_ROOMS = 1000
+"""Rooms every log holds at most by default, the default room included: each room is a
+log of its own (its messages, ids, retention), so their number is bounded like the rest."""
+
 LINGER_SECONDS = 2.0
 """Longest a refused connection is drained before it is closed (nginx: lingering_time)."""
 LINGER_BYTES = 4 * 1024 * 1024
@@ -150,6 +154,12 @@ class Limits:
     README.md, "Join storm")."""
     hello_timeout: float = 10.0
     """Seconds a new WebSocket has to say hello before it is closed."""
+    max_rooms: int = MAX_ROOMS
+    """Rooms a log made by the server holds at most (the default room included); a new one
+    beyond is refused (429). A log given to the server keeps its own bound."""
+    rooms_per_client: int = 20
+    """Rooms one WebSocket or WebTransport connection may be in at once (429 beyond): each
+    room it is in is one more subscription, one more queue of its own."""
     allowed_origins: set[str] = field(default_factory=set)
     """Extra browser origins allowed besides the server's own (e.g. a JupyterLab origin)."""
     allowed_hosts: set[str] = field(default_factory=set)

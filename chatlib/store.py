@@ -22,6 +22,13 @@ acknowledgement (connection dropped, server restarted) simply sends again with t
 dedupe window is what it keeps); SQLiteLog keeps them in the table (across restarts, within
 retention).
 
+Rooms: a message belongs to a room, and each room is a log of its own, with its own ids
+(1, 2, 3...), retention and dedupe: :meth:`MessageLog.room` returns it. The log a server is
+given is the room :data:`DEFAULT_ROOM`'s, so everything that says nothing about rooms is
+in that one, and its messages carry no ``room`` on the wire. Per-room ids, rather than one
+id for all rooms and a filter, keep the resume protocol (cursors, gaps, pages) exactly as
+it is, per room; what it costs a client in several rooms is one cursor per room.
+
 Retention is explicit and bounded on every log: the newest ``max_messages`` messages
 (:data:`RETAIN_MESSAGES` by default) and at most ``max_bytes`` of them
 (:data:`RETAIN_BYTES`); the oldest go first. ``first_id()`` says which is the oldest
@@ -48,8 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from .limits import RETAIN_BYTES, RETAIN_MESSAGES, TRIM_TO
-from .validation import ChatError, printable
+from .limits import MAX_ROOMS, RETAIN_BYTES, RETAIN_MESSAGES, TRIM_TO
+from .validation import DEFAULT_ROOM, ChatError, printable
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +65,9 @@ class Message:
 
     ``client_id`` is the sender's own id for it, if it gave one (see the module docstring);
     it is part of the JSON only when set, so that a sender whose acknowledgement was lost
-    recognises its message in the history it resumes.
+    recognises its message in the history it resumes. ``room`` is the room (the log) it
+    belongs to; ``id`` is an id of that room's. It is part of the JSON only when it is not
+    :data:`DEFAULT_ROOM`, so the default room's messages are what they were before rooms.
     """
 
     id: int
@@ -66,6 +75,7 @@ class Message:
     user: str
     text: str
     client_id: str | None = None
+    room: str = DEFAULT_ROOM
 
     def __str__(self) -> str:
         """``#id user: text``, safe to print: see :func:`chatlib.validation.printable`."""
@@ -84,11 +94,18 @@ class Message:
         else:
             data = {"id": self.id, "ts": self.ts, "user": self.user, "text": self.text,
                     "client_id": self.client_id}
+        if self.room != DEFAULT_ROOM:
+            data["room"] = self.room
         _last_dict = (self, data)
         return data
 
 
 _last_dict: tuple[Message | None, dict] = (None, {})
+
+
+def too_many_rooms(max_rooms: int) -> ChatError:
+    """What a log raises for a room beyond its ``max_rooms``: 429."""
+    return ChatError(429, f"too many rooms (at most {max_rooms})")
 
 
 def reused_client_id(original: Message) -> ChatError:
@@ -115,7 +132,11 @@ class StoreUnavailable(Exception):
 
 
 class MessageLog(Protocol):
-    """What every store offers. All methods are coroutines so a store may do I/O."""
+    """What every store offers: the log of one room. All methods but :meth:`room` are
+    coroutines so a store may do I/O."""
+
+    name: str
+    """The room this log is (:data:`DEFAULT_ROOM` for the log a server is given)."""
 
     shared: bool
     """Whether other processes append to this log too (then :meth:`follow` tells of
@@ -161,8 +182,19 @@ class MessageLog(Protocol):
         """A new channel for presence and typing between the processes sharing this log
         (the server runs and closes it); None: there is none."""
 
+    def room(self, name: str) -> MessageLog:
+        """The log of room ``name`` in the same store (no I/O): the same object for the
+        same name, ``self`` for this log's own, and the default room's log for
+        :data:`DEFAULT_ROOM` from any room's. A store may bound how many rooms it holds:
+        one more raises ChatError 429, here or at the new room's first append."""
+
+    async def rooms(self) -> dict[str, int]:
+        """Every room the store holds with at least one message, and the default room,
+        with its last id."""
+
     async def close(self) -> None:
-        """Release what the store holds (files, connections)."""
+        """Release what the store holds (files, connections); on any room's log, the
+        whole store's."""
 
 
 class Bus(Protocol):
@@ -196,7 +228,12 @@ class MemoryLog:
     """Bytes per message besides its strings: the Message, its id and its list slots."""
 
     def __init__(self, max_messages: int = RETAIN_MESSAGES,
-                 max_bytes: int = RETAIN_BYTES) -> None:
+                 max_bytes: int = RETAIN_BYTES, *, max_rooms: int = MAX_ROOMS) -> None:
+        self.name = DEFAULT_ROOM
+        self.max_rooms = max_rooms
+        """Rooms this store holds at most (the default room included); :meth:`room` makes
+        a room's log on first use and refuses one more (429)."""
+        self._rooms: dict[str, MemoryLog] = {DEFAULT_ROOM: self}  # shared by every room
         self._messages: list[Message] = []
         self._ids: list[int] = []
         self._by_client_id: dict[tuple[str, str], Message] = {}
@@ -218,7 +255,7 @@ class MemoryLog:
                 if original.text != text:
                     raise reused_client_id(original)
                 return original, True
-        message = Message(self._next_id, time.time(), user, text, client_id)
+        message = Message(self._next_id, time.time(), user, text, client_id, self.name)
         self._next_id += 1
         self._messages.append(message)
         self._ids.append(message.id)
@@ -274,11 +311,79 @@ class MemoryLog:
     def bus(self) -> None:
         return None
 
+    def room(self, name: str) -> MemoryLog:
+        log = self._rooms.get(name)
+        if log is None:
+            if len(self._rooms) >= self.max_rooms:
+                raise too_many_rooms(self.max_rooms)
+            log = MemoryLog(self.max_messages, self.max_bytes, max_rooms=self.max_rooms)
+            log.name, log._rooms = name, self._rooms
+            self._rooms[name] = log
+        return log
+
+    async def rooms(self) -> dict[str, int]:
+        return {name: log._next_id - 1 for name, log in self._rooms.items()
+                if log._next_id > 1 or name == DEFAULT_ROOM}
+
     async def close(self) -> None:
         pass
 
 
-class SQLiteLog:
+class _SQLiteReads:
+    """What the default room's log and the other rooms' share: every call runs in the
+    store's one worker thread (see :class:`SQLiteLog`), and :meth:`follow` polls."""
+
+    _thread: ThreadPoolExecutor
+    poll_interval: float
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def append(self, user: str, text: str,
+                     client_id: str | None = None) -> tuple[Message, bool]:
+        return await self._run(self._insert, user, text, client_id)
+
+    async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
+        return await self._run(self._select, after_id, limit)
+
+    async def page(self, after_id: int, limit: int) -> Page:
+        return await self._run(self._page, after_id, limit)
+
+    async def before(self, before_id: int, limit: int) -> list[Message]:
+        return await self._run(self._select_before, before_id, limit)
+
+    async def last_id(self) -> int:
+        return await self._run(self._max_id)
+
+    async def first_id(self) -> int:
+        return await self._run(self._min_id)
+
+    pushes = False  # follow() polls
+
+    @property
+    def shared(self) -> bool:
+        """Several server processes may share the file: :meth:`follow` polls it."""
+        return bool(self.poll_interval)
+
+    async def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
+        """Every ``poll_interval`` seconds, the messages appended since (SQLite has no way
+        to tell another process that a row was inserted)."""
+        if not self.poll_interval:
+            return
+        for _ in range(1 << 62):  # ends when cancelled
+            await asyncio.sleep(self.poll_interval)
+            for _ in range(1 << 62):  # pages, until caught up
+                page = await self.after(after_id, 500)
+                if not page:
+                    break
+                yield page
+                after_id = page[-1].id
+
+    def bus(self) -> None:
+        return None  # presence and typing stay per process
+
+
+class SQLiteLog(_SQLiteReads):
     """The log in an SQLite file (WAL mode), so history survives restarts.
 
     SQLite calls block, so each runs in one worker thread of its own and the event loop keeps
@@ -294,13 +399,24 @@ class SQLiteLog:
     go (down to :data:`TRIM_TO` of the cap). Bytes are the UTF-8 bytes of a row's strings
     plus :data:`ROW_OVERHEAD`, summed by triggers into the one-row table ``log_size``, so
     every process sharing the file sees the same total without scanning the table.
+
+    Rooms: this log is the default room's, in the table ``messages`` as before rooms (a
+    file from before them is the default room's log, unchanged). The other rooms'
+    messages are in one table ``room_messages`` keyed by ``(room, id)``, each room's ids
+    counted from 1 in the insert itself (atomic between processes), their bytes per room
+    in ``room_size`` (:class:`SQLiteRoom`). A room exists once it has a message; the
+    first message of one room more than ``max_rooms`` is refused (429).
     """
 
     ROW_OVERHEAD = 64
     """Bytes per row besides its strings: the id, the timestamp, the record and index."""
 
     def __init__(self, path: str | Path, poll_interval: float = 0.1, *,
-                 max_messages: int = RETAIN_MESSAGES, max_bytes: int = RETAIN_BYTES) -> None:
+                 max_messages: int = RETAIN_MESSAGES, max_bytes: int = RETAIN_BYTES,
+                 max_rooms: int = MAX_ROOMS) -> None:
+        self.name = DEFAULT_ROOM
+        self.max_rooms = max_rooms
+        self._rooms: dict[str, SQLiteRoom] = {}
         self.path = str(path)
         self.poll_interval = poll_interval  # several server processes may share the file
         self.max_messages = max_messages
@@ -333,10 +449,8 @@ class SQLiteLog:
                              " messages BEGIN UPDATE log_size SET bytes = bytes -"
                              f" {size.format('OLD')}; END")
             self._db.execute("COMMIT")
+        SQLiteRoom.create_tables(self._db, size)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatlib-sqlite")
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _insert(self, user: str, text: str, client_id: str | None) -> tuple[Message, bool]:
         ts = time.time()
@@ -403,49 +517,152 @@ class SQLiteLog:
         first = self._db.execute("SELECT MIN(id) FROM messages").fetchone()[0]
         return first if first is not None else self._max_id() + 1
 
-    async def append(self, user: str, text: str,
-                     client_id: str | None = None) -> tuple[Message, bool]:
-        return await self._run(self._insert, user, text, client_id)
+    def room(self, name: str) -> SQLiteLog | SQLiteRoom:
+        if name == DEFAULT_ROOM:
+            return self
+        log = self._rooms.get(name)
+        if log is None:
+            if len(self._rooms) >= 2 * self.max_rooms:  # views of rooms never written to
+                self._rooms = {n: room for n, room in self._rooms.items() if room._known}
+            log = self._rooms[name] = SQLiteRoom(self, name)
+        return log
 
-    async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
-        return await self._run(self._select, after_id, limit)
+    def _room_names(self) -> dict[str, int]:
+        rooms = {DEFAULT_ROOM: self._max_id()}
+        rooms.update(self._db.execute(
+            "SELECT room, (SELECT MAX(id) FROM room_messages m WHERE m.room = s.room)"
+            " FROM room_size s ORDER BY room").fetchall())
+        return rooms
 
-    async def page(self, after_id: int, limit: int) -> Page:
-        return await self._run(self._page, after_id, limit)
-
-    async def before(self, before_id: int, limit: int) -> list[Message]:
-        return await self._run(self._select_before, before_id, limit)
-
-    async def last_id(self) -> int:
-        return await self._run(self._max_id)
-
-    async def first_id(self) -> int:
-        return await self._run(self._min_id)
-
-    pushes = False  # follow() polls
-
-    @property
-    def shared(self) -> bool:
-        """Several server processes may share the file: :meth:`follow` polls it."""
-        return bool(self.poll_interval)
-
-    async def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
-        """Every ``poll_interval`` seconds, the messages appended since (SQLite has no way
-        to tell another process that a row was inserted)."""
-        if not self.poll_interval:
-            return
-        for _ in range(1 << 62):  # ends when cancelled
-            await asyncio.sleep(self.poll_interval)
-            for _ in range(1 << 62):  # pages, until caught up
-                page = await self.after(after_id, 500)
-                if not page:
-                    break
-                yield page
-                after_id = page[-1].id
-
-    def bus(self) -> None:
-        return None  # presence and typing stay per process
+    async def rooms(self) -> dict[str, int]:
+        return await self._run(self._room_names)
 
     async def close(self) -> None:
         await self._run(self._db.close)
         self._thread.shutdown()
+
+
+class SQLiteRoom(_SQLiteReads):
+    """The log of one room other than the default one, in an :class:`SQLiteLog`'s file
+    (:meth:`SQLiteLog.room`): the rows of ``room_messages`` with its name, the same
+    retention and dedupe as the default room's, per room."""
+
+    def __init__(self, store: SQLiteLog, name: str) -> None:
+        self.store, self.name = store, name
+        self._db, self._thread = store._db, store._thread
+        self.poll_interval = store.poll_interval
+        self._known = False  # the room has a row in room_size: it counts in max_rooms
+
+    @staticmethod
+    def create_tables(db: sqlite3.Connection, size: str) -> None:
+        """The rooms' tables and triggers, in a file that lacks them (``size`` is the SQL of
+        a row's bytes, :class:`SQLiteLog`'s)."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'room_size'").fetchone():
+            return
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("CREATE TABLE IF NOT EXISTS room_messages ("
+                   " room TEXT NOT NULL, id INTEGER NOT NULL, ts REAL NOT NULL,"
+                   " user TEXT NOT NULL, text TEXT NOT NULL, client_id TEXT,"
+                   " PRIMARY KEY (room, id))")
+        db.execute("CREATE UNIQUE INDEX IF NOT EXISTS room_messages_client_id"
+                   " ON room_messages (room, user, client_id)")
+        db.execute("CREATE TABLE IF NOT EXISTS room_size ("
+                   " room TEXT PRIMARY KEY, bytes INTEGER NOT NULL)")
+        db.execute("CREATE TRIGGER IF NOT EXISTS room_size_in AFTER INSERT ON room_messages"
+                   " BEGIN INSERT INTO room_size VALUES (NEW.room,"
+                   f" {size.format('NEW')}) ON CONFLICT (room) DO UPDATE SET"
+                   " bytes = bytes + excluded.bytes; END")
+        db.execute("CREATE TRIGGER IF NOT EXISTS room_size_out AFTER DELETE ON room_messages"
+                   f" BEGIN UPDATE room_size SET bytes = bytes - {size.format('OLD')}"
+                   " WHERE room = OLD.room; END")
+        db.execute("COMMIT")
+
+    def room(self, name: str) -> SQLiteLog | SQLiteRoom:
+        return self.store.room(name)
+
+    async def rooms(self) -> dict[str, int]:
+        return await self.store.rooms()
+
+    _COLUMNS = "id, ts, user, text, client_id, room"
+
+    def _insert(self, user: str, text: str, client_id: str | None) -> tuple[Message, bool]:
+        db, room = self._db, self.name
+        if not self._known:
+            self._known = bool(db.execute("SELECT 1 FROM room_size WHERE room = ?",
+                                          (room,)).fetchone())
+            store = self.store
+            if not self._known and db.execute("SELECT COUNT(*) FROM room_size").fetchone()[0] \
+                    >= store.max_rooms - 1:  # the default room is one
+                raise too_many_rooms(store.max_rooms)
+        ts = time.time()
+        try:
+            (message_id,) = db.execute(
+                "INSERT INTO room_messages (room, id, ts, user, text, client_id)"
+                " SELECT ?, COALESCE(MAX(id), 0) + 1, ?, ?, ?, ? FROM room_messages"
+                " WHERE room = ? RETURNING id",
+                (room, ts, user, text, client_id, room)).fetchone()
+        except sqlite3.IntegrityError:  # the unique index: (room, user, client_id) is stored
+            original = Message(*db.execute(
+                f"SELECT {self._COLUMNS} FROM room_messages"
+                " WHERE room = ? AND user = ? AND client_id = ?",
+                (room, user, client_id)).fetchone())
+            if original.text != text:
+                raise reused_client_id(original) from None
+            return original, True
+        self._known = True
+        self._trim(message_id)
+        return Message(message_id, ts, user, text, client_id, room), False
+
+    def _trim(self, newest: int) -> None:
+        """:meth:`SQLiteLog._trim`, for this room's rows."""
+        db, room, store = self._db, self.name, self.store
+        first, held = db.execute(
+            "SELECT (SELECT MIN(id) FROM room_messages WHERE room = ?),"
+            " (SELECT bytes FROM room_size WHERE room = ?)", (room, room)).fetchone()
+        if newest - first + 1 > store.max_messages:
+            keep = max(int(store.max_messages * TRIM_TO), 1)
+            db.execute("DELETE FROM room_messages WHERE room = ? AND id <= ?",
+                       (room, newest - keep))
+            held = db.execute("SELECT bytes FROM room_size WHERE room = ?", (room,)
+                              ).fetchone()[0]
+        if held <= store.max_bytes:
+            return
+        for _ in range(100):  # the oldest 5 % of rows at a time; bounded
+            first = self._min_id()
+            if held <= store.max_bytes * TRIM_TO or first >= newest:
+                return
+            cut = min(first + max((newest - first) // 20, 1), newest)
+            db.execute("DELETE FROM room_messages WHERE room = ? AND id < ?", (room, cut))
+            held = db.execute("SELECT bytes FROM room_size WHERE room = ?", (room,)
+                              ).fetchone()[0]
+
+    def _select(self, after_id: int, limit: int) -> list[Message]:
+        rows = self._db.execute(
+            f"SELECT {self._COLUMNS} FROM room_messages WHERE room = ? AND id > ?"
+            " ORDER BY id LIMIT ?", (self.name, after_id, limit)).fetchall()
+        return [Message(*row) for row in rows]
+
+    def _select_before(self, before_id: int, limit: int) -> list[Message]:
+        rows = self._db.execute(
+            f"SELECT {self._COLUMNS} FROM room_messages WHERE room = ? AND id < ?"
+            " ORDER BY id DESC LIMIT ?", (self.name, before_id, limit)).fetchall()
+        return [Message(*row) for row in reversed(rows)]
+
+    def _page(self, after_id: int, limit: int) -> Page:
+        first, last = self._db.execute(
+            "SELECT MIN(id), COALESCE(MAX(id), 0) FROM room_messages WHERE room = ?",
+            (self.name,)).fetchone()
+        messages = self._select(after_id, limit) if limit else []
+        return Page(messages, first if first is not None else last + 1, last)
+
+    def _max_id(self) -> int:
+        return self._db.execute("SELECT COALESCE(MAX(id), 0) FROM room_messages"
+                                " WHERE room = ?", (self.name,)).fetchone()[0]
+
+    def _min_id(self) -> int:
+        first = self._db.execute("SELECT MIN(id) FROM room_messages WHERE room = ?",
+                                 (self.name,)).fetchone()[0]
+        return first if first is not None else self._max_id() + 1
+
+    async def close(self) -> None:
+        await self.store.close()

@@ -92,7 +92,7 @@ REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
 BLANK_CATEGORIES = frozenset({"Mn", "Me", "Zs"})
 
 
-def nickname(data: dict, limits: Limits) -> str:
+def nickname(data: dict, limits: Limits, field: str = "user") -> str:
     """A nickname, NFKC-normalised and stripped, that shows what it is.
 
     NFKC folds look-alike forms (fullwidth "ａｌｉｃｅ", ligatures, superscripts) into one
@@ -100,10 +100,11 @@ def nickname(data: dict, limits: Limits) -> str:
     point: control, format, separator and unassigned characters (see REFUSED_CATEGORIES),
     every default-ignorable code point and filler (:func:`invisible`: "admin" followed by
     U+2800 would be a second "admin" on screen), and names that would render empty.
+    ``field`` is the field of ``data`` that holds it (and names it in errors).
     """
-    too_long = ChatError(413, f"user is longer than {limits.max_user} characters")
+    too_long = ChatError(413, f"{field} is longer than {limits.max_user} characters")
     try:
-        user = _string(data, "user", 4 * limits.max_user)  # NFKC below may shrink it
+        user = _string(data, field, 4 * limits.max_user)  # NFKC below may shrink it
     except ChatError as exc:
         raise too_long if exc.status == 413 else exc from None
     user = unicodedata.normalize("NFKC", user).strip()
@@ -111,12 +112,55 @@ def nickname(data: dict, limits: Limits) -> str:
         category = unicodedata.category(c)
         if category in REFUSED_CATEGORIES or invisible(c):
             kind = "a control" if category == "Cc" else "an invisible or formatting"
-            raise ChatError(400, f"user contains {kind} character (U+{ord(c):04X})")
+            raise ChatError(400, f"{field} contains {kind} character (U+{ord(c):04X})")
     if all(unicodedata.category(c) in BLANK_CATEGORIES for c in user):
-        raise ChatError(400, "user would show as empty")
+        raise ChatError(400, f"{field} would show as empty")
     if len(user) > limits.max_user:
         raise too_long
     return user
+
+
+DEFAULT_ROOM = "lobby"
+"""The room of everything that names none (chatlib.store's, defined here for the checks)."""
+
+
+def room_name(value, limits: Limits) -> str:
+    """A room's name: :data:`DEFAULT_ROOM` for None, else the nickname rules (NFKC, nothing
+    invisible, at most ``max_user`` characters), and a name starting with ``@`` must be
+    a direct-message room of two valid nicknames, ``@A+B`` (:func:`dm_room`); 400/413
+    otherwise."""
+    if value is None:
+        return DEFAULT_ROOM
+    if isinstance(value, str) and unicodedata.normalize("NFKC", value).strip()[:1] == "@":
+        pair = dm_users(unicodedata.normalize("NFKC", value).strip())
+        if pair is None:
+            raise ChatError(400, "a room name starting with @ is a direct message: @A+B")
+        return dm_room(nickname({"room": pair[0]}, limits, "room"),
+                       nickname({"room": pair[1]}, limits, "room"))
+    return nickname({"room": value}, limits, "room")
+
+
+def dm_room(a: str, b: str) -> str:
+    """The room of the direct messages between users ``a`` and ``b``: ``@A+B``, the two
+    nicknames NFKC-normalised and in order, so that both name the same room. 400 if they
+    are the same user or a name contains "+" (the separator)."""
+    a, b = (unicodedata.normalize("NFKC", name).strip() for name in (a, b))
+    if "+" in a or "+" in b:
+        raise ChatError(400, "a nickname with + cannot have direct messages")
+    if a == b or not a or not b:
+        raise ChatError(400, "a direct message needs two different users")
+    return f"@{min(a, b)}+{max(a, b)}"
+
+
+def dm_users(room: str) -> tuple[str, str] | None:
+    """``(A, B)`` of a direct-message room ``@A+B`` (:func:`dm_room`'s form), or None if
+    ``room`` is not one."""
+    if room[:1] != "@":
+        return None
+    a, plus, b = room[1:].partition("+")
+    if not plus or not a or not b or "+" in b or a >= b:
+        return None
+    return a, b
 
 
 # Control characters a message may carry: tab and the line breaks of str.splitlines (CR
