@@ -23,17 +23,18 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from . import wire
-from .auth import TokenGate
+from .auth import GRANT, TokenGate
 from .closecode import CloseCode
 from .fastpath import RAW_SEND, unsent_bytes
 from .guard import Guard, HostPolicy
 from .hub import Hub
 from .limits import SendBudget
 from .polling import Messages, presence, typing
+from .rooms import Rooms
 from .sse import events
-from .store import StoreUnavailable
+from .store import DEFAULT_ROOM, StoreUnavailable
 from .stuck import StuckWatch
-from .validation import ChatError
+from .validation import ChatError, dm_users, optional_user
 from .web import JSONBody
 from .ws import websocket
 
@@ -69,6 +70,40 @@ async def webtransport_info(request: Request) -> Response:
     return JSONBody({"available": False}) if server is None else server.info(request)
 
 
+async def room_list(request: Request) -> Response:
+    """``GET /api/rooms``: the rooms a client may join that the log holds, with their last
+    ids (a client's unread count is that minus its cursor)::
+
+        {"rooms": [{"room": R, "last_id": N[, "private": true]}, ...],
+         "dms": [{"room": "@A+B", "with": OTHER, "last_id": N}, ...]}
+
+    Open rooms (the default room first, then by name); private rooms and direct messages
+    only of the user token's user (in open mode: of ``?user=``)."""
+    rooms: Rooms = request.app.state.rooms
+    grant = request.scope.get(GRANT)
+    user = optional_user(request.query_params, rooms.limits)
+    if grant is not None and user and user != grant.user:
+        raise ChatError(403, f"forbidden: this token is {grant.user!r}'s")
+    if grant is not None:
+        user = grant.user
+    elif rooms.token_mode:
+        user = ""  # the shared token: no direct messages
+    mine = rooms.readable(user, grant)
+    listed, dms = [], []
+    for room, last_id in sorted((await rooms.log.rooms()).items(),
+                                key=lambda item: (item[0] != DEFAULT_ROOM, item[0])):
+        pair = dm_users(room)
+        if pair is not None:
+            if user in pair:
+                dms.append({"room": room, "with": pair[1] if user == pair[0] else pair[0],
+                            "last_id": last_id})
+        elif room not in rooms.private:
+            listed.append({"room": room, "last_id": last_id})
+        elif room in mine:
+            listed.append({"room": room, "last_id": last_id, "private": True})
+    return JSONBody({"rooms": listed, "dms": dms})
+
+
 def server_stats(state) -> dict:
     """Backpressure and admission now, computed on request (nothing is kept for it on the
     path of a message; ``ChatServer.stats()``, ``GET /api/stats``)::
@@ -89,11 +124,13 @@ def server_stats(state) -> dict:
     (``behind``: 1013, fell behind, stuck ones included; 1001 also counts SSE clients that
     hung up; both need the fast path); ``stuck_resets``: connections reset for not reading
     (chatlib.stuck); all since the server started. Costs one ioctl per push client.
+    Clients are counted per room: a WebSocket in two rooms is two (one queue in each);
+    ``published`` is the default room's.
     """
     hub: Hub = state.hub
     stuck: StuckWatch = state.stuck
     clients = []
-    for subscriber in hub.subscribers:
+    for subscriber in state.rooms.subscribers:
         transport = stuck.transport(subscriber)
         unsent = None
         if transport is not None and not transport.is_closing():
@@ -191,6 +228,7 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
         Route("/api/limits", limits_for_clients),
         Route("/api/webtransport", webtransport_info),  # chatlib.webtransport
         Route("/api/stats", stats),
+        Route("/api/rooms", room_list),
         WebSocketRoute("/ws", websocket),  # chatlib.ws
     ]
     app = ChatApp(
@@ -201,6 +239,7 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
                     *([Middleware(TokenGate, token=token)] if token else [])],
     )
     app.state.hub = hub
+    app.state.rooms = Rooms.of(hub)  # the server made it (private rooms); else open rooms
     app.state.budget = SendBudget(hub.limits)
     app.state.stuck = StuckWatch(hub.limits)
     app.state.webtransport = None  # chatlib.webtransport.WebTransportServer, if on

@@ -38,13 +38,26 @@ socket (the handshake is accepted, then closed if the first frame does not authe
 
 Tokens are compared in constant time (:func:`hmac.compare_digest`), so the time a refusal
 takes does not tell how much of a guess was right.
+
+User tokens (rooms and direct messages, chatlib.rooms): the shared token lets its holder
+in as anyone, into every open room. ``ChatServer.user_token(user, rooms)`` mints a token
+for one user, :func:`user_token`: its user, the private rooms it may join and its expiry,
+signed with an HMAC keyed by the shared token (so only this server, or one with the same
+token, makes or accepts it). It is carried exactly as the shared token (header, query,
+cookie) and lets in as that user only: :class:`TokenGate` puts its :class:`Grant` in the
+request's scope (:data:`GRANT`) and the transports refuse (403) a nickname other than
+its user, and let it into its direct messages and the private rooms it lists.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
+import json
 import re
 import secrets
+import time
+from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from .web import refuse
@@ -67,6 +80,63 @@ def checked_token(token: str | bool | None) -> str | None:
     if not isinstance(token, str) or not TOKEN_PATTERN.fullmatch(token):
         raise ValueError("token must be 1 to 256 characters from A-Z a-z 0-9 . _ ~ -")
     return token
+
+
+GRANT = "chatlib.grant"
+"""The key of a request's :class:`Grant` in its ASGI scope (absent: no user token)."""
+
+USER_TOKEN_TTL = 24 * 3600
+"""Seconds a user token is valid by default."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a valid user token says: who its holder is, the private rooms it may join."""
+
+    user: str
+    rooms: frozenset[str]
+    expires: float
+    """Unix time after which the token is refused."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _user_key(token: str) -> bytes:
+    return hmac.new(token.encode(), b"chatlib user tokens", "sha256").digest()
+
+
+def user_token(token: str, user: str, rooms=(), ttl: float = USER_TOKEN_TTL) -> str:
+    """A token for ``user`` only, letting it into the private ``rooms`` too, valid ``ttl``
+    seconds, signed with a key derived from the server's shared ``token``:
+    ``u.PAYLOAD.SIGNATURE`` (URL-safe base64 of its JSON and of its HMAC-SHA256)."""
+    payload = _b64(json.dumps({"u": user, "r": sorted(rooms), "exp": int(time.time() + ttl)},
+                              separators=(",", ":")).encode())
+    signature = _b64(hmac.new(_user_key(token), payload.encode(), "sha256").digest())
+    return f"u.{payload}.{signature}"
+
+
+def read_user_token(token: str, value: str) -> Grant | None:
+    """The grant of a user token made with :func:`user_token` for this ``token``; None if
+    ``value`` is no such token, is forged or has expired."""
+    prefix, _, rest = value.partition(".")
+    payload, _, signature = rest.partition(".")
+    if prefix != "u" or not payload or not signature or len(value) > 4096:
+        return None
+    expected = _b64(hmac.new(_user_key(token), payload.encode(), "sha256").digest())
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        return None
+    try:
+        data = json.loads(_unb64(payload))
+        grant = Grant(data["u"], frozenset(data["r"]), float(data["exp"]))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return grant if grant.expires > time.time() else None
 
 
 def cookie_name(port: int) -> str:
@@ -94,6 +164,7 @@ class TokenGate:
 
     def __init__(self, app, token: str) -> None:
         self.app = app
+        self.secret = token
         self.token = token.encode()
         self.page = page_path(token)
 
@@ -103,7 +174,7 @@ class TokenGate:
             await self.app(scope, receive, send)
             return
         port = scope["server"][1] if scope.get("server") else 0
-        source = self.presented(scope, cookie_name(port))
+        source, value = self.presented_value(scope, cookie_name(port))
         if source is None:
             # RFC 9110 15.5.2: a 401 names the scheme that would work.
             await refuse(kind, send, 401, ERROR,
@@ -111,39 +182,55 @@ class TokenGate:
             return
         path, root = scope["path"], scope.get("root_path", "")
         under = root + self.page
+        if value is not None:  # a user token: the routes see who it lets in
+            scope = {**scope, GRANT: read_user_token(self.secret, value)}
         if path == under or path.startswith(under + "/"):
             # The routes see the path below the page's (ASGI: path includes root_path).
             scope = {**scope, "root_path": under}
             if source == "query" and kind == "http" and path == under + "/":
-                send = self._setting_cookie(send, cookie_name(port))
+                send = self._setting_cookie(send, cookie_name(port), value)
         elif source == "query" and kind == "http" and path == root + "/":
             await see_other(send, self.page[1:] + "/?" + scope["query_string"].decode("latin-1"))
             return
         await self.app(scope, receive, send)
 
-    def _valid(self, value: str | bytes) -> bool:
-        if isinstance(value, str):
-            value = value.encode("utf-8", "replace")
-        return hmac.compare_digest(value, self.token)
+    def _valid(self, value: str | bytes) -> str | bool:
+        """True for the shared token, the token itself (str) for a valid user token."""
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        if value[:2] == "u.":
+            return value if read_user_token(self.secret, value) is not None else False
+        return hmac.compare_digest(value.encode("utf-8", "replace"), self.token)
 
     def presented(self, scope, cookie: str) -> str | None:
-        """Where the request carries the right token ("header", "query", "cookie") or None."""
+        """Where the request carries a valid token ("header", "query", "cookie") or None."""
+        return self.presented_value(scope, cookie)[0]
+
+    def presented_value(self, scope, cookie: str) -> tuple[str | None, str | None]:
+        """Where the request carries a valid token ("header", "query", "cookie"; None: it
+        does not), and the user token it is (None: the shared one)."""
         headers = dict(scope["headers"])  # the last of a repeated header; fine for these
         authorization = headers.get(b"authorization", b"")
         scheme, _, credentials = authorization.partition(b" ")
-        if scheme.lower() == b"bearer" and self._valid(credentials.strip()):
-            return "header"
-        for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
-            if name == "token" and self._valid(value):
-                return "query"
+        found = []
+        if scheme.lower() == b"bearer":
+            found.append(("header", credentials.strip().decode("latin-1")))
+        found += [("query", value) for name, value in
+                  parse_qsl(scope.get("query_string", b"").decode("latin-1"))
+                  if name == "token"]
         for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
             name, _, value = part.strip().partition("=")
-            if name == cookie and self._valid(value):
-                return "cookie"
-        return None
+            if name == cookie:
+                found.append(("cookie", value))
+        for source, value in found:
+            valid = self._valid(value)
+            if valid:
+                return source, valid if isinstance(valid, str) else None
+        return None, None
 
-    def _setting_cookie(self, send, name: str):
-        header = (f"{name}={self.token.decode()}; HttpOnly; SameSite=Strict").encode()
+    def _setting_cookie(self, send, name: str, value: str | None = None):
+        value = value if value is not None else self.token.decode()
+        header = (f"{name}={value}; HttpOnly; SameSite=Strict").encode()
 
         async def send_with_cookie(message) -> None:
             if message["type"] == "http.response.start":

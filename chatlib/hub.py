@@ -15,6 +15,9 @@ something else reads the log), then :meth:`Hub._publish`.
 
 Who is here is chatlib.presence's (:attr:`Hub.presence`): the hub tells it who subscribes
 and unsubscribes, and fans out the ``presence`` events it makes.
+
+A hub is one room's (:attr:`Hub.room`, its log's): chatlib.rooms makes one per room in
+use. Every event it fans out for a room other than the default one carries ``"room"``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .admission import Admission
 from .closecode import CloseCode
 from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits
 from .presence import Presence
-from .store import Bus, Message, MessageLog
+from .store import DEFAULT_ROOM, Bus, Message, MessageLog
 
 
 class Batch:
@@ -84,13 +87,15 @@ class Resume(NamedTuple):
         start = max(last_id - history, first_id - 1, 0)
         return cls(start, reset=reset, before=start + 1 if start >= first_id else 0)
 
-    def events(self) -> list[tuple[str, dict]]:
-        """The events (name, data) that come before the history, in order."""
-        events = [("reset", {})] if self.reset else []
+    def events(self, room: str = DEFAULT_ROOM) -> list[tuple[str, dict]]:
+        """The events (name, data) that come before the history, in order; their data
+        carries ``"room"`` for a ``room`` other than the default one."""
+        tag = {} if room == DEFAULT_ROOM else {"room": room}
+        events = [("reset", {**tag})] if self.reset else []
         if self.gap:
-            events.append(("gap", {"first_id": self.gap}))
+            events.append(("gap", {"first_id": self.gap, **tag}))
         if self.before:
-            events.append(("history", {"before": self.before}))
+            events.append(("history", {"before": self.before, **tag}))
         return events
 
 
@@ -147,18 +152,29 @@ def deliver_all(subscribers: Iterable[Subscriber], batch: Batch) -> None:
 class Hub:
     """The log, who is connected, and the fan-out between them."""
 
-    def __init__(self, log: MessageLog, limits: Limits, bus: Bus | None = None) -> None:
+    def __init__(self, log: MessageLog, limits: Limits, bus: Bus | None = None, *,
+                 admission: Admission | None = None,
+                 replays: RateLimits | None = None) -> None:
         self.log = log
         self.limits = limits
         self.bus = bus
         """Presence and typing between the processes sharing ``log`` (chatlib.redis_bus)."""
-        self.admission = Admission(limits)
-        """New sessions: every transport asks :meth:`Admission.admit` first."""
+        self.room: str = getattr(log, "name", DEFAULT_ROOM)
+        """The room this hub is (its log's)."""
+        self.tag: dict = {} if self.room == DEFAULT_ROOM else {"room": self.room}
+        self.dm = self.room[:1] == "@"
+        """Whether this is a room of direct messages (``@A+B``)."""
+        """What every event of this room carries besides its own fields: ``{"room"}``, or
+        nothing in the default room (its events are what they were before rooms)."""
+        self.admission = admission if admission is not None else Admission(limits)
+        """New sessions: every transport asks :meth:`Admission.admit` first (one for every
+        room's hub: chatlib.rooms)."""
         self._subscribers: dict[Encoding, set[Subscriber]] = {}  # grouped by encoding
         self._wake = Wake()  # the next publish wakes the long polls parked on it
         self.presence = Presence(limits, self._broadcast)
         """Who is here; its ``presence`` events go out through this hub's fan-out."""
-        self._replays = RateLimits(limits.replay_rate, limits.replay_burst)
+        self._replays = replays if replays is not None else RateLimits(
+            limits.replay_rate, limits.replay_burst)
         self._published = 0  # every message up to this id has been fanned out
         self._fanning: deque[tuple[list[Subscriber], Batch]] = deque()  # see _fan_out
         self._fanned = 0  # subscribers of _fanning[0] done (of each fan-out of the group)
@@ -169,6 +185,10 @@ class Hub:
         self._publishing = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []  # following the log and the bus
         self.closing = asyncio.Event()
+        self.parked = 0
+        """Long polls waiting in :meth:`poll` now."""
+        self.rooms = None
+        """The chatlib.rooms.Rooms registry this hub is in, if any."""
 
     @property
     def published(self) -> int:
@@ -196,6 +216,8 @@ class Hub:
         ``(original, True)`` (see :meth:`MessageLog.append`).
         """
         message, duplicate = await self.log.append(user, text, client_id)
+        if self.dm and not duplicate and self.rooms is not None:
+            self.rooms.posted(message)  # the other user hears of it (chatlib.rooms)
         if not duplicate and not self.log.pushes:
             # An id at or below what was published: another post's catch-up may have
             # published it already, unless the whole log is now below that (replaced).
@@ -325,10 +347,12 @@ class Hub:
             return Answer(resume, page.messages, page.last_id)
         closing = asyncio.ensure_future(self.closing.wait())
         arrived = asyncio.ensure_future(wake.event.wait())
+        self.parked += 1
         try:
             await asyncio.wait({closing, arrived}, timeout=timeout,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.parked -= 1
             closing.cancel()
             arrived.cancel()
         if not wake.event.is_set():  # timed out, or the hub is closing: nothing new
@@ -342,6 +366,8 @@ class Hub:
     # -- events that are not messages ----------------------------------------------------
 
     def _broadcast(self, event: str, data: dict) -> None:
+        if self.tag:
+            data = {**data, **self.tag}
         for encoding, subscribers in self._subscribers.items():
             if subscribers:
                 self._fan_out(subscribers, Batch(((0, encoding.event(event, data)),)))
@@ -435,7 +461,8 @@ class Hub:
         user = subscriber.user
         if user:
             if self.presence.told(user):  # a second tab: the list won't change; tell it
-                payload = subscriber.encoding.event("presence", self.presence.data)
+                payload = subscriber.encoding.event("presence",
+                                                    {**self.presence.data, **self.tag})
                 self._fan_out((subscriber,), Batch(((0, payload),)))
             self.presence.connected(user)
         return subscriber
@@ -447,6 +474,11 @@ class Hub:
             self._roster += 1
             if subscriber.user:
                 self.presence.disconnected(subscriber.user)
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether any push client is subscribed now."""
+        return any(self._subscribers.values())
 
     @property
     def subscribers(self) -> list[Subscriber]:

@@ -143,8 +143,8 @@ class Outbox:
         only writes the batches.
         """
         encoding = self.encoding
-        first = [encoding.reset if name == "reset" else encoding.event(name, data)
-                 for name, data in resume.events()]
+        first = [encoding.reset if name == "reset" and not data else encoding.event(name, data)
+                 for name, data in resume.events(hub.room)]
         if first:
             yield first
         cursor = sent = resume.start

@@ -1,5 +1,8 @@
 """The HTTP transport: posting (``POST /api/messages``, ``/api/typing``), polling and long
-polling (``GET /api/messages``), and who is here (``GET /api/presence``)."""
+polling (``GET /api/messages``), and who is here (``GET /api/presence``).
+
+Every route is about one room: ``?room=NAME`` (chatlib.rooms), the default room without
+it. A room the client may not join is refused (403) before anything is read or stored."""
 
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ from starlette.routing import request_response
 
 from . import wire
 from .admission import BUSY_ERROR
+from .auth import GRANT
 from .fastpath import server_send
 from .hub import Answer, Hub
+from .rooms import Rooms
+from .store import DEFAULT_ROOM
 from .validation import (
     ChatError,
     client_id,
@@ -22,6 +28,7 @@ from .validation import (
     message_text,
     nickname,
     optional_user,
+    room_name,
 )
 from .web import JSONBody, address, read_json, wait_disconnect
 
@@ -33,6 +40,15 @@ def rate_check(request: Request, user: str) -> None:
                         budget.retry_after(address(request.scope), user=user))
 
 
+def room_of(params, limits, user: str, scope) -> str:
+    """The request's room (``?room=``, the default room without it), checked: ChatError
+    400 for a bad name, 403 for a room this client may not join (chatlib.rooms)."""
+    room = room_name(params.get("room"), limits)
+    if room != DEFAULT_ROOM or GRANT in scope:
+        scope["app"].state.rooms.check(room, user, scope.get(GRANT))
+    return room
+
+
 async def poll(state, scope, receive) -> bytes | None:
     """``GET /api/messages``: the JSON body of the 200 answer, or None if the client hung up
     while its long poll waited (499). Raises ChatError (4xx) and StoreUnavailable (503)."""
@@ -42,13 +58,28 @@ async def poll(state, scope, receive) -> bytes | None:
     after = int_param(params, "after", 0)
     wait = min(max(float_param(params, "wait", 0.0), 0.0), limits.max_wait)
     user = optional_user(params, limits)
+    if "room" in params:
+        room = room_of(params, limits, user, scope)
+        if room != DEFAULT_ROOM:
+            rooms: Rooms = state.rooms
+            async with rooms.using(room) as hub:
+                return await poll_room(state, hub, receive, params, after, wait, user)
+    elif GRANT in scope:
+        room_of(params, limits, user, scope)
+    return await poll_room(state, hub, receive, params, after, wait, user)
+
+
+async def poll_room(state, hub: Hub, receive, params, after: int, wait: float,
+                    user: str) -> bytes | None:
+    """:func:`poll`, in ``hub``'s room."""
+    limits = hub.limits
     if user:  # keeps a name that joined (POST /api/presence) present; adds none
         hub.presence.refresh(user)
     if "before" in params:  # an older page (the resume protocol's "history" marker)
         before = int_param(params, "before", 0)
         older = await hub.log.before(before, limits.history)
         first = await hub.log.first_id()
-        return wire.dumps(wire.older_body(older, first)).encode()
+        return wire.dumps(wire.older_body(older, first, hub.room)).encode()
     if wait > 0:
         state.long_polls += 1  # parked now: ChatServer.stats
         try:
@@ -59,7 +90,7 @@ async def poll(state, scope, receive) -> bytes | None:
             return None
     else:
         answer = await hub.poll(after)
-    return poll_answer(state, answer)
+    return poll_answer(state, answer, hub.room)
 
 
 POLL_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
@@ -117,7 +148,7 @@ async def until_disconnected(receive, work):
     return waiting.result() if waiting.done() and not waiting.cancelled() else None
 
 
-def poll_answer(state, answer: Answer) -> bytes:
+def poll_answer(state, answer: Answer, room: str = DEFAULT_ROOM) -> bytes:
     """The JSON body of ``answer``, shared by every poll that gets the same one.
 
     After a message, every long poll parked at the same cursor wakes and gets the same
@@ -126,11 +157,11 @@ def poll_answer(state, answer: Answer) -> bytes:
     answered from the cache with its predecessor's texts.
     """
     cached = getattr(state, "poll_answer", None)
-    if cached is not None and cached[0] == answer:
+    if cached is not None and cached[0] == answer and cached[2] == room:
         return cached[1]
     body = wire.dumps(wire.messages_body(answer.messages, answer.last_id,
-                                         answer.resume.events())).encode()
-    state.poll_answer = (answer, body)
+                                         answer.resume.events(), room)).encode()
+    state.poll_answer = (answer, body, room)
     return body
 
 
@@ -143,21 +174,31 @@ async def post_message(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     data = await read_json(request, hub.limits)
     user = nickname(data, hub.limits)
+    room = room_of(request.query_params, hub.limits, user, request.scope)
     text = message_text(data, hub.limits)
     cid = client_id(data.get("client_id"))
     key = client_id(request.headers.get("idempotency-key"), "Idempotency-Key")
     if cid is not None and key is not None and cid != key:
         raise ChatError(400, "client_id and Idempotency-Key differ")
     rate_check(request, user)
-    message, duplicate = await hub.post(user, text, cid or key)
+    async with in_room(request, room) as hub:
+        message, duplicate = await hub.post(user, text, cid or key)
     return JSONBody(message.to_dict(), status_code=200 if duplicate else 201)
+
+
+def in_room(request: Request, room: str):
+    """The hub of ``room`` for this request (chatlib.rooms.Rooms.using)."""
+    rooms: Rooms = request.app.state.rooms
+    return rooms.using(room)
 
 
 async def typing(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     user = nickname(await read_json(request, hub.limits), hub.limits)
+    room = room_of(request.query_params, hub.limits, user, request.scope)
     rate_check(request, user)
-    hub.typing(user)
+    async with in_room(request, room) as hub:
+        hub.typing(user)
     return Response(status_code=204)
 
 
@@ -174,13 +215,19 @@ async def presence(request: Request) -> Response:
     ``Retry-After``).
     """
     hub: Hub = request.app.state.hub
+    limits = hub.limits
     if request.method == "POST":
-        user = nickname(await read_json(request, hub.limits), hub.limits)
-        if not hub.presence.refresh(user):  # a new polling session (a name here is not)
-            wait = hub.admission.admit()
-            if wait is not None:
-                raise ChatError(503, BUSY_ERROR, wait)
-        refused, retry_after = hub.presence.touch(user, address(request.scope))
-        if refused:
-            raise ChatError(429, refused, retry_after)
-    return JSONBody(hub.presence.event())
+        user = nickname(await read_json(request, limits), limits)
+    else:
+        user = optional_user(request.query_params, limits)
+    room = room_of(request.query_params, limits, user, request.scope)
+    async with in_room(request, room) as hub:
+        if request.method == "POST":
+            if not hub.presence.refresh(user):  # a new polling session (a name here is not)
+                wait = hub.admission.admit()
+                if wait is not None:
+                    raise ChatError(503, BUSY_ERROR, wait)
+            refused, retry_after = hub.presence.touch(user, address(request.scope))
+            if refused:
+                raise ChatError(429, refused, retry_after)
+        return JSONBody({**hub.presence.event(), **hub.tag})

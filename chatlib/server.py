@@ -34,13 +34,14 @@ import uvicorn
 
 from . import protocols
 from .app import create_app, server_stats
-from .auth import checked_token
+from .auth import USER_TOKEN_TTL, checked_token, user_token
 from .closecode import CloseCode
 from .colab import PAGE_UNREACHABLE, in_colab
 from .guard import Guard, host_policy
 from .hub import Hub
 from .limits import FD_LIMIT_WANTED, Limits
 from .proxy import public_url
+from .rooms import Rooms
 from .store import MemoryLog, MessageLog
 
 
@@ -208,11 +209,12 @@ class ChatServer:
         token: str | bool | None = None,
         forwarded_allow_ips: str | list[str] | None = None,
         webtransport: bool = False,
+        private_rooms=(),
     ) -> None:
         self.host = host
         self.requested_port = port
-        self.log = log if log is not None else MemoryLog()
         self.limits = limits or Limits()
+        self.log = log if log is not None else MemoryLog(max_rooms=self.limits.max_rooms)
         self.compression = compression
         self.ws_ping_interval = ws_ping_interval
         self.shutdown_timeout = shutdown_timeout
@@ -227,7 +229,15 @@ class ChatServer:
         nginx's) and make the proxy *set* the header, not append to the client's."""
         self.webtransport = webtransport
         """Also serve WebTransport over HTTP/3, on UDP at the same port (chatlib.webtransport)."""
+        self.private_rooms = frozenset(private_rooms)
+        """Rooms only the user tokens that list them may join (token mode only:
+        :meth:`user_token`; chatlib.rooms)."""
+        if self.private_rooms and self.token is None:
+            raise ValueError("private rooms need token mode (token=...): in open mode "
+                             "anyone may join any room")
         self.hub: Hub | None = None
+        """The default room's hub (every room's: :attr:`rooms`)."""
+        self.rooms: Rooms | None = None
         self.port: int | None = None
         self._udp: list[socket.socket] = []
         self._webtransport = None  # chatlib.webtransport.WebTransportServer, if on
@@ -268,11 +278,12 @@ class ChatServer:
             return self
         # The bus carries presence and typing between processes sharing the log, if any.
         self.hub = Hub(self.log, self.limits, bus=self.log.bus())
+        self.rooms = Rooms(self.hub, self.private_rooms, token_mode=self.token is not None)
         await self.hub.start()
         try:
             self._socket, self._udp = self._bind()
         except OSError:
-            self.hub.close()
+            self.rooms.close()
             if self.hub.bus is not None:
                 await self.hub.bus.close()
             raise
@@ -344,7 +355,7 @@ class ChatServer:
         """Polling users leave by going quiet: re-check presence every few seconds."""
         while True:
             await asyncio.sleep(min(5.0, self.limits.presence_ttl / 3))
-            self.hub.presence.changed()
+            self.rooms.sweep()
 
     async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
         """Stop serving and free the port; every client is told (``code`` / end of stream).
@@ -354,8 +365,8 @@ class ChatServer:
         """
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self.hub is not None:
-            self.hub.close(code)
+        if self.rooms is not None:
+            self.rooms.close(code)
         try:
             if self._server is not None and self._task is not None:
                 self._server.should_exit = True
@@ -412,6 +423,15 @@ class ChatServer:
         if self.hub is not None:
             self.hub.admission.restart_window = spread
         return spread
+
+    def user_token(self, user: str, rooms=(), ttl: float = USER_TOKEN_TTL) -> str:
+        """A token for ``user`` only (token mode; chatlib.auth.user_token): it fixes the
+        nickname (another is refused, 403), lets its user into its direct messages and
+        into the private ``rooms`` it lists, for ``ttl`` seconds. Carried like the shared
+        token (``Authorization: Bearer``, ``?token=``, the cookie)."""
+        if self.token is None:
+            raise ValueError("user tokens need token mode (token=...)")
+        return user_token(self.token, user, rooms, ttl)
 
     def stats(self) -> dict:
         """Backpressure and admission now (chatlib.app.server_stats; ``GET /api/stats``)."""

@@ -1,5 +1,7 @@
 """The Server-Sent Events transport: ``GET /api/events``, a ``text/event-stream`` response
-that sends the history after the client's cursor, then live events, heartbeats between."""
+that sends the history after the client's cursor, then live events, heartbeats between.
+A stream is about one room (``?room=NAME``; its cursor, ``after=`` or ``Last-Event-ID``,
+is that room's), the default room without it."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ from starlette.responses import Response
 
 from . import wire
 from .admission import BUSY_ERROR
+from .auth import GRANT
 from .closecode import CloseCode, read_close_reason
 from .fastpath import server_send, sse_sink, sse_writer
 from .hub import Hub, Resume
 from .outbox import Outbox
+from .polling import room_of
+from .rooms import Rooms
 from .stuck import StuckWatch
 from .validation import ChatError, cursor, int_param, optional_user
 from .web import address, wait_disconnect
@@ -33,13 +38,17 @@ async def events(request: Request) -> Response:
     except (KeyError, ChatError):
         pass
     user = optional_user(request.query_params, hub.limits)
-    if user and not hub.presence.take(user):  # a name joins by POST /api/presence, not by a GET
-        user = ""
-    resume = await hub.resolve_cursor(after)
-    outbox = hub.subscribe(Outbox(wire.SSE, user, hub.limits.max_queue))
+    room = room_of(request.query_params, hub.limits, user, request.scope)
+    rooms: Rooms = request.app.state.rooms
+    async with rooms.using(room) as hub:
+        if user and not hub.presence.take(user):  # a name joins by POST /api/presence,
+            user = ""  # not by a GET
+        resume = await hub.resolve_cursor(after)
+        outbox = hub.subscribe(Outbox(wire.SSE, user, hub.limits.max_queue))
     stuck: StuckWatch = request.app.state.stuck
     stuck.watch(request.scope, outbox)
-    return EventStream(hub, outbox, resume, stuck)
+    grant = request.scope.get(GRANT)
+    return EventStream(hub, outbox, resume, stuck, rooms, grant.user if grant else user)
 
 
 RETRY, PING = (wire.SSE_RETRY,), (wire.SSE_PING,)
@@ -74,16 +83,25 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, hub: Hub, outbox: Outbox, resume: Resume, stuck: StuckWatch) -> None:
+    def __init__(self, hub: Hub, outbox: Outbox, resume: Resume, stuck: StuckWatch,
+                 rooms: Rooms | None = None, user: str = "") -> None:
         self.status_code, self.background = 200, None
         # No self.body: Response.init_headers then adds no Content-Length (chunked body).
         self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.hub, self.outbox, self.resume, self.stuck = hub, outbox, resume, stuck
+        self.rooms, self.user = rooms, user  # who is told of direct messages here
+
+    def notice(self, event: str, data: dict) -> None:
+        """A ``dm`` (chatlib.rooms.Rooms.posted), unless about this stream's own room."""
+        if data.get("room") != self.hub.room:
+            self.hub.tell(self.outbox, wire.SSE.event(event, data))
 
     async def __call__(self, scope, receive, send) -> None:
         hub, outbox = self.hub, self.outbox
         hang_up = asyncio.ensure_future(wait_disconnect(receive))
         hang_up.add_done_callback(lambda _: outbox.close(CloseCode.GOING_AWAY))
+        if self.rooms is not None:
+            self.rooms.connected(self.user, self, self.notice)
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": self.raw_headers})
@@ -109,3 +127,6 @@ class EventStream(Response):
             hang_up.cancel()
             self.stuck.forget(outbox)
             hub.unsubscribe(outbox)
+            if self.rooms is not None:
+                self.rooms.disconnected(self.user, self)
+                self.rooms.release(hub)

@@ -107,11 +107,12 @@ from .guard import Guard
 from .hub import Batch, Hub, Resume
 from .limits import Limits, SendBudget
 from .outbox import Outbox
+from .rooms import Rooms
 from .store import StoreUnavailable
 from .stuck import StuckWatch
-from .validation import ChatError
+from .validation import ChatError, room_name
 from .web import JSONBody
-from .ws import STORE_DOWN, error_data, handle_frame
+from .ws import STORE_DOWN, Member, handle_frame
 
 log = logging.getLogger("chatlib")
 
@@ -284,7 +285,8 @@ class Session:
         self.closed_stream = False  # the client stopped the chat stream: nothing more to write
         self.early: bytes | None = None  # a datagram that came before the hello was handled
         self.lines: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.outbox: SessionOutbox | None = None
+        self.member: Member | None = None  # its rooms, once it said hello
+        self.grant = None  # its user token's chatlib.auth.Grant, if any
         self.closed = False
         self.drained = asyncio.Event()
         self.drained.set()
@@ -344,12 +346,19 @@ class Session:
                 quic.reset_stream(stream_id, WT_STREAM_ERROR)
         self.protocol.transmit_soon()
 
+    @property
+    def outboxes(self) -> list[SessionOutbox]:
+        """The session's outboxes: one per room it is in."""
+        member = self.member
+        return [] if member is None else [outbox for _, outbox, _ in member.rooms.values()]
+
     def datagram(self, data: bytes) -> None:
-        """A datagram from the client: a typing notice, within its budget."""
-        outbox = self.outbox
+        """A datagram from the client: a typing notice (in a room it is in: ``"room"``,
+        as on the WebSocket), within its budget."""
+        member = self.member
         if self.closed:
             return
-        if outbox is None:  # the hello is not handled yet: keep the latest for then
+        if member is None:  # the hello is not handled yet: keep the latest for then
             self.early = data
             return
         budget = self.server.budget
@@ -357,20 +366,22 @@ class Session:
             now = time.monotonic()
             if now - self.datagram_notice >= 1.0:  # told at most once a second
                 self.datagram_notice = now
-                error = ChatError(429, "too many datagrams: slow down",
-                                  budget.retry_after(self.address, self.rate))
-                self.server.hub.tell(outbox, wire.ws_event("error", error_data(error)))
+                member.error(ChatError(429, "too many datagrams: slow down",
+                                       budget.retry_after(self.address, self.rate)), None)
             return
+        room = None
         try:
             text = data.decode()
-            kind, _ = wire.read_client_frame(text, self.server.limits)
+            kind, frame = wire.read_client_frame(text, self.server.limits)
             if kind != "typing":
                 raise ChatError(400, "a datagram may only say typing")
+            room = room_name(frame.get("room"), self.server.limits)
+            hub, _ = member.room(room)
         except (ChatError, UnicodeDecodeError) as exc:
-            error = exc if isinstance(exc, ChatError) else ChatError(400, "not UTF-8")
-            self.server.hub.tell(outbox, wire.ws_event("error", error_data(error)))
+            member.error(exc if isinstance(exc, ChatError) else ChatError(400, "not UTF-8"),
+                         room)
             return
-        self.server.hub.typing(outbox.user)
+        hub.typing(member.user)
 
     def capsules(self, data: bytes, ended: bool) -> None:
         """Data on the CONNECT stream: capsules (one may be split across DATA frames);
@@ -386,20 +397,23 @@ class Session:
         self.closed = True
         self.lines.put_nowait(None)
         self.drained.set()
-        if self.outbox is not None:
-            self.outbox.close(CloseCode.GOING_AWAY)
+        for outbox in self.outboxes:
+            outbox.close(CloseCode.GOING_AWAY)
 
     # -- the session's life -----------------------------------------------------------
 
     async def run(self) -> None:
-        """Hello, then handle lines until the client ends; meanwhile the writer writes."""
+        """Hello, then handle lines until the client ends; meanwhile the writers write
+        (one per room the session is in, chatlib.ws.Member)."""
         server, hub = self.server, self.server.hub
         limits = hub.limits
+        rooms = server.rooms
         try:
             line = await asyncio.wait_for(self.lines.get(), limits.hello_timeout)
             if line is None:
                 return
-            user, after = wire.read_hello(text(line), limits)
+            user, after, room = wire.read_hello(text(line), limits)
+            rooms.check(room, user, self.grant)
         except TimeoutError:
             self.close(CloseCode.POLICY_VIOLATION, f"no hello within {limits.hello_timeout:g} s")
             return
@@ -407,18 +421,24 @@ class Session:
             self.write((wire.ws_event("error", {"error": exc.error}),))
             self.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
             return
+        self.rate = server.budget.connection()
+        member = Member(rooms, user, self.grant, self.send_now, lambda: self.new_outbox(user),
+                        self.start_writer)
         try:
-            resume = await hub.resolve_cursor(after)
+            await member.join(room, after, announce=False)
         except StoreUnavailable:
+            member.leave_all()
             self.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
             return
-        if self.closed:
+        except ChatError as exc:  # the log holds as many rooms as it may
+            member.leave_all()
+            self.write((wire.ws_event("error", {"error": exc.error}),))
+            self.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
             return
-        self.rate = server.budget.connection()
-        outbox = self.outbox = SessionOutbox(user, limits.max_queue, self.send_datagram)
-        outbox.on_close = self.outbox_closed
-        hub.subscribe(outbox)
-        writer = asyncio.ensure_future(self.write_all(resume))
+        if self.closed:
+            member.leave_all()
+            return
+        self.member = member
         if self.early is not None:  # a typing notice sent with the hello: shown, not lost
             self.datagram(self.early)
             self.early = None
@@ -428,23 +448,36 @@ class Session:
                 if line is None:
                     break
                 try:
-                    await handle_frame(hub, user, self.address, self.rate, server.budget,
-                                       {"text": text(line)}, outbox)
+                    frame = text(line)
                 except ChatError as exc:
-                    hub.tell(outbox, wire.ws_event("error", error_data(exc)))
+                    member.error(exc, None)
+                    continue
+                await handle_frame(member, self.address, self.rate, server.budget, frame)
         finally:
-            hub.unsubscribe(outbox)
-            writer.cancel()
+            member.leave_all()
             self.close(CloseCode.NORMAL, "")
 
-    async def write_all(self, resume: Resume) -> None:
-        """The writer: the outbox's batches (history, then live) as lines on the stream.
+    def new_outbox(self, user: str) -> SessionOutbox:
+        """The session's outbox in one more room."""
+        outbox = SessionOutbox(user, self.server.limits.max_queue, self.send_datagram)
+        outbox.on_close = self.outbox_closed
+        return outbox
+
+    def start_writer(self, hub: Hub, outbox: SessionOutbox, resume: Resume) -> asyncio.Task:
+        return asyncio.ensure_future(self.write_all(hub, outbox, resume))
+
+    async def send_now(self, payload: str) -> None:
+        """A line written at once (``joined``, and what a session in no room is told)."""
+        self.write((payload,))
+
+    async def write_all(self, hub: Hub, outbox: SessionOutbox, resume: Resume) -> None:
+        """A writer: one room's outbox's batches (history, then live) as lines on the
+        stream.
 
         While it sleeps, the hub writes live lines itself through the outbox's sink, as
         long as the client's backlog is under :data:`HIGH_WATER`; past it batches queue in
         the outbox and this writer writes them once the client has acknowledged enough.
         """
-        outbox, hub = self.outbox, self.server.hub
         outbox.sink = self.sink
         try:
             async for batch in outbox.stream(hub, resume, address=self.address):
@@ -518,8 +551,8 @@ class Session:
         self.closed = True
         self.lines.put_nowait(None)
         self.drained.set()
-        if self.outbox is not None:
-            self.outbox.close(code)
+        for outbox in self.outboxes:
+            outbox.close(code)
         quic = self.protocol.quic
         if self.stream_id is not None and not self.closed_stream:
             with contextlib.suppress(Exception):  # a stream the client stopped or reset
@@ -657,6 +690,7 @@ class WebTransportServer:
             raise RuntimeError("this aioquic lacks what chatlib.quicpath reads: "
                                + ", ".join(quicpath.MISSING))
         self.hub, self.budget, self.guard = hub, budget, guard
+        self.rooms = Rooms.of(hub)
         self.limits: Limits = hub.limits
         self.token_gate = TokenGate(None, token) if token else None
         self.stuck = stuck
@@ -732,8 +766,8 @@ class WebTransportServer:
                     protocol.transmit_soon()
                 if session is not None and session.stuck(now):
                     log.info("closing a WebTransport connection that stopped reading")
-                    if session.outbox is not None:
-                        session.outbox.close(CloseCode.TRY_AGAIN_LATER)
+                    for outbox in session.outboxes:
+                        outbox.close(CloseCode.TRY_AGAIN_LATER)
                     session.closed = True
                     self.stuck.resets += 1
                     protocol.close(error_code=0x0, reason_phrase="stopped reading")

@@ -40,8 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .limits import Limits
-from .store import Message
-from .validation import ChatError, cursor, json_object, nickname
+from .store import DEFAULT_ROOM, Message
+from .validation import ChatError, cursor, dm_room, dm_users, json_object, nickname, room_name
+
+__all__ = ["dm_room", "dm_users"]  # rooms of direct messages (chatlib.validation's)
 
 # One encoder per flavour, made once: json.dumps() with options builds a new JSONEncoder on
 # every call.
@@ -65,7 +67,8 @@ def loads(raw: str | bytes):
 
 def message(data: dict) -> Message:
     """A :class:`Message` from its JSON object (in any transport's event)."""
-    return Message(data["id"], data["ts"], data["user"], data["text"], data.get("client_id"))
+    return Message(data["id"], data["ts"], data["user"], data["text"], data.get("client_id"),
+                   data.get("room", DEFAULT_ROOM))
 
 
 # -- WebSocket ----------------------------------------------------------------------------
@@ -92,30 +95,58 @@ def parse_ws(text: str | bytes) -> tuple[str, dict]:
 
 
 # -- WebSocket, client to server ------------------------------------------------------------
-# {"type": "hello", "user", "after"} first, then {"type": "message", "text"[, "client_id"]}
-# and {"type": "typing"}. Built here for the Python clients, read here for the server.
+# {"type": "hello", "user", "after"[, "room"]} first, then {"type": "message", "text"[,
+# "client_id"][, "room"]}, {"type": "typing"[, "room"]}, {"type": "older", "before"[,
+# "room"]}, {"type": "join", "room", "after"} and {"type": "leave", "room"}. A frame without
+# "room" is about the default room. Built here for the Python clients, read here for the
+# server.
 
 
-def ws_hello(user: str, after: int = 0) -> str:
-    """The first frame a client sends: its nickname and its cursor (resume after it)."""
-    return dumps({"type": "hello", "user": user, "after": after})
+def _in_room(data: dict, room: str | None) -> dict:
+    if room is not None and room != DEFAULT_ROOM:
+        data["room"] = room
+    return data
 
 
-def ws_post(text: str, client_id: str | None = None) -> str:
-    """A message from a client; with a ``client_id`` the server answers ``ack`` (or an
-    ``error`` naming it) on this connection."""
+def ws_hello(user: str, after: int = 0, room: str | None = None) -> str:
+    """The first frame a client sends: its nickname and its cursor (resume after it); the
+    connection starts in ``room`` (the default room if None), ``after`` is that room's."""
+    return dumps(_in_room({"type": "hello", "user": user, "after": after}, room))
+
+
+def ws_post(text: str, client_id: str | None = None, room: str | None = None) -> str:
+    """A message from a client, to ``room`` (which the connection is in); with a
+    ``client_id`` the server answers ``ack`` (or an ``error`` naming it) on this
+    connection."""
     data = {"type": "message", "text": text}
     if client_id is not None:
         data["client_id"] = client_id
-    return dumps(data)
+    return dumps(_in_room(data, room))
 
 
 WS_TYPING = dumps({"type": "typing"})
-"""A client's typing notice."""
+"""A client's typing notice (in the default room)."""
 
 
-def read_hello(frame: str | None, limits: Limits) -> tuple[str, int]:
-    """``(user, after)`` from a client's first frame; ChatError (400) if it is no hello."""
+def ws_typing(room: str | None = None) -> str:
+    """A client's typing notice in ``room``."""
+    return dumps(_in_room({"type": "typing"}, room))
+
+
+def ws_join(room: str, after: int = 0) -> str:
+    """Join ``room`` too, resuming after ``after`` (that room's cursor; 0: a fresh join).
+    Answered by ``joined`` ``{"room"}``, then that room's resume events and history."""
+    return dumps({"type": "join", "room": room, "after": after})
+
+
+def ws_leave(room: str) -> str:
+    """Leave ``room``: answered by ``left`` ``{"room"}``, after which nothing of it comes."""
+    return dumps({"type": "leave", "room": room})
+
+
+def read_hello(frame: str | None, limits: Limits) -> tuple[str, int, str]:
+    """``(user, after, room)`` from a client's first frame; ChatError (400) if it is no
+    hello."""
     if frame is None:
         raise ChatError(400, "expected a text frame")
     data = json_object(frame)
@@ -124,14 +155,17 @@ def read_hello(frame: str | None, limits: Limits) -> tuple[str, int]:
     after = data.get("after", 0)
     if not isinstance(after, int) or isinstance(after, bool):
         raise ChatError(400, "after must be an integer")
-    return nickname(data, limits), cursor(after)
+    return nickname(data, limits), cursor(after), room_name(data.get("room"), limits)
+
+
+CLIENT_FRAMES = ("message", "typing", "older", "join", "leave")
 
 
 def read_client_frame(frame: str | None, limits: Limits) -> tuple[str, dict]:
-    """``(type, data)`` of a frame after the hello: ``"message"``, ``"typing"`` or
+    """``(type, data)`` of a frame after the hello: ``"message"``, ``"typing"``,
     ``"older"`` (``{"before": ID}``: an older page, answered with an ``older`` frame shaped
-    like ``GET /api/messages?before=ID``); ChatError if it is none of them (the fields are
-    checked by the caller, in its order)."""
+    like ``GET /api/messages?before=ID``), ``"join"`` or ``"leave"``; ChatError if it is
+    none of them (the fields are checked by the caller, in its order)."""
     if frame is None:
         raise ChatError(400, "binary frames are not supported: send JSON text")
     # Don't parse what can't be valid. JSON may escape each character of the text as
@@ -140,7 +174,7 @@ def read_client_frame(frame: str | None, limits: Limits) -> tuple[str, dict]:
         raise ChatError(413, f"text is longer than {limits.max_text} characters")
     data = json_object(frame)
     kind = data.get("type")
-    if kind not in ("message", "typing", "older"):
+    if kind not in CLIENT_FRAMES:
         raise ChatError(400, f"unknown type: {str(kind)[:40]!r}")
     return kind, data
 
@@ -274,22 +308,24 @@ class SSEParser:
 
 
 def messages_body(messages: list[Message], last_id: int,
-                  events: list[tuple[str, dict]] = ()) -> dict:
+                  events: list[tuple[str, dict]] = (), room: str = DEFAULT_ROOM) -> dict:
     """The body of ``GET /api/messages`` (encoded with :func:`dumps`, as every HTTP body).
 
     ``events`` are the resume protocol's (chatlib.hub.Resume.events): ``"reset": true``,
-    ``"gap": {"first_id": F}``, ``"history": {"before": ID}``.
+    ``"gap": {"first_id": F}``, ``"history": {"before": ID}``. The answer about a ``room``
+    other than the default one says which: ``"room": NAME``.
     """
     body = {"messages": [m.to_dict() for m in messages], "last_id": last_id}
     for name, data in events:
         body[name] = data or True
-    return body
+    return _in_room(body, room)
 
 
-def older_body(messages: list[Message], first_id: int) -> dict:
+def older_body(messages: list[Message], first_id: int, room: str = DEFAULT_ROOM) -> dict:
     """The body of ``GET /api/messages?before=ID``: the newest page of messages below ID
-    (oldest first), ``first_id`` (the oldest kept), and ``"before"`` if older ones remain."""
+    (oldest first), ``first_id`` (the oldest kept), and ``"before"`` if older ones remain;
+    ``"room"`` for a room other than the default one."""
     body = {"messages": [m.to_dict() for m in messages], "first_id": first_id}
     if messages and messages[0].id > first_id:
         body["before"] = messages[0].id
-    return body
+    return _in_room(body, room)

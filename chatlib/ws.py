@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import wire
+from .auth import GRANT, Grant
 from .closecode import BUSY, STORE, CloseCode, close_reason
 from .fastpath import (
     reset_connection,
@@ -24,9 +26,10 @@ from .fastpath import (
 from .hub import Hub, Resume
 from .limits import Limits, RateLimit, SendBudget
 from .outbox import Outbox
-from .store import StoreUnavailable
+from .rooms import Rooms
+from .store import DEFAULT_ROOM, StoreUnavailable
 from .stuck import StuckWatch
-from .validation import ChatError, client_id, cursor, message_text
+from .validation import ChatError, client_id, cursor, message_text, room_name
 from .web import JSONBody, address
 
 log = logging.getLogger("chatlib")
@@ -47,8 +50,10 @@ async def websocket(ws: WebSocket) -> None:
     if wait is not None:
         await ws.close(CloseCode.TRY_AGAIN_LATER, close_reason(BUSY, wait))
         return
+    rooms: Rooms = ws.app.state.rooms
     try:
-        user, after = await receive_hello(ws, limits)
+        user, after, room = await receive_hello(ws, limits)
+        rooms.check(room, user, grant_of(ws.scope))
     except ChatError as exc:
         await ws.send_text(wire.ws_event("error", {"error": exc.error}))
         await ws.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
@@ -62,16 +67,25 @@ async def websocket(ws: WebSocket) -> None:
         return
     except WebSocketDisconnect:
         return
+    stuck: StuckWatch = ws.app.state.stuck
+
+    def writer(hub: Hub, outbox: Outbox, resume: Resume) -> asyncio.Task:
+        stuck.watch(ws.scope, outbox)
+        task = asyncio.create_task(write_frames(ws, hub, outbox, resume))
+        task.add_done_callback(partial(writer_done, ws))
+        return task
+
+    member = Member(rooms, user, grant_of(ws.scope), ws.send_text,
+                    lambda: Outbox(wire.WEBSOCKET, user, limits.max_queue), writer, stuck)
     try:
-        resume = await hub.resolve_cursor(after)
+        await member.join(room, after, announce=False)
     except StoreUnavailable:
         await ws.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
         return
-    outbox = hub.subscribe(Outbox(wire.WEBSOCKET, user, limits.max_queue))
-    stuck: StuckWatch = ws.app.state.stuck
-    stuck.watch(ws.scope, outbox)
-    writer = asyncio.create_task(write_frames(ws, hub, outbox, resume))
-    writer.add_done_callback(partial(writer_done, ws))
+    except ChatError as exc:  # the log holds as many rooms as it may
+        await ws.send_text(wire.ws_event("error", {"error": exc.error}))
+        await ws.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
+        return
     budget: SendBudget = ws.app.state.budget
     rate = budget.connection()
     try:
@@ -79,14 +93,108 @@ async def websocket(ws: WebSocket) -> None:
             event = await ws.receive()
             if event["type"] == "websocket.disconnect":
                 break
-            try:
-                await handle_frame(hub, user, address(ws.scope), rate, budget, event, outbox)
-            except ChatError as exc:
-                hub.tell(outbox, wire.ws_event("error", error_data(exc)))
+            await handle_frame(member, address(ws.scope), rate, budget, event.get("text"))
     finally:
-        stuck.forget(outbox)
+        member.leave_all()
+
+
+def grant_of(scope) -> Grant | None:
+    """The user token's grant the request carries (chatlib.auth.TokenGate), if any."""
+    return scope.get(GRANT)
+
+
+class Member:
+    """One push connection's rooms (WebSocket, WebTransport): for each room it is in, the
+    room's hub, the connection's outbox there (its presence, its queue) and the writer
+    task that streams it. Frames about a room go through that room's outbox, in order
+    with its messages; ``send`` writes a frame at once (``joined``, ``left``, and what a
+    connection in no room is told)."""
+
+    def __init__(self, rooms: Rooms, user: str, grant: Grant | None,
+                 send: Callable[[str], Awaitable[None]], outbox: Callable[[], Outbox],
+                 writer: Callable[[Hub, Outbox, Resume], asyncio.Task],
+                 stuck: StuckWatch | None = None) -> None:
+        self.registry, self.user, self.grant = rooms, user, grant
+        self.limits = rooms.limits
+        self.send, self.outbox, self.writer, self.stuck = send, outbox, writer, stuck
+        self.rooms: dict[str, tuple[Hub, Outbox, asyncio.Task]] = {}
+        """The rooms it is in: hub, outbox, writer."""
+        self.closed = False
+        rooms.connected(user, self, self.notice)
+
+    async def join(self, room: str, after: int, announce: bool = True) -> None:
+        """Join ``room`` after its cursor ``after`` (the history and live events of it
+        follow), first telling ``joined`` (``announce``). ChatError: 403 (may not), 409
+        (in it already), 429 (too many rooms); StoreUnavailable: the log is down."""
+        if room in self.rooms:
+            raise ChatError(409, f"already in room {room}")
+        if len(self.rooms) >= self.limits.rooms_per_client:
+            raise ChatError(429, "too many rooms for one connection"
+                                 f" (at most {self.limits.rooms_per_client})")
+        self.registry.check(room, self.user, self.grant)
+        async with self.registry.using(room) as hub:
+            resume = await hub.resolve_cursor(after)
+            if self.closed:
+                return
+            if announce:
+                await self.send(wire.ws_event("joined", {"room": room}))
+            outbox = hub.subscribe(self.outbox())
+            self.rooms[room] = (hub, outbox, self.writer(hub, outbox, resume))
+
+    def leave(self, room: str) -> bool:
+        """Leave ``room``: nothing of it is written from now on; False if not in it."""
+        entry = self.rooms.pop(room, None)
+        if entry is None:
+            return False
+        hub, outbox, writer = entry
+        writer.cancel()  # before the outbox closes: a left room closes no connection
+        if self.stuck is not None:
+            self.stuck.forget(outbox)
+        outbox.on_close = None
         hub.unsubscribe(outbox)
-        writer.cancel()
+        outbox.close(CloseCode.NORMAL)  # a fan-out going out in slices skips it
+        self.registry.release(hub)
+        return True
+
+    def leave_all(self) -> None:
+        """The connection ended."""
+        self.closed = True
+        self.registry.disconnected(self.user, self)
+        for room in list(self.rooms):
+            self.leave(room)
+
+    def room(self, room: str) -> tuple[Hub, Outbox]:
+        """The hub and outbox of ``room``; ChatError 409 if the connection is not in it."""
+        entry = self.rooms.get(room)
+        if entry is None:
+            raise ChatError(409, f"not in room {room}: join it first")
+        return entry[0], entry[1]
+
+    def tell(self, payload: str, room: str | None = None) -> None:
+        """One frame for this connection: through ``room``'s outbox if it is in it (after
+        what is queued there), else any room's, else at once."""
+        entry = self.rooms.get(room) if room is not None else None
+        if entry is None and self.rooms:
+            entry = next(iter(self.rooms.values()))
+        if entry is not None:
+            entry[0].tell(entry[1], payload)
+        elif not self.closed:
+            keep(asyncio.ensure_future(self.send(payload)))
+
+    def error(self, exc: ChatError, room: str | None, client_id: str | None = None) -> None:
+        """The error frame for ``exc`` (about ``room``, if it names one)."""
+        data = error_data(exc, client_id)
+        if room is not None and room != DEFAULT_ROOM:
+            data["room"] = room
+        self.tell(wire.ws_event("error", data), room)
+
+    def notice(self, event: str, data: dict) -> None:
+        """An event of no room's (a ``dm``: chatlib.rooms.Rooms.posted); none about a room
+        the connection is in (it reads the message there)."""
+        if data.get("room") in self.rooms or not self.rooms:
+            return  # (in no room at all: it finds the DM in GET /api/rooms)
+        hub, outbox, _ = next(iter(self.rooms.values()))
+        hub.tell(outbox, wire.ws_event(event, data))
 
 
 def error_data(exc: ChatError, client_id: str | None = None) -> dict:
@@ -100,35 +208,72 @@ def error_data(exc: ChatError, client_id: str | None = None) -> dict:
     return data
 
 
-async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int]:
+async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int, str]:
     event = await asyncio.wait_for(ws.receive(), limits.hello_timeout)
     if event["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(event.get("code", CloseCode.NORMAL))
     return wire.read_hello(event.get("text"), limits)
 
 
-async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget: SendBudget,
-                       event: dict, outbox: Outbox) -> None:
-    kind, data = wire.read_client_frame(event.get("text"), hub.limits)
+async def handle_frame(member: Member, client: str, rate: RateLimit, budget: SendBudget,
+                       frame: str | None) -> None:
+    """One frame after the hello, from ``member``'s connection at address ``client``:
+    handled, or answered with an error frame (the connection stays)."""
+    limits = member.limits
+    room = None
+    try:
+        kind, data = wire.read_client_frame(frame, limits)
+        if kind == "join" or kind == "leave":
+            if data.get("room") is None:
+                raise ChatError(400, f"{kind} needs a room")
+            room = room_name(data.get("room"), limits)
+            if kind == "leave":
+                if not member.leave(room):
+                    raise ChatError(409, f"not in room {room}")
+                member.tell(wire.ws_event("left", {"room": room}))
+                return
+            after = cursor(data.get("after", 0))
+            if not budget.allow(client, rate):
+                raise ChatError(429, "too many requests: slow down",
+                                budget.retry_after(client, rate))
+            try:
+                await member.join(room, after)
+            except StoreUnavailable as exc:
+                raise ChatError(503, str(exc)) from None
+            return
+        room = room_name(data.get("room"), limits)
+        hub, outbox = member.room(room)
+    except ChatError as exc:
+        member.error(exc, room)
+        return
+    user = member.user
     if kind == "typing":
         if not budget.allow(client, rate):
-            raise ChatError(429, "too many messages: slow down", budget.retry_after(client, rate))
+            member.error(ChatError(429, "too many messages: slow down",
+                                         budget.retry_after(client, rate)), room)
+            return
         hub.typing(user)
         return
     if kind == "older":  # the resume protocol's older page, as GET ?before=ID answers it
-        before = cursor(data.get("before"), "before")
-        if not budget.allow(client, rate):
-            raise ChatError(429, "too many requests: slow down", budget.retry_after(client, rate))
         try:
-            page = await hub.log.before(before, hub.limits.history)
-            body = wire.older_body(page, await hub.log.first_id())
-        except StoreUnavailable as exc:
-            raise ChatError(503, str(exc)) from None
+            before = cursor(data.get("before"), "before")
+            if not budget.allow(client, rate):
+                raise ChatError(429, "too many requests: slow down",
+                                budget.retry_after(client, rate))
+            try:
+                page = await hub.log.before(before, limits.history)
+                body = wire.older_body(page, await hub.log.first_id(), room)
+            except StoreUnavailable as exc:
+                raise ChatError(503, str(exc)) from None
+        except ChatError as exc:
+            member.error(exc, room)
+            return
         hub.tell(outbox, wire.ws_event("older", body))
         return
-    cid = client_id(data.get("client_id"))
+    cid = None
     try:
-        text = message_text(data, hub.limits)  # checked before a rate token is spent,
+        cid = client_id(data.get("client_id"))
+        text = message_text(data, limits)  # checked before a rate token is spent,
         if not budget.allow(client, rate):  # as HTTP posting does
             raise ChatError(429, "too many messages: slow down", budget.retry_after(client, rate))
         try:
@@ -136,11 +281,9 @@ async def handle_frame(hub: Hub, user: str, client: str, rate: RateLimit, budget
         except StoreUnavailable as exc:  # not stored: refused as clearly as HTTP's 503
             raise ChatError(503, str(exc)) from None
     except ChatError as exc:
-        if cid is None:
-            raise
         # Refused: the error names the message, so that its sender stops waiting for an ack,
         # and gives the HTTP status, so that it knows whether to send it again (5xx) or not.
-        hub.tell(outbox, wire.ws_event("error", error_data(exc, client_id=cid)))
+        member.error(exc, room, cid)
         return
     if cid is not None:  # to the sender only: stored (for a repeat, the original)
         hub.tell(outbox, wire.ws_event("ack", message.to_dict()))
@@ -187,12 +330,16 @@ def writer_done(ws: WebSocket, writer: asyncio.Task) -> None:
     if writer.cancelled() or writer.exception() is None:
         return
     log.error("WebSocket writer failed", exc_info=writer.exception())
-    close = asyncio.ensure_future(ws.close(CloseCode.INTERNAL_ERROR))
-    _closing.add(close)  # the loop keeps only a weak reference to a task: keep it till done
-    close.add_done_callback(_closed)
+    keep(asyncio.ensure_future(ws.close(CloseCode.INTERNAL_ERROR)))
 
 
 _closing: set[asyncio.Task] = set()
+
+
+def keep(task: asyncio.Task) -> None:
+    """Keep ``task`` (a close, a frame) till done: the loop holds only a weak reference."""
+    _closing.add(task)
+    task.add_done_callback(_closed)
 
 
 def _closed(task: asyncio.Task) -> None:
