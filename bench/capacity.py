@@ -1,15 +1,17 @@
 """Capacity: the most clients for which 95 % of broadcasts reach every client within 500 ms.
 
-``python bench/capacity.py [--start 250] [--max 16000] [--broadcasts 20] [--json out.json]``
-searches, for one chat server process, the largest N (to within ``--resolution``, 10 %)
-that meets the criterion, and prints (and saves) every step. ``capacity.measure(n)`` runs
-one step from a notebook (chapter 12).
+``python bench/capacity.py [--setups one,three] [--start 250] [--max 16000] [--broadcasts 20]
+[--json out.json] [--add-to saved.json]`` searches, for one chat server process and for
+three behind nginx on Redis (:data:`THREE`), the largest N (to within ``--resolution``,
+10 %) that meets the criterion, and prints (and saves) every step. ``capacity.measure(n)``
+runs one step from a notebook (chapter 12).
 
-One step, two processes: a :class:`chatlib.ChatServer` in this process (127.0.0.1, an
+One step (one process): a :class:`chatlib.ChatServer` in this process (127.0.0.1, an
 ephemeral port, per-address budgets lifted: every client is 127.0.0.1, see bench/storm.py),
 and N WebSocket clients in another (``capacity.py clients``). Once all are connected and a
 first message reached all of them, the server posts ``broadcasts`` messages, one every
-``interval`` s (``hub.post``: the server's own sender, no client's upload in the way). The
+``interval`` s (``hub.post``: the server's own sender, no client's upload in the way; with
+three processes, ``POST /api/messages`` through nginx, timed from before the request). The
 clients' process keeps, per message id, how many clients got it and when the last one did
 (``time.monotonic``, one clock for both processes on Linux). A broadcast *reached all within
 500 ms* when all N got it and the last one no later than 500 ms after it was posted.
@@ -118,34 +120,113 @@ async def run_clients(a: argparse.Namespace) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def measure(n: int, broadcasts: int = 20, *, interval: float = INTERVAL,
-                  timeout: float = 120.0, spacing: float = 0.001) -> dict:
-    """One step: N clients, ``broadcasts`` messages; returns the step's figures."""
-    import chatlib
+ONE, THREE = "one process", "three processes behind nginx on Redis"
+"""The setups: a ChatServer in this process; ``chatlib.cluster.Cluster(3)``."""
 
-    log = chatlib.MemoryLog()
-    server = await chatlib.ChatServer(port=0, log=log, limits=storm.bench_limits(),
-                                      ws_ping_interval=None).start()
+
+class OneProcess:
+    """A ChatServer in this process; broadcasts posted with ``hub.post`` (its own sender)."""
+
+    async def start(self) -> OneProcess:
+        import chatlib
+
+        self.log = chatlib.MemoryLog()
+        self.server = await chatlib.ChatServer(port=0, log=self.log,
+                                               limits=storm.bench_limits(),
+                                               ws_ping_interval=None).start()
+        self.port = self.server.port
+        return self
+
+    async def last_id(self) -> int:
+        return await self.log.last_id()
+
+    async def post(self, text: str) -> int:
+        message, _ = await self.server.hub.post("bench", text)
+        return message.id
+
+    def cpu(self) -> float:
+        return time.process_time()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+
+class ThreeProcesses:
+    """``chatlib.cluster.Cluster(3)``: Redis, three ``chatlib serve --redis`` and nginx in
+    front (deploy/nginx.conf, its worker allowed 16,384 connections: each client holds two,
+    and the deploy's 4,096 would be the limit). Broadcasts are posted through nginx
+    (``POST /api/messages``: one process stores it in Redis, all three fan it out); the
+    servers' CPU is all five processes' (``/proc``)."""
+
+    async def start(self) -> ThreeProcesses:
+        import httpx
+
+        from chatlib.cluster import Cluster
+
+        self.cluster = Cluster(3)
+        nginx = self.cluster.nginx
+        config = nginx.config
+        nginx.config = lambda: config().replace("worker_connections 4096;",
+                                                "worker_connections 16384;")
+        await self.cluster.start()
+        self.port = nginx.port
+        self.http = httpx.AsyncClient(base_url=self.cluster.url, timeout=30)
+        return self
+
+    async def last_id(self) -> int:
+        return await self.post("start")
+
+    async def post(self, text: str) -> int:
+        answer = await self.http.post("api/messages", json={"user": "bench", "text": text})
+        answer.raise_for_status()
+        return answer.json()["id"]
+
+    def cpu(self) -> float:
+        pids = [part.process.pid for part in
+                (self.cluster.redis, *self.cluster.servers, self.cluster.nginx)]
+        with open(f"/proc/{self.cluster.nginx.process.pid}/task/"
+                  f"{self.cluster.nginx.process.pid}/children") as f:
+            pids += [int(pid) for pid in f.read().split()]  # nginx's worker
+        total = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    async def stop(self) -> None:
+        await self.http.aclose()
+        await self.cluster.stop()
+
+
+SETUPS = {ONE: OneProcess, THREE: ThreeProcesses}
+
+
+async def measure(n: int, broadcasts: int = 20, *, interval: float = INTERVAL,
+                  timeout: float = 120.0, spacing: float = 0.001, setup: str = ONE) -> dict:
+    """One step: N clients, ``broadcasts`` messages; returns the step's figures."""
+    server = await SETUPS[setup]().start()
     clients = None
     try:
         clients = await storm.Child.start_script(
             os.path.abspath(__file__), "clients", "--port", str(server.port), "-n", str(n),
-            "--after", str(await log.last_id()), "--timeout", str(timeout),
+            "--after", str(await server.last_id()), "--timeout", str(timeout),
             "--spacing", str(spacing))
         assert await clients.expect(timeout + n * spacing) == "connected"
-        sync, _ = await server.hub.post("bench", "sync")
-        clients.send(f"sync {sync.id}")
+        sync = await server.post("sync")
+        clients.send(f"sync {sync}")
         assert await clients.expect(timeout) == "ready"
         loop = asyncio.get_running_loop()
         posted: dict[int, float] = {}
-        cpu0, start = time.process_time(), loop.time()
+        cpu0, start = server.cpu(), loop.time()
         for k in range(broadcasts):
             await asyncio.sleep(max(0.0, start + k * interval - loop.time()))  # the schedule
-            message, _ = await server.hub.post("bench", f"broadcast {k + 1} of {broadcasts}")
-            posted[message.id] = time.monotonic()
-        clients.send(f"final {message.id} {sync.id}")
+            sent = time.monotonic()
+            message_id = await server.post(f"broadcast {k + 1} of {broadcasts}")
+            posted[message_id] = sent
+        clients.send(f"final {message_id} {sync}")
         report = json.loads(await clients.expect(timeout + 10))
-        server_cpu = time.process_time() - cpu0
+        server_cpu = server.cpu() - cpu0
     finally:
         if clients is not None:
             await clients.stop()
@@ -183,12 +264,13 @@ def meets(step: dict) -> bool:
     return step["within_share"] >= SHARE
 
 
-async def search(start: int, most: int, broadcasts: int, resolution: float) -> dict:
+async def search(start: int, most: int, broadcasts: int, resolution: float,
+                 setup: str = ONE) -> dict:
     """Double from ``start`` while the criterion holds, then bisect; every step is kept."""
     steps = []
 
     async def step(n: int) -> bool:
-        result = await measure(n, broadcasts)
+        result = await measure(n, broadcasts, setup=setup)
         print(json.dumps(result), file=sys.stderr, flush=True)
         steps.append(result)
         return meets(result)
@@ -218,14 +300,24 @@ def main() -> None:
     parser.add_argument("--max", type=int, default=16000)
     parser.add_argument("--broadcasts", type=int, default=20)
     parser.add_argument("--resolution", type=float, default=0.1)
+    parser.add_argument("--setups", type=lambda s: s.split(","), default=["one", "three"],
+                        help="one (a process), three (behind nginx on Redis), or both")
+    parser.add_argument("--add-to", help="a saved results JSON: add these setups to it")
     a = parser.parse_args()
     if a.role == "clients":
         asyncio.run(run_clients(a))
         return
-    one = asyncio.run(search(a.start, a.max, a.broadcasts, a.resolution))
     results = dict(within_s=WITHIN, share=SHARE, interval_s=INTERVAL, broadcasts=a.broadcasts,
-                   cores=os.cpu_count(), load_average=os.getloadavg()[0],
-                   setups={"one process": one})
+                   cores=os.cpu_count(), setups={})
+    if a.add_to:
+        with open(a.add_to) as f:
+            results = json.load(f)
+        assert results["broadcasts"] == a.broadcasts, "a search with other broadcasts"
+    for name in a.setups:
+        setup = {"one": ONE, "three": THREE}[name]
+        results["setups"][setup] = asyncio.run(search(a.start, a.max, a.broadcasts,
+                                                      a.resolution, setup))
+        results["setups"][setup]["load_average"] = os.getloadavg()[0]
     print(json.dumps({k: v["capacity"] for k, v in results["setups"].items()}))
     if a.json:
         with open(a.json, "w") as f:

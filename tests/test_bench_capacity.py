@@ -1,6 +1,7 @@
 """bench/capacity.py: one tiny step and the search's logic, checked for what must hold.
 
-No timing is asserted: 20 clients and 5 broadcasts must all be delivered (the share of
+No timing is asserted: 20 clients and 5 broadcasts must all be delivered, by one process and
+by three behind nginx on Redis (skipped without redis-server and nginx) (the share of
 broadcasts within the bound is a fraction, the percentiles are ordered), and the search
 doubles, then bisects, on a fake measurement.
 """
@@ -11,14 +12,24 @@ import asyncio
 import os
 import sys
 
+import pytest
+
+from chatlib.cluster import missing_programs
+
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 sys.path.insert(0, BENCH)
 
 import capacity  # noqa: E402
 
 
-def test_one_step_delivers_every_broadcast_to_every_client() -> None:
-    step = asyncio.run(capacity.measure(20, broadcasts=5, interval=0.05, timeout=60))
+@pytest.mark.parametrize("setup", [
+    capacity.ONE,
+    pytest.param(capacity.THREE, marks=pytest.mark.skipif(
+        bool(missing_programs()), reason=f"needs {', '.join(missing_programs())}")),
+])
+def test_one_step_delivers_every_broadcast_to_every_client(setup) -> None:
+    step = asyncio.run(capacity.measure(20, broadcasts=5, interval=0.05, timeout=60,
+                                        setup=setup))
     assert step["n"] == 20 and step["broadcasts"] == 5
     assert step["incomplete"] == 0, step          # every client got every broadcast
     assert 0.0 <= step["within_share"] <= 1.0
