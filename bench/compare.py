@@ -46,6 +46,15 @@ def segments(r: dict) -> float:
     return r.get("counters", {}).get("OutSegs", float("nan")) / max(r["delivered"], 1)
 
 
+def gc_line(r: dict) -> str:
+    """The server's cyclic-GC collections (--gc-stats): count per generation, CPU in all."""
+    gc = r.get("gc")
+    if gc is None:
+        return ""
+    return (f"GC {'/'.join(map(str, gc['collections']))} collections, {gc['gc_cpu_ms']:.0f} ms "
+            f"CPU, longest {gc['longest_cpu_ms']:.1f} ms CPU ({gc['longest_wall_ms']:.1f} wall)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stacks", nargs="+", help="chatlib checkout directories, or 'baseline'")
@@ -53,27 +62,40 @@ def main() -> None:
     p.add_argument("-m", type=int, default=1000)
     p.add_argument("--mode", choices=["burst", "closed", "open"], default="burst")
     p.add_argument("--rate", type=float, default=100, help="open mode: messages per second")
-    p.add_argument("--transport", choices=["ws", "longpoll", "sse"], default="ws",
-                   help="longpoll, sse: bench/http_fanout.py's load (burst only)")
+    p.add_argument("--transport", choices=["ws", "longpoll", "sse", "join"], default="ws",
+                   help="longpoll, sse: bench/http_fanout.py's load (burst only); join:"
+                        " bench/join_storm.py's storm of N joins in one second (-m unused)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--port", type=int, default=19100)
+    p.add_argument("--gc-stats", action="store_true",
+                   help="record the server's cyclic-GC collections (bench/gcstats)")
     p.add_argument("--jsonl", help="append every run's record (with its 'stack') to this file")
     a = p.parse_args()
     stacks = [s if s == "baseline" else os.path.abspath(s) for s in a.stacks]
     results: dict[str, list[dict]] = {s: [] for s in stacks}
     load = (["load_client.py", "--mode", a.mode, "--rate", str(a.rate)] if a.transport == "ws"
             else ["http_fanout.py", "--transport", a.transport])
+    if a.transport == "join":
+        load = ["join_storm.py", "--spacing-ms", "1", "--seed", "5", "--history"]
     port = a.port
     for rep in range(a.reps):
         for where in stacks if rep % 2 == 0 else stacks[::-1]:
             port = fanout.free_port(port + 1)
-            proc = start(where, port)
+            gc_file = f"/tmp/compare-gc-{os.getpid()}-{port}.jsonl"
+            if a.gc_stats:  # for the server only: its environment is copied at start
+                os.environ["CHATLIB_GC_STATS"] = gc_file
+                os.environ["PYTHONPATH"] = os.path.join(BENCH, "gcstats")
+            try:
+                proc = start(where, port)
+            finally:
+                os.environ.pop("CHATLIB_GC_STATS", None)
+                os.environ.pop("PYTHONPATH", None)
             try:
                 time.sleep(0.3)
                 done = subprocess.run(
                     fanout.taskset(1) + [fanout.PY, *load, "--port", str(port),
-                                         "-n", str(a.n), "-m", str(a.m),
-                                         "--server-pid", str(proc.pid)],
+                                         "-n", str(a.n), "--server-pid", str(proc.pid)]
+                    + ([] if a.transport == "join" else ["-m", str(a.m)]),
                     cwd=BENCH, capture_output=True, text=True, timeout=300)
             finally:
                 fanout.stop_server(proc)
@@ -81,10 +103,20 @@ def main() -> None:
                 print(f"{where}: load failed: {done.stderr[-300:]}", file=sys.stderr)
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
+            if a.gc_stats and os.path.exists(gc_file):
+                with open(gc_file) as f:
+                    r["gc"] = json.loads(f.read().splitlines()[-1])
+                os.unlink(gc_file)
             results[where].append(r)
             if a.jsonl:
                 with open(a.jsonl, "a") as f:
                     f.write(json.dumps({"stack": where, "rep": rep, **r}) + "\n")
+            if a.transport == "join":
+                print(f"rep {rep} {where[-32:]:>32}: {r['connected']}/{r['N']} first history "
+                      f"p50 {r['first_history_p50_ms']:.1f} p99 {r['first_history_p99_ms']:.1f} "
+                      f"ms {r['server_cpu_us_per_join']:.0f} µs/join "
+                      f"other_cpu={r['other_cpu_s']:.2f}s {gc_line(r)}", flush=True)
+                continue
             print(f"rep {rep} {where[-32:]:>32}: {r['deliveries_per_s']:>9,.0f} del/s "
                   f"p50 {r['lat_p50_ms']:.2f} p99 {r['lat_p99_ms']:.2f} ms "
                   f"{r['server_cpu_us_per_delivery']:.2f} µs/delivery "
@@ -92,6 +124,20 @@ def main() -> None:
                      if r.get("responses_per_client") else "")
                   + f"other_cpu={r['other_cpu_s']:.2f}s", flush=True)
     med = statistics.median
+    if a.transport == "join":
+        print(f"\njoin storm N={a.n} in one second, medians of {a.reps}:\n"
+              "| server | connected | first history p50 ms | p99 ms | server CPU µs/join "
+              "| GC CPU ms | longest collection, CPU ms |\n|---|---:|---:|---:|---:|---:|---:|")
+        for where, rr in results.items():
+            if rr:
+                gcs = [r["gc"] for r in rr if "gc" in r]
+                print(f"| {where} | {min(r['connected'] for r in rr)}/{a.n} (min) "
+                      f"| {med([r['first_history_p50_ms'] for r in rr]):.1f} "
+                      f"| {med([r['first_history_p99_ms'] for r in rr]):.1f} "
+                      f"| {med([r['server_cpu_us_per_join'] for r in rr]):.0f} "
+                      + (f"| {med([g['gc_cpu_ms'] for g in gcs]):.0f} "
+                         f"| {med([g['longest_cpu_ms'] for g in gcs]):.1f} |" if gcs else "| | |"))
+        return
     last = results[stacks[-1]]
     base_cpu = med([r["server_cpu_us_per_delivery"] for r in last]) if last else float("nan")
     print(f"\n{a.transport} N={a.n} M={a.m} {a.mode}, medians of {a.reps}:")
