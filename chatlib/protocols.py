@@ -42,6 +42,7 @@ import h11
 
 from .fastpath import (
     H11_MAX_INCOMPLETE_EVENT_SIZE,
+    RAW_SEND,
     Expected,
     probe,
     reset_connection,
@@ -65,7 +66,8 @@ EXPECTED: Expected = {
         ("conn", "transport", "queue", "writable", "frames", "read_paused", "close_sent",
          "close_timer", "handshake_initiated", "handshake_complete"),
         ("connection_lost", "data_received", "handle_cont", "handle_parser_exception",
-         "pause_writing", "resume_writing", "start_keepalive")),
+         "pause_writing", "resume_writing", "start_keepalive", "on_task_complete")),
+    "websockets.protocol:Protocol": (("parser",), ()),
     "uvicorn.config:Config": (("h11_max_incomplete_event_size",), ()),
 }
 """What the subclasses below override, call and read of uvicorn's protocols."""
@@ -380,6 +382,15 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
             self.refuse(408, f"request body not complete within {self.limits.body_timeout:g} s")
 
 
+def drop_read_callback(transport) -> None:
+    """asyncio's socket transport keeps its read callback, a bound method of itself, in
+    ``_read_ready_cb``: a cycle that only the cyclic GC's full collection frees. Called
+    when the connection is lost (no read follows), it leaves the transport to reference
+    counting."""
+    if getattr(transport, "_read_ready_cb", None) is not None:
+        transport._read_ready_cb = None
+
+
 def h11_reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -409,7 +420,14 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
     * it holds less per idle connection: its receive queue and ``writable`` flag are
       chatlib.leanasync's (no 760-byte deque each), and once the handshake is answered it
       lets go of the request's and the response's headers, which uvicorn (and websockets'
-      parser) keep for the connection's life (the app has them in the ASGI scope).
+      parser) keep for the connection's life (the app has them in the ASGI scope);
+    * a closed connection is freed at once by reference counting, not left in reference
+      cycles for the cyclic GC's next full collection (which a server that makes those
+      rare, chatlib.collector, may not run for a long while): the app's end drops the
+      scope's server ``send`` (a method of this protocol, kept in the scope this protocol
+      keeps), and the connection's end closes websockets' parser (a generator that refers
+      to the sans-I/O protocol that refers to it) and drops asyncio's read callback
+      (:func:`drop_read_callback`).
     """
 
     chatlib_sink = None
@@ -514,6 +532,16 @@ class BoundedWebSocketProtocol(LingeringClose, WebSocketsSansIOProtocol):
         self.stop_lingering()
         self.chatlib_sink = None  # no cycle (sink -> protocol) left for the cyclic GC
         super().connection_lost(exc)
+        self.conn.parser.close()  # nothing is parsed after this; its frame let go of conn
+        drop_read_callback(self.transport)
+
+    def on_task_complete(self, task) -> None:
+        """The app is done with this connection: its scope's server send (this protocol's
+        bound method, chatlib.fastpath.RAW_SEND) would keep a cycle through self.scope."""
+        super().on_task_complete(task)
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope.pop(RAW_SEND, None)
 
     def keepalive_timeout(self) -> None:
         """No pong within the ping timeout: the peer vanished (or stopped reading). Its
