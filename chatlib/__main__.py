@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import signal
 
+from . import collector
 from .auth import page_link
 from .closecode import CloseCode
 from .limits import RETAIN_BYTES, RETAIN_MESSAGES, Limits
@@ -37,13 +37,7 @@ async def serve(args: argparse.Namespace) -> None:
                         forwarded_allow_ips=args.forwarded_allow_ips,
                         webtransport=args.webtransport)
     await server.start()
-    # What exists now (uvicorn, Starlette, websockets, chatlib) lives as long as the process:
-    # take it out of the cyclic GC's full collections, which otherwise walk it again and
-    # again while clients arrive (each WebSocket adds tracked objects: the ASGI chain's
-    # coroutines and closures). Shorter GC pauses in a join storm: bench/README.md, "Lab
-    # notes moved out of the code".
-    gc.collect()
-    gc.freeze()
+    collector.settle()  # no full collection of the cyclic GC in the middle of a join storm
     link = page_link(server.url, server.token)
     print(f"chatlib serving on {link}  (Ctrl+C to stop)", flush=True)
     if server.wt_url:
