@@ -17,8 +17,8 @@ connection: what was allocated by which line (the snapshot diff, idle → connec
 which objects the connections added, by type (``gc.get_objects()`` after a ``gc.freeze()``
 at idle, so only new objects; ``sys.getsizeof`` of each, plus the untracked ``str``/
 ``bytes``/... it refers to). RSS − tracemalloc's total is what Python's allocator does not
-see (C libraries, pymalloc's free space and fragmentation). Kernel socket buffers are not
-in VmRSS (they are kernel memory); ``/proc/net/sockstat``'s ``mem`` is printed for them.
+see (C libraries, pymalloc's free space and fragmentation). Kernel socket buffers are
+kernel memory, not in VmRSS: they do not count here (an idle socket's are nearly empty).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ sys.path.insert(0, BENCH)
 
 def serve(port: int, report: str, trace: bool) -> None:
     """``python -m chatlib serve`` in this process, from the current directory's chatlib;
-    SIGUSR1 writes a snapshot to ``report`` (first: idle, second: connected + diff)."""
+    SIGUSR1 writes a snapshot to ``report`` (first: idle, second: connected + diff, how
+    many objects the GC tracks and how long a full collection of them took)."""
     import gc
 
     sys.path.insert(0, os.getcwd())
@@ -52,14 +53,17 @@ def serve(port: int, report: str, trace: bool) -> None:
     state: dict = {}
 
     def snapshot(signum, frame) -> None:
+        start = time.perf_counter()
         gc.collect()
+        full_gc_ms = (time.perf_counter() - start) * 1e3
         if "idle" not in state:
             gc.freeze()  # what exists now is not per connection: later get_objects() skip it
             state["idle"] = tracemalloc.take_snapshot() if trace else None
             with open(report, "w") as f:
                 json.dump({"phase": "idle"}, f)
             return
-        out = {"phase": "connected", "types": by_type(gc.get_objects())}
+        out = {"phase": "connected", "full_gc_ms": full_gc_ms, "tracked": len(gc.get_objects()),
+               "types": by_type(gc.get_objects())}
         if trace:
             diff = tracemalloc.take_snapshot().compare_to(state["idle"], "lineno")
             out["lines"] = [[str(d.traceback[0]), d.size_diff, d.count_diff]
@@ -110,16 +114,6 @@ def status_kb(pid: int, key: str = "VmRSS") -> int:
     raise KeyError(key)
 
 
-def sockstat_pages() -> int:
-    """TCP socket buffer memory of the whole machine, in pages (/proc/net/sockstat)."""
-    with open("/proc/net/sockstat") as f:
-        for line in f:
-            if line.startswith("TCP:"):
-                fields = line.split()
-                return int(fields[fields.index("mem") + 1])
-    return 0
-
-
 def wait_file(path: str, phase: str, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # bounded
@@ -152,13 +146,11 @@ def one_run(where: str, n: int, trace: bool) -> dict:
         time.sleep(0.3)
         proc.send_signal(signal.SIGUSR1)
         wait_file(report, "idle")
-        res = {"stack": where, "N": n, "trace": trace, "VmRSS_idle_kB": status_kb(proc.pid),
-               "sock_pages_idle": sockstat_pages()}
+        res = {"stack": where, "N": n, "trace": trace, "VmRSS_idle_kB": status_kb(proc.pid)}
         load = classroom.Load(port, proc.pid, n, 1, 1)
         connected = load.next(timeout=300)
         res["connect_s"] = connected["connect_s"]
         res["VmRSS_connected_kB"] = status_kb(proc.pid)
-        res["sock_pages_connected"] = sockstat_pages()
         proc.send_signal(signal.SIGUSR1)
         res.update(wait_file(report, "connected", 600))
         res["KiB_per_connection"] = (res["VmRSS_connected_kB"] - res["VmRSS_idle_kB"]) / n
@@ -230,8 +222,8 @@ def main() -> None:
             print(f"rep {rep} {where[-28:]:>28}: idle {r['VmRSS_idle_kB'] / 1024:.1f} MiB, "
                   f"{a.n:,} connected {r['VmRSS_connected_kB'] / 1024:.1f} MiB, "
                   f"{r['KiB_per_connection']:.2f} KiB/connection (objects {total / a.n / 1024:.2f}"
-                  f" KiB), kernel TCP mem {r['sock_pages_connected'] - r['sock_pages_idle']} "
-                  f"pages, load avg {r['loadavg']:.1f}", flush=True)
+                  f" KiB, {r['tracked'] / a.n:.0f} tracked by the GC; a full collection "
+                  f"{r['full_gc_ms']:.0f} ms), load avg {r['loadavg']:.1f}", flush=True)
             if a.breakdown:
                 print(breakdown_table(r), flush=True)
     if a.breakdown:
