@@ -92,6 +92,10 @@ class Client(asyncio.BufferedProtocol):
                         f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
                         .encode())
 
+    def hello(self) -> dict:
+        """The first frame: a distinct nickname, from the start of the default room."""
+        return {"type": "hello", "user": f"s{self.i}", "after": 0}
+
     def send_json(self, obj: dict) -> None:
         self.transport.write(masked(0x1, json.dumps(obj, separators=(",", ":")).encode()))
 
@@ -110,7 +114,7 @@ class Client(asyncio.BufferedProtocol):
                 self.fail(f"handshake refused: {buf[:end].decode(errors='replace')[:200]}")
                 return
             self.open = True
-            self.send_json({"type": "hello", "user": f"s{self.i}", "after": 0})
+            self.send_json(self.hello())
             if not self.opened.done():
                 self.opened.set_result(None)
             buf = buf[end + 4:]
