@@ -101,7 +101,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import quicpath, wire
-from .auth import TokenGate, cookie_name
+from .auth import GRANT, Grant, TokenGate, cookie_name, read_user_token
 from .closecode import BUSY, CloseCode, close_reason
 from .guard import Guard
 from .hub import Batch, Hub, Resume
@@ -275,7 +275,7 @@ class Session:
     """One WebTransport session: its chat stream, its outbox, its reader and writer."""
 
     def __init__(self, server: WebTransportServer, protocol: ChatProtocol,
-                 session_id: int, address: str) -> None:
+                 session_id: int, address: str, grant: Grant | None = None) -> None:
         self.server, self.protocol, self.session_id = server, protocol, session_id
         self.address = address
         self.stream_id: int | None = None  # the client's bidirectional stream, once opened
@@ -286,7 +286,7 @@ class Session:
         self.early: bytes | None = None  # a datagram that came before the hello was handled
         self.lines: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.member: Member | None = None  # its rooms, once it said hello
-        self.grant = None  # its user token's chatlib.auth.Grant, if any
+        self.grant = grant  # its user token's chatlib.auth.Grant, if any (chatlib.rooms)
         self.closed = False
         self.drained = asyncio.Event()
         self.drained.set()
@@ -653,7 +653,8 @@ class ChatProtocol(QuicConnectionProtocol):
         self.h3.send_headers(stream_id, [(b":status", b"200"),
                                          (b"sec-webtransport-http3-draft", b"draft02")])
         self.transmit_soon()
-        self.session = Session(self.server, self, stream_id, self.address)
+        self.session = Session(self.server, self, stream_id, self.address,
+                               self.server.granted)
         # Admission control (chatlib.admission), as for a WebSocket: after the CONNECT's
         # 200, since a page reads a close code and reason but no refused CONNECT's status.
         wait = self.server.hub.admission.admit()
@@ -699,7 +700,9 @@ class WebTransportServer:
         self.certificate = make_certificate()
         self.protocols: set[ChatProtocol] = set()
         self.port = 0
-        self._tickets: dict[str, float] = {}
+        self._tickets: dict[str, tuple[float, Grant | None]] = {}  # expiry, grant
+        self.granted: Grant | None = None
+        """The user token's grant of the CONNECT :meth:`check` passed last (its session's)."""
         self._transports: list[asyncio.DatagramTransport] = []
         self._servers: list[QuicServer] = []
         self._sweeper: asyncio.Task | None = None
@@ -793,22 +796,33 @@ class WebTransportServer:
         refusal = self.guard.check(scope)
         if refusal is not None:
             return refusal
+        self.granted = None
         if self.token_gate is not None:
-            tickets = [v for k, v in parse_qsl(query.decode("latin-1")) if k == "ticket"]
-            if not (self.token_gate.presented(scope, cookie_name(self.port))
-                    or any(self.redeem(ticket) for ticket in tickets)):
-                return 401, "a token is required"
+            source, value = self.token_gate.presented_value(scope, cookie_name(self.port))
+            if source is not None:
+                self.granted = None if value is None else read_user_token(
+                    self.token_gate.secret, value)
+            else:
+                tickets = [v for k, v in parse_qsl(query.decode("latin-1")) if k == "ticket"]
+                for ticket in tickets:
+                    valid, self.granted = self.redeem(ticket)
+                    if valid:
+                        break
+                else:
+                    return 401, "a token is required"
         return 200, ""
 
-    def ticket(self) -> str:
-        """A single-use ticket for one session, valid :data:`TICKET_TTL` s (token mode)."""
+    def ticket(self, grant: Grant | None = None) -> str:
+        """A single-use ticket for one session, valid :data:`TICKET_TTL` s (token mode),
+        standing for the user token's ``grant`` that asked for it (None: the shared
+        token)."""
         now = time.monotonic()
         if len(self._tickets) > 1000:
-            self._tickets = {t: exp for t, exp in self._tickets.items() if exp > now}
+            self._tickets = {t: entry for t, entry in self._tickets.items() if entry[0] > now}
             while len(self._tickets) > 1000:  # still too many: drop the oldest
                 self._tickets.pop(next(iter(self._tickets)))
         ticket = secrets.token_urlsafe(16)
-        self._tickets[ticket] = now + TICKET_TTL
+        self._tickets[ticket] = (now + TICKET_TTL, grant)
         return ticket
 
     def info(self, request: Request) -> Response:
@@ -821,13 +835,14 @@ class WebTransportServer:
             name = f"[{name}]"
         url = f"https://{name}:{self.port}{PATH}"
         if self.token_gate is not None:
-            url += "?ticket=" + self.ticket()
+            url += "?ticket=" + self.ticket(request.scope.get(GRANT))
         return JSONBody({"available": True, "url": url, "hash": self.hash_hex,
                          "hash_algorithm": "sha-256"}, headers={"Cache-Control": "no-store"})
 
-    def redeem(self, ticket: str) -> bool:
-        expires = self._tickets.pop(ticket, 0.0)
-        return expires > time.monotonic()
+    def redeem(self, ticket: str) -> tuple[bool, Grant | None]:
+        """Whether ``ticket`` is valid (it is then spent), and the grant it stands for."""
+        expires, grant = self._tickets.pop(ticket, (0.0, None))
+        return expires > time.monotonic(), grant
 
 
 def bind_udp(host: str, port: int) -> list[socket.socket]:
