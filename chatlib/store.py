@@ -49,6 +49,7 @@ import bisect
 import sqlite3
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -231,9 +232,13 @@ class MemoryLog:
                  max_bytes: int = RETAIN_BYTES, *, max_rooms: int = MAX_ROOMS) -> None:
         self.name = DEFAULT_ROOM
         self.max_rooms = max_rooms
-        """Rooms this store holds at most (the default room included); :meth:`room` makes
-        a room's log on first use and refuses one more (429)."""
-        self._rooms: dict[str, MemoryLog] = {DEFAULT_ROOM: self}  # shared by every room
+        """Rooms this store holds at most (the default room included): the first message
+        of one more is refused (429)."""
+        # Shared by every room's log: the rooms with messages, and the logs of rooms without
+        # any that someone holds (a hub, a request): reading a room makes nothing that stays.
+        self._rooms: dict[str, MemoryLog] = {DEFAULT_ROOM: self}
+        self._empty: weakref.WeakValueDictionary[str, MemoryLog] = \
+            weakref.WeakValueDictionary()
         self._messages: list[Message] = []
         self._ids: list[int] = []
         self._by_client_id: dict[tuple[str, str], Message] = {}
@@ -255,6 +260,11 @@ class MemoryLog:
                 if original.text != text:
                     raise reused_client_id(original)
                 return original, True
+        if self._next_id == 1 and self.name not in self._rooms:  # a room's first message
+            if len(self._rooms) >= self.max_rooms:
+                raise too_many_rooms(self.max_rooms)
+            self._rooms[self.name] = self
+            self._empty.pop(self.name, None)
         message = Message(self._next_id, time.time(), user, text, client_id, self.name)
         self._next_id += 1
         self._messages.append(message)
@@ -312,18 +322,15 @@ class MemoryLog:
         return None
 
     def room(self, name: str) -> MemoryLog:
-        log = self._rooms.get(name)
+        log = self._rooms.get(name) or self._empty.get(name)
         if log is None:
-            if len(self._rooms) >= self.max_rooms:
-                raise too_many_rooms(self.max_rooms)
             log = MemoryLog(self.max_messages, self.max_bytes, max_rooms=self.max_rooms)
-            log.name, log._rooms = name, self._rooms
-            self._rooms[name] = log
+            log.name, log._rooms, log._empty = name, self._rooms, self._empty
+            self._empty[name] = log
         return log
 
     async def rooms(self) -> dict[str, int]:
-        return {name: log._next_id - 1 for name, log in self._rooms.items()
-                if log._next_id > 1 or name == DEFAULT_ROOM}
+        return {name: log._next_id - 1 for name, log in self._rooms.items()}
 
     async def close(self) -> None:
         pass

@@ -146,12 +146,17 @@ async def test_an_sqlite_file_from_before_rooms_is_the_default_room(tmp_path):
         await log.close()
 
 
-async def test_a_memory_room_is_made_once():
+async def test_reading_a_room_makes_nothing_that_stays():
     log = MemoryLog(max_rooms=2)
-    log.room("a")
+    held = log.room("a")
+    assert log.room("a") is held  # one log per room while anyone holds it
+    for i in range(100):
+        assert await log.room(f"read-{i}").after(0) == []
+    assert await log.rooms() == {DEFAULT_ROOM: 0}
+    await held.append("ada", "first")  # the one room besides the default one
     with pytest.raises(ChatError):
-        log.room("b")
-    assert log.room("a") is log.room("a")
+        await log.room("b").append("ada", "one too many")
+    assert await log.rooms() == {DEFAULT_ROOM: 0, "a": 1}
 
 
 # -- WebSocket -------------------------------------------------------------------------
