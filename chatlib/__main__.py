@@ -1,5 +1,8 @@
 """``python -m chatlib serve --port 8765``: the same server, outside Jupyter.
 
+``python -m chatlib user-token --token T ada --room staff``: a token for user ada only,
+letting her into the private room staff too (``serve --token T --private-room staff``).
+
 ``python -m chatlib netem --listen 9000 --target 127.0.0.1:8765 --delay 50ms``: a proxy in
 front of it that makes loopback feel like a real network (see chatlib/netem.py).
 """
@@ -11,7 +14,7 @@ import asyncio
 import signal
 
 from . import collector
-from .auth import page_link
+from .auth import USER_TOKEN_TTL, checked_token, page_link, user_token
 from .closecode import CloseCode
 from .limits import RETAIN_BYTES, RETAIN_MESSAGES, Limits
 from .server import ChatServer
@@ -25,17 +28,19 @@ async def serve(args: argparse.Namespace) -> None:
         log = RedisLog(args.redis, key=args.redis_key, max_len=args.retain,
                        max_bytes=args.retain_bytes)
     elif args.db:
-        log = SQLiteLog(args.db, max_messages=args.retain, max_bytes=args.retain_bytes)
+        log = SQLiteLog(args.db, max_messages=args.retain, max_bytes=args.retain_bytes,
+                        max_rooms=args.max_rooms)
     else:
-        log = MemoryLog(max_messages=args.retain, max_bytes=args.retain_bytes)
+        log = MemoryLog(max_messages=args.retain, max_bytes=args.retain_bytes,
+                        max_rooms=args.max_rooms)
     limits = Limits(allowed_origins=set(args.allow_origin), allowed_hosts=set(args.allow_host),
                     rate=args.rate, burst=args.burst, max_queue=args.max_queue,
                     admit_rate=args.admit_rate, admit_burst=args.admit_burst,
-                    header_timeout=args.header_timeout)
+                    header_timeout=args.header_timeout, max_rooms=args.max_rooms)
     server = ChatServer(args.host, args.port, log=log, limits=limits,
                         compression=args.compression, token=args.token,
                         forwarded_allow_ips=args.forwarded_allow_ips,
-                        webtransport=args.webtransport)
+                        webtransport=args.webtransport, private_rooms=args.private_room)
     await server.start()
     collector.settle()  # no full collection of the cyclic GC in the middle of a join storm
     link = page_link(server.url, server.token)
@@ -111,9 +116,25 @@ def main(argv: list[str] | None = None) -> None:
                         f" (default {defaults.header_timeout:g})")
     from . import netem  # python -m chatlib netem: a delaying proxy (chatlib/netem.py)
 
+    p.add_argument("--max-rooms", type=int, default=defaults.max_rooms, metavar="N",
+                   help="rooms the log holds at most, the default room included"
+                        f" (default {defaults.max_rooms})")
+    p.add_argument("--private-room", action="append", default=[], metavar="NAME",
+                   help="a room only the user tokens that list it may join (token mode;"
+                        " repeat for more; tokens: python -m chatlib user-token)")
+    u = sub.add_parser("user-token", help="print a token for one user (token mode)")
+    u.add_argument("user")
+    u.add_argument("--token", required=True, help="the server's token (--token of serve)")
+    u.add_argument("--room", action="append", default=[], metavar="NAME",
+                   help="a private room it may join (repeat for more)")
+    u.add_argument("--ttl", type=float, default=USER_TOKEN_TTL, metavar="S",
+                   help=f"seconds it is valid (default {USER_TOKEN_TTL})")
     netem.add_arguments(sub.add_parser("netem", help="a TCP proxy that adds delay, jitter, "
                                        "a bandwidth cap and cuts in front of the chat server"))
     args = parser.parse_args(argv)
+    if args.command == "user-token":
+        print(user_token(checked_token(args.token), args.user, args.room, args.ttl))
+        return
     asyncio.run(serve(args) if args.command == "serve" else netem.run(args))
 
 

@@ -57,6 +57,7 @@ import json
 import re
 import secrets
 import time
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -107,6 +108,10 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _nfkc(name: str) -> str:
+    return unicodedata.normalize("NFKC", name).strip()
+
+
 def _user_key(token: str) -> bytes:
     return hmac.new(token.encode(), b"chatlib user tokens", "sha256").digest()
 
@@ -115,6 +120,7 @@ def user_token(token: str, user: str, rooms=(), ttl: float = USER_TOKEN_TTL) -> 
     """A token for ``user`` only, letting it into the private ``rooms`` too, valid ``ttl``
     seconds, signed with a key derived from the server's shared ``token``:
     ``u.PAYLOAD.SIGNATURE`` (URL-safe base64 of its JSON and of its HMAC-SHA256)."""
+    user, rooms = _nfkc(user), [_nfkc(room) for room in rooms]  # as the server reads names
     payload = _b64(json.dumps({"u": user, "r": sorted(rooms), "exp": int(time.time() + ttl)},
                               separators=(",", ":")).encode())
     signature = _b64(hmac.new(_user_key(token), payload.encode(), "sha256").digest())

@@ -8,8 +8,15 @@ stays), close 1008 for a hello naming it. Never a silent empty answer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import httpx
 import pytest
@@ -236,3 +243,50 @@ async def test_user_tokens_are_checked(tokens, http):
         ChatServer(private_rooms={"staff"})  # open mode: anyone may join anything
     with pytest.raises(ValueError):
         ChatServer().user_token("ada")
+
+
+def test_cli_private_rooms_and_user_tokens(capsys):
+    """``chatlib user-token`` mints what ``serve --token T --private-room R`` accepts."""
+    from chatlib.__main__ import main
+
+    main(["user-token", "--token", "s3cret", "ａｄａ", "--room", "staff"])
+    minted = capsys.readouterr().out.strip()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatlib", "serve", "--port", "0", "--token", "s3cret",
+         "--private-room", "staff", "--max-rooms", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=Path(__file__).parent.parent)
+    try:
+        line = ""
+        for _ in range(50):  # a few lines of output at most before the link
+            line = process.stdout.readline()
+            if "serving on" in line or not line:
+                break
+        match = re.search(r"serving on (http://\S+/)", line)
+        assert match, line
+        base = match.group(1).rsplit("/t/", 1)[0] + "/"
+        staff = {"room": "staff"}
+        answer = httpx.get(base + "api/messages", params=staff, headers=bearer(minted),
+                           timeout=10)
+        assert answer.status_code == 200 and answer.json()["room"] == "staff"
+        answer = httpx.get(base + "api/messages", params=staff, headers=bearer("s3cret"),
+                           timeout=10)
+        assert answer.status_code == 403
+        for i in range(4):  # the default room and 4 more
+            answer = httpx.post(base + "api/messages", params={"room": f"r{i}"},
+                                headers=bearer("s3cret"), json={"user": "x", "text": "y"},
+                                timeout=10)
+            assert answer.status_code == 201, answer.text
+        answer = httpx.post(base + "api/messages", params={"room": "r4"},
+                            headers=bearer("s3cret"), json={"user": "x", "text": "y"},
+                            timeout=10)
+        assert answer.status_code == 429 and "rooms" in answer.json()["error"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+        process.stdout.close()
