@@ -8,7 +8,8 @@ others, on a real ``redis-server``::
     log = RedisLog("redis://127.0.0.1:6379/0")
     server = await chatlib.start_server(log=log)      # or: chatlib serve --redis URL
 
-What lives in Redis, under ``key`` (``"chat"`` by default):
+What lives in Redis, under ``key`` (``"chat"`` by default), for the default room (the keys
+of a chat from before rooms, so its data is that room's):
 
 * ``chat:messages``, a **stream**: the history, one entry per message, entry id ``N-0``
   for message id ``N``. A stream is a log with a cursor (chapter 3's ``after``), not
@@ -22,15 +23,23 @@ What lives in Redis, under ``key`` (``"chat"`` by default):
   ``chat:presence`` belong to the presence and typing bus (chatlib.redis_bus), which the
   server runs beside the log (:meth:`RedisLog.bus`). The log is only the log.
 
-Each process follows the stream with a **blocking** ``XREAD`` on a connection of its own
-(:meth:`RedisLog.follow`): Redis answers the moment an entry arrives, so there is no polling
-loop, and the cursor makes a reconnect resume exactly where it stopped. When Redis is
+Every other room (:meth:`RedisLog.room`) is a log of its own, with its own ids 1, 2, 3...,
+retention and dedupe: ``chat:room:<name>:messages``, ``chat:room:<name>:last_id`` and
+``chat:room:<name>:bytes``, and its dedupe keys ``chat:room-dedupe:<len>:<name>:...``. The
+set ``chat:rooms`` names the rooms that have had a message; the append script adds a room
+to it, or refuses the first message of one room more than ``max_rooms`` (429).
+
+Each process follows the streams with **one blocking** ``XREAD`` on a connection of its own,
+over the streams of the rooms it has clients in (:meth:`RedisLog.follow`, one per room hub,
+multiplexed by :class:`_Follower`): Redis answers the moment an entry arrives in any of
+them, so there is no polling loop, and a process reads only its rooms' messages. Each
+room's cursor makes a reconnect resume exactly where it stopped. When Redis is
 unreachable, appends and reads raise :class:`~chatlib.store.StoreUnavailable` (the server
 answers 503: the client knows its message was *not* stored) and the follower reconnects
 with exponential backoff.
 
-Retention: the stream keeps at most ``max_len`` messages and ``max_bytes`` bytes (64 + the
-field values' bytes per entry, summed in ``chat:bytes`` by the append script, which drops
+Retention: each room's stream keeps at most ``max_len`` messages and ``max_bytes`` bytes (64 +
+the field values' bytes per entry, summed in ``chat:bytes`` by the append script, which drops
 the oldest with ``XTRIM MINID`` down to 90 % of a cap it passed); ``first_id()`` is the
 oldest id kept. Redis must
 persist (``appendonly yes``) for ids to survive a Redis restart: if it comes back empty,
@@ -53,21 +62,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .limits import RETAIN_BYTES, RETAIN_MESSAGES
+from .limits import MAX_ROOMS, RETAIN_BYTES, RETAIN_MESSAGES
 from .store import (
+    DEFAULT_ROOM,
     Message,
     Page,
     StoreUnavailable,
     reused_client_id,
+    too_many_rooms,
 )
 
 if TYPE_CHECKING:
     from .redis_bus import RedisBus
 
-# KEYS: stream, counter, dedupe key (the counter's without client_id), bytes held
-# ARGV: ts, user, text, client_id, max_len, dedupe_ttl, max_bytes
-# Returns {id, ts, user, text, repeat}: the stored message, or the original one for a repeat
-# (repeat 2: the original has another text, a reused client_id).
+# KEYS: stream, counter, dedupe key (the counter's without client_id), bytes held, room set
+# ARGV: ts, user, text, client_id, max_len, dedupe_ttl, max_bytes, room ('' for the default
+# room), max_rooms
+# Returns {id, ts, user, text, status}: the stored message (status 0), or the original one
+# for a repeat (1; 2: the original has another text, a reused client_id); status 3: the
+# room would be one more than max_rooms, nothing was stored.
 APPEND = """
 if ARGV[4] ~= '' then
   local seen = redis.call('GET', KEYS[3])
@@ -80,6 +93,12 @@ if ARGV[4] ~= '' then
     end
     return {seen, ARGV[1], ARGV[2], ARGV[3], 1}  -- trimmed away: still the same id
   end
+end
+if ARGV[8] ~= '' and redis.call('SISMEMBER', KEYS[5], ARGV[8]) == 0 then
+  if redis.call('SCARD', KEYS[5]) + 1 >= tonumber(ARGV[9]) then  -- + the default room
+    return {'0', '', '', '', 3}
+  end
+  redis.call('SADD', KEYS[5], ARGV[8])
 end
 local id = redis.call('INCR', KEYS[2])
 local fields = {'ts', ARGV[1], 'user', ARGV[2], 'text', ARGV[3]}
@@ -112,17 +131,46 @@ end
 return {tostring(id), ARGV[1], ARGV[2], ARGV[3], 0}
 """
 
-def _entry(entry_id: str, fields: dict) -> Message:
+
+def _entry(entry_id: str, fields: dict, room: str) -> Message:
     return Message(int(entry_id.partition("-")[0]), float(fields["ts"]), fields["user"],
-                   fields["text"], fields.get("client_id"))
+                   fields["text"], fields.get("client_id"), room)
+
+
+class _Store:
+    """What every room's log of one :class:`RedisLog` shares: the options, the connections,
+    the append script, the room logs made so far and the one follower."""
+
+    def __init__(self, url: str, key: str, options: dict, max_connections: int,
+                 timeout: float, block: float, backoff: tuple[float, float]) -> None:
+        # A bounded pool that makes a burst of appends wait for a free connection (up to
+        # ``timeout``) instead of failing: the default pool raises "Too many connections".
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout, **options))
+        self.append = self.redis.register_script(APPEND)
+        self.rooms: dict[str, RedisLog] = {}
+        self.room_set = f"{key}:rooms"
+        # The follower's blocking reads hold a connection of their own (named, for CLIENT
+        # LIST: one per process, whatever the number of rooms).
+        reader = aioredis.Redis.from_url(url, **{**options, "socket_timeout": block + timeout,
+                                                 "client_name": "chatlib-follower"})
+        self.follower = _Follower(reader, self, block, backoff)
+
+    async def drop_idle_connections(self) -> None:
+        """The pool's other idle connections died with the one that failed (Redis
+        restarted): drop them, so the first command after Redis is back opens a new one."""
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.connection_pool.disconnect(inuse_connections=False)
 
 
 class RedisLog:
-    """A :class:`~chatlib.store.MessageLog` on a Redis stream, shared by server processes.
+    """A :class:`~chatlib.store.MessageLog` on Redis streams, shared by server processes:
+    the default room's; :meth:`room` gives the others'.
 
     ``url``: ``redis://host:port/db``. ``key``: prefix of every key (one chat per prefix).
-    ``max_len`` / ``max_bytes``: messages and bytes the stream keeps (retention, see the
-    module docstring). ``dedupe_ttl``: seconds a
+    ``max_len`` / ``max_bytes``: messages and bytes each room's stream keeps (retention,
+    see the module docstring). ``max_rooms``: rooms the chat holds at most, the default
+    room included (the first message of one more is refused, 429). ``dedupe_ttl``: seconds a
     ``(user, client_id)`` is remembered. ``heartbeat`` / ``presence_ttl``: how often a
     process refreshes its presence, and how long others keep it if it stops (dies), for
     the :meth:`bus` (chatlib.redis_bus).
@@ -135,40 +183,77 @@ class RedisLog:
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, key: str = "chat",
                  max_len: int = RETAIN_MESSAGES, max_bytes: int = RETAIN_BYTES,
-                 dedupe_ttl: float = 3600.0, heartbeat: float = 1.0,
-                 presence_ttl: float = 3.0, block: float = 5.0,
+                 max_rooms: int = MAX_ROOMS, dedupe_ttl: float = 3600.0,
+                 heartbeat: float = 1.0, presence_ttl: float = 3.0, block: float = 5.0,
                  backoff: tuple[float, float] = (0.05, 2.0), timeout: float = 5.0,
                  max_connections: int = 32) -> None:
         self.url = url
         self.key = key
         self.max_len = max_len
         self.max_bytes = max_bytes
+        self.max_rooms = max_rooms
         self.dedupe_ttl = dedupe_ttl
         self.heartbeat = heartbeat
         self.presence_ttl = presence_ttl
         self.block = block
         self.backoff = backoff
-        self.reconnects = 0  # how often the follower lost Redis and came back
-        self._stream = f"{key}:messages"
-        self._counter = f"{key}:last_id"
-        self._bytes = f"{key}:bytes"
         # No automatic retries: an append whose reply was lost may have been stored, and
         # retrying it blindly could store it twice. The caller gets a 503 and decides
         # (with a client_id, resending is safe: the script dedupes it).
         options = dict(decode_responses=True, retry=Retry(NoBackoff(), 0),
                        socket_connect_timeout=timeout, socket_timeout=timeout)
-        # A bounded pool that makes a burst of appends wait for a free connection (up to
-        # ``timeout``) instead of failing: the default pool raises "Too many connections".
-        self._redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=timeout, **options))
-        # The follower's blocking reads hold a connection of their own.
-        self._reader = aioredis.Redis.from_url(
-            url, **{**options, "socket_timeout": block + timeout})
-        self._append = self._redis.register_script(APPEND)
-        self._backoff = Backoff(*backoff)
+        self._store = _Store(url, key, options, max_connections, timeout, block, backoff)
+        self._as_room(DEFAULT_ROOM, key)
+
+    def _as_room(self, name: str, prefix: str) -> None:
+        self.name = name
+        self._stream = f"{prefix}:messages"
+        self._counter = f"{prefix}:last_id"
+        self._bytes = f"{prefix}:bytes"
+        # Not under the room's prefix: a room and a user name, both free to hold colons,
+        # could spell another room's key there. The name's length makes it unambiguous
+        # (and a user name holds no NUL).
+        self._dedupe = (f"{self.key}:dedupe:" if name == DEFAULT_ROOM
+                        else f"{self.key}:room-dedupe:{len(name)}:{name}:")
+        self._redis = self._store.redis
+        self._store.rooms[name] = self
 
     def __repr__(self) -> str:
-        return f"RedisLog({self.url!r}, key={self.key!r})"
+        room = "" if self.name == DEFAULT_ROOM else f", room={self.name!r}"
+        return f"RedisLog({self.url!r}, key={self.key!r}{room})"
+
+    @property
+    def reconnects(self) -> int:
+        """How often the follower lost Redis and came back (every room's: there is one)."""
+        return self._store.follower.reconnects
+
+    # -- rooms ---------------------------------------------------------------------------
+
+    def room(self, name: str) -> RedisLog:
+        """The log of room ``name``: its keys are under ``KEY:room:NAME``, the default
+        room's are ``KEY``'s (today's keys). No I/O: a room exists in Redis from its first
+        message; one more than ``max_rooms`` is refused then (429)."""
+        rooms = self._store.rooms
+        log = rooms.get(name)
+        if log is None:
+            if len(rooms) >= 2 * self.max_rooms:  # views of rooms nobody follows: drop them
+                followed = self._store.follower.followed()
+                for other in [n for n, r in rooms.items() if n != DEFAULT_ROOM
+                              and r._stream not in followed]:
+                    del rooms[other]
+            log = object.__new__(RedisLog)
+            log.__dict__.update({k: v for k, v in self.__dict__.items()
+                                 if not k.startswith("_") or k == "_store"})
+            log._as_room(name, f"{self.key}:room:{name}")
+        return log
+
+    async def rooms(self) -> dict[str, int]:
+        """Every room with a message and the default room, with its last id."""
+        names = sorted(await self._call(self._redis.smembers(self._store.room_set)))
+        default = self._store.rooms[DEFAULT_ROOM]
+        logs = [default, *(self.room(name) for name in names)]
+        counters = await self._call(self._redis.mget([log._counter for log in logs]))
+        return {log.name: int(value or 0) for log, value in zip(logs, counters, strict=True)}
 
     async def _call(self, coro, *, writes: bool = False):
         """Await a Redis command; every Redis failure becomes StoreUnavailable (a JSON 503,
@@ -183,7 +268,7 @@ class RedisLog:
         try:
             return await coro
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            await self._drop_idle_connections()
+            await self._store.drop_idle_connections()
             if writes:
                 raise StoreUnavailable(
                     f"message store unavailable ({exc.__class__.__name__}): the message"
@@ -196,34 +281,35 @@ class RedisLog:
             raise StoreUnavailable(f"message store refused ({reason}): nothing was"
                                    " stored; try again later") from exc
 
-    async def _drop_idle_connections(self) -> None:
-        """The pool's other idle connections died with the one that failed (Redis
-        restarted): drop them, so the first command after Redis is back opens a new one."""
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.connection_pool.disconnect(inuse_connections=False)
-
     # -- the MessageLog interface --------------------------------------------------------
 
     async def append(self, user: str, text: str,
                      client_id: str | None = None) -> tuple[Message, bool]:
-        """Store a message with the next id: ``(message, False)``; a repeat of
-        ``(user, client_id)`` within ``dedupe_ttl`` stores nothing: ``(original, True)``,
-        or raises 422 if the original's text differs (chatlib.store.reused_client_id)."""
-        dedupe = f"{self.key}:dedupe:{user}\0{client_id}" if client_id else ""
-        reply = await self._call(self._append(
-            keys=[self._stream, self._counter, dedupe or self._counter, self._bytes],
+        """Store a message with the room's next id: ``(message, False)``; a repeat of
+        ``(user, client_id)`` in this room within ``dedupe_ttl`` stores nothing:
+        ``(original, True)``, or raises 422 if the original's text differs
+        (chatlib.store.reused_client_id). The first message of a room beyond
+        ``max_rooms`` raises 429 (chatlib.store.too_many_rooms)."""
+        dedupe = f"{self._dedupe}{user}\0{client_id}" if client_id else ""
+        room = "" if self.name == DEFAULT_ROOM else self.name
+        reply = await self._call(self._store.append(
+            keys=[self._stream, self._counter, dedupe or self._counter, self._bytes,
+                  self._store.room_set],
             args=[repr(time.time()), user, text, client_id or "", self.max_len,
-                  max(1, int(self.dedupe_ttl)), self.max_bytes]), writes=True)
-        id_, ts, user_, text_, repeat = reply
-        message = Message(int(id_), float(ts), user_, text_, client_id)
-        if repeat == 2:
+                  max(1, int(self.dedupe_ttl)), self.max_bytes, room, self.max_rooms]),
+            writes=True)
+        id_, ts, user_, text_, status = reply
+        if status == 3:
+            raise too_many_rooms(self.max_rooms)
+        message = Message(int(id_), float(ts), user_, text_, client_id, self.name)
+        if status == 2:
             raise reused_client_id(message)
-        return message, bool(repeat)
+        return message, bool(status)
 
     async def after(self, after_id: int, limit: int = 1000) -> list[Message]:
         entries = await self._call(
             self._redis.xrange(self._stream, min=f"{max(after_id, 0) + 1}-0", count=limit))
-        return [_entry(entry_id, fields) for entry_id, fields in entries]
+        return [_entry(entry_id, fields, self.name) for entry_id, fields in entries]
 
     async def page(self, after_id: int, limit: int) -> Page:
         """One round trip: the entries after ``after_id``, the id counter and the oldest
@@ -241,15 +327,15 @@ class RedisLog:
         entries, counter, oldest = await self._call(pipe.execute())
         last = int(counter or 0)
         first = int(oldest[0][0].partition("-")[0]) if oldest else last + 1
-        return Page([_entry(entry_id, fields) for entry_id, fields in entries[:limit]],
-                    first, last)
+        return Page([_entry(entry_id, fields, self.name) for entry_id, fields in
+                     entries[:limit]], first, last)
 
     async def before(self, before_id: int, limit: int) -> list[Message]:
         if before_id <= 1:
             return []
         entries = await self._call(self._redis.xrevrange(
             self._stream, max=f"{before_id - 1}-0", count=limit))
-        return [_entry(entry_id, fields) for entry_id, fields in reversed(entries)]
+        return [_entry(entry_id, fields, self.name) for entry_id, fields in reversed(entries)]
 
     async def last_id(self) -> int:
         return int(await self._call(self._redis.get(self._counter)) or 0)
@@ -261,7 +347,8 @@ class RedisLog:
         return await self.last_id() + 1
 
     async def close(self) -> None:
-        await self._reader.aclose()
+        """Close the whole store (every room's log): the follower and the connections."""
+        await self._store.follower.close()
         await self._redis.aclose(close_connection_pool=True)
 
     # -- following other processes -------------------------------------------------------
@@ -270,47 +357,157 @@ class RedisLog:
     """Other processes append to this log, and :meth:`follow` yields every append as it
     happens."""
 
-    async def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
-        """Pages of the messages after ``after_id``, in id order, as they are appended by
-        any process (this one's too), until cancelled.
+    def follow(self, after_id: int) -> AsyncIterator[list[Message]]:
+        """Pages of this room's messages after ``after_id``, in id order, as they are
+        appended by any process (this one's too), until cancelled.
 
-        One blocking ``XREAD`` on a connection of its own: Redis answers the moment an
-        entry arrives, so there is no polling loop, and the cursor makes a reconnect
-        resume exactly where it stopped. When Redis fails, the read is retried with
-        exponential backoff (:attr:`reconnects` counts it). A read that waited ``block``
-        seconds for nothing checks the id counter: below the cursor, Redis was emptied
-        (FLUSHALL) or replaced, and an empty page says so (the hub resets its clients);
-        the cursor starts again from 0.
+        Every room followed in this process is read by one blocking ``XREAD`` over their
+        streams, on one connection (:class:`_Follower`): Redis answers the moment an entry
+        arrives in any of them, so there is no polling loop and no connection per room, and
+        each room's cursor makes a reconnect resume exactly where it stopped. When Redis
+        fails, the read is retried with exponential backoff (:attr:`reconnects` counts it).
+        A read that returned nothing checks the rooms' id counters: one below its cursor
+        was emptied (FLUSHALL) or Redis was replaced, and an empty page says so (the hub
+        resets its clients); that room's cursor starts again from 0.
         """
-        cursor = after_id
-        for _ in range(1 << 62):  # one blocking XREAD per turn; ends when cancelled
-            try:
-                reply = await self._reader.xread({self._stream: f"{cursor}-0"}, count=500,
-                                                 block=int(self.block * 1000))
-                went_back = not reply and cursor > int(
-                    await self._reader.get(self._counter) or 0)
-            except (RedisError, OSError):
-                self.reconnects += 1
-                await self._drop_idle_connections()
-                await self._backoff.wait()
-                continue
-            self._backoff.reset()
-            if went_back:  # FLUSHALL, or a new Redis: the ids start again below the cursor
-                cursor = 0
-                yield []
-            for _stream, entries in reply:
-                if entries:
-                    messages = [_entry(entry_id, fields) for entry_id, fields in entries]
-                    cursor = messages[-1].id
-                    yield messages
+        return self._store.follower.follow(self, after_id)
 
-    def bus(self) -> RedisBus:
+    def bus(self) -> RedisBus | None:
         """A new channel for presence and typing between the processes sharing this log
-        (chatlib.redis_bus), on the same Redis and key; the server runs and closes it."""
+        (chatlib.redis_bus), on the same Redis and key; the server runs and closes it.
+        Only the default room's log makes one: the other rooms' buses are its
+        :meth:`~chatlib.redis_bus.RedisBus.room` views (None here)."""
+        if self.name != DEFAULT_ROOM:
+            return None
         from .redis_bus import RedisBus
 
         return RedisBus(self.url, key=self.key, heartbeat=self.heartbeat,
                         presence_ttl=self.presence_ttl, backoff=self.backoff)
+
+
+class _Subscriber:
+    """One :meth:`RedisLog.follow` in progress: its room's log, its cursor, its pages."""
+
+    def __init__(self, log: RedisLog, cursor: int) -> None:
+        self.log = log
+        self.cursor = cursor
+        self.pages: asyncio.Queue[list[Message]] = asyncio.Queue()
+
+
+class _Follower:
+    """The one reader of a :class:`RedisLog` and its rooms in this process: a blocking
+    ``XREAD`` over the streams of every room some :meth:`RedisLog.follow` follows, each
+    from its lowest cursor, on one connection; what comes back goes to each follower of
+    that room (past its own cursor).
+
+    A room followed anew must be in the next ``XREAD``: the one blocked in Redis is
+    woken with ``CLIENT UNBLOCK`` (from another connection), re-issued with the new set,
+    and reads the new room from its cursor, so nothing appended meanwhile is missed. A room
+    nobody follows any more simply drops out of the next one (no wake-up: what it reads
+    meanwhile for that room is not given to anyone).
+    """
+
+    def __init__(self, reader: aioredis.Redis, store: _Store, block: float,
+                 backoff: tuple[float, float]) -> None:
+        self._reader = reader
+        self._store = store
+        self._block = block
+        self._backoff = Backoff(*backoff)
+        self._subscribers: dict[str, list[_Subscriber]] = {}  # stream -> its followers
+        self._task: asyncio.Task | None = None
+        self._waking: asyncio.Task | None = None
+        self._wanted = 0  # bumped when a follower comes: the set to read changed
+        self._armed = 0  # the ``_wanted`` of the XREAD in flight
+        self._client_id: int | None = None  # the reader connection's, for CLIENT UNBLOCK
+        self.reconnects = 0
+
+    def followed(self) -> set[str]:
+        return set(self._subscribers)
+
+    async def follow(self, log: RedisLog, after_id: int) -> AsyncIterator[list[Message]]:
+        subscriber = _Subscriber(log, after_id)
+        self._subscribers.setdefault(log._stream, []).append(subscriber)
+        self._wanted += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        elif self._waking is None or self._waking.done():
+            self._waking = asyncio.ensure_future(self._wake())
+        try:
+            for _ in range(1 << 62):  # ends when cancelled
+                yield await subscriber.pages.get()
+        finally:
+            followers = self._subscribers.get(log._stream, [])
+            with contextlib.suppress(ValueError):
+                followers.remove(subscriber)
+            if not followers:
+                self._subscribers.pop(log._stream, None)
+
+    async def _wake(self) -> None:
+        """Until the reader has re-issued its ``XREAD`` with every room followed: unblock
+        the one in flight. Redis only unblocks a client that is blocked, so this repeats
+        (backing off) while the reader is between two reads or reconnecting."""
+        delay = 0.002
+        for _ in range(200):  # bounded: the reader re-arms within ``block`` anyway
+            if self._armed >= self._wanted or self._task is None or self._task.done():
+                return
+            if self._client_id is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._store.redis.client_unblock(self._client_id)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def _run(self) -> None:
+        for _ in range(1 << 62):  # one blocking XREAD per turn; ends when cancelled
+            if not self._subscribers:
+                return
+            self._armed = self._wanted
+            watched = [list(followers) for followers in self._subscribers.values()]
+            cursors = {followers[0].log._stream: min(s.cursor for s in followers)
+                       for followers in watched}
+            try:
+                if self._client_id is None:  # a new connection: learn its id
+                    self._client_id = await self._reader.client_id()
+                reply = await self._reader.xread(
+                    {stream: f"{cursor}-0" for stream, cursor in cursors.items()},
+                    count=500, block=int(self._block * 1000))
+                counters = None if reply else await self._reader.mget(
+                    [followers[0].log._counter for followers in watched])
+            except (RedisError, OSError):
+                self._client_id = None
+                self.reconnects += 1
+                await self._store.drop_idle_connections()
+                await self._backoff.wait()
+                continue
+            self._backoff.reset()
+            if counters is not None:
+                # Nothing came (timeout, or woken): did a room's log go back? Then its ids
+                # start again below the cursor (FLUSHALL, or a new Redis).
+                for followers, counter in zip(watched, counters, strict=True):
+                    for subscriber in followers:
+                        if subscriber.cursor > int(counter or 0):
+                            subscriber.cursor = 0
+                            subscriber.pages.put_nowait([])
+            for stream, entries in reply:
+                followers = self._subscribers.get(stream, ())
+                if not entries or not followers:
+                    continue
+                room = followers[0].log.name
+                messages = [_entry(entry_id, fields, room) for entry_id, fields in entries]
+                for subscriber in followers:
+                    if subscriber.cursor < cursors.get(stream, 0):
+                        continue  # came during this read, from further back: the next one
+                    new = [m for m in messages if m.id > subscriber.cursor]
+                    if new:
+                        subscriber.cursor = new[-1].id
+                        subscriber.pages.put_nowait(new)
+
+    async def close(self) -> None:
+        for task in (self._waking, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self._reader.aclose()
 
 
 class Backoff:

@@ -1,0 +1,193 @@
+"""Rooms on Redis (issue 23): a stream per room, per-room ids, retention, dedupe and room
+bound, one multiplexed follower per process, presence and typing per room on the bus.
+
+Several RedisLogs in one test process stand for several server processes (each has its own
+connections); tests/test_cluster_rooms.py runs real processes behind nginx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import redis.asyncio as aioredis
+from redis_fixtures import until
+
+from chatlib.store import DEFAULT_ROOM, Message
+from chatlib.validation import ChatError
+
+pytestmark = pytest.mark.timeout(90)
+T = 15.0
+
+
+async def next_page(pages, timeout: float = T) -> list[Message]:
+    async with asyncio.timeout(timeout):
+        return await anext(pages)
+
+
+@contextlib.asynccontextmanager
+async def admin(redis_server):
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def test_each_room_is_a_stream_with_its_own_ids(make_log, redis_server):
+    log, other = make_log(), make_log()  # two processes
+    lab = log.room("lab-1")
+    assert log.room(DEFAULT_ROOM) is log and lab.room(DEFAULT_ROOM) is log
+    assert lab.room("lab-2") is log.room("lab-2") and log.room("lab-1") is lab
+    assert (lab.name, log.name) == ("lab-1", DEFAULT_ROOM)
+    await log.append("ada", "in the lobby")
+    for i in range(3):
+        message, _ = await other.room("lab-1").append("bob", f"lab {i}")
+        assert (message.id, message.room) == (i + 1, "lab-1")
+    await other.room("lab-2").append("cy", "lab two")
+    assert [(m.id, m.text, m.room) for m in await lab.after(0)] == [
+        (1, "lab 0", "lab-1"), (2, "lab 1", "lab-1"), (3, "lab 2", "lab-1")]
+    assert [m.text for m in await log.after(0)] == ["in the lobby"]
+    assert (await lab.last_id(), await log.last_id(), await log.room("lab-3").last_id()) \
+        == (3, 1, 0)
+    page = await lab.page(1, 1)
+    assert ([m.text for m in page.messages], page.first_id, page.last_id) == (["lab 1"], 1, 3)
+    assert [m.text for m in await lab.before(3, 5)] == ["lab 0", "lab 1"]
+    assert await log.rooms() == {DEFAULT_ROOM: 1, "lab-1": 3, "lab-2": 1}
+    # The default room keeps the keys it had before rooms: existing data is its log.
+    async with admin(redis_server) as redis:
+        assert await redis.xlen("chat:messages") == 1
+        assert await redis.xlen("chat:room:lab-1:messages") == 3
+        assert await redis.get("chat:room:lab-1:last_id") == "3"
+
+
+async def test_retention_and_dedupe_are_per_room(make_log):
+    log = make_log(max_len=10)
+    busy, quiet = log.room("busy"), log.room("quiet")
+    await quiet.append("ada", "keep me", client_id="c-1")
+    for i in range(50):
+        await busy.append("bob", str(i))
+    kept = await busy.after(0, 100)
+    assert 9 <= len(kept) <= 10 and kept[-1].id == 50
+    assert await busy.first_id() == kept[0].id
+    assert [m.text for m in await quiet.after(0)] == ["keep me"]  # not trimmed by busy's
+    # The same (user, client_id) in another room is another message; in its room, a repeat.
+    again, repeat = await quiet.append("ada", "keep me", client_id="c-1")
+    elsewhere, repeat_elsewhere = await busy.append("ada", "keep me", client_id="c-1")
+    assert (again.id, repeat) == (1, True)
+    assert (elsewhere.id, elsewhere.room, repeat_elsewhere) == (51, "busy", False)
+    with pytest.raises(ChatError) as refused:
+        await quiet.append("ada", "another text", client_id="c-1")
+    assert refused.value.status == 422
+
+
+async def test_a_room_and_a_user_name_spelling_another_rooms_dedupe_key_do_not_collide(
+        make_log):
+    # Room "r", user "x:dedupe:y" and room "r:dedupe:x", user "y" share a dedupe key.
+    log = make_log()
+    first, _ = await log.room("r:dedupe:x").append("y", "one", client_id="c")
+    second, repeat = await log.room("r").append("x:dedupe:y", "two", client_id="c")
+    assert (second.text, second.room, repeat) == ("two", "r", False)
+    assert [m.text for m in await log.room("r").after(0)] == ["two"]
+
+
+async def test_rooms_beyond_max_rooms_are_refused_by_every_process(make_log):
+    one, two = make_log(max_rooms=3), make_log(max_rooms=3)
+    await one.room("a").append("ada", "a")  # the default room counts: 2 of 3
+    await two.room("b").append("bob", "b")  # 3 of 3
+    with pytest.raises(ChatError) as refused:
+        await one.room("c").append("cy", "c")
+    assert refused.value.status == 429 and "at most 3" in str(refused.value)
+    assert await one.room("c").last_id() == 0  # nothing stored
+    await two.room("a").append("bob", "still fine")  # existing rooms still take messages
+    await one.append("ada", "and the default room")
+    assert set(await two.rooms()) == {DEFAULT_ROOM, "a", "b"}
+
+
+async def test_one_connection_follows_every_room_and_each_gets_only_its_own(
+        make_log, redis_server):
+    reader, writer = make_log(), make_log()
+    names = [f"room-{i}" for i in range(20)]
+    follows = {name: reader.room(name).follow(0) for name in names}
+    async with admin(redis_server) as redis:
+        firsts = [asyncio.ensure_future(next_page(pages)) for pages in follows.values()]
+        for round_ in range(2):
+            for name in reversed(names):
+                await writer.room(name).append("ada", f"{name} #{round_ + 1}")
+        got = {name: list(await first) for name, first in zip(names, firsts, strict=True)}
+        for name in names:
+            while len(got[name]) < 2:
+                got[name] += await next_page(follows[name])
+        # One XREAD over 20 streams: one connection for all of them, not one per room.
+        assert [c["name"] for c in await redis.client_list()].count("chatlib-follower") == 1
+    for name in names:
+        assert [(m.id, m.text, m.room) for m in got[name]] == [
+            (1, f"{name} #1", name), (2, f"{name} #2", name)]
+    for pages in follows.values():
+        await pages.aclose()
+
+
+async def test_a_room_followed_during_a_blocked_read_is_read_at_once(make_log):
+    """The follower's XREAD is blocked (30 s) on room a when room b is followed: it is
+    woken and re-issued with b, rather than b waiting for a's read to time out."""
+    reader, writer = make_log(block=30.0), make_log()
+    a_pages = reader.room("a").follow(0)
+    a_first = asyncio.ensure_future(next_page(a_pages))
+    await until(lambda: reader._store.follower._client_id is not None)
+    await asyncio.sleep(0.2)  # the XREAD on room a alone is blocked in Redis by now
+    b_pages = reader.room("b").follow(0)
+    await writer.room("b").append("bob", "in b")
+    [message] = await next_page(b_pages, timeout=10.0)  # < block: it was woken
+    assert (message.room, message.text) == ("b", "in b")
+    await writer.room("a").append("ada", "in a")
+    assert [m.text for m in await a_first] == ["in a"]
+    await a_pages.aclose()
+    await b_pages.aclose()
+
+
+async def test_a_late_follower_of_a_room_gets_what_it_missed_from_its_cursor(make_log):
+    reader, writer = make_log(), make_log()
+    ahead = reader.room("r").follow(0)
+    for i in range(3):
+        await writer.room("r").append("ada", str(i))
+    assert [m.id for m in await next_page(ahead)] in ([1, 2, 3], [1], [1, 2])
+    behind = reader.room("r").follow(1)  # a second hub of the room in the process, behind
+    await writer.room("r").append("ada", "3")
+    got: list[int] = []
+    while got[-1:] != [4]:
+        got += [m.id for m in await next_page(behind)]
+    assert got == [2, 3, 4]
+    await ahead.aclose()
+    await behind.aclose()
+
+
+async def test_every_room_resumes_after_redis_restarts_and_after_flushall(
+        make_log, redis_server):
+    reader = make_log(block=0.5)
+    writer = make_log()
+    pages = {name: reader.room(name).follow(0) for name in ("x", "y")}
+    for name in pages:
+        await writer.room(name).append("ada", f"{name} 1")
+        assert [m.text for m in await next_page(pages[name])] == [f"{name} 1"]
+    await redis_server.restart()  # appendonly: ids and history survive
+    await until(lambda: reader.reconnects > 0, what="the follower noticed")
+    for name in pages:
+        async with asyncio.timeout(T):
+            while True:  # the writer's first append may meet the dead connection
+                with contextlib.suppress(Exception):
+                    await writer.room(name).append("ada", f"{name} 2")
+                    break
+                await asyncio.sleep(0.05)
+    for name in pages:
+        [message] = await next_page(pages[name])
+        assert (message.id, message.text, message.room) == (2, f"{name} 2", name)
+    async with admin(redis_server) as redis:
+        await redis.flushall()
+    for name in pages:  # an empty page: the room's log went back; then from its start
+        assert await next_page(pages[name]) == []
+    await writer.room("y").append("bob", "y again")
+    [message] = await next_page(pages["y"])
+    assert (message.id, message.text, message.room) == (1, "y again", "y")
+    for follow in pages.values():
+        await follow.aclose()
