@@ -5,15 +5,19 @@ connected changes all the time and only its latest value matters, and a typing n
 worth nothing a second later. So they travel beside the log, on this bus, under the log's
 key (``"chat"`` by default):
 
-* ``chat:presence:<process>``: the users connected to that process, expiring after
-  ``presence_ttl`` seconds unless its heartbeat refreshes it; ``chat:processes`` lists
-  them. Who is here is the union; a process that dies drops out within ``presence_ttl``.
-* pub/sub channels ``chat:typing`` and ``chat:presence``: typing notices (ephemeral:
-  at-most-once is right for them) and "my presence changed" nudges.
+* ``chat:presence:<process>``: the users connected to that process, room by room (a
+  JSON object, room -> users), expiring after ``presence_ttl`` seconds unless its
+  heartbeat refreshes it; ``chat:processes`` lists them. Who is in a room is the union; a
+  process that dies drops out within ``presence_ttl``.
+* pub/sub channels ``chat:typing`` and ``chat:presence``: typing notices, with their room
+  (ephemeral: at-most-once is right for them), and "my presence changed" nudges.
 
-The server wires it (chatlib.server): :meth:`RedisBus.run` with the hub's ``here``, and
-callbacks for what the other processes say; :meth:`RedisBus.typing` for this process's
-typing notices; :meth:`RedisBus.close` when it stops.
+Every room of a process shares one bus, as every room shares one log follower: one
+subscription, one heartbeat (one key written and the others' read per beat, whatever the
+number of rooms). The server wires it (chatlib.server, chatlib.rooms): the default room's
+hub runs :meth:`RedisBus.run` with its ``here`` and callbacks for what the other processes
+say; each other room's hub runs the view :meth:`RedisBus.room` gives, the same way;
+:meth:`RedisBus.typing` tells of this process's typing; :meth:`RedisBus.close` when it stops.
 """
 
 from __future__ import annotations
@@ -24,15 +28,26 @@ import json
 import os
 import uuid
 from collections.abc import Callable
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .redis_log import Backoff
+from .store import DEFAULT_ROOM
+
+
+class _Callbacks(NamedTuple):
+    """What one room's hub gave :meth:`RedisBus.run`."""
+
+    here: Callable[[], set[str]]
+    typing: Callable[[str], None]
+    elsewhere: Callable[[frozenset[str]], None]
 
 
 class RedisBus:
-    """Presence and typing across processes, on Redis at ``url`` under ``key``.
+    """Presence and typing across processes, on Redis at ``url`` under ``key``: the
+    default room's, and through :meth:`room` every other room's.
 
     ``heartbeat``: seconds between refreshes of this process's presence (and reads of the
     others'). ``presence_ttl``: how long the others keep it if the refreshes stop (this
@@ -45,6 +60,7 @@ class RedisBus:
                  presence_ttl: float = 3.0, backoff: tuple[float, float] = (0.05, 2.0),
                  timeout: float = 5.0) -> None:
         self.url = url
+        self.name = DEFAULT_ROOM
         self.heartbeat = heartbeat
         self.presence_ttl = presence_ttl
         self.process_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -57,31 +73,43 @@ class RedisBus:
                                               socket_timeout=2 * timeout)
         self._nudge = asyncio.Event()
         self._running = False
+        self._rooms: dict[str, _Callbacks] = {}  # the rooms whose hubs run (on) this bus
+        self._others: dict[str, frozenset[str]] = {}  # what each room's elsewhere was told
 
     def __repr__(self) -> str:
         return f"RedisBus({self.url!r}, process_id={self.process_id!r})"
 
+    def room(self, name: str) -> RedisBus | RoomBus:
+        """The bus of room ``name`` (this one for the default room): the same Bus
+        interface, on this bus's connections and heartbeat."""
+        return self if name == DEFAULT_ROOM else RoomBus(self, name)
+
     async def run(self, here: Callable[[], set[str]], typing: Callable[[str], None],
                   elsewhere: Callable[[frozenset[str]], None]) -> None:
-        """Until cancelled: publish ``here()`` (the users connected to this process) and
-        call ``elsewhere(users)`` when the users connected to the others change, and
-        ``typing(user)`` when someone types on another process."""
+        """Until cancelled: publish ``here()`` (the users of the default room connected to
+        this process) and call ``elsewhere(users)`` when the room's users connected to the
+        others change, and ``typing(user)`` when someone types in it on another process.
+        The rooms' views (:meth:`room`) are served while this runs."""
         self._running = True
-        tasks = [asyncio.ensure_future(self._retrying(lambda: self._listen(typing))),
-                 asyncio.ensure_future(self._retrying(lambda: self._beat(here, elsewhere)))]
+        self._join(DEFAULT_ROOM, _Callbacks(here, typing, elsewhere))
+        tasks = [asyncio.ensure_future(self._retrying(self._listen)),
+                 asyncio.ensure_future(self._retrying(self._beat))]
         try:
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
             self._running = False
+            self._leave_room(DEFAULT_ROOM)
 
-    def typing(self, user: str) -> None:
-        """Tell the other processes that ``user`` is typing here (at most once)."""
+    def typing(self, user: str, room: str = DEFAULT_ROOM) -> None:
+        """Tell the other processes that ``user`` is typing in ``room`` here (at most once)."""
         if not self._running:
             return
-        payload = json.dumps({"from": self.process_id, "user": user})
-        task = asyncio.ensure_future(self._redis.publish(self._typing, payload))
+        data = {"from": self.process_id, "user": user}
+        if room != DEFAULT_ROOM:
+            data["room"] = room
+        task = asyncio.ensure_future(self._redis.publish(self._typing, json.dumps(data)))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # ephemeral
 
     async def close(self) -> None:
@@ -89,6 +117,16 @@ class RedisBus:
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             await asyncio.wait_for(self._leave(), self.heartbeat + 1)
         await self._redis.aclose()
+
+    def _join(self, room: str, callbacks: _Callbacks) -> None:
+        self._rooms[room] = callbacks
+        self._others.pop(room, None)  # tell its hub what the others have, at the next beat
+        self._nudge.set()
+
+    def _leave_room(self, room: str) -> None:
+        self._rooms.pop(room, None)
+        self._others.pop(room, None)
+        self._nudge.set()  # its users leave the presence the others read
 
     async def _retrying(self, attempt) -> None:
         """Run ``attempt()`` until cancelled; when Redis fails, wait (exponential backoff,
@@ -101,7 +139,7 @@ class RedisBus:
             except (RedisError, OSError):
                 await backoff.wait()
 
-    async def _listen(self, typing: Callable[[str], None]) -> None:
+    async def _listen(self) -> None:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._typing, self._presence)
@@ -111,36 +149,43 @@ class RedisBus:
                 if data.get("from") == self.process_id:
                     continue
                 if item["channel"] == self._typing:
-                    typing(data["user"])
+                    callbacks = self._rooms.get(data.get("room", DEFAULT_ROOM))
+                    if callbacks is not None:  # no hub of that room here: nobody to tell
+                        callbacks.typing(data["user"])
                 else:
                     self._nudge.set()
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()
 
-    async def _beat(self, here: Callable[[], set[str]],
-                    elsewhere: Callable[[frozenset[str]], None]) -> None:
-        """Write this process's users (with a TTL) and read everyone else's: every
-        ``heartbeat`` seconds, and at once when someone says theirs changed."""
-        mine: list[str] | None = None  # after an outage: write and announce again
-        others: frozenset[str] | None = None
+    async def _beat(self) -> None:
+        """Write this process's users room by room (with a TTL) and read everyone else's:
+        every ``heartbeat`` seconds, and at once when a room here or someone elsewhere says
+        theirs changed."""
+        mine: dict[str, list[str]] | None = None  # after an outage: write and announce again
+        self._others.clear()
         for _ in range(1 << 62):  # ends on error or cancel
-            users = sorted(here())
+            rooms = dict(self._rooms)
+            users = {room: sorted(callbacks.here()) for room, callbacks in rooms.items()}
+            users = {room: names for room, names in users.items() if names}
             await self._redis.set(f"{self._presence}:{self.process_id}", json.dumps(users),
                                   px=int(self.presence_ttl * 1000))
             if users != mine:
                 await self._redis.sadd(self._processes, self.process_id)
                 await self._redis.publish(self._presence, json.dumps({"from": self.process_id}))
                 mine = users
-            now = await self._read_presence()
-            if now != others:
-                others = now
-                elsewhere(now)
             self._nudge.clear()
+            now = await self._read_presence()
+            for room, callbacks in rooms.items():
+                theirs = now.get(room, frozenset())
+                if self._rooms.get(room) is callbacks and self._others.get(room) != theirs:
+                    self._others[room] = theirs
+                    callbacks.elsewhere(theirs)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudge.wait(), self.heartbeat)
 
-    async def _read_presence(self) -> frozenset[str]:
+    async def _read_presence(self) -> dict[str, frozenset[str]]:
+        """The users connected to the other processes, room by room."""
         others = [p for p in await self._redis.smembers(self._processes)
                   if p != self.process_id]
         values = await self._redis.mget([f"{self._presence}:{p}" for p in others]) \
@@ -148,9 +193,51 @@ class RedisBus:
         gone = [p for p, value in zip(others, values, strict=True) if value is None]
         if gone:  # expired: that process stopped refreshing (it died)
             await self._redis.srem(self._processes, *gone)
-        return frozenset(u for value in values if value for u in json.loads(value))
+        rooms: dict[str, set[str]] = {}
+        for value in values:
+            if value:
+                held = json.loads(value)
+                if isinstance(held, list):  # a process from before rooms: the default room's
+                    held = {DEFAULT_ROOM: held}
+                for room, users in held.items():
+                    rooms.setdefault(room, set()).update(users)
+        return {room: frozenset(users) for room, users in rooms.items()}
 
     async def _leave(self) -> None:
         await self._redis.delete(f"{self._presence}:{self.process_id}")
         await self._redis.srem(self._processes, self.process_id)
         await self._redis.publish(self._presence, json.dumps({"from": self.process_id}))
+
+
+class RoomBus:
+    """The bus of one room other than the default (:meth:`RedisBus.room`): the same
+    interface, served by the default room's :meth:`RedisBus.run` (its subscription and
+    heartbeat), which must be running for it to carry anything."""
+
+    def __init__(self, bus: RedisBus, name: str) -> None:
+        self.name = name
+        self._bus = bus
+        self._callbacks: _Callbacks | None = None
+
+    def __repr__(self) -> str:
+        return f"<RoomBus {self.name!r} of {self._bus!r}>"
+
+    async def run(self, here: Callable[[], set[str]], typing: Callable[[str], None],
+                  elsewhere: Callable[[frozenset[str]], None]) -> None:
+        """Until cancelled: as :meth:`RedisBus.run`, for this room."""
+        self._callbacks = _Callbacks(here, typing, elsewhere)
+        self._bus._join(self.name, self._callbacks)
+        try:
+            await asyncio.Future()  # until cancelled: the default room's bus does the work
+        finally:
+            await self.close()
+
+    def typing(self, user: str) -> None:
+        self._bus.typing(user, self.name)
+
+    async def close(self) -> None:
+        """Leave: this room's users here drop out of the others' presence at the next beat
+        (the connections are the default room's bus's, closed with it)."""
+        if self._callbacks is not None and self._bus._rooms.get(self.name) is self._callbacks:
+            self._bus._leave_room(self.name)  # (not a later hub's of the same room)
+        self._callbacks = None

@@ -191,3 +191,41 @@ async def test_every_room_resumes_after_redis_restarts_and_after_flushall(
     assert (message.id, message.text, message.room) == (1, "y again", "y")
     for follow in pages.values():
         await follow.aclose()
+
+
+async def test_presence_and_typing_travel_per_room_on_one_bus(make_log):
+    one, two = make_log(), make_log()
+    buses = [one.bus(), two.bus()]
+    assert one.room("x").bus() is None  # a room's bus is a view of the default room's
+    here = [{DEFAULT_ROOM: {"ann"}, "x": {"ada"}, "y": set()},
+            {DEFAULT_ROOM: set(), "x": {"bob"}, "y": {"cy"}}]
+    told: list[dict] = [{}, {}]
+    typed: list[list] = [[], []]
+    tasks = []
+    for i, bus in enumerate(buses):
+        for room in (DEFAULT_ROOM, "x", "y"):
+            view = bus.room(room)
+            assert view.name == room
+            tasks.append(asyncio.ensure_future(view.run(
+                lambda i=i, room=room: here[i][room],
+                lambda user, i=i, room=room: typed[i].append((room, user)),
+                lambda users, i=i, room=room: told[i].__setitem__(room, users))))
+    try:
+        await until(lambda: told[0] == {DEFAULT_ROOM: frozenset(), "x": {"bob"}, "y": {"cy"}}
+                    and told[1] == {DEFAULT_ROOM: {"ann"}, "x": {"ada"}, "y": frozenset()},
+                    what="each room's presence from the other process")
+        buses[0].room("x").typing("ada")
+        buses[1].typing("zed")  # the default room's
+        await until(lambda: typed[1] == [("x", "ada")] and typed[0] == [(DEFAULT_ROOM, "zed")],
+                    what="typing in its room only")
+        here[0]["y"] = {"dee"}
+        await until(lambda: told[1].get("y") == {"dee"}, what="a change in room y")
+        tasks[1].cancel()  # room x's hub on process one goes: ada leaves x elsewhere
+        await until(lambda: told[1].get("x") == frozenset(), what="room x left")
+        assert told[1][DEFAULT_ROOM] == {"ann"}
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for bus in buses:
+            await bus.close()
