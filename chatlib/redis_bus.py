@@ -9,8 +9,9 @@ key (``"chat"`` by default):
   JSON object, room -> users), expiring after ``presence_ttl`` seconds unless its
   heartbeat refreshes it; ``chat:processes`` lists them. Who is in a room is the union; a
   process that dies drops out within ``presence_ttl``.
-* pub/sub channels ``chat:typing`` and ``chat:presence``: typing notices, with their room
-  (ephemeral: at-most-once is right for them), and "my presence changed" nudges.
+* pub/sub channels ``chat:typing``, ``chat:dm`` and ``chat:presence``: typing notices,
+  with their room, and "a direct message was posted" notices (ephemeral: at-most-once is
+  right for them: the message itself is in the log), and "my presence changed" nudges.
 
 Every room of a process shares one bus, as every room shares one log follower: one
 subscription, one heartbeat (one key written and the others' read per beat, whatever the
@@ -68,6 +69,7 @@ class RedisBus:
         self._processes = f"{key}:processes"
         self._typing = f"{key}:typing"
         self._presence = f"{key}:presence"
+        self._dms = f"{key}:dm"
         self._redis = aioredis.Redis.from_url(url, decode_responses=True,
                                               socket_connect_timeout=timeout,
                                               socket_timeout=2 * timeout)
@@ -75,6 +77,9 @@ class RedisBus:
         self._running = False
         self._rooms: dict[str, _Callbacks] = {}  # the rooms whose hubs run (on) this bus
         self._others: dict[str, frozenset[str]] = {}  # what each room's elsewhere was told
+        self.dm_elsewhere: Callable[[str, str], None] | None = None
+        """Called ``(room, sender)`` when a direct message was posted on another process
+        (:meth:`dm`): the server tells its connections of the other user (chatlib.rooms)."""
 
     def __repr__(self) -> str:
         return f"RedisBus({self.url!r}, process_id={self.process_id!r})"
@@ -112,6 +117,16 @@ class RedisBus:
         task = asyncio.ensure_future(self._redis.publish(self._typing, json.dumps(data)))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # ephemeral
 
+    def dm(self, room: str, sender: str) -> None:
+        """Tell the other processes that ``sender`` posted in the room of direct messages
+        ``room`` (at most once, like typing): the other user's connections there hear of
+        it (their :attr:`dm_elsewhere`), though their process does not follow that room."""
+        if not self._running:
+            return
+        payload = json.dumps({"from": self.process_id, "room": room, "user": sender})
+        task = asyncio.ensure_future(self._redis.publish(self._dms, payload))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     async def close(self) -> None:
         """Leave: drop out of the presence list now rather than after ``presence_ttl``."""
         with contextlib.suppress(RedisError, OSError, TimeoutError):
@@ -142,7 +157,7 @@ class RedisBus:
     async def _listen(self) -> None:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self._typing, self._presence)
+            await pubsub.subscribe(self._typing, self._presence, self._dms)
             self._nudge.set()  # (re)subscribed: others may have changed meanwhile
             async for item in pubsub.listen():
                 data = json.loads(item["data"])
@@ -152,6 +167,9 @@ class RedisBus:
                     callbacks = self._rooms.get(data.get("room", DEFAULT_ROOM))
                     if callbacks is not None:  # no hub of that room here: nobody to tell
                         callbacks.typing(data["user"])
+                elif item["channel"] == self._dms:
+                    if self.dm_elsewhere is not None:
+                        self.dm_elsewhere(data["room"], data["user"])
                 else:
                     self._nudge.set()
         finally:

@@ -229,3 +229,25 @@ async def test_presence_and_typing_travel_per_room_on_one_bus(make_log):
         await asyncio.gather(*tasks, return_exceptions=True)
         for bus in buses:
             await bus.close()
+
+
+async def test_a_direct_message_is_told_to_the_other_processes(make_log):
+    one, two = make_log(), make_log()
+    buses = [one.bus(), two.bus()]
+    told: list[list] = [[], []]
+    tasks = []
+    for i, bus in enumerate(buses):
+        bus.dm_elsewhere = lambda room, sender, i=i: told[i].append((room, sender))
+        tasks.append(asyncio.ensure_future(bus.run(set, lambda user: None, lambda users: None)))
+    try:
+        async with asyncio.timeout(T):
+            while not told[1]:  # bounded: until the other process has subscribed
+                buses[0].dm("@ada+bob", "ada")
+                await asyncio.sleep(0.05)
+        assert set(told[1]) == {("@ada+bob", "ada")} and told[0] == []  # not to itself
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for bus in buses:
+            await bus.close()
