@@ -75,8 +75,10 @@ class RedisBus:
                                               socket_timeout=2 * timeout)
         self._nudge = asyncio.Event()
         self._running = False
-        self._rooms: dict[str, _Callbacks] = {}  # the rooms whose hubs run (on) this bus
-        self._others: dict[str, frozenset[str]] = {}  # what each room's elsewhere was told
+        # The hubs running (on) this bus, by room (two, briefly, when two requests made one
+        # room's hub at once), and what each one's elsewhere was last told.
+        self._rooms: dict[str, list[_Callbacks]] = {}
+        self._others: dict[_Callbacks, frozenset[str]] = {}
         self.dm_elsewhere: Callable[[str, str], None] | None = None
         """Called ``(room, sender)`` when a direct message was posted on another process
         (:meth:`dm`): the server tells its connections of the other user (chatlib.rooms)."""
@@ -96,7 +98,8 @@ class RedisBus:
         others change, and ``typing(user)`` when someone types in it on another process.
         The rooms' views (:meth:`room`) are served while this runs."""
         self._running = True
-        self._join(DEFAULT_ROOM, _Callbacks(here, typing, elsewhere))
+        callbacks = _Callbacks(here, typing, elsewhere)
+        self._join(DEFAULT_ROOM, callbacks)
         tasks = [asyncio.ensure_future(self._retrying(self._listen)),
                  asyncio.ensure_future(self._retrying(self._beat))]
         try:
@@ -105,7 +108,7 @@ class RedisBus:
             for task in tasks:
                 task.cancel()
             self._running = False
-            self._leave_room(DEFAULT_ROOM)
+            self._leave_room(DEFAULT_ROOM, callbacks)
 
     def typing(self, user: str, room: str = DEFAULT_ROOM) -> None:
         """Tell the other processes that ``user`` is typing in ``room`` here (at most once)."""
@@ -134,13 +137,16 @@ class RedisBus:
         await self._redis.aclose()
 
     def _join(self, room: str, callbacks: _Callbacks) -> None:
-        self._rooms[room] = callbacks
-        self._others.pop(room, None)  # tell its hub what the others have, at the next beat
-        self._nudge.set()
+        self._rooms.setdefault(room, []).append(callbacks)
+        self._nudge.set()  # tell its hub what the others have, at the next beat
 
-    def _leave_room(self, room: str) -> None:
-        self._rooms.pop(room, None)
-        self._others.pop(room, None)
+    def _leave_room(self, room: str, callbacks: _Callbacks) -> None:
+        held = self._rooms.get(room, [])
+        if callbacks in held:
+            held.remove(callbacks)
+            if not held:
+                del self._rooms[room]
+        self._others.pop(callbacks, None)
         self._nudge.set()  # its users leave the presence the others read
 
     async def _retrying(self, attempt) -> None:
@@ -164,8 +170,8 @@ class RedisBus:
                 if data.get("from") == self.process_id:
                     continue
                 if item["channel"] == self._typing:
-                    callbacks = self._rooms.get(data.get("room", DEFAULT_ROOM))
-                    if callbacks is not None:  # no hub of that room here: nobody to tell
+                    # No hub of that room here: nobody to tell.
+                    for callbacks in self._rooms.get(data.get("room", DEFAULT_ROOM), ()):
                         callbacks.typing(data["user"])
                 elif item["channel"] == self._dms:
                     if self.dm_elsewhere is not None:
@@ -183,8 +189,9 @@ class RedisBus:
         mine: dict[str, list[str]] | None = None  # after an outage: write and announce again
         self._others.clear()
         for _ in range(1 << 62):  # ends on error or cancel
-            rooms = dict(self._rooms)
-            users = {room: sorted(callbacks.here()) for room, callbacks in rooms.items()}
+            rooms = {room: list(held) for room, held in self._rooms.items()}
+            users = {room: sorted(set().union(*(callbacks.here() for callbacks in held)))
+                     for room, held in rooms.items()}
             users = {room: names for room, names in users.items() if names}
             await self._redis.set(f"{self._presence}:{self.process_id}", json.dumps(users),
                                   px=int(self.presence_ttl * 1000))
@@ -194,11 +201,13 @@ class RedisBus:
                 mine = users
             self._nudge.clear()
             now = await self._read_presence()
-            for room, callbacks in rooms.items():
+            for room, held in rooms.items():
                 theirs = now.get(room, frozenset())
-                if self._rooms.get(room) is callbacks and self._others.get(room) != theirs:
-                    self._others[room] = theirs
-                    callbacks.elsewhere(theirs)
+                for callbacks in held:
+                    if callbacks in self._rooms.get(room, ()) and \
+                            self._others.get(callbacks) != theirs:
+                        self._others[callbacks] = theirs
+                        callbacks.elsewhere(theirs)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudge.wait(), self.heartbeat)
 
@@ -256,6 +265,6 @@ class RoomBus:
     async def close(self) -> None:
         """Leave: this room's users here drop out of the others' presence at the next beat
         (the connections are the default room's bus's, closed with it)."""
-        if self._callbacks is not None and self._bus._rooms.get(self.name) is self._callbacks:
-            self._bus._leave_room(self.name)  # (not a later hub's of the same room)
+        if self._callbacks is not None:
+            self._bus._leave_room(self.name, self._callbacks)
         self._callbacks = None
