@@ -18,6 +18,7 @@ from log_fixtures import LOGS
 from websockets.asyncio.client import connect as ws_connect
 
 from chatlib import Limits
+from chatlib.store import DEFAULT_ROOM
 from chatlib.wire import SSEParser
 
 T = 15.0
@@ -34,10 +35,11 @@ def chat(make_any_log, start_chat):
     return make
 
 
-async def post_many(server, count: int) -> None:
+async def post_many(server, count: int, room: str | None = None) -> None:
     async with httpx.AsyncClient() as http:
         for i in range(count):
             response = await http.post(server.url + "api/messages",
+                                       params={"room": room} if room else {},
                                        json={"user": "bob", "text": f"m{i + 1}"})
             assert response.status_code == 201
 
@@ -107,17 +109,28 @@ async def test_a_resume_within_retention_gets_everything_after_its_cursor(
     assert summary(await ws_events(server, {"after": 3}, has_message(12))) == list(range(4, 13))
 
 
+@pytest.mark.parametrize("room", [None, "lab"])
 @pytest.mark.parametrize("kind", LOGS)
-async def test_a_cursor_older_than_retention_gets_a_gap(chat, kind):
+async def test_a_cursor_older_than_retention_gets_a_gap(chat, kind, room):
+    """Per room too (issue 23): a room's retention and gap are its own; the default
+    room, with one message, keeps it."""
     server = await chat(kind, **({"max_len": 10} if kind == "redis" else {"max_messages": 10}))
-    await post_many(server, 30)
-    first = await server.log.first_id()
+    if room:
+        await post_many(server, 1)
+    await post_many(server, 30, room)
+    first = await server.log.room(room or DEFAULT_ROOM).first_id()
     assert 20 <= first <= 22  # 90-100 % of the cap kept
     expected = [("gap", first), *range(first, 31)]
-    assert summary(await ws_events(server, {"after": 2}, has_message(30))) == expected
-    assert summary(await sse_events(server, "after=2", has_message(30))) == expected
+    in_room = {"room": room} if room else {}
+    query = f"room={room}&" if room else ""
+    assert summary(await ws_events(server, {"after": 2, **in_room}, has_message(30))) \
+        == expected
+    assert summary(await sse_events(server, query + "after=2", has_message(30))) == expected
     async with httpx.AsyncClient() as http:
-        body = (await http.get(server.url + "api/messages?after=2")).json()
+        body = (await http.get(server.url + f"api/messages?{query}after=2")).json()
+        if room:
+            assert [m["id"] for m in (await http.get(server.url + "api/messages?after=0")
+                                      ).json()["messages"]] == [1]
     assert body["gap"] == {"first_id": first}
     assert [m["id"] for m in body["messages"]] == list(range(first, first + 5))
 

@@ -1,6 +1,6 @@
 """Rooms (issue 23; chatlib.rooms, /work/wt/rooms-api.md): a message belongs to one room,
 and a client never sees another room's messages, presence or typing, on any transport,
-on the memory and SQLite logs, also when it resumes (WebSocket ``join`` with ``after``,
+on the memory, SQLite and Redis logs, also when it resumes (WebSocket ``join`` with ``after``,
 SSE ``Last-Event-ID``, the long-poll cursor). The default room is what the chat was
 before rooms: its frames carry no ``room``."""
 
@@ -21,7 +21,7 @@ from chatlib.wire import SSEParser
 
 T = 15.0
 LIMITS = Limits(history=5, rate=1000, burst=1000, presence_interval=0)
-KINDS = ("memory", "sqlite")
+KINDS = ("memory", "sqlite", "redis")
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ async def test_each_room_is_a_log_of_its_own(make_any_log, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_retention_is_per_room(make_any_log, kind):
-    log = await make_any_log(kind, max_messages=10)
+    log = await make_any_log(kind, **{"max_len" if kind == "redis" else "max_messages": 10})
     busy, quiet = log.room("busy"), log.room("quiet")
     await quiet.append("ada", "kept")
     for i in range(30):
