@@ -415,6 +415,53 @@ async def test_rooms_nobody_is_in_are_dropped(chat):
         assert [m["text"] for m in answer["messages"]] == ["hi"]
 
 
+async def test_webtransport_sessions_join_rooms_as_websockets_do(chat):
+    from test_webtransport import Probe
+
+    server = await chat("memory", webtransport=True)
+    ws = await hello(server, "bob", room="b")
+    probe = Probe()
+    status, error = await probe.session.open(server.wt_url, server.wt_hash)
+    assert status == 200, error
+    lines = probe.lines
+
+    def line(**fields) -> int:
+        probe.session.send(json.dumps(fields).encode() + b"\n")
+        return len(lines)
+
+    def typed(kind: str, **fields):
+        return lambda: [f for f in lines if f["type"] == kind
+                        and all(f.get(k) == v for k, v in fields.items())]
+
+    try:
+        async with httpx.AsyncClient(timeout=T) as http:
+            line(type="hello", user="ada", room="a")
+            await wait_until(lambda: "a" in server.rooms.hubs
+                             and server.rooms.hubs["a"].subscribed)
+            line(type="join", room="b", after=0)
+            await probe.until(typed("joined", room="b"))
+            await post(http, server, "to lobby")
+            await post(http, server, "to a", "a")
+            line(type="message", room="b", text="from ada")
+            await probe.until(typed("message", text="from ada"))
+            assert [(f["text"], f["room"]) for f in lines if f["type"] == "message"] == [
+                ("to a", "a"), ("from ada", "b")]
+            got = await frames_until(ws, text_is("from ada"))
+            assert [(f["text"], f["room"]) for f in got] == [("from ada", "b")]
+            # a typing datagram names its room, as the WebSocket's frame does
+            probe.session.send_datagram(json.dumps({"type": "typing", "room": "b"}).encode())
+            got = await frames_until(ws, lambda f: f["type"] == "typing", ("typing",))
+            assert got == [{"type": "typing", "user": "ada", "room": "b"}]
+            line(type="leave", room="b")
+            await probe.until(typed("left", room="b"))
+            line(type="message", room="b", text="gone")
+            error = await probe.until(typed("error", room="b"))
+            assert "join it first" in error[0]["error"]
+    finally:
+        await probe.session.close()
+        await ws.close()
+
+
 async def wait_until(condition, timeout: float = T) -> None:
     async with asyncio.timeout(timeout):
         while not condition():  # bounded by the timeout

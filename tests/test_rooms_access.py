@@ -24,6 +24,7 @@ from test_webtransport import Probe
 from websockets.asyncio.client import connect as ws_connect
 
 from chatlib import ChatServer, Limits
+from chatlib.wire import SSEParser
 
 T = 15.0
 LIMITS = Limits(rate=1000, burst=1000, presence_interval=0)
@@ -290,3 +291,29 @@ def test_cli_private_rooms_and_user_tokens(capsys):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(5)
         process.stdout.close()
+
+
+async def test_an_event_stream_hears_of_direct_messages(tokens):
+    server, token = tokens
+    async with httpx.AsyncClient(timeout=T) as http:
+        parser = SSEParser()
+        async with http.stream("GET", server.url + "api/events",
+                               headers=bearer(token["bob"])) as stream:
+            assert stream.status_code == 200
+            await wait_for(lambda: server.hub.subscribed)
+            answer = await http.post(server.url + "api/messages", params={"room": DM},
+                                     headers=bearer(token["ada"]),
+                                     json={"user": "ada", "text": "psst"})
+            assert answer.status_code == 201
+            async with asyncio.timeout(T):
+                async for chunk in stream.aiter_bytes():
+                    events = [e for e in parser.feed(chunk) if e.event == "dm"]
+                    if events:
+                        break
+            assert json.loads(events[0].data) == {"room": DM, "from": "ada"}
+
+
+async def wait_for(condition) -> None:
+    async with asyncio.timeout(T):
+        while not condition():  # bounded by the timeout
+            await asyncio.sleep(0.005)
