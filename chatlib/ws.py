@@ -137,7 +137,10 @@ class Member:
             if self.closed:
                 return
             if announce:
-                await self.send(wire.ws_event("joined", {"room": room}))
+                try:
+                    await self.send(wire.ws_event("joined", {"room": room}))
+                except (WebSocketDisconnect, RuntimeError, OSError):
+                    return  # gone: the reader sees the disconnect and cleans up
             outbox = hub.subscribe(self.outbox())
             self.rooms[room] = (hub, outbox, self.writer(hub, outbox, resume))
 
