@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +59,29 @@ def server_side_states(server_port: int, client_ports: set[int]) -> dict[int, st
                 if port in client_ports and state != "06":
                     found[port] = state
     return found
+
+
+@contextlib.contextmanager
+def serve_cli(*args: str) -> Iterator[str]:
+    """``python -m chatlib serve --port 0 ARGS``, in a process group of its own, ended
+    (SIGTERM, then SIGKILL) on exit; yields the line that says where it serves."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatlib", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        cwd=Path(__file__).parent.parent)
+    try:
+        line = ""
+        for _ in range(50):  # a few lines of output at most before the link
+            line = process.stdout.readline()
+            if "serving on" in line or not line:
+                break
+        yield line
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+        process.stdout.close()

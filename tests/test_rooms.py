@@ -44,6 +44,14 @@ async def post(http: httpx.AsyncClient, server, text: str, room: str | None = No
     return response.json()
 
 
+async def seed(http: httpx.AsyncClient, server, *rooms: str | None) -> None:
+    """Messages 1 to 3 of each of ``rooms`` (None: the default room), interleaved:
+    ``a1``, ``b1``, ``a2`` ... (``lobby1`` for the default room)."""
+    for i in range(1, 4):
+        for room in rooms:
+            await post(http, server, f"{room or 'lobby'}{i}", room)
+
+
 async def frames_until(ws, done, kinds=("message",)) -> list[dict]:
     """Frames of ``kinds`` until ``done(frame)`` (that one included)."""
     frames = []
@@ -197,10 +205,7 @@ async def test_websocket_clients_see_only_their_rooms(chat, kind):
 async def test_websocket_join_resumes_after_that_rooms_cursor(chat, kind):
     server = await chat(kind)
     async with httpx.AsyncClient(timeout=T) as http:
-        for i in range(1, 4):
-            await post(http, server, f"a{i}", "a")
-            await post(http, server, f"lobby{i}")
-            await post(http, server, f"b{i}", "b")
+        await seed(http, server, "a", None, "b")
         ws = await hello(server, "ada", after=3)  # the default room: nothing new
         try:
             await ws.send(json.dumps({"type": "join", "room": "a", "after": 1}))
@@ -323,9 +328,7 @@ async def test_presence_and_typing_are_per_room(chat):
 async def test_polls_read_one_room_with_its_cursor(chat, kind):
     server = await chat(kind)
     async with httpx.AsyncClient(timeout=T) as http:
-        for i in range(1, 4):
-            await post(http, server, f"a{i}", "a")
-            await post(http, server, f"b{i}", "b")
+        await seed(http, server, "a", "b")
         answer = (await http.get(server.url + "api/messages",
                                  params={"room": "a", "after": 1})).json()
         assert [m["text"] for m in answer["messages"]] == ["a2", "a3"]
@@ -355,9 +358,7 @@ async def test_polls_read_one_room_with_its_cursor(chat, kind):
 async def test_sse_streams_one_room_and_resumes_in_it(chat, kind):
     server = await chat(kind)
     async with httpx.AsyncClient(timeout=T) as http:
-        for i in range(1, 4):
-            await post(http, server, f"a{i}", "a")
-            await post(http, server, f"b{i}", "b")
+        await seed(http, server, "a", "b")
 
         async def stream(headers: dict, until: str) -> list:
             events = []

@@ -8,18 +8,13 @@ stays), close 1008 for a hello naming it. Never a silent empty answer."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 from functools import partial
-from pathlib import Path
 
 import httpx
 import pytest
+from helpers import serve_cli
 from test_webtransport import Probe
 from websockets.asyncio.client import connect as ws_connect
 
@@ -252,17 +247,7 @@ def test_cli_private_rooms_and_user_tokens(capsys):
 
     main(["user-token", "--token", "s3cret", "ａｄａ", "--room", "staff"])
     minted = capsys.readouterr().out.strip()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "chatlib", "serve", "--port", "0", "--token", "s3cret",
-         "--private-room", "staff", "--max-rooms", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        cwd=Path(__file__).parent.parent)
-    try:
-        line = ""
-        for _ in range(50):  # a few lines of output at most before the link
-            line = process.stdout.readline()
-            if "serving on" in line or not line:
-                break
+    with serve_cli("--token", "s3cret", "--private-room", "staff", "--max-rooms", "5") as line:
         match = re.search(r"serving on (http://\S+/)", line)
         assert match, line
         base = match.group(1).rsplit("/t/", 1)[0] + "/"
@@ -282,15 +267,6 @@ def test_cli_private_rooms_and_user_tokens(capsys):
                             headers=bearer("s3cret"), json={"user": "x", "text": "y"},
                             timeout=10)
         assert answer.status_code == 429 and "rooms" in answer.json()["error"]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
-        process.stdout.close()
 
 
 async def test_an_event_stream_hears_of_direct_messages(tokens):

@@ -9,18 +9,12 @@ on a WebSocket handshake or an EventSource).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 import pytest
 from conftest import TRANSPORTS
-from helpers import needs_chromium
+from helpers import needs_chromium, serve_cli
 from test_proxy import jupyter  # noqa: F401  (a module fixture: a real Jupyter server)
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -250,31 +244,13 @@ def test_a_token_that_cannot_go_in_a_url_or_cookie_is_refused(bad):
 
 def test_cli_token(tmp_path):
     """``chatlib serve --token T`` prints the link with the token; without it: 401."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "chatlib", "serve", "--port", "0", "--token", TOKEN],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        cwd=Path(__file__).parent.parent)
-    try:
-        line = ""
-        for _ in range(50):  # a few lines of output at most before the link
-            line = process.stdout.readline()
-            if "serving on" in line or not line:
-                break
+    with serve_cli("--token", TOKEN) as line:
         match = re.search(r"serving on (http://\S+/)\?token=(\S+)", line)
         assert match, line
         url, printed = match.groups()
         assert printed == TOKEN
         assert httpx.get(url + "api/presence", timeout=10).status_code == 401
         assert httpx.get(f"{url}api/presence?token={TOKEN}", timeout=10).status_code == 200
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
-        process.stdout.close()
 
 
 # -- through jupyter-server-proxy -------------------------------------------------------
