@@ -14,6 +14,17 @@ the ``ack`` frame, or the message itself coming back), and returns the stored
 ``pending``; ``reconnect()`` (and ``connect()``) sends everything pending again, in order,
 with the same ``client_id``, and the server stores each one once.
 
+Rooms (chatlib.wire has their frames): every client takes ``room=`` (default: the server's
+default room, ``chatlib.store.DEFAULT_ROOM``, whose frames and URLs are exactly those of a
+chat without rooms). An HTTP client (poll, long poll, SSE) reads and posts in that one room:
+make one client per room. A WebSocket or WebTransport client starts in it and can
+:meth:`~Client.join` and :meth:`~Client.leave` more; it keeps one cursor per room
+(:attr:`Client.cursors`; ``last_id`` is its first room's), resumes each room after its own
+cursor on ``reconnect()``, and :meth:`~Client.send` takes ``room=``. Each received
+:class:`Message` says its ``room``. A direct message goes to the room
+:func:`chatlib.wire.dm_room` names; a ``dm`` event (see ``on_event`` and :attr:`Client.dms`)
+tells a user that someone wrote to them.
+
 ``token=`` is for a server started with one (``ChatServer(token=...)``): it goes in an
 ``Authorization: Bearer`` header, on every request and on the WebSocket handshake.
 
@@ -32,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import unicodedata
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -44,7 +56,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from . import wire
 from .closecode import read_close_reason
-from .store import Message
+from .store import DEFAULT_ROOM, Message
 
 
 @dataclass
@@ -137,16 +149,22 @@ class Client:
 
     transport = "?"
 
-    def __init__(self, url: str, user: str, *, after: int = 0, token: str | None = None,
-                 ack_timeout: float = 10.0) -> None:
+    def __init__(self, url: str, user: str, *, after: int = 0, room: str | None = None,
+                 token: str | None = None, ack_timeout: float = 10.0) -> None:
         self.url = url if url.endswith("/") else url + "/"
         self.user = user
+        self.room = unicodedata.normalize("NFKC", room).strip() if room else DEFAULT_ROOM
+        """The room this client starts in (``after`` is its cursor there)."""
+        self.cursors: dict[str, int] = {self.room: after}
+        """The rooms this client is in, each with its cursor (the newest id received)."""
+        self.dms: set[str] = set()
+        """DM rooms someone wrote to us in (``dm`` events); join one to read it."""
         self.token = token
         self.ack_timeout = ack_timeout
         """Seconds ``send`` waits for the server's acknowledgement (WebSocket)."""
         self.pending: dict[str, str] = {}
         """Sent but not acknowledged yet: ``client_id -> text``, oldest first."""
-        self.last_id = after
+        self._pending_rooms: dict[str, str] = {}  # client_id -> its room, if not self.room
         self.stats = Stats()
         self.presence: list[str] = []
         """Who is here (the server sends at most Limits.presence_names names) ..."""
@@ -159,8 +177,64 @@ class Client:
         """Called with ``(type, data)`` for every event that is not a message."""
         self._inbox: deque[Message] = deque()
         self._acked: dict[str, asyncio.Future[Message]] = {}  # sends waiting for their ack
+        self._joining: dict[str, asyncio.Future[None]] = {}  # joins waiting for `joined`
         self.backoff = Backoff()
         """How :meth:`come_back` waits when the server gave no delay."""
+
+    @property
+    def last_id(self) -> int:
+        """The cursor of :attr:`room`: the newest id received there."""
+        return self.cursors[self.room]
+
+    @last_id.setter
+    def last_id(self, value: int) -> None:
+        self.cursors[self.room] = value
+
+    def _room_query(self, room: str | None = None, **params) -> str:
+        """``params`` as a query string (``?...``, or "" if none), with ``room=`` unless
+        the room is the default one (whose URLs stay those of a chat without rooms)."""
+        room = room or self.room
+        if room != DEFAULT_ROOM:
+            params["room"] = room
+        return "?" + urlencode(params) if params else ""
+
+    async def join(self, room: str, after: int = 0) -> None:
+        """Join ``room`` too (WebSocket, WebTransport) and receive its messages after
+        ``after`` (0: its newest page). Returns once the server confirmed (``joined``); a
+        refusal (403 a room we may not read, 429 too many rooms, 400 a bad name) raises
+        :class:`ChatRefused`, and the client is not in that room. Not connected yet: the
+        room is joined by :meth:`connect`."""
+        room = unicodedata.normalize("NFKC", room).strip()  # as the server names it
+        self.cursors.setdefault(room, after)
+        if not self.connected:
+            return
+        waiting = self._joining[room] = asyncio.get_running_loop().create_future()
+        try:
+            await self._control(wire.ws_join(room, self.cursors[room]))
+            await self._wait(waiting)
+        finally:
+            self._joining.pop(room, None)
+        waiting.result()
+
+    async def leave(self, room: str) -> None:
+        """Stop receiving ``room``'s messages (not the room this client started in)."""
+        if room == self.room:
+            raise ValueError(f"a client cannot leave its first room ({room!r})")
+        if self.cursors.pop(room, None) is not None and self.connected:
+            await self._control(wire.ws_leave(room))
+
+    async def _control(self, frame: str) -> None:
+        raise TypeError(f"a {self.transport} client is in one room: make one client per room")
+
+    async def _wait(self, waiting: asyncio.Future) -> None:
+        """Until ``waiting`` is done (events are handled meanwhile), at most ack_timeout."""
+        raise NotImplementedError
+
+    async def _rejoin(self) -> None:
+        """After (re)connecting: join every other room again, each after its cursor."""
+        for room, after in list(self.cursors.items()):
+            if room != self.room:
+                await self._control(wire.ws_join(room, after))
 
     async def __aenter__(self):
         await self.connect()
@@ -205,8 +279,10 @@ class Client:
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    async def send(self, text: str, client_id: str | None = None) -> Message:
-        """Send a message and return it as stored, once the server has acknowledged it.
+    async def send(self, text: str, client_id: str | None = None, *,
+                   room: str | None = None) -> Message:
+        """Send a message (to ``room``, default :attr:`room`) and return it as stored, once
+        the server has acknowledged it.
 
         ``client_id`` defaults to a fresh UUID. The message stays in :attr:`pending` if
         the connection fails before the acknowledgement (the error is raised): the next
@@ -218,6 +294,8 @@ class Client:
         if not self.connected:
             await self.connect()  # before it is pending: connect() sends what is pending
         self.pending[client_id] = text
+        if room is not None and room != self.room:
+            self._pending_rooms[client_id] = room
         return await self._send_pending(client_id, text)
 
     @property
@@ -226,6 +304,17 @@ class Client:
 
     async def _send_pending(self, client_id: str, text: str) -> Message:
         raise NotImplementedError
+
+    def _room_of(self, client_id: str) -> str:
+        return self._pending_rooms.get(client_id, self.room)
+
+    def event_room(self, data: dict) -> str:
+        """The room an event is about: its ``room`` field, absent for the default room."""
+        return data.get("room", DEFAULT_ROOM)
+
+    def _wire_room(self, room: str) -> str | None:
+        """``room`` as the frames carry it: None for the default room (no field)."""
+        return None if room == DEFAULT_ROOM else room
 
     async def _resend(self) -> None:
         """After (re)connecting: send every pending message again, oldest first."""
@@ -239,6 +328,7 @@ class Client:
         if client_id in self.pending:
             if not 500 <= error.status < 600:
                 del self.pending[client_id]
+                self._pending_rooms.pop(client_id, None)
             waiting = self._acked.pop(client_id, None)
             if waiting is not None and not waiting.done():
                 waiting.set_exception(error)
@@ -246,12 +336,14 @@ class Client:
     def _acknowledged(self, message: Message) -> None:
         """``message`` (ours) is stored: it is no longer pending."""
         self.pending.pop(message.client_id, None)
+        self._pending_rooms.pop(message.client_id, None)
         waiting = self._acked.pop(message.client_id, None)
         if waiting is not None and not waiting.done():
             waiting.set_result(message)
 
     async def receive(self, timeout: float | None = None) -> Message:
-        """The next message after ``last_id``; ``TimeoutError`` if none within ``timeout``."""
+        """The next message (after its room's cursor); ``TimeoutError`` if none within
+        ``timeout``."""
         async with asyncio.timeout(timeout):
             while not self._inbox:  # each round waits on the network, bounded by timeout
                 await self._fetch()
@@ -269,16 +361,20 @@ class Client:
         message = wire.message(data)
         if message.client_id in self.pending and message.user == self.user:
             self._acknowledged(message)  # ours came back (its ack may have been lost)
-        if message.id > self.last_id:  # never deliver one twice
-            self.last_id = message.id
+        room = self.event_room(data)
+        cursor = self.cursors.get(room)
+        if cursor is not None and message.id > cursor:  # never deliver one twice
+            self.cursors[room] = message.id
             self.stats.messages += 1
             self._inbox.append(message)
 
-    def _reset(self) -> None:
-        """The server's log was replaced (it restarted without a database): start over."""
+    def _reset(self, room: str = DEFAULT_ROOM) -> None:
+        """The server's log of ``room`` was replaced (it restarted without a database):
+        start over in that room."""
         self.resets += 1
-        self.last_id = 0
-        self._inbox.clear()
+        if room in self.cursors:
+            self.cursors[room] = 0
+        self._inbox = deque(m for m in self._inbox if m.room != room)
 
     def _handle(self, kind: str, data: dict) -> None:
         """One event from the server, whatever the transport."""
@@ -288,7 +384,7 @@ class Client:
             return
         if kind == "ack":
             self._acknowledged(wire.message(data))
-        elif kind == "presence":
+        elif kind == "presence" and self.event_room(data) == self.room:
             self.presence = data["users"]
             self.presence_count = data.get("count", len(self.presence))
         elif kind == "typing":
@@ -296,8 +392,19 @@ class Client:
         elif kind == "error":
             self.errors.append(data["error"])
             self._refused(data.get("client_id"), ChatRefused(data.get("status", 0), data["error"]))
+            if data.get("client_id") is None and data.get("room", self.room) != self.room:
+                self.cursors.pop(data["room"], None)  # a refused join: not in that room
+                waiting = self._joining.get(data["room"])
+                if waiting is not None and not waiting.done():
+                    waiting.set_exception(ChatRefused(data.get("status", 0), data["error"]))
+        elif kind == "joined":
+            waiting = self._joining.get(data.get("room"))
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None)
         elif kind == "reset":
-            self._reset()
+            self._reset(self.event_room(data))
+        elif kind == "dm" and isinstance(data.get("room"), str):
+            self.dms.add(data["room"])
         if self.on_event is not None:
             self.on_event(kind, data)
 
@@ -335,7 +442,8 @@ class HTTPClient(Client):
     async def _join(self) -> None:
         """Join the presence list (POST-only: a GET names no one), at most every JOIN_EVERY s."""
         if self.user and time.monotonic() - self._joined >= self.JOIN_EVERY:
-            response = await self._post("api/presence", {"user": self.user})
+            response = await self._post("api/presence" + self._room_query(),
+                                        {"user": self.user})
             response.raise_for_status()
             self._joined = time.monotonic()
 
@@ -369,7 +477,7 @@ class HTTPClient(Client):
 
     async def _send_pending(self, client_id: str, text: str) -> Message:
         """POST the message; the answer (201, or 200 for a repeat) is the stored message."""
-        response = await self._post("api/messages",
+        response = await self._post("api/messages" + self._room_query(self._room_of(client_id)),
                                     {"user": self.user, "text": text, "client_id": client_id})
         if response.status_code not in (200, 201):
             body = response.json()
@@ -381,8 +489,11 @@ class HTTPClient(Client):
         self._acknowledged(message)
         return message
 
-    async def send_typing(self) -> None:
-        await self._post("api/typing", {"user": self.user})
+    async def send_typing(self, room: str | None = None) -> None:
+        await self._post("api/typing" + self._room_query(room), {"user": self.user})
+
+    def event_room(self, data: dict) -> str:
+        return self.room  # one room per HTTP client: every event is about it
 
     async def _poll(self, wait: float) -> int:
         """One GET of the messages after our cursor; returns how many arrived."""
@@ -390,7 +501,7 @@ class HTTPClient(Client):
         params = {"after": self.last_id, "user": self.user}
         if wait:
             params["wait"] = wait
-        response = await self._request("GET", "api/messages?" + urlencode(params))
+        response = await self._request("GET", "api/messages" + self._room_query(**params))
         response.raise_for_status()
         body = wire.loads(response.content)
         if body.get("reset"):
@@ -471,10 +582,10 @@ class SSEClient(HTTPClient):
 
     async def connect(self) -> None:
         await super().connect()
-        query = urlencode({"after": self.last_id, "user": self.user})
+        query = self._room_query(after=self.last_id, user=self.user)
         # Say what we want, as EventSource does: jupyter-server-proxy streams a response
         # only to a request with exactly this Accept (it buffers any other until it ends).
-        request = self._http.build_request("GET", urljoin(self.url, "api/events?" + query),
+        request = self._http.build_request("GET", urljoin(self.url, "api/events" + query),
                                            headers={"Accept": "text/event-stream"})
         self._stream = await self._http.send(request, stream=True)
         if self._stream.status_code != 200:
@@ -539,7 +650,9 @@ class WebSocketClient(Client):
                                    compression=None, open_timeout=10,
                                    additional_headers=self._auth)
         self.stats.requests += 1
-        await self._send_frame(wire.ws_hello(self.user, self.last_id))
+        await self._send_frame(wire.ws_hello(self.user, self.last_id,
+                                             self._wire_room(self.room)))
+        await self._rejoin()
         await self._resend()
 
     @property
@@ -564,20 +677,27 @@ class WebSocketClient(Client):
         waiting = self._acked.get(client_id)
         if waiting is None:
             waiting = self._acked[client_id] = asyncio.get_running_loop().create_future()
-        await self._send_frame(wire.ws_post(text, client_id))
+        await self._send_frame(wire.ws_post(text, client_id,
+                                            self._wire_room(self._room_of(client_id))))
         try:
-            async with asyncio.timeout(self.ack_timeout):
-                while not waiting.done():  # each round reads one frame, bounded by the timeout
-                    async with self._reading:  # or waits while receive() reads one
-                        if not waiting.done():
-                            await self._read_frame()
+            await self._wait(waiting)
         finally:
             if not waiting.done():
                 self._acked.pop(client_id, None)
         return waiting.result()
 
-    async def send_typing(self) -> None:
-        await self._send_frame(wire.WS_TYPING)
+    async def _wait(self, waiting: asyncio.Future) -> None:
+        async with asyncio.timeout(self.ack_timeout):
+            while not waiting.done():  # each round reads one frame, bounded by the timeout
+                async with self._reading:  # or waits while receive() reads one
+                    if not waiting.done():
+                        await self._read_frame()
+
+    async def send_typing(self, room: str | None = None) -> None:
+        await self._send_frame(wire.ws_typing(self._wire_room(room or self.room)))
+
+    async def _control(self, frame: str) -> None:
+        await self._send_frame(frame)
 
     async def _fetch(self) -> None:
         if self.ws is None:
@@ -652,7 +772,8 @@ class WebTransportClient(Client):
             raise ChatRefused(status, error)
         self.setup_time = time.perf_counter() - started
         self.stats.requests += 1
-        self._send_line(wire.ws_hello(self.user, self.last_id))
+        self._send_line(wire.ws_hello(self.user, self.last_id, self._wire_room(self.room)))
+        await self._rejoin()
         await self._resend()
 
     @property
@@ -676,7 +797,7 @@ class WebTransportClient(Client):
         waiting = self._acked.get(client_id)
         if waiting is None:
             waiting = self._acked[client_id] = asyncio.get_running_loop().create_future()
-        self._send_line(wire.ws_post(text, client_id))
+        self._send_line(wire.ws_post(text, client_id, self._wire_room(self._room_of(client_id))))
         try:
             async with asyncio.timeout(self.ack_timeout):
                 return await asyncio.shield(waiting)
@@ -684,9 +805,16 @@ class WebTransportClient(Client):
             if not waiting.done():
                 self._acked.pop(client_id, None)
 
-    async def send_typing(self) -> None:
+    async def send_typing(self, room: str | None = None) -> None:
         """A typing notice, as a datagram (it may be lost)."""
-        self._session.send_datagram(wire.WS_TYPING.encode())
+        self._session.send_datagram(wire.ws_typing(self._wire_room(room or self.room)).encode())
+
+    async def _control(self, frame: str) -> None:
+        self._send_line(frame)
+
+    async def _wait(self, waiting: asyncio.Future) -> None:
+        async with asyncio.timeout(self.ack_timeout):
+            await asyncio.shield(waiting)
 
     async def _fetch(self) -> None:
         if not self.connected:
@@ -709,7 +837,7 @@ class WebTransportClient(Client):
     def _ended(self, code: int | None, reason: str) -> None:
         """The session ended: a pending send fails (its message stays pending)."""
         self.close_code, self.close_reason = code, reason
-        for waiting in self._acked.values():
+        for waiting in [*self._acked.values(), *self._joining.values()]:
             if not waiting.done():
                 waiting.set_exception(SessionClosed(code, reason))
         self._acked.clear()
