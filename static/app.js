@@ -24,6 +24,24 @@
 // (data-state "pending", then "sent", or "failed") until the stored message
 // itself arrives and takes its place as an ordinary li.message.
 //
+// Rooms (the frames and parameters are chatlib/wire.py's): the page is in the default room (DEFAULT_ROOM, whose frames and
+// URLs are exactly those of a chat without rooms) and in any room joined by name from the room
+// list, or a DM room started by clicking a name under "Online" (or opened by the other person:
+// a `dm` event). Each room keeps its own rows, cursor, older-page marker and shown ids
+// (state.rooms); the one on screen is state.room. How each transport follows them:
+//   webtransport, ws  one connection for every room: `hello` (the default room), then one
+//                     `join {room, after}` per other room, each after its own cursor; other
+//                     rooms' messages arrive live and count as unread.
+//   sse, longpoll, poll  one stream (or poll) of the room on screen, `?room=`; switching
+//                     rooms opens the other room's, resuming after its cursor. Unread counts
+//                     of the other rooms come from `GET api/rooms` (each room's last id) every
+//                     ROOMS_REFRESH_MS: ids are per room, so last_id - seen is exactly how
+//                     many arrived since. One stream per room instead would hold one of the
+//                     browser's 6 HTTP/1.1 connections per origin each: five rooms and the
+//                     page could no longer POST.
+// A room the server refuses (private, too many rooms) is dropped from the list with a
+// notice saying why, never silently.
+//
 // Security: nicknames and texts are data, never markup. The DOM is built with
 // createElement + textContent only; there is no innerHTML anywhere in this file.
 'use strict';
@@ -53,6 +71,8 @@
   // gives up, many minutes later. ?watchdog_ms= shortens the period (tests use it).
   const WATCHDOG_EVERY_MS = Number(new URLSearchParams(location.search).get('watchdog_ms')) || 15000;
   const WATCHDOG_DEADLINE_MS = Math.min(5000, WATCHDOG_EVERY_MS);
+  const DEFAULT_ROOM = 'lobby';      // chatlib.store.DEFAULT_ROOM: no `room` on its frames
+  const ROOMS_REFRESH_MS = 5000;    // HTTP transports: other rooms' last ids, for unread counts
   const LATENCY_SAMPLES = 200;      // the running median covers the last N messages
   const NICK_KEY = 'chat.nick';          // localStorage: the nick last joined with
   const TAB_NICK_KEY = 'chat.tab-nick';  // sessionStorage: this tab's nick (kept on reload)
@@ -66,6 +86,7 @@
     notice: $('notice'), noticeText: $('notice-text'), noticeClose: $('notice-close'),
     messages: $('messages'), presence: $('presence'), presenceCount: $('presence-count'),
     typing: $('typing'), composer: $('composer'), input: $('message-input'), send: $('send'),
+    rooms: $('rooms'), roomForm: $('room-form'), roomName: $('room-name'), dmNote: $('dm-note'),
   };
 
   // ---- state ------------------------------------------------------------------
@@ -82,10 +103,10 @@
     failedTries: 0,        // connections since the last success that never opened
     wtMisses: 0,           // webtransport sessions in a row that did not open, server up
     reconnectTimer: null,
-    lastId: 0,             // cursor: newest message id shown
-    before: 0,             // older messages exist below this id (the `history` marker); 0: none
-    loadingOlder: false,   // a page of older messages is on its way
-    shown: new Set(),      // ids on screen, so redeliveries are ignored
+    rooms: new Map(),      // name -> room (newRoom): every room the page is in
+    room: DEFAULT_ROOM,    // the room on screen
+    previousRoom: DEFAULT_ROOM, // where to go back to if the room on screen is refused or left
+    left: new Set(),       // rooms the person left
     own: new Map(),        // client_id -> own message not shown yet: {text, user, t0, el, state}
     inFlight: null,        // the own message on its way (one at a time, in order)
     holdTimer: null,       // a pause before sending again (429, 5xx, network)
@@ -95,6 +116,192 @@
     typingTimer: null,
     lastTypingSent: 0,
   };
+
+  // ---- rooms --------------------------------------------------------------------
+  function newRoom(name, label = '') {
+    return {
+      name,
+      label,                 // what the list says (a DM: the other person's name)
+      lastId: 0,             // cursor: newest message id received in this room
+      seen: 0,               // newest id the reader has had on screen; unread = newer ones
+      serverLast: 0,         // the room's last id per GET api/rooms (HTTP transports)
+      before: 0,             // older messages exist below this id (the `history` marker); 0: none
+      loadingOlder: false,   // a page of older messages is on its way
+      shown: new Set(),      // ids received, so redeliveries are ignored
+      list: document.createElement('ol'), // its rows while another room is on screen
+      presence: null,        // its last presence event {users, count}
+    };
+  }
+  state.rooms.set(DEFAULT_ROOM, newRoom(DEFAULT_ROOM));
+  const cur = () => state.rooms.get(state.room);
+  // The code that handles one log reads the room on screen's cursor, marker and ids here.
+  for (const key of ['lastId', 'before', 'loadingOlder', 'shown']) {
+    Object.defineProperty(state, key, { get: () => cur()[key], set: (v) => { cur()[key] = v; } });
+  }
+  // Events of the default room carry no `room`; every other room's do.
+  const roomOf = (event) => state.rooms.get(typeof event.room === 'string' ? event.room : DEFAULT_ROOM);
+  const listOf = (r) => (r === cur() ? els.messages : r.list);
+  const roomParam = (name, sep = '&') => (name === DEFAULT_ROOM ? '' : `${sep}room=${encodeURIComponent(name)}`);
+  const withRoom = (frame, name) => (name === DEFAULT_ROOM ? frame : { ...frame, room: name });
+  const unreadOf = (r) => (r === cur() ? 0 : Math.max(0, Math.max(r.lastId, r.serverLast) - r.seen));
+
+  // The DM room of two users, as chatlib.wire.dm_room names it: "@A+B", A < B after NFKC,
+  // compared by code point (Python's str order; JavaScript's < compares UTF-16 units).
+  function dmRoom(a, b) {
+    const points = (text) => Array.from(text.normalize('NFKC'), (c) => c.codePointAt(0));
+    const order = (x, y) => {
+      const [p, q] = [points(x), points(y)];
+      for (let i = 0; i < Math.min(p.length, q.length); i += 1) if (p[i] !== q[i]) return p[i] - q[i];
+      return p.length - q.length;
+    };
+    return `@${[a.normalize('NFKC'), b.normalize('NFKC')].sort(order).join('+')}`;
+  }
+
+  function roomLabel(r) {
+    if (r.label) return `@${r.label}`;
+    if (!r.name.startsWith('@')) return `#${r.name}`;
+    const me = state.nick.normalize('NFKC');
+    if (r.name.startsWith(`@${me}+`)) return `@${r.name.slice(me.length + 2)}`;
+    if (r.name.endsWith(`+${me}`)) return `@${r.name.slice(1, -me.length - 1)}`;
+    return r.name;
+  }
+
+  // The room list: one button per room, the one on screen marked, others with unread counts.
+  // With a DM room on screen, a note says who can read it.
+  function renderRooms() {
+    const dm = state.room.startsWith('@');
+    els.dmNote.hidden = !dm;
+    if (dm) {
+      els.dmNote.textContent = `Only you and ${roomLabel(cur()).slice(1)} can join this room. `
+        + 'Without a token a nickname is no password: whoever chats as either of you can read it.';
+    }
+    els.rooms.replaceChildren(...[...state.rooms.values()].map((r) => {
+      const li = document.createElement('li');
+      li.dataset.room = r.name;
+      const open = document.createElement('button');
+      open.type = 'button';
+      open.className = 'room';
+      open.textContent = roomLabel(r);
+      if (r === cur()) open.setAttribute('aria-current', 'true');
+      const unread = unreadOf(r);
+      li.dataset.unread = String(unread);
+      if (unread) {
+        const badge = document.createElement('span');
+        badge.className = 'unread';
+        badge.textContent = String(unread);
+        badge.title = `${unread} unread`;
+        open.append(' ', badge);
+      }
+      open.addEventListener('click', () => switchRoom(r.name));
+      li.append(open);
+      if (r.name !== DEFAULT_ROOM) {
+        const leave = document.createElement('button');
+        leave.type = 'button';
+        leave.className = 'leave';
+        leave.textContent = '×';
+        leave.setAttribute('aria-label', `Leave ${roomLabel(r)}`);
+        leave.addEventListener('click', () => leaveRoom(r));
+        li.append(leave);
+      }
+      return li;
+    }));
+  }
+
+  // Show room `name` (joining it first if the page is not in it yet). Its rows come back as
+  // they were; on WebSocket/WebTransport a new room is joined on the open connection, on
+  // the HTTP transports the stream is replaced by one of this room, after its own cursor.
+  function switchRoom(name, label = '') {
+    state.left.delete(name);
+    let r = state.rooms.get(name);
+    const isNew = !r;
+    if (isNew) {
+      r = newRoom(name, label);
+      state.rooms.set(name, r);
+    }
+    if (r !== cur()) {
+      const old = cur();
+      olderRow.remove();
+      old.list.replaceChildren(...els.messages.children);
+      state.previousRoom = old.name;
+      state.room = name;
+      els.messages.replaceChildren(...r.list.children);
+      r.seen = r.lastId;
+      setBefore(r.before);
+      if (!r.loadingOlder) olderDone();
+      renderPresence(r.presence ? r.presence.users : [], r.presence ? r.presence.count : 0);
+      state.typers.clear();
+      renderTyping();
+      pinned = true;
+      els.messages.scrollTop = els.messages.scrollHeight;
+      const conn = state.conn;
+      if (state.joined && !(conn && conn.joinRoom)) connect();
+    }
+    if (isNew && state.conn && state.conn.joinRoom) state.conn.joinRoom(r);
+    renderRooms();
+  }
+
+  // Out of room `r` (left, or refused by the server): back to the room before it.
+  function dropRoom(r) {
+    if (r.name === DEFAULT_ROOM) return;
+    for (const own of [...state.own.values()]) if (own.room === r.name) forget(own);
+    if (r === cur()) {
+      switchRoom(state.rooms.has(state.previousRoom) && state.previousRoom !== r.name
+        ? state.previousRoom : DEFAULT_ROOM);
+    }
+    state.rooms.delete(r.name);
+    renderRooms();
+  }
+
+  function leaveRoom(r) {
+    if (state.conn && state.conn.leaveRoom) state.conn.leaveRoom(r);
+    state.left.add(r.name); // (GET api/rooms lists our DMs: a DM left stays left)
+    dropRoom(r);
+  }
+
+  // The server would not let us in (a private room, too many rooms, a bad name): say so.
+  function roomRefused(name, error) {
+    const r = state.rooms.get(name);
+    showNotice(`You cannot join ${r ? roomLabel(r) : name}: ${stripStatus(error)}`);
+    if (r) dropRoom(r);
+  }
+
+  // Someone wrote to us in a DM room (`dm` {room, from}): it joins the list, with its unread.
+  function onDm(data) {
+    if (!data || typeof data.room !== 'string' || state.rooms.has(data.room)) return;
+    state.left.delete(data.room);
+    const r = newRoom(data.room, typeof data.from === 'string' ? data.from : '');
+    state.rooms.set(r.name, r);
+    if (state.conn && state.conn.joinRoom) state.conn.joinRoom(r);
+    renderRooms();
+  }
+
+  // HTTP transports: every room's last id (GET api/rooms), for the unread counts of the
+  // rooms not on screen, and our DM rooms (`dms`: how polling learns of a new one; an SSE
+  // stream is told by a `dm` event, so it asks only while the page is in two rooms or more).
+  async function refreshRooms(conn) {
+    if (state.rooms.size < 2 && conn.transport === 'sse') return;
+    let body;
+    try {
+      body = await getJson(`api/rooms?user=${enc(state.nick)}`, 5000);
+    } catch { return; } // unread counts are a convenience: the next refresh tries again
+    if (conn.closed || !body || !Array.isArray(body.rooms)) return;
+    for (const entry of Array.isArray(body.dms) ? body.dms : []) {
+      if (entry && typeof entry.room === 'string' && entry.last_id > 0 && !state.left.has(entry.room)) {
+        onDm({ room: entry.room, from: entry.with });
+      }
+    }
+    for (const entry of [...body.rooms, ...(Array.isArray(body.dms) ? body.dms : [])]) {
+      const r = entry && state.rooms.get(entry.room);
+      if (r && Number.isInteger(entry.last_id)) r.serverLast = entry.last_id;
+    }
+    renderRooms();
+  }
+
+  function startRoomsRefresh(conn) {
+    refreshRooms(conn);
+    const timer = setInterval(() => refreshRooms(conn), ROOMS_REFRESH_MS);
+    return () => clearInterval(timer);
+  }
 
   // ---- small helpers ----------------------------------------------------------
   const enc = encodeURIComponent;
@@ -193,33 +400,45 @@
   const isMessage = (m) => m && Number.isInteger(m.id) && typeof m.user === 'string'
     && typeof m.text === 'string' && typeof m.ts === 'number';
 
-  // Called by every transport for every message it receives.
-  function handleMessage(m) {
-    if (!isMessage(m) || state.shown.has(m.id)) return; // duplicate (e.g. replay after reconnect)
-    state.shown.add(m.id);
-    if (m.id > state.lastId) state.lastId = m.id;
-    const latency = measureLatency(m);
+  // Called by every transport for every message it receives, with its room (by default
+  // the one its `room` field names).
+  function handleMessage(m, r = m && roomOf(m)) {
+    if (!isMessage(m) || !r || r.shown.has(m.id)) return; // duplicate (e.g. replay after reconnect)
+    r.shown.add(m.id);
+    if (m.id > r.lastId) r.lastId = m.id;
+    const here = r === cur();
+    const latency = here ? measureLatency(m) : null;
     const own = ownMessage(m);
     if (own) { // ours is stored: its pending line gives way to the real one
       state.own.delete(m.client_id);
       own.el.remove();
       settled(own); // (its echo may come before its ack)
     }
-    renderMessage(m, latency);
-    // Someone who just sent a message has stopped typing.
-    if (state.typers.delete(m.user)) renderTyping();
+    renderMessage(m, latency, r);
+    if (here) {
+      r.seen = r.lastId;
+      // Someone who just sent a message has stopped typing.
+      if (state.typers.delete(m.user)) renderTyping();
+    } else {
+      if (m.user === state.nick && r.seen === m.id - 1) r.seen = m.id; // ours: read already
+      renderRooms();
+    }
   }
 
-  // The server replaced its log (restart of an in-memory server): our ids mean
-  // nothing any more. Clear the screen and the cursor; the replay follows.
-  function resetLog() {
+  // The server replaced a room's log (restart of an in-memory server): our ids mean
+  // nothing any more. Clear its rows and its cursor; the replay follows.
+  function resetLog(r = cur()) {
     // Own messages not acknowledged yet stay (and are sent to the new log); acknowledged
     // ones went with the old log, like everyone else's.
-    for (const [cid, own] of state.own) if (own.state === 'sent') state.own.delete(cid);
-    els.messages.replaceChildren(...[...state.own.values()].map((own) => own.el));
-    state.shown.clear();
-    state.lastId = 0;
-    state.before = 0; // the fresh join that follows says again whether older ones exist
+    for (const [cid, own] of state.own) {
+      if (own.state === 'sent' && own.room === r.name) state.own.delete(cid);
+    }
+    listOf(r).replaceChildren(...[...state.own.values()].filter((own) => own.room === r.name)
+      .map((own) => own.el));
+    r.shown.clear();
+    r.lastId = 0;
+    r.seen = 0;
+    r.before = 0; // the fresh join that follows says again whether older ones exist
   }
 
   // ---- older messages -----------------------------------------------------------
@@ -234,8 +453,9 @@
   olderButton.textContent = 'Load older messages';
   olderRow.append(olderButton);
 
-  function setBefore(before) {
-    state.before = Number.isInteger(before) && before > 1 ? before : 0;
+  function setBefore(before, r = cur()) {
+    r.before = Number.isInteger(before) && before > 1 ? before : 0;
+    if (r !== cur()) return; // its button appears when it is on screen
     if (!state.before) olderRow.remove();
     else if (els.messages.firstElementChild !== olderRow) els.messages.prepend(olderRow);
     olderButton.disabled = state.loadingOlder;
@@ -250,10 +470,11 @@
       const conn = state.conn;
       if (conn && conn.sendFrame) {
         // The answer comes as an `older` frame (showOlder); a dropped socket ends the wait.
-        conn.sendFrame({ type: 'older', before: state.before });
+        conn.sendFrame(withRoom({ type: 'older', before: state.before }, state.room));
         return;
       }
-      showOlder(await getJson(`api/messages?before=${state.before}`, 10000));
+      const r = cur();
+      showOlder(await getJson(`api/messages?before=${r.before}${roomParam(r.name)}`, 10000), r);
     } catch (err) {
       showNotice(err instanceof HttpError ? err.message : 'Could not load older messages.');
       olderDone();
@@ -266,14 +487,21 @@
     olderButton.disabled = false;
   }
 
-  // A page of older messages (`{"messages", "first_id", "before"?}`): above, in place.
-  function showOlder(body) {
+  // A page of older messages (`{"messages", "first_id", "before"?}`) of room `r`: above,
+  // in place (if the reader switched rooms meanwhile, into that room's rows).
+  function showOlder(body, r = cur()) {
+    if (r !== cur()) {
+      r.loadingOlder = false;
+      (Array.isArray(body.messages) ? body.messages : []).forEach((m) => handleMessage(m, r));
+      setBefore(body.before, r);
+      return;
+    }
     olderDone();
     const list = els.messages;
     const fromBottom = list.scrollHeight - list.scrollTop;
     const wasPinned = pinned;
     pinned = false; // no jump to the bottom while rows go in above
-    (Array.isArray(body.messages) ? body.messages : []).forEach(handleMessage);
+    (Array.isArray(body.messages) ? body.messages : []).forEach((m) => handleMessage(m, r));
     pinned = wasPinned;
     setBefore(body.before);
     list.scrollTop = list.scrollHeight - fromBottom;
@@ -282,7 +510,7 @@
 
   olderButton.addEventListener('click', loadOlder);
 
-  function renderMessage(m, latencyMs) {
+  function renderMessage(m, latencyMs, r = cur()) {
     const li = document.createElement('li');
     li.className = m.user === state.nick ? 'message mine' : 'message';
     li.dataset.id = String(m.id);
@@ -318,7 +546,7 @@
     // Render strictly by id: walk back from the end (almost always zero steps,
     // since ids normally arrive in order) to find where this one belongs. Pending
     // lines (no id yet) stay below every stored message.
-    insertInOrder(li, m.id);
+    insertInOrder(li, m.id, listOf(r));
   }
 
   // Where a row goes in the list: by id. A gap notice sits between the last id before the
@@ -327,29 +555,28 @@
     : el.dataset.gap ? Number(el.dataset.gap) - 0.5
       : el.classList.contains('load-older') ? -Infinity : Infinity);
 
-  function insertInOrder(li, order) {
+  function insertInOrder(li, order, list = els.messages) {
     // Walk back from the end: almost always zero steps, since ids normally arrive in order.
-    const list = els.messages;
     let before = null;
     for (let el = list.lastElementChild; el && rowOrder(el) > order; el = el.previousElementSibling) {
       before = el;
     }
     list.insertBefore(li, before);
-    if (pinned) list.scrollTop = list.scrollHeight;
+    if (pinned && list === els.messages) list.scrollTop = list.scrollHeight;
   }
 
   // The server no longer has the messages between our cursor and `first_id` (retention,
   // README "Resuming"): say so in the list, where they would have been. One notice per gap.
-  function handleGap(data) {
+  function handleGap(data, r = cur()) {
     const first = data && data.first_id;
     if (!Number.isInteger(first)) return;
-    if (els.messages.querySelector(`li.gap[data-gap="${first}"]`)) return;
+    if (listOf(r).querySelector(`li.gap[data-gap="${first}"]`)) return;
     const li = document.createElement('li');
     li.className = 'gap';
     li.dataset.gap = String(first);
     li.setAttribute('role', 'note');
     li.textContent = 'Some older messages are no longer available';
-    insertInOrder(li, first - 0.5);
+    insertInOrder(li, first - 0.5, listOf(r));
   }
 
   // Follow new messages only while the reader is at the bottom, so scrolling up
@@ -404,21 +631,43 @@
 
   // ---- presence and typing ----------------------------------------------------
   // The server sends at most Limits.presence_names names, and `count`: how many there are.
+  // Each name but ours is a button that opens the DM room with that person.
   function renderPresence(users, count) {
     if (!Array.isArray(users)) return;
     const names = [...new Set(users.filter((u) => typeof u === 'string'))]
       .sort((a, b) => a.localeCompare(b));
     els.presence.replaceChildren(...names.map((name) => {
       const li = document.createElement('li');
-      li.textContent = name;
-      if (name === state.nick) li.className = 'me'; // "(you)" is added by CSS
+      li.dataset.user = name;
+      if (name === state.nick) {
+        li.textContent = name;
+        li.className = 'me'; // "(you)" is added by CSS
+        return li;
+      }
+      const dm = document.createElement('button');
+      dm.type = 'button';
+      dm.className = 'dm';
+      dm.textContent = name;
+      dm.title = `Write to ${name} directly (a room of the two of you)`;
+      dm.addEventListener('click', () => {
+        if (state.joined) switchRoom(dmRoom(state.nick, name), name);
+      });
+      li.append(dm);
       return li;
     }));
     const total = Number.isInteger(count) && count > names.length ? count : names.length;
     els.presenceCount.textContent = `(${total})`;
   }
 
-  function onTyping(user) {
+  // A room's presence event: kept with the room, drawn if it is on screen.
+  function onPresence(data, r) {
+    if (!r) return;
+    r.presence = { users: data.users, count: data.count };
+    if (r === cur()) renderPresence(data.users, data.count);
+  }
+
+  function onTyping(user, r = cur()) {
+    if (r !== cur()) return; // typing shows for the room on screen only
     if (typeof user !== 'string' || user === state.nick) return; // the server may echo ours
     state.typers.set(user, Date.now() + TYPING_SHOW_MS);
     renderTyping();
@@ -444,12 +693,12 @@
   // Joining the presence list is a POST (a GET names no one: any page could send one with
   // an <img>); it answers the list too. Polling joins with every refresh, SSE once per
   // connection (its open stream then holds the name).
-  const joinPresence = () => postJson('api/presence', { user: state.nick });
+  const joinPresence = (room) => postJson(`api/presence${roomParam(room, '?')}`, { user: state.nick });
 
   async function refreshPresence(conn) {
     try {
-      const data = await joinPresence();
-      if (!conn.closed) renderPresence(data.users, data.count);
+      const data = await joinPresence(conn.room);
+      if (!conn.closed) onPresence(data, state.rooms.get(conn.room));
     } catch (err) {
       // Presence is decoration: the next refresh tries again. But a join refused as busy
       // (503, chatlib.admission) was handed a slot: come back for it when told, not later.
@@ -491,10 +740,13 @@
 
     const conn = {
       transport,
+      room: state.room, // the room an HTTP transport's stream or polls follow
       closed: false,
       everOpened: false,
       sendFrame: null, // set by ws and webtransport while their connection is open
       sendTyping: null, // set by webtransport: typing notices as datagrams
+      joinRoom: null,  // set by ws and webtransport: join one more room on this connection
+      leaveRoom: null, // ... and leave one
       stop() {},       // set by each transport: release sockets, timers, requests
       opened() {
         if (conn.closed) return;
@@ -609,16 +861,14 @@
     conn.stop = () => {
       clearTimeout(openTimer);
       stopWatchdog();
-      conn.sendFrame = null;
+      conn.sendFrame = conn.joinRoom = conn.leaveRoom = null;
       ws.close(1000);
-      if (state.loadingOlder) olderDone(); // its answer is lost with the socket: ask again
+      olderLost(); // its answer is lost with the socket: ask again
     };
 
     ws.onopen = () => {
       clearTimeout(openTimer);
-      // hello must be the first frame; `after` makes the server replay what we missed.
-      ws.send(JSON.stringify({ type: 'hello', user: state.nick, after: state.lastId }));
-      conn.sendFrame = (frame) => ws.send(JSON.stringify(frame));
+      enterRooms(conn, (frame) => ws.send(JSON.stringify(frame)));
       stopWatchdog = startWatchdog(conn);
       conn.opened();
     };
@@ -637,23 +887,45 @@
     // onerror is always followed by onclose, which does the work.
   }
 
+  // A connection that speaks the WebSocket's frames (ws, webtransport) is in every room of
+  // the list: `hello` must be the first frame, and puts it in the default room; then one
+  // `join` per other room. Each `after` makes the server replay what that room missed.
+  function enterRooms(conn, send) {
+    send({ type: 'hello', user: state.nick, after: state.rooms.get(DEFAULT_ROOM).lastId });
+    conn.sendFrame = send;
+    conn.joinRoom = (r) => send({ type: 'join', room: r.name, after: r.lastId });
+    conn.leaveRoom = (r) => send({ type: 'leave', room: r.name });
+    for (const r of state.rooms.values()) if (r.name !== DEFAULT_ROOM) conn.joinRoom(r);
+  }
+
+  // A connection ended: the older pages it was bringing will not come (ask again).
+  function olderLost() {
+    for (const r of state.rooms.values()) r.loadingOlder = false;
+    olderDone();
+  }
+
   // One event of a push transport that speaks the WebSocket's frames (ws, webtransport).
+  // Each is about the room it names (none: the default room); one of a room the page is no
+  // longer in is dropped.
   function onFrame(frame) {
+    const r = frame && roomOf(frame);
     switch (frame && frame.type) {
-      case 'message': handleMessage(frame); break;
-      case 'presence': renderPresence(frame.users, frame.count); break;
-      case 'typing': onTyping(frame.user); break;
-      case 'reset': resetLog(); break;
-      case 'gap': handleGap(frame); break;
-      case 'history': setBefore(frame.before); break;
-      case 'older': showOlder(frame); break;
+      case 'message': handleMessage(frame, r); break;
+      case 'presence': onPresence(frame, r); break;
+      case 'typing': onTyping(frame.user, r); break;
+      case 'reset': if (r) resetLog(r); break;
+      case 'gap': if (r) handleGap(frame, r); break;
+      case 'history': if (r) setBefore(frame.before, r); break;
+      case 'older': if (r) showOlder(frame, r); break;
       case 'ack': acknowledged(frame); break;
+      case 'dm': onDm(frame); break;
       case 'error':
-        if (typeof frame.client_id !== 'string') showNotice(`Server: ${frame.error}`);
-        else {
+        if (typeof frame.client_id === 'string') {
           const own = state.own.get(frame.client_id);
           if (own) refusedFor(own, frame.status, frame.error, frame.retry_after);
-        }
+        } else if (typeof frame.room === 'string' && frame.room !== DEFAULT_ROOM) {
+          roomRefused(frame.room, frame.error); // a join refused: we are not in that room
+        } else showNotice(`Server: ${frame.error}`);
         break;
       default: break; // unknown frame types are ignored, for forward compatibility
     }
@@ -701,9 +973,9 @@
     conn.stop = () => {
       clearTimeout(openTimer);
       stopWatchdog();
-      conn.sendFrame = conn.sendTyping = null;
+      conn.sendFrame = conn.sendTyping = conn.joinRoom = conn.leaveRoom = null;
       if (wt) wt.close({ closeCode: 1000, reason: '' });
-      if (state.loadingOlder) olderDone();
+      olderLost();
     };
     const notHere = new Error('WebTransport is not available here');
     openWt().catch((err) => {
@@ -735,10 +1007,10 @@
       // One JSON text per line (chatlib/webtransport.py): the hello first, as on a WebSocket.
       const sendLine = (frame) => writer.write(encoder.encode(`${JSON.stringify(frame)}\n`))
         .catch(() => {});
-      sendLine({ type: 'hello', user: state.nick, after: state.lastId });
-      conn.sendFrame = sendLine;
+      enterRooms(conn, sendLine);
       const datagrams = wt.datagrams.writable.getWriter();
-      conn.sendTyping = () => datagrams.write(encoder.encode('{"type":"typing"}')).catch(() => {});
+      conn.sendTyping = (room) => datagrams.write(encoder.encode(
+        JSON.stringify(withRoom({ type: 'typing' }, room)))).catch(() => {});
       readDatagrams(wt.datagrams.readable);
       stopWatchdog = startWatchdog(conn);
       state.wtMisses = 0;
@@ -779,10 +1051,12 @@
 
   // ---- transport: Server-Sent Events ------------------------------------------
   function connectSse(conn) {
-    joinPresence().then(() => {
+    joinPresence(conn.room).then(() => {
       if (!conn.closed) openEventSource(conn);
     }, (err) => {
       if (conn.closed) return;
+      // EventSource shows no status: a room we may not read is told here, by the presence join.
+      if (refusedRoom(conn, err)) return;
       if (err instanceof HttpError && err.status === 503) { // busy: come back when told
         serverAsked(err.retryAfter);
         conn.failed();
@@ -791,13 +1065,16 @@
   }
 
   function openEventSource(conn) {
-    const url = `api/events?after=${state.lastId}&user=${enc(state.nick)}`;
+    const r = state.rooms.get(conn.room);
+    const url = `api/events?after=${r.lastId}&user=${enc(state.nick)}${roomParam(r.name)}`;
     const es = new EventSource(url);
     const openTimer = setTimeout(() => conn.failed(), CONNECT_TIMEOUT_MS);
     let stopWatchdog = () => {};
+    const stopRooms = startRoomsRefresh(conn);
     conn.stop = () => {
       clearTimeout(openTimer);
       stopWatchdog();
+      stopRooms();
       es.close();
     };
 
@@ -813,12 +1090,13 @@
       try { data = JSON.parse(event.data); } catch { return; }
       handler(data);
     });
-    on('message', handleMessage);
-    on('presence', (data) => renderPresence(data.users, data.count));
-    on('typing', (data) => onTyping(data.user));
-    on('gap', handleGap);
-    on('history', (data) => setBefore(data.before));
-    es.addEventListener('reset', () => { if (!conn.closed) resetLog(); });
+    on('message', (m) => handleMessage(m, r));
+    on('presence', (data) => onPresence(data, r));
+    on('typing', (data) => onTyping(data.user, r));
+    on('gap', (data) => handleGap(data, r));
+    on('history', (data) => setBefore(data.before, r));
+    on('dm', onDm);
+    es.addEventListener('reset', () => { if (!conn.closed) resetLog(r); });
     on('close', (data) => serverAsked(readCloseReason(data.reason).retryAfter)); // the last event
 
     // EventSource would retry on its own, but at a fixed interval and never
@@ -854,30 +1132,41 @@
     }
   }
 
+  // An HTTP transport refused (403) in a room other than the default one: we may not read
+  // that room. Say so and go back to the room before it (which replaces this connection).
+  function refusedRoom(conn, err) {
+    if (!(err instanceof HttpError) || err.status !== 403 || conn.room === DEFAULT_ROOM) return false;
+    roomRefused(conn.room, err.message);
+    return true;
+  }
+
   // ---- transports: long polling and short polling ------------------------------
   function connectPolling(conn) {
     const long = conn.transport === 'longpoll';
     const abort = new AbortController();
+    const r = state.rooms.get(conn.room);
     let timer = null;
     let presenceTimer = null;
+    let stopRooms = () => {};
     conn.stop = () => {
       abort.abort();
       clearTimeout(timer);
       clearInterval(presenceTimer);
+      stopRooms();
     };
 
     // One request. The first request of a connection never waits, so history
     // shows at once (and "connected" is known at once) even in long-poll mode.
     async function step(first) {
       const wait = long && !first ? LONG_POLL_WAIT_S : 0;
-      const url = `api/messages?after=${state.lastId}&user=${enc(state.nick)}`
-        + (wait ? `&wait=${wait}` : '');
+      const url = `api/messages?after=${r.lastId}&user=${enc(state.nick)}`
+        + (wait ? `&wait=${wait}` : '') + roomParam(r.name);
       const started = Date.now();
       let data;
       try {
         data = await getJson(url, (wait + 10) * 1000, abort.signal);
       } catch (err) {
-        if (conn.closed) return;
+        if (conn.closed || refusedRoom(conn, err)) return;
         if (err instanceof HttpError && err.status !== 429 && err.status < 500) {
           showNotice(err.message);           // 400/403/413: asking again will not help
           conn.failed({ retry: false });
@@ -895,17 +1184,18 @@
         conn.opened();
         refreshPresence(conn);
         presenceTimer = setInterval(() => refreshPresence(conn), PRESENCE_REFRESH_MS);
+        stopRooms = startRoomsRefresh(conn);
       }
       const messages = Array.isArray(data.messages) ? data.messages : [];
-      if (data.reset) resetLog(); // the messages in this answer are the replay from the start
-      if (data.gap) handleGap(data.gap);
-      if (data.history) setBefore(data.history.before);
-      messages.forEach(handleMessage);
+      if (data.reset) resetLog(r); // the messages in this answer are the replay from the start
+      if (data.gap) handleGap(data.gap, r);
+      if (data.history) setBefore(data.history.before, r);
+      messages.forEach((m) => handleMessage(m, r));
 
       // If the server sent only part of what it has, ask again at once.
       // Otherwise a short poll waits its interval; a long poll asks again at
       // once, unless it came back empty suspiciously fast (never spin).
-      const more = messages.length > 0 && Number.isInteger(data.last_id) && state.lastId < data.last_id;
+      const more = messages.length > 0 && Number.isInteger(data.last_id) && r.lastId < data.last_id;
       let delay = POLL_INTERVAL_MS;
       if (more) delay = 0;
       else if (long) delay = messages.length || Date.now() - started > 1000 ? 0 : POLL_INTERVAL_MS;
@@ -942,7 +1232,7 @@
     const cid = newClientId();
     // state: queued (waiting its turn, or for the rate budget) -> sent (acknowledged);
     // or failed (refused for good: the person decides).
-    const own = { cid, text, user: state.nick, t0: performance.now(), state: 'queued' };
+    const own = { cid, text, user: state.nick, room: state.room, t0: performance.now(), state: 'queued' };
     own.el = renderPending(own);
     drawOwn(own, 'sending…');
     state.own.set(cid, own);
@@ -1036,7 +1326,7 @@
     if (conn && conn.sendFrame && own.user === state.nick) {
       // Over the WebSocket if one is open (and still has our nick), else with POST: every
       // transport writes the same log, and the client_id makes a repeat harmless.
-      conn.sendFrame({ type: 'message', text: own.text, client_id: own.cid });
+      conn.sendFrame(withRoom({ type: 'message', text: own.text, client_id: own.cid }, own.room));
       // The ack (or an error frame) comes on the socket; without one, the queue must not
       // stall behind this message (the client_id makes sending it again harmless).
       setTimeout(() => {
@@ -1044,7 +1334,7 @@
       }, ACK_TIMEOUT_MS);
       return;
     }
-    postJson('api/messages', { user: own.user, text: own.text, client_id: own.cid })
+    postJson(`api/messages${roomParam(own.room, '?')}`, { user: own.user, text: own.text, client_id: own.cid })
       .then((m) => acknowledged(m))
       .catch((err) => {
         if (!(err instanceof HttpError)) refusedFor(own, 503, 'no answer', null);
@@ -1131,9 +1421,9 @@
     if (state.holdTimer) return; // the send budget is spent: messages first
     state.lastTypingSent = now;
     const conn = state.conn;
-    if (conn && conn.sendTyping) conn.sendTyping(); // a datagram (webtransport)
-    else if (conn && conn.sendFrame) conn.sendFrame({ type: 'typing' });
-    else postJson('api/typing', { user: state.nick }).catch(() => {});
+    if (conn && conn.sendTyping) conn.sendTyping(state.room); // a datagram (webtransport)
+    else if (conn && conn.sendFrame) conn.sendFrame(withRoom({ type: 'typing' }, state.room));
+    else postJson(`api/typing${roomParam(state.room, '?')}`, { user: state.nick }).catch(() => {});
   }
 
   // ---- joining ----------------------------------------------------------------
@@ -1217,6 +1507,19 @@
 
   els.noticeClose.addEventListener('click', hideNotice);
 
+  // Join or create a room by name (the server checks the name: nickname rules, no "@").
+  els.roomForm.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const name = els.roomName.value.trim().normalize('NFKC');
+    if (!name) return;
+    if (name.startsWith('@')) {
+      showNotice('Room names cannot start with "@": click a name under "Online" to write to that person.');
+      return;
+    }
+    els.roomName.value = '';
+    switchRoom(name);
+  });
+
   // Back online: skip the rest of the backoff wait.
   window.addEventListener('online', () => {
     if (state.reconnectTimer) connect();
@@ -1231,6 +1534,9 @@
     const query = params.toString();
     history.replaceState(null, '', location.pathname + (query ? `?${query}` : '') + location.hash);
   }
+  const startRoom = (params.get('room') || '').trim().normalize('NFKC');
+  if (startRoom && !startRoom.startsWith('@')) switchRoom(startRoom);
+  renderRooms();
   const wanted = params.get('transport');
   if (TRANSPORTS.has(wanted)) els.transportSelect.value = wanted;
   const userParam = params.get('user');
