@@ -7,6 +7,10 @@
 //   {type: 'typing'}                  at most every 2 s while the person types
 //   {type: 'discard', client_id}      forget an own message the server refused
 //   {type: 'hello'}                   is a kernel there? (it answers {type: 'hello'})
+//   {type: 'switch', room}            show that room (joining it if need be)
+//   {type: 'dm', user}                show the direct-message room with that person
+// Rooms: the model's `room` is the room on screen (history, presence, gaps are its), `rooms`
+// every room the panel is in ({room, label, unread}); the switcher shows once there are two.
 // A view opened later (the notebook closed and reopened) draws the same chat from the
 // model. Security: text users typed is data, never markup: textContent only, no innerHTML.
 
@@ -14,6 +18,7 @@ const TYPING_SEND_EVERY_MS = 2000;
 const KERNEL_ANSWER_MS = 3000;  // no answer to hello by then: say so
 const PINNED_SLACK_PX = 40;     // "at the bottom" within this many pixels
 const COUNT_FROM = 0.8;         // the length counter shows from this share of max_text on
+const DEFAULT_ROOM = 'lobby';   // chatlib.store.DEFAULT_ROOM: a panel only there says no room
 
 // Times are formatted as the chat page formats them (static/app.js has the same function;
 // tests/test_panel.py checks that the two stay identical).
@@ -74,7 +79,20 @@ function render({ model, el: root }) {
   const kernelNote = el('div', 'chatlib-kernel-note');
   kernelNote.hidden = true;
   const presence = el('div', 'chatlib-presence');
-  header.append(status, presence, kernelNote);
+  // The room switcher: the rooms the panel is in (unread counts in their names), and a box
+  // to join one more by name. Hidden while the panel is in one room only.
+  const switcher = el('div', 'chatlib-rooms');
+  const roomLabel = el('label', 'chatlib-label', 'Room ');
+  const roomSelect = el('select', 'chatlib-room');
+  roomSelect.id = `${uid}-room`;
+  roomLabel.htmlFor = roomSelect.id;
+  const roomInput = el('input', 'chatlib-room-name');
+  roomInput.type = 'text';
+  roomInput.placeholder = 'join a room';
+  roomInput.setAttribute('aria-label', 'Join a room by name');
+  roomInput.spellcheck = false;
+  switcher.append(roomLabel, roomSelect, ' ', roomInput);
+  header.append(status, switcher, presence, kernelNote);
 
   const scroller = el('div', 'chatlib-log');
   scroller.tabIndex = 0;  // scrollable with the keyboard
@@ -171,7 +189,10 @@ function render({ model, el: root }) {
     const state = model.get('state');
     stateText.textContent = state;
     panel.dataset.state = state;
-    who.textContent = `as ${model.get('user')} over ${model.get('transport')} to ${model.get('url')}`;
+    const room = model.get('room');
+    const where = room && ((model.get('rooms') || []).length > 1 || room !== DEFAULT_ROOM)
+      ? ` in ${roomName(room)}` : '';
+    who.textContent = `as ${model.get('user')}${where} over ${model.get('transport')} to ${model.get('url')}`;
     const error = model.get('error');
     problem.textContent = error ? ` · ${error}` : '';
     clearInterval(countdownTimer);
@@ -188,11 +209,44 @@ function render({ model, el: root }) {
   }
   cleanups.push(() => clearInterval(countdownTimer));
 
+  // A room as the switcher says it: a DM room by the other person's name.
+  function roomName(name) {
+    const entry = (model.get('rooms') || []).find((r) => r.room === name);
+    const label = entry && entry.label !== name ? entry.label : '';
+    return label ? `@${label}` : name && name.startsWith('@') ? name : `#${name}`;
+  }
+
+  function drawRooms() {
+    const rooms = model.get('rooms') || [];
+    switcher.hidden = rooms.length < 2;
+    roomSelect.replaceChildren(...rooms.map((r) => {
+      const unread = r.unread > 0 ? ` (${r.unread} unread)` : '';
+      const option = el('option', '', `${roomName(r.room)}${unread}`);
+      option.value = r.room;
+      return option;
+    }));
+    roomSelect.value = model.get('room');
+  }
+  roomSelect.addEventListener('change', () => model.send({ type: 'switch', room: roomSelect.value }));
+  roomInput.addEventListener('keydown', (event) => {
+    if (event.key !== 'Enter' || event.isComposing) return;
+    event.preventDefault();
+    event.stopPropagation();  // Shift+Enter would run the cell in JupyterLab
+    const name = roomInput.value.trim();
+    if (name) model.send({ type: 'switch', room: name });
+    roomInput.value = '';
+  });
+
+  // Each name but ours opens the DM room with that person (a button that reads as the name).
   function drawPresence() {
     const me = model.get('user');
     const names = [...new Set(model.get('presence'))].sort((a, b) => a.localeCompare(b));
     const items = names.map((name) => {
-      const item = el('span', name === me ? 'chatlib-person chatlib-me' : 'chatlib-person', name);
+      if (name === me) return el('span', 'chatlib-person chatlib-me', name);
+      const item = el('button', 'chatlib-person chatlib-dm', name);
+      item.type = 'button';
+      item.title = `Write to ${name} directly (a room of the two of you)`;
+      item.addEventListener('click', () => model.send({ type: 'dm', user: name }));
       return item;
     });
     if (model.get('state') !== 'connected' && !names.length) {  // unknown until back
@@ -209,7 +263,9 @@ function render({ model, el: root }) {
   }
 
   // ---- messages -----------------------------------------------------------------------
-  const rows = new Map();  // id -> <li>, in the history list
+  // room:id -> <li>, in the history list (ids are per room: a switch replaces every row)
+  const rows = new Map();
+  const rowKey = (m) => `${m.room || ''}:${m.id}`;
 
   function messageRow(m, mine) {
     const li = el('li', mine ? 'chatlib-msg chatlib-mine' : 'chatlib-msg');
@@ -265,20 +321,20 @@ function render({ model, el: root }) {
   function drawHistory() {
     const me = model.get('user');
     const history = model.get('history');
-    const ids = new Set(history.map((m) => m.id));
-    for (const [id, li] of rows) {  // trimmed from the top, or the server's log was reset
-      if (!ids.has(id)) { li.remove(); rows.delete(id); }
+    const keys = new Set(history.map(rowKey));
+    for (const [key, li] of rows) {  // trimmed from the top, the log was reset, another room
+      if (!keys.has(key)) { li.remove(); rows.delete(key); }
     }
     let previous = null;
     let added = 0;
     for (const m of history) {
-      let li = rows.get(m.id);
+      let li = rows.get(rowKey(m));
       if (!li) {
         li = messageRow(m, m.user === me);
         li.dataset.id = String(m.id);
         if (m.user === me) mark(li, 'sent');
         list.insertBefore(li, previous ? previous.nextSibling : list.firstChild);
-        rows.set(m.id, li);
+        rows.set(rowKey(m), li);
         if (m.user !== me) added += 1;
       }
       previous = li;
@@ -298,7 +354,10 @@ function render({ model, el: root }) {
       note.setAttribute('role', 'note');
       note.dataset.gap = String(first);
       let at = null;
-      for (const [id, li] of rows) if (id >= first && (!at || id < Number(at.dataset.id))) at = li;
+      for (const li of rows.values()) {
+        const id = Number(li.dataset.id);
+        if (id >= first && (!at || id < Number(at.dataset.id))) at = li;
+      }
       if (at && at.previousElementSibling?.classList.contains('chatlib-day')) {
         at = at.previousElementSibling;
       }
@@ -443,6 +502,15 @@ function render({ model, el: root }) {
   on('change:outbox', drawMessages);
   on('change:gaps', drawMessages);
   on('change:max_text', drawCount);
+  on('change:rooms', () => { drawRooms(); drawStatus(); });
+  on('change:room', () => {  // another room's rows follow: show them from the bottom
+    pinned = true;
+    unreadCount = 0;
+    showUnread();
+    drawRooms();
+    drawStatus();
+  });
+  drawRooms();
   drawStatus();
   drawPresence();
   drawTyping();

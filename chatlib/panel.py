@@ -16,6 +16,18 @@ The panel is an ipywidgets widget (an :class:`anywidget.AnyWidget`) with two hal
 Own messages go through an outbox: each gets a ``client_id`` (chosen by the view), is shown
 as pending until the server has it, and is sent again after a reconnect until it has.
 
+Rooms: ``ChatPanel(server, room="lab-1")`` starts in that room (default: the server's default
+room, and then the panel is exactly the panel of a chat without rooms). :meth:`ChatPanel.switch`
+shows another room (joining it), :meth:`ChatPanel.dm` opens the direct-message room with one
+user; in the view, a switcher (shown once the panel is in more than one room) does the same,
+and a click on a name under "Here" opens a DM with that person. Each room keeps its own
+messages, cursor and gaps; the synced traits (history, presence, gaps) are the room on
+screen's. Over WebSocket and WebTransport the one connection is in every room (messages of
+the rooms not on screen count as unread in the switcher); over the HTTP transports the
+connection follows the room on screen, and switching replaces it (resuming that room after
+its cursor). A room the server refuses (private, too many rooms) is dropped, and the status
+line says why.
+
 Everything users type is drawn as text (``textContent``), never as HTML.
 """
 
@@ -26,6 +38,7 @@ import html
 import logging
 import secrets
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +59,17 @@ from .clients import (
 )
 from .closecode import BUSY, CloseCode, read_close_reason
 from .limits import MAX_OUTBOX, Limits
-from .store import Message
-from .validation import printable, valid_client_id
+from .store import DEFAULT_ROOM, Message
+from .validation import ChatError, printable, valid_client_id
+from .wire import dm_room
 
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 CLIENTS = {"ws": WebSocketClient, "sse": SSEClient, "longpoll": LongPollClient,
            "poll": PollingClient, "webtransport": WebTransportClient}
+MULTI_ROOM = {"ws", "webtransport"}
+"""Transports whose one connection is in every room of the panel (join/leave frames)."""
 BACKOFF = dict(base=0.4, cap=5.0)
 """The panel's :class:`~chatlib.clients.Backoff`: a server back on its port is found
 within ~5 s."""
@@ -71,6 +87,7 @@ class Outgoing:
 
     client_id: str
     text: str
+    room: str = DEFAULT_ROOM
     ts: float = field(default_factory=time.time)
     state: str = "pending"  # pending -> sent (acknowledged), or failed (refused)
     id: int | None = None  # the stored message's id, once the server told us
@@ -80,6 +97,22 @@ class Outgoing:
     def as_dict(self) -> dict:
         return {"client_id": self.client_id, "text": self.text, "ts": self.ts,
                 "state": self.state, "id": self.id, "error": self.error}
+
+
+@dataclass
+class Room:
+    """What the panel keeps of one room."""
+
+    name: str
+    label: str = ""
+    """What the switcher calls it (a DM room: the other person's name)."""
+    messages: dict[int, Message] = field(default_factory=dict)
+    """Every message received (the newest ``keep``), by id (the room's own ids)."""
+    last_id: int = 0
+    gaps: list[int] = field(default_factory=list)
+    presence: list[str] = field(default_factory=list)
+    unread: int = 0
+    """Messages of others that arrived while another room was on screen."""
 
 
 def new_client_id() -> str:
@@ -111,7 +144,8 @@ class ChatPanel(anywidget.AnyWidget):
     an instructor's). ``transport`` is one of ``ws``, ``sse``, ``longpoll``, ``poll``, or
     ``webtransport`` (a server started with ``webtransport=True``, on this machine).
     ``shown`` bounds what the view gets (the newest messages); ``keep`` bounds
-    :attr:`messages`.
+    :attr:`messages` (per room). ``room`` is the room to start in (default: the server's
+    default room).
     """
 
     _esm = HERE / "panel.js"
@@ -138,31 +172,39 @@ class ChatPanel(anywidget.AnyWidget):
     event, README "Resuming"): the view says so before the message with that id."""
     outbox = traitlets.List(traitlets.Dict()).tag(sync=True)
     """Own messages not yet in :attr:`history`: ``{client_id, text, ts, state, id, error}``."""
+    room = traitlets.Unicode(DEFAULT_ROOM).tag(sync=True)
+    """The room on screen (history, presence, gaps and typing are its)."""
+    rooms = traitlets.List(traitlets.Dict()).tag(sync=True)
+    """Every room the panel is in, in the order it joined them: ``{room, label, unread}``."""
     max_text = traitlets.Int(Limits().max_text).tag(sync=True)
     """The server's longest text (its :class:`~chatlib.Limits`; the defaults for a URL): the
     view counts characters as the text nears it."""
 
-    def __init__(self, target, user: str = "notebook", *, transport: str = "ws",
-                 shown: int = 200, keep: int = 10_000, max_reconnects: int = 10_000) -> None:
+    def __init__(self, target, user: str = "notebook", *, room: str | None = None,
+                 transport: str = "ws", shown: int = 200, keep: int = 10_000,
+                 max_reconnects: int = 10_000) -> None:
         if transport not in CLIENTS:
             raise ValueError(f"transport must be one of {', '.join(CLIENTS)}, not {transport!r}")
         limits = getattr(target, "limits", None)
+        home = unicodedata.normalize("NFKC", room).strip() if room else DEFAULT_ROOM
+        self._rooms: dict[str, Room] = {home: Room(home)}
+        self._home = home  # the connection's first room (ws, webtransport)
+        self._previous = home  # where to go back to if the room on screen is refused
         super().__init__(url=target if isinstance(target, str) else target.url,
-                         user=user, transport=transport,
+                         user=user, transport=transport, room=home,
+                         rooms=[{"room": home, "label": home, "unread": 0}],
                          max_text=limits.max_text if isinstance(limits, Limits)
                          else Limits().max_text)
         self._token = None if isinstance(target, str) else getattr(target, "token", None)
         self.shown = shown
         self.keep = keep
         self.max_reconnects = max_reconnects
-        self.messages: dict[int, Message] = {}
-        """Every message received (the newest ``keep``), by id."""
-        self.last_id = 0
         self.connections = 0  # successful (re)connections so far
         self._client = None
         self._client_was_connected = False
         self._loop = asyncio.get_running_loop()  # the kernel's: everything runs on it
         self._changed = asyncio.Event()
+        self._switched = asyncio.Event()  # HTTP transports: the room on screen changed
         self._outbox: dict[str, Outgoing] = {}  # insertion order is sending order
         self._wake_sender = asyncio.Event()
         self._typing_timer: asyncio.TimerHandle | None = None
@@ -171,6 +213,66 @@ class ChatPanel(anywidget.AnyWidget):
         self._tasks: set[asyncio.Task] = set()  # fire-and-forget tasks, referenced until done
         self.on_msg(self._on_view_message)
         self._task = self._loop.create_task(self._run())
+
+    @property
+    def messages(self) -> dict[int, Message]:
+        """Every message received in the room on screen (the newest ``keep``), by id."""
+        return self._rooms[self.room].messages
+
+    @property
+    def last_id(self) -> int:
+        """The cursor of the room on screen: the newest id received there."""
+        return self._rooms[self.room].last_id
+
+    # -- rooms ---------------------------------------------------------------------------
+
+    def switch(self, room: str, label: str = "") -> None:
+        """Show ``room``, joining it first if the panel is not in it yet. A refusal (a
+        private room, too many rooms) comes back in :attr:`error`, and the panel goes back
+        to the room it showed."""
+        name = unicodedata.normalize("NFKC", room).strip()
+        new = name not in self._rooms
+        if new:
+            self._rooms[name] = Room(name, label)
+        if name != self.room:
+            self._previous = self.room
+            shown = self._rooms[name]
+            shown.unread = 0
+            self._set(room=name, gaps=list(shown.gaps), presence=list(shown.presence),
+                      typing=None)
+            self._sync_history(now=True)
+            if self.transport not in MULTI_ROOM:
+                self._switched.set()  # a connection of this room replaces the current one
+        if new and self.transport in MULTI_ROOM and self._client is not None:
+            self._spawn(self._join(self._client, name))
+        self._sync_rooms()
+
+    def dm(self, user: str) -> None:
+        """Show the direct-message room with ``user`` (only the two of you read it)."""
+        self.switch(dm_room(self.user, user), label=user)
+
+    async def _join(self, client, name: str) -> None:
+        try:
+            await client.join(name)
+        except ChatRefused as exc:
+            self._room_refused(name, exc.error)
+
+    def _room_refused(self, name: str, error: str) -> None:
+        """The server would not let us into ``name``: say so, and leave it."""
+        self._set(error=f"cannot join {name}: {error}")
+        if name not in self._rooms or name == self._home:
+            return
+        if self.room == name:
+            self.switch(self._previous if self._previous in self._rooms
+                        and self._previous != name else self._home)
+        del self._rooms[name]
+        for entry in [e for e in self._outbox.values() if e.room == name]:
+            self._fail(entry, f"cannot join {name}")
+        self._sync_rooms()
+
+    def _sync_rooms(self) -> None:
+        self._set(rooms=[{"room": r.name, "label": r.label or r.name, "unread": r.unread}
+                         for r in self._rooms.values()])
 
     # -- what a saved notebook shows without a kernel -------------------------------------
 
@@ -209,9 +311,10 @@ class ChatPanel(anywidget.AnyWidget):
         backoff = Backoff(**BACKOFF)
         error: BaseException | None = None
         self._planned = False  # the last close was a planned one (PLANNED_CLOSES)
+        switched = False  # the last connection ended for a switch of rooms: no pause
         try:
             for attempt in range(self.max_reconnects):
-                if attempt:
+                if attempt and not switched:
                     # As the server asked (a close reason's delay, a 503's retry_after), else
                     # exponential backoff with full jitter, so that a restarted server isn't
                     # hit by everyone at the same instant (chatlib.clients.Backoff). The view
@@ -223,11 +326,12 @@ class ChatPanel(anywidget.AnyWidget):
                     await asyncio.sleep(pause)
                     self._set(retry_at=0.0)
                 try:
-                    await self._connection()
+                    switched = await self._connection()
+                    continue
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    error = exc
+                    error, switched = exc, False
                     if not retryable(exc):
                         logger.error("ChatPanel %s: stopped by an error", self.url, exc_info=exc)
                         self._set(state="failed", error=describe(exc))
@@ -250,33 +354,55 @@ class ChatPanel(anywidget.AnyWidget):
             if self.state not in ("closed", "failed"):
                 self._set(state="closed")
 
-    async def _connection(self) -> None:
-        """One connection: receive messages and send the outbox until either fails."""
+    async def _connection(self) -> bool:
+        """One connection: receive messages and send the outbox until either fails (raises
+        what ended it), or, on an HTTP transport, until the room on screen changes (returns
+        True). WebSocket and WebTransport join every room of the panel, each after its own
+        cursor; an HTTP transport follows the room on screen."""
         self._client_was_connected = False
-        client = CLIENTS[self.transport](self.url, self.user, after=self.last_id,
+        multi = self.transport in MULTI_ROOM
+        first = self._rooms[self._home if multi else self.room]
+        client = CLIENTS[self.transport](self.url, self.user, after=first.last_id,
+                                         room=first.name,
                                          token=self._token)  # a server in token mode
-        client.on_event = self._on_event
+        if multi:
+            client.cursors.update({r.name: r.last_id for r in self._rooms.values()})
+        client.on_event = lambda kind, data: self._on_event(kind, data, client.event_room(data))
+        self._switched.clear()
         try:
-            await client.connect()
+            try:
+                await client.connect()
+            except Exception as exc:
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                if multi or status != 403 or first.name == self._home:
+                    raise
+                self._room_refused(first.name, describe(exc))  # we may not read that room
+                return True
             self._client = client
             self._client_was_connected = True
             self.connections += 1
             self._set(state="connected", error="")
             receiver = self._loop.create_task(self._receive_loop(client))
             sender = self._loop.create_task(self._send_loop(client))
+            switch = self._loop.create_task(self._switched.wait())
             try:
-                done, _ = await asyncio.wait({receiver, sender},
+                done, _ = await asyncio.wait({receiver, sender, switch},
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (receiver, sender):
+                for task in (receiver, sender, switch):
                     task.cancel()
-                await asyncio.gather(receiver, sender, return_exceptions=True)
-            for task in done:
+                await asyncio.gather(receiver, sender, switch, return_exceptions=True)
+            for task in done - {switch}:
                 task.result()  # raises what ended the connection
+            if switch in done:
+                return True
             raise ConnectionError("the connection ended")
         finally:
             self._client = None
-            self.last_id = max(self.last_id, client.last_id)
+            for name, cursor in client.cursors.items():
+                if name in self._rooms:
+                    room = self._rooms[name]
+                    room.last_id = max(room.last_id, cursor)
             try:
                 await client.close()
             except Exception as exc:  # closing a broken connection may fail: nothing to do
@@ -286,22 +412,33 @@ class ChatPanel(anywidget.AnyWidget):
         while True:  # ends when the connection does
             self._add(await client.receive())
 
-    def _on_event(self, kind: str, data: dict) -> None:
-        if kind == "presence":
-            self._set(presence=[u for u in data.get("users", []) if isinstance(u, str)])
-        elif kind == "typing" and data.get("user") != self.user:
+    def _on_event(self, kind: str, data: dict, room: str = DEFAULT_ROOM) -> None:
+        """One event that is not a message, about ``room`` (the client says which)."""
+        here = self._rooms.get(room)
+        on_screen = room == self.room
+        if kind == "presence" and here is not None:
+            here.presence = [u for u in data.get("users", []) if isinstance(u, str)]
+            if on_screen:
+                self._set(presence=list(here.presence))
+        elif kind == "typing" and on_screen and data.get("user") != self.user:
             self._set(typing=data.get("user"))
             if self._typing_timer:
                 self._typing_timer.cancel()
             self._typing_timer = self._loop.call_later(TYPING_SHOW_S, self._clear_typing)
-        elif kind == "reset":  # the server's history was replaced: start over
-            self.messages.clear()
-            self.last_id = 0
-            self._set(gaps=[])
-        elif kind == "gap" and isinstance(data.get("first_id"), int):
-            if data["first_id"] not in self.gaps:  # messages up to first_id - 1 are lost
-                self._set(gaps=[*self.gaps, data["first_id"]])
-            self._sync_history(now=True)
+        elif kind == "reset" and here is not None:  # the room's history was replaced
+            here.messages.clear()
+            here.last_id = 0
+            here.gaps = []
+            if on_screen:
+                self._set(gaps=[])
+        elif kind == "gap" and here is not None and isinstance(data.get("first_id"), int):
+            if data["first_id"] not in here.gaps:  # messages up to first_id - 1 are lost
+                here.gaps = [*here.gaps, data["first_id"]]
+            if on_screen:
+                self._set(gaps=list(here.gaps))
+                self._sync_history(now=True)
+        elif kind == "dm" and isinstance(data.get("room"), str):
+            self._dm_arrived(data["room"], data.get("from"))
         elif kind == "ack":
             entry = self._outbox.get(data.get("client_id"))
             if entry is not None and isinstance(data.get("id"), int):
@@ -310,20 +447,40 @@ class ChatPanel(anywidget.AnyWidget):
             entry = self._outbox.get(data.get("client_id"))
             if entry is not None:  # the server refused this message
                 self._fail(entry, str(data.get("error", "refused")))
+            elif room != self._home and "client_id" not in data:  # a join refused
+                self._room_refused(room, str(data.get("error", "")))
             else:
                 self._set(error=str(data.get("error", "")))
         self._notify()
+
+    def _dm_arrived(self, room: str, sender) -> None:
+        """Someone wrote to us in DM room ``room``: it joins the switcher (unread)."""
+        if room in self._rooms:
+            return
+        self._rooms[room] = Room(room, sender if isinstance(sender, str) else "")
+        if self.transport in MULTI_ROOM and self._client is not None:
+            self._spawn(self._join(self._client, room))
+        self._sync_rooms()
 
     def _clear_typing(self) -> None:
         self._set(typing=None)
 
     def _add(self, message: Message) -> None:
-        if message.id in self.messages:
+        room = self._rooms.get(message.room)
+        if room is None or message.id in room.messages:
+            return  # a room we left, or a repeat
+        room.messages[message.id] = message
+        while len(room.messages) > self.keep:  # dicts keep insertion (= id) order
+            del room.messages[next(iter(room.messages))]
+        room.last_id = max(room.last_id, message.id)
+        if message.room != self.room:
+            if message.user == self.user:
+                self._settle_own(message)
+            else:
+                room.unread += 1
+                self._sync_rooms()
+            self._notify()
             return
-        self.messages[message.id] = message
-        while len(self.messages) > self.keep:  # dicts keep insertion (= id) order
-            del self.messages[next(iter(self.messages))]
-        self.last_id = max(self.last_id, message.id)
         if message.user == self.user:
             self._settle_own(message)
         elif message.user == self.typing:
@@ -357,7 +514,7 @@ class ChatPanel(anywidget.AnyWidget):
         self._last_sync = time.monotonic()
         newest = list(self.messages.values())[-self.shown:]
         self._set(history=[m.to_dict() for m in newest],
-                  outbox=[e.as_dict() for e in self._outbox.values()])
+                  outbox=[e.as_dict() for e in self._outbox.values() if e.room == self.room])
 
     def _notify(self) -> None:
         """Wake everyone in :meth:`wait_for`, then arm a fresh event for the next change."""
@@ -382,7 +539,11 @@ class ChatPanel(anywidget.AnyWidget):
         elif kind == "typing":
             client = self._client
             if client is not None:
-                self._spawn(client.send_typing())
+                self._spawn(client.send_typing(self.room))
+        elif kind == "switch" and isinstance(content.get("room"), str):
+            self._from_view(self.switch, content["room"])
+        elif kind == "dm" and isinstance(content.get("user"), str):
+            self._from_view(self.dm, content["user"])
         elif kind == "discard":
             entry = self._outbox.get(content.get("client_id"))
             if entry is not None and entry.state == "failed":
@@ -391,12 +552,20 @@ class ChatPanel(anywidget.AnyWidget):
         elif kind == "hello":  # a view asks whether a kernel is there: yes
             self.send({"type": "hello"})
 
+    def _from_view(self, action, value: str) -> None:
+        """A room switch or DM the person asked for; a name the server's rules refuse (or a
+        DM with oneself) is said in the status line."""
+        try:
+            action(value)
+        except (ChatError, ValueError) as exc:
+            self._set(error=str(exc))
+
     def _enqueue(self, text: str, client_id: str | None = None) -> Outgoing:
         if client_id in self._outbox:  # the same message again (a view resent it)
             return self._outbox[client_id]
         if len(self._outbox) >= MAX_OUTBOX:
             raise OverflowError(f"{MAX_OUTBOX} messages are waiting to be sent already")
-        entry = Outgoing(client_id or new_client_id(), text)
+        entry = Outgoing(client_id or new_client_id(), text, self.room)
         self._outbox[entry.client_id] = entry
         self._wake_sender.set()
         self._sync_outbox()
@@ -418,7 +587,8 @@ class ChatPanel(anywidget.AnyWidget):
                 continue
             try:
                 # Returns once the server has stored it (a WebSocket waits for the ack).
-                message = await client.send(entry.text, client_id=entry.client_id)
+                message = await client.send(entry.text, client_id=entry.client_id,
+                                            room=entry.room)
             except ChatRefused as exc:
                 if retryable(exc):  # 429, 5xx: the connection starts over, then resends
                     raise
@@ -431,9 +601,10 @@ class ChatPanel(anywidget.AnyWidget):
         if entry.client_id not in self._outbox:
             return
         entry.state, entry.id = "sent", message_id
+        stored = self._rooms[entry.room].messages if entry.room in self._rooms else {}
         if not entry.done.done():
-            entry.done.set_result(message or self.messages.get(message_id))
-        if message_id is not None and message_id in self.messages:
+            entry.done.set_result(message or stored.get(message_id))
+        if message_id is not None and message_id in stored:
             del self._outbox[entry.client_id]  # its echo is here already
         self._sync_history(now=True)
         self._notify()
