@@ -15,6 +15,7 @@ when it fails. Nothing here sleeps for correctness: helpers wait on events with 
   returned once the server has processed its hello (its user shows in
   ``/api/presence``), so typing and presence events sent afterwards reach it; pass
   ``ready=False`` to skip that wait.
+* ``chromium``: a headless Chromium browser (Playwright), closed at teardown.
 * ``http``: an ``httpx.AsyncClient`` (no base URL; pass ``server.url + "api/..."``).
 * ``raw_http``: ``await raw_http(port, b"GET / HTTP/1.1\\r\\n...")`` sends bytes exactly as
   given (no URL normalisation) and returns ``(status, headers, body)``.
@@ -41,6 +42,7 @@ from chatlib import (
     SSEClient,
     WebSocketClient,
 )
+from chatlib.browser import launch, unavailable
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 """Every client transport, by the ``transport`` name of its client class."""
@@ -99,6 +101,22 @@ async def log(request, tmp_path):
 async def server(start_chat, limits: Limits) -> ChatServer:
     """A started chat server on 127.0.0.1 with an ephemeral port (stopped at teardown)."""
     return await start_chat(limits=limits)
+
+
+@pytest.fixture
+async def chromium():
+    """A headless Chromium (chatlib.browser.launch), closed at teardown; the test is skipped
+    where none starts (chatlib.browser.unavailable)."""
+    if reason := unavailable():
+        pytest.skip(reason)
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await launch(p)
+        try:
+            yield browser
+        finally:
+            await browser.close()
 
 
 @pytest.fixture

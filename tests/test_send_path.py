@@ -21,7 +21,6 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from chatlib import MemoryLog, SQLiteLog, wire
-from chatlib.browser import launch, unavailable
 from chatlib.clients import ChatRefused
 from chatlib.store import StoreUnavailable
 
@@ -341,20 +340,6 @@ async def test_websocket_bad_client_id_is_an_error_frame_and_the_socket_stays(se
 # -- the chat page, in Chromium ------------------------------------------------------------
 
 PAGE_MS = 20_000  # generous: it only matters when something is broken
-
-
-@pytest.fixture
-async def chromium():
-    if reason := unavailable():
-        pytest.skip(reason)
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as p:
-        browser = await launch(p)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
