@@ -243,7 +243,13 @@ class Cluster:
     """Redis, ``processes`` chat processes and nginx, in one temporary directory."""
 
     def __init__(self, processes: int = 3, *, port: int | None = None,
-                 read_timeout: str = "60s", args: tuple[str, ...] = ()) -> None:
+                 read_timeout: str = "60s", args: tuple[str, ...] = (),
+                 token: str | None = None, private_rooms: tuple[str, ...] = ()) -> None:
+        self.token = token
+        """Token mode: every process checks this one token, so a user token minted for one
+        (:meth:`user_token`) is good on all of them."""
+        rooms = [arg for room in private_rooms for arg in ("--private-room", room)]
+        args = (*args, *(("--token", token) if token else ()), *rooms)
         self.directory = Path(tempfile.mkdtemp(prefix="chatlib-cluster-"))
         self.redis = RedisProcess(self.directory / "redis")
         self.servers = [ChatProcess(self.redis.url, args=args) for _ in range(processes)]
@@ -253,6 +259,15 @@ class Cluster:
     @property
     def url(self) -> str:
         return self.nginx.url
+
+    def user_token(self, user: str, rooms: tuple[str, ...] = ()) -> str:
+        """A token for ``user`` only (its direct messages, and the private ``rooms``),
+        accepted by every process (chatlib.auth.user_token)."""
+        if not self.token:
+            raise ValueError("user tokens need token mode: Cluster(token=...)")
+        from .auth import user_token
+
+        return user_token(self.token, user, rooms)
 
     async def start(self) -> Cluster:
         try:
