@@ -184,11 +184,16 @@ class Member:
         elif not self.closed:
             keep(asyncio.ensure_future(self.send(payload)))
 
-    def error(self, exc: ChatError, room: str | None, client_id: str | None = None) -> None:
-        """The error frame for ``exc`` (about ``room``, if it names one)."""
+    def error(self, exc: ChatError, room: str | None, client_id: str | None = None,
+              named: bool = False) -> None:
+        """The error frame for ``exc``, about ``room`` if it names one: then with the
+        ``room`` and the HTTP ``status``, as for a join or leave (``named``: the frame named
+        the room, the default one included). The default room's other errors are what they
+        were before rooms."""
         data = error_data(exc, client_id)
-        if room is not None and room != DEFAULT_ROOM:
+        if room is not None and (named or room != DEFAULT_ROOM):
             data["room"] = room
+            data["status"] = exc.status
         self.tell(wire.ws_event("error", data), room)
 
     def notice(self, event: str, data: dict) -> None:
@@ -224,12 +229,14 @@ async def handle_frame(member: Member, client: str, rate: RateLimit, budget: Sen
     handled, or answered with an error frame (the connection stays)."""
     limits = member.limits
     room = None
+    named = False  # the frame named its room (join, leave)
     try:
         kind, data = wire.read_client_frame(frame, limits)
         if kind == "join" or kind == "leave":
             if data.get("room") is None:
                 raise ChatError(400, f"{kind} needs a room")
             room = room_name(data.get("room"), limits)
+            named = True
             if kind == "leave":
                 if not member.leave(room):
                     raise ChatError(409, f"not in room {room}")
@@ -245,9 +252,10 @@ async def handle_frame(member: Member, client: str, rate: RateLimit, budget: Sen
                 raise ChatError(503, str(exc)) from None
             return
         room = room_name(data.get("room"), limits)
+        named = True  # not in it (the one error left here): say which room, even the default
         hub, outbox = member.room(room)
     except ChatError as exc:
-        member.error(exc, room)
+        member.error(exc, room, named=named)
         return
     user = member.user
     if kind == "typing":

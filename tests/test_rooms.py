@@ -238,6 +238,7 @@ async def test_websocket_leave_stops_the_room(chat):
             await ws.send(json.dumps({"type": "message", "text": "x", "room": "a"}))
             got = await frames_until(ws, lambda f: f["type"] == "error", ("error",))
             assert got[0]["room"] == "a" and "join it first" in got[0]["error"]
+            assert got[0]["status"] == 409
             await ws.send(json.dumps({"type": "message", "text": "still here"}))
             await frames_until(ws, text_is("still here"))
         finally:
@@ -257,7 +258,7 @@ async def test_websocket_posts_to_the_room_it_names(chat):
         # without "room" it is about the default room, which this connection is not in
         await ws.send(json.dumps({"type": "message", "text": "lost?"}))
         got = await frames_until(ws, lambda f: f["type"] == "error", ("error",))
-        assert "room" not in got[0] and "join it first" in got[0]["error"]
+        assert got[0]["room"] == DEFAULT_ROOM and "join it first" in got[0]["error"]
         await other.send(json.dumps({"type": "message", "text": "lobby"}))
         got = await frames_until(other, text_is("lobby"))
         assert [f["text"] for f in got] == ["lobby"]
@@ -275,12 +276,15 @@ async def test_websocket_refuses_bad_rooms_clearly(chat):
             return (await frames_until(ws, lambda f: f["type"] in ("error", "joined"),
                                        ("error", "joined")))[0]
 
-        assert "room" in (await answer({"type": "join", "room": "a\u200bb"}))["error"]
+        invisible = await answer({"type": "join", "room": "a\u200bb"})
+        assert "room" in invisible["error"] and "status" not in invisible  # unnamed room
         assert "@A+B" in (await answer({"type": "join", "room": "@nobody"}))["error"]
         assert "needs a room" in (await answer({"type": "join"}))["error"]
         assert (await answer({"type": "join", "room": "a"}))["type"] == "joined"
-        assert "already" in (await answer({"type": "join", "room": "a"}))["error"]
-        assert "too many rooms" in (await answer({"type": "join", "room": "b"}))["error"]
+        again = await answer({"type": "join", "room": "a"})
+        assert "already" in again["error"] and (again["room"], again["status"]) == ("a", 409)
+        full = await answer({"type": "join", "room": "b"})
+        assert "too many rooms" in full["error"] and full["status"] == 429
         await ws.send(json.dumps({"type": "message", "text": "fine"}))
         await frames_until(ws, text_is("fine"))
     finally:
