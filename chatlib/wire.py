@@ -133,6 +133,12 @@ def ws_typing(room: str | None = None) -> str:
     return dumps(_in_room({"type": "typing"}, room))
 
 
+def ws_older(before: int, room: str | None = None) -> str:
+    """Ask for the page of ``room``'s messages below id ``before`` (answered by ``older``,
+    the fields of ``GET /api/messages?before=ID``)."""
+    return dumps(_in_room({"type": "older", "before": before}, room))
+
+
 def ws_join(room: str, after: int = 0) -> str:
     """Join ``room`` too, resuming after ``after`` (that room's cursor; 0: a fresh join).
     Answered by ``joined`` ``{"room"}``, then that room's resume events and history."""
