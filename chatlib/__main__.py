@@ -26,7 +26,7 @@ async def serve(args: argparse.Namespace) -> None:
         from .redis_log import RedisLog
 
         log = RedisLog(args.redis, key=args.redis_key, max_len=args.retain,
-                       max_bytes=args.retain_bytes)
+                       max_bytes=args.retain_bytes, max_rooms=args.max_rooms)
     elif args.db:
         log = SQLiteLog(args.db, max_messages=args.retain, max_bytes=args.retain_bytes,
                         max_rooms=args.max_rooms)

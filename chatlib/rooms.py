@@ -56,6 +56,9 @@ class Rooms:
         self._busy: Counter[str] = Counter()  # requests using a room's hub now (using())
         self._users: dict[str, dict[object, Callable[[str, dict], None]]] = {}
         default.rooms = self
+        bus = default.bus
+        if bus is not None and hasattr(bus, "dm"):  # direct messages posted elsewhere
+            bus.dm_elsewhere = self._tell_dm
 
     @classmethod
     def of(cls, hub: Hub) -> Rooms:
@@ -72,8 +75,10 @@ class Rooms:
         hub = self.hubs.get(room)
         if hub is not None:
             return hub
-        hub = Hub(self.log.room(room), self.limits, admission=self.admission,
-                  replays=self.replays)
+        bus = self.default.bus  # presence and typing between processes, per room
+        hub = Hub(self.log.room(room), self.limits,
+                  bus=bus.room(room) if bus is not None and hasattr(bus, "room") else None,
+                  admission=self.admission, replays=self.replays)
         hub.rooms = self
         self._busy[room] += 1  # no one drops it while it starts
         try:
@@ -170,11 +175,20 @@ class Rooms:
 
     def posted(self, message: Message) -> None:
         """``message`` was stored: in a room of direct messages, tell the other user's
-        connections (``dm`` ``{"room", "from"}``) that are not in that room."""
-        pair = dm_users(message.room)
-        if pair is None:
+        connections (``dm`` ``{"room", "from"}``) that are not in that room, here and
+        (through the bus) on the other processes, which may not follow that room."""
+        if dm_users(message.room) is None:
             return
-        other = pair[1] if message.user == pair[0] else pair[0]
-        data = {"room": message.room, "from": message.user}
+        self._tell_dm(message.room, message.user)
+        bus = self.default.bus
+        if bus is not None and hasattr(bus, "dm"):
+            bus.dm(message.room, message.user)
+
+    def _tell_dm(self, room: str, sender: str) -> None:
+        pair = dm_users(room)
+        if pair is None or sender not in pair:
+            return
+        other = pair[1] if sender == pair[0] else pair[0]
+        data = {"room": room, "from": sender}
         for tell in list(self._users.get(other, {}).values()):
             tell("dm", data)

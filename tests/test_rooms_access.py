@@ -122,7 +122,7 @@ async def test_a_websocket_join_of_a_forbidden_room_is_refused_and_the_rest_stay
             await eve.send(json.dumps({"type": "join", "room": room, "after": 0}))
             error = await frame(eve, "error", "joined")
             assert error["type"] == "error" and error["room"] == room
-            assert error["error"].startswith("forbidden")
+            assert error["status"] == 403 and error["error"].startswith("forbidden")
         await eve.send(json.dumps({"type": "message", "room": DM, "text": "x"}))
         assert "join it first" in (await frame(eve, "error"))["error"]
         await eve.send(json.dumps({"type": "message", "text": "still in the lobby"}))
@@ -293,3 +293,36 @@ async def wait_for(condition) -> None:
     async with asyncio.timeout(T):
         while not condition():  # bounded by the timeout
             await asyncio.sleep(0.005)
+
+
+async def test_rooms_across_processes_on_redis(make_any_log, start_chat):
+    """Two processes (here: two servers) on one Redis: a room's presence, typing and
+    messages reach the other's clients in it, and a direct message the other user's
+    connections on the other process, which does not follow that room."""
+    from chatlib.redis_log import RedisLog
+
+    first = await make_any_log("redis")
+    second = RedisLog(first.url)
+    try:
+        one = await start_chat(log=first, limits=LIMITS)
+        two = await start_chat(log=second, limits=LIMITS)
+        ada = await ws_open(one, None, "ada", room="a")
+        bob = await ws_open(two, None, "bob", room="a")
+        try:
+            async with asyncio.timeout(T):
+                while True:  # bounded by the timeout: until ada sees bob
+                    seen = await frame(ada, "presence")
+                    if "bob" in seen["users"]:
+                        break
+            assert seen["room"] == "a"
+            await bob.send(json.dumps({"type": "typing", "room": "a"}))
+            assert await frame(ada, "typing") == {"type": "typing", "user": "bob", "room": "a"}
+            await ada.send(json.dumps({"type": "join", "room": DM}))
+            await frame(ada, "joined")
+            await ada.send(json.dumps({"type": "message", "room": DM, "text": "psst"}))
+            assert await frame(bob, "dm") == {"type": "dm", "room": DM, "from": "ada"}
+        finally:
+            await ada.close()
+            await bob.close()
+    finally:
+        await second.close()
