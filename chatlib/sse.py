@@ -40,6 +40,8 @@ async def events(request: Request) -> Response:
     user = optional_user(request.query_params, hub.limits)
     room = room_of(request.query_params, hub.limits, user, request.scope)
     rooms: Rooms = request.app.state.rooms
+    grant = request.scope.get(GRANT)
+    named = grant.user if grant is not None else user  # told of its direct messages
     async with rooms.using(room) as hub:
         if user and not hub.presence.take(user):  # a name joins by POST /api/presence,
             user = ""  # not by a GET
@@ -47,8 +49,7 @@ async def events(request: Request) -> Response:
         outbox = hub.subscribe(Outbox(wire.SSE, user, hub.limits.max_queue))
     stuck: StuckWatch = request.app.state.stuck
     stuck.watch(request.scope, outbox)
-    grant = request.scope.get(GRANT)
-    return EventStream(hub, outbox, resume, stuck, rooms, grant.user if grant else user)
+    return EventStream(hub, outbox, resume, stuck, rooms, named)
 
 
 RETRY, PING = (wire.SSE_RETRY,), (wire.SSE_PING,)

@@ -269,24 +269,35 @@ def test_cli_private_rooms_and_user_tokens(capsys):
         assert answer.status_code == 429 and "rooms" in answer.json()["error"]
 
 
-async def test_an_event_stream_hears_of_direct_messages(tokens):
-    server, token = tokens
+async def dm_on_a_stream(server, stream: dict, post: dict) -> dict:
+    """The ``dm`` event an event stream opened with ``stream`` (httpx options) gets when
+    ada posts in @ada+bob with ``post`` (httpx options)."""
     async with httpx.AsyncClient(timeout=T) as http:
         parser = SSEParser()
-        async with http.stream("GET", server.url + "api/events",
-                               headers=bearer(token["bob"])) as stream:
-            assert stream.status_code == 200
+        async with http.stream("GET", server.url + "api/events", **stream) as response:
+            assert response.status_code == 200
             await wait_for(lambda: server.hub.subscribed)
             answer = await http.post(server.url + "api/messages", params={"room": DM},
-                                     headers=bearer(token["ada"]),
-                                     json={"user": "ada", "text": "psst"})
+                                     json={"user": "ada", "text": "psst"}, **post)
             assert answer.status_code == 201
             async with asyncio.timeout(T):
-                async for chunk in stream.aiter_bytes():
+                async for chunk in response.aiter_bytes():
                     events = [e for e in parser.feed(chunk) if e.event == "dm"]
                     if events:
-                        break
-            assert json.loads(events[0].data) == {"room": DM, "from": "ada"}
+                        return json.loads(events[0].data)
+    raise AssertionError("the stream ended without a dm event")
+
+
+async def test_an_event_stream_hears_of_direct_messages(tokens):
+    server, token = tokens
+    assert await dm_on_a_stream(server, {"headers": bearer(token["bob"])},
+                                {"headers": bearer(token["ada"])}) == {"room": DM, "from": "ada"}
+
+
+async def test_an_open_mode_event_stream_hears_of_its_users_direct_messages(start_chat):
+    server = await start_chat(limits=LIMITS)
+    assert await dm_on_a_stream(server, {"params": {"user": "bob"}}, {}) == {
+        "room": DM, "from": "ada"}
 
 
 async def wait_for(condition) -> None:
