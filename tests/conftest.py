@@ -132,7 +132,7 @@ async def make_client():
         clients.append(client)
         await client.connect()
         if ready and transport == "ws":
-            await wait_present(client.url, user)
+            await wait_present(client.url, user, options.get("room"))
         return client
 
     try:
@@ -141,11 +141,14 @@ async def make_client():
         await shut_down(clients, "close", 5)
 
 
-async def wait_present(url: str, user: str, timeout: float = 10.0) -> None:
-    """Wait until ``user`` shows in the presence list of the server at ``url``."""
+async def wait_present(url: str, user: str, room: str | None = None,
+                       timeout: float = 10.0) -> None:
+    """Wait until ``user`` shows in the presence list of ``room`` (None: the default room)
+    of the server at ``url``."""
     async with httpx.AsyncClient() as http, asyncio.timeout(timeout):
         while True:  # bounded by the timeout
-            response = await http.get(url.rstrip("/") + "/api/presence")
+            response = await http.get(url.rstrip("/") + "/api/presence",
+                                      params={"room": room} if room else {})
             if user in response.json()["users"]:
                 return
             await asyncio.sleep(0.005)

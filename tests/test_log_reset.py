@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from chatlib.closecode import CloseCode
+from chatlib.store import DEFAULT_ROOM
 
 T = 20.0
 
@@ -37,16 +39,20 @@ async def receive_across_reconnects(client, timeout: float = T):
     raise AssertionError("no message after 20 reconnects")
 
 
+@pytest.mark.parametrize("room", [DEFAULT_ROOM, "lab"])
 async def test_flushall_resets_every_transport_on_every_process(
-        redis_server, start_chat, make_log, make_client):
+        redis_server, start_chat, make_log, make_client, room):
+    """In any room: each room's follower notices its own counter went back."""
     one = await start_chat(log=make_log(block=0.5))
     two = await start_chat(log=make_log(block=0.5))
-    clients = [await make_client("ws", one, "ws-one"), await make_client("sse", two, "sse-two"),
-               await make_client("ws", two, "ws-two"),
-               await make_client("longpoll", one, "lp-one", wait=0.5)]
+    clients = [await make_client("ws", one, "ws-one", room=room),
+               await make_client("sse", two, "sse-two", room=room),
+               await make_client("ws", two, "ws-two", room=room),
+               await make_client("longpoll", one, "lp-one", wait=0.5, room=room)]
+    params = {} if room == DEFAULT_ROOM else {"room": room}
     async with httpx.AsyncClient() as http:
         for i in range(5):
-            response = await http.post((one, two)[i % 2].url + "api/messages",
+            response = await http.post((one, two)[i % 2].url + "api/messages", params=params,
                                        json={"user": "ann", "text": f"before {i}"})
             assert response.status_code == 201
         for client in clients:
@@ -56,7 +62,8 @@ async def test_flushall_resets_every_transport_on_every_process(
             await admin.flushall()
         finally:
             await admin.aclose()
-        after = await http.post(two.url + "api/messages", json={"user": "ann", "text": "after"})
+        after = await http.post(two.url + "api/messages", params=params,
+                                json={"user": "ann", "text": "after"})
         assert after.status_code == 201 and after.json()["id"] == 1  # the ids started again
     for client in clients:
         message, closed_with = await receive_across_reconnects(client)
