@@ -45,3 +45,24 @@ def test_a_tiny_run_keeps_rooms_apart_and_reports(tmp_path):
     assert any(line.startswith("| 1 × 12 | ") for line in lines), done.stdout
     assert any(line.startswith("| 4 × 3 | ") for line in lines), done.stdout
 
+
+
+def test_readme_and_reference_figures_show_the_saved_run():
+    """bench/README.md's rooms table is the saved JSON's, the saved run delivered everything
+    to its own room only, and the reference figures the chapters and README.md quote are its
+    medians (one run behind every copy of a figure)."""
+    sys.path.insert(0, BENCH)
+    import rooms  # noqa: PLC0415  (bench/ is no package)
+
+    with open(os.path.join(BENCH, "rooms-results.json")) as f:
+        saved = json.load(f)
+    with open(os.path.join(BENCH, "README.md")) as f:
+        readme = f.read()
+    assert rooms.table(saved["table"]) in readme
+    assert all(run["all_delivered"] and not run["errors"] for run in saved["runs"])
+    root = os.path.dirname(BENCH)
+    with open(os.path.join(root, "notebooks", "reference_figures.json")) as f:
+        reference = json.load(f)["figures"]
+    by_split = {(row["rooms"], row["size"]): row for row in saved["table"]}
+    for key, split in (("cpu_room_1x1000", (1, 1000)), ("cpu_room_100x10", (100, 10))):
+        assert reference[key]["value"] == round(by_split[split]["us_per_delivery"], 2), key
