@@ -13,8 +13,17 @@ carries it; the WebSocket sender of one gets ``ack``, the stored message
 * HTTP: a JSON body; ``GET /api/messages`` answers ``{"messages": [...], "last_id": N}``
   (plus the resume protocol's events as fields: ``"reset": true``, ``"gap"``, ``"history"``).
 
+Rooms (chatlib.rooms; README, "Rooms and direct messages"): every event of a room other
+than the default one carries ``"room": NAME`` (a message, an ack, presence, typing, the
+resume protocol's events, ``older``, an error about it; a poll's answer at its top level);
+the default room's events are what they were before rooms. A WebSocket (and WebTransport)
+client is in one or more rooms: ``join`` is answered by ``joined`` ``{"room"}`` and then that
+room's resume events and history, ``leave`` by ``left`` ``{"room"}``; ``dm`` ``{"room",
+"from"}`` tells a user's connections of a direct message in a room they are not in
+(:func:`dm_room`).
+
 The resume protocol (decided in one place, chatlib.hub.Resume.of; README,
-"Resuming"), the same on every transport:
+"Resuming"), the same on every transport and in every room (one cursor per room):
 
 * a **fresh join** (no cursor, or 0) gets the newest page (at most ``Limits.history``
   messages), preceded by ``history`` ``{"before": ID}`` when older messages exist: ask for
