@@ -124,12 +124,14 @@ def server_stats(state) -> dict:
     (``behind``: 1013, fell behind, stuck ones included; 1001 also counts SSE clients that
     hung up; both need the fast path); ``stuck_resets``: connections reset for not reading
     (chatlib.stuck); all since the server started. Costs one ioctl per push client.
-    Clients are counted per room: a WebSocket in two rooms is two (one queue in each);
+    ``clients`` are per room (a WebSocket in two rooms has a queue in each: two entries),
+    ``connections`` are connections (a WebTransport session: per room too);
     ``published`` is the default room's.
     """
     hub: Hub = state.hub
     stuck: StuckWatch = state.stuck
     clients = []
+    connections: dict[str, set] = {"websocket": set(), "sse": set(), "webtransport": set()}
     for subscriber in state.rooms.subscribers:
         transport = stuck.transport(subscriber)
         unsent = None
@@ -140,12 +142,11 @@ def server_stats(state) -> dict:
             kind = "websocket" if subscriber.encoding is wire.WEBSOCKET else "sse"
         clients.append({"transport": kind, "user": subscriber.user,
                         "queued": subscriber.queued, "unsent_bytes": unsent})
+        connections[kind].add(transport if transport is not None else subscriber)
     clients.sort(key=lambda c: (c["queued"], c["unsent_bytes"] or 0), reverse=True)
     closes = stuck.closes
     return {
-        "connections": {"websocket": sum(c["transport"] == "websocket" for c in clients),
-                        "sse": sum(c["transport"] == "sse" for c in clients),
-                        "webtransport": sum(c["transport"] == "webtransport" for c in clients),
+        "connections": {**{kind: len(held) for kind, held in connections.items()},
                         "long_poll": state.long_polls},
         "clients": clients,
         "queued_max": max((c["queued"] for c in clients), default=0),

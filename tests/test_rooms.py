@@ -220,6 +220,19 @@ async def test_websocket_join_resumes_after_that_rooms_cursor(chat, kind):
             await ws.close()
 
 
+async def test_stats_count_a_connection_in_two_rooms_once(chat):
+    server = await chat("memory")
+    ws = await hello(server, "ada")
+    try:
+        await ws.send(json.dumps({"type": "join", "room": "a", "after": 0}))
+        await frames_until(ws, lambda f: f["type"] == "joined", ())
+        stats = server.stats()
+        assert stats["connections"]["websocket"] == 1
+        assert [c["user"] for c in stats["clients"]] == ["ada", "ada"]  # a queue per room
+    finally:
+        await ws.close()
+
+
 async def test_websocket_leave_stops_the_room(chat):
     server = await chat("memory")
     async with httpx.AsyncClient(timeout=T) as http:
