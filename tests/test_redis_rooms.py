@@ -35,6 +35,15 @@ async def admin(redis_server):
         await client.aclose()
 
 
+async def stop(tasks: list[asyncio.Task], buses: list) -> None:
+    """Cancel the buses' runs, then close the buses (they leave)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for bus in buses:
+        await bus.close()
+
+
 async def test_each_room_is_a_stream_with_its_own_ids(make_log, redis_server):
     log, other = make_log(), make_log()  # two processes
     lab = log.room("lab-1")
@@ -224,11 +233,7 @@ async def test_presence_and_typing_travel_per_room_on_one_bus(make_log):
         await until(lambda: told[1].get("x") == frozenset(), what="room x left")
         assert told[1][DEFAULT_ROOM] == {"ann"}
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for bus in buses:
-            await bus.close()
+        await stop(tasks, buses)
 
 
 async def test_a_direct_message_is_told_to_the_other_processes(make_log):
@@ -246,8 +251,4 @@ async def test_a_direct_message_is_told_to_the_other_processes(make_log):
                 await asyncio.sleep(0.05)
         assert set(told[1]) == {("@ada+bob", "ada")} and told[0] == []  # not to itself
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for bus in buses:
-            await bus.close()
+        await stop(tasks, buses)
