@@ -495,6 +495,14 @@ class HTTPClient(Client):
     def event_room(self, data: dict) -> str:
         return self.room  # one room per HTTP client: every event is about it
 
+    async def rooms(self) -> dict:
+        """``GET /api/rooms``: ``{"rooms": [{"room", "last_id"}, ...], "dms": [{"room",
+        "with", "last_id"}, ...]}``, the rooms this client may join and its direct messages
+        (a room's unread count is its last id minus the client's cursor there)."""
+        response = await self._request("GET", "api/rooms?" + urlencode({"user": self.user}))
+        response.raise_for_status()
+        return wire.loads(response.content)
+
     async def _poll(self, wait: float) -> int:
         """One GET of the messages after our cursor; returns how many arrived."""
         await self._join()

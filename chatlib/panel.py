@@ -70,6 +70,8 @@ CLIENTS = {"ws": WebSocketClient, "sse": SSEClient, "longpoll": LongPollClient,
            "poll": PollingClient, "webtransport": WebTransportClient}
 MULTI_ROOM = {"ws", "webtransport"}
 """Transports whose one connection is in every room of the panel (join/leave frames)."""
+ROOMS_EVERY_S = 5.0
+"""HTTP transports: how often the other rooms' unread counts are read (as the page does)."""
 BACKOFF = dict(base=0.4, cap=5.0)
 """The panel's :class:`~chatlib.clients.Backoff`: a server back on its port is found
 within ~5 s."""
@@ -137,6 +139,14 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def refusal(exc: BaseException) -> str:
+    """Why the server refused an HTTP request: its answer's ``error``, else :func:`describe`."""
+    try:
+        return str(exc.response.json()["error"])
+    except Exception:  # no response, not JSON, no "error": say what we know
+        return describe(exc)
+
+
 class ChatPanel(anywidget.AnyWidget):
     """A chat window for the notebook.
 
@@ -190,6 +200,7 @@ class ChatPanel(anywidget.AnyWidget):
         self._rooms: dict[str, Room] = {home: Room(home)}
         self._home = home  # the connection's first room (ws, webtransport)
         self._previous = home  # where to go back to if the room on screen is refused
+        self._room_error = ""  # why the last room asked for was refused
         super().__init__(url=target if isinstance(target, str) else target.url,
                          user=user, transport=transport, room=home,
                          rooms=[{"room": home, "label": home, "unread": 0}],
@@ -231,6 +242,7 @@ class ChatPanel(anywidget.AnyWidget):
         private room, too many rooms) comes back in :attr:`error`, and the panel goes back
         to the room it showed."""
         name = unicodedata.normalize("NFKC", room).strip()
+        self._room_error = ""
         new = name not in self._rooms
         if new:
             self._rooms[name] = Room(name, label)
@@ -258,17 +270,18 @@ class ChatPanel(anywidget.AnyWidget):
             self._room_refused(name, exc.error)
 
     def _room_refused(self, name: str, error: str) -> None:
-        """The server would not let us into ``name``: say so, and leave it."""
-        self._set(error=f"cannot join {name}: {error}")
-        if name not in self._rooms or name == self._home:
-            return
-        if self.room == name:
-            self.switch(self._previous if self._previous in self._rooms
-                        and self._previous != name else self._home)
-        del self._rooms[name]
-        for entry in [e for e in self._outbox.values() if e.room == name]:
-            self._fail(entry, f"cannot join {name}")
-        self._sync_rooms()
+        """The server would not let us into ``name``: say so (until the next switch), and
+        leave it."""
+        if name in self._rooms and name != self._home:
+            if self.room == name:
+                self.switch(self._previous if self._previous in self._rooms
+                            and self._previous != name else self._home)
+            del self._rooms[name]
+            for entry in [e for e in self._outbox.values() if e.room == name]:
+                self._fail(entry, f"cannot join {name}")
+            self._sync_rooms()
+        self._room_error = f"cannot join {name}: {error}"
+        self._set(error=self._room_error)
 
     def _sync_rooms(self) -> None:
         self._set(rooms=[{"room": r.name, "label": r.label or r.name, "unread": r.unread}
@@ -376,22 +389,24 @@ class ChatPanel(anywidget.AnyWidget):
                 status = getattr(getattr(exc, "response", None), "status_code", None)
                 if multi or status != 403 or first.name == self._home:
                     raise
-                self._room_refused(first.name, describe(exc))  # we may not read that room
+                self._room_refused(first.name, refusal(exc))  # we may not read that room
                 return True
             self._client = client
             self._client_was_connected = True
             self.connections += 1
-            self._set(state="connected", error="")
+            self._set(state="connected", error=self._room_error)
             receiver = self._loop.create_task(self._receive_loop(client))
             sender = self._loop.create_task(self._send_loop(client))
             switch = self._loop.create_task(self._switched.wait())
+            tasks = {receiver, sender, switch}
+            if not multi:
+                tasks.add(self._loop.create_task(self._watch_rooms(client)))
             try:
-                done, _ = await asyncio.wait({receiver, sender, switch},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for task in (receiver, sender, switch):
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(receiver, sender, switch, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
             for task in done - {switch}:
                 task.result()  # raises what ended the connection
             if switch in done:
@@ -407,6 +422,27 @@ class ChatPanel(anywidget.AnyWidget):
                 await client.close()
             except Exception as exc:  # closing a broken connection may fail: nothing to do
                 logger.debug("ChatPanel: close failed: %s", describe(exc))
+
+    async def _watch_rooms(self, client) -> None:
+        """HTTP transports, whose connection follows the room on screen only: every
+        ROOMS_EVERY_S, the rooms' last ids (``GET /api/rooms``) give the other rooms'
+        unread counts (ids are per room: last id minus our cursor there), and its ``dms``
+        the DM rooms someone opened with us (what a ``dm`` event tells a WebSocket)."""
+        while True:  # ends when the connection does (cancelled)
+            try:
+                listed = await client.rooms()
+            except Exception as exc:  # unread counts are a convenience: try again later
+                logger.debug("ChatPanel: GET api/rooms failed: %s", describe(exc))
+            else:
+                for entry in listed.get("dms", []):
+                    if entry.get("last_id", 0) > 0:
+                        self._dm_arrived(entry["room"], entry.get("with"))
+                for entry in [*listed.get("rooms", []), *listed.get("dms", [])]:
+                    room = self._rooms.get(entry.get("room"))
+                    if room is not None and room.name != self.room:
+                        room.unread = max(0, entry.get("last_id", 0) - room.last_id)
+                self._sync_rooms()
+            await asyncio.sleep(ROOMS_EVERY_S)
 
     async def _receive_loop(self, client) -> None:
         while True:  # ends when the connection does

@@ -128,9 +128,8 @@ async def test_the_panel_starts_in_its_room_and_switches(transport, server, pane
         panel.switch("lab-2")
         await bob.send("for lab 2")
         await shows(panel, ["for lab 2"])
-        await ada.send("lab 1 while away")
-        if transport == "ws":  # one connection in both rooms: counted unread
-            await panel.wait_for(lambda p: p.rooms[0]["unread"] == 1)
+        await ada.send("lab 1 while away")  # counted unread (ws: live; HTTP: api/rooms)
+        await panel.wait_for(lambda p: p.rooms[0]["unread"] == 1, timeout=20)
         panel.switch("lab-1")
         await shows(panel, ["for lab 1", "lab 1 while away"])
         assert [r["unread"] for r in panel.rooms] == [0, 0]
@@ -139,8 +138,9 @@ async def test_the_panel_starts_in_its_room_and_switches(transport, server, pane
         assert [m.text for m in await server.log.after(0)] == []
 
 
-async def test_the_panel_opens_a_dm_and_is_told_of_one(server, panels):
-    panel = panels(server, "notebook")
+@pytest.mark.parametrize("transport", ["ws", "poll"])
+async def test_the_panel_opens_a_dm_and_is_told_of_one(transport, server, panels):
+    panel = panels(server, "notebook", transport=transport)
     await panel.wait_connected()
     async with WebSocketClient(server.url, "ada") as ada:
         room = dm_room("ada", "notebook")
@@ -164,8 +164,9 @@ async def _until(client, text: str, timeout: float = 10.0):
                 return
 
 
-async def test_the_panel_shows_a_refused_room_and_goes_back(server, panels):
-    panel = panels(server, "notebook")
+@pytest.mark.parametrize("transport", ["ws", "sse"])
+async def test_the_panel_shows_a_refused_room_and_goes_back(transport, server, panels):
+    panel = panels(server, "notebook", transport=transport)
     await panel.wait_connected()
     panel.switch(dm_room("ada", "bob"))
     await panel.wait_for(lambda p: "cannot join" in p.error and p.room == DEFAULT_ROOM,
