@@ -252,3 +252,20 @@ async def test_a_direct_message_is_told_to_the_other_processes(make_log):
         assert set(told[1]) == {("@ada+bob", "ada")} and told[0] == []  # not to itself
     finally:
         await stop(tasks, buses)
+
+
+async def test_room_logs_nobody_follows_are_not_held_forever(make_log):
+    """Asking for rooms costs no Redis, but each view is an object: past 2 x max_rooms,
+    the views of rooms this process does not follow are dropped (made again on demand)."""
+    log = make_log(max_rooms=3)
+    followed = log.room("followed")
+    pages = followed.follow(0)
+    first = asyncio.ensure_future(next_page(pages))
+    await until(lambda: log._store.follower.followed() == {followed._stream})
+    for i in range(20):
+        log.room(f"asked-{i}")
+    assert len(log._store.rooms) <= 2 * 3
+    assert log.room("followed") is followed and log.room(DEFAULT_ROOM) is log
+    await followed.append("ada", "still here")
+    assert [m.text for m in await first] == ["still here"]
+    await pages.aclose()
