@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatlib import MemoryLog, Message, SQLiteLog
+from chatlib.store import DEFAULT_ROOM
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -252,15 +253,20 @@ async def test_sqlite_migrates_a_database_from_before_client_ids(tmp_path):
         await reopened.close()
 
 
-async def test_a_page_is_after_first_id_and_last_id_in_one_read(every_log):
-    """MessageLog.page: what a poll needs, in one read; trimmed by retention too."""
-    log = every_log
+@pytest.mark.parametrize("room", [None, "lab"])
+async def test_a_page_is_after_first_id_and_last_id_in_one_read(every_log, room):
+    """MessageLog.page: what a poll needs, in one read; trimmed by retention too. A room's
+    page is its own (issue 23): another room's messages change none of its bounds."""
+    log = every_log.room(room) if room else every_log
+    if room:
+        await every_log.append("bob", "in the default room")
     assert await log.page(0, 10) == ([], 1, 0)
     for i in range(5):
         await log.append("ada", f"m{i}")
     assert await log.page(2, 2) == (await log.after(2, 2), 1, 5)
     assert await log.page(5, 10) == ([], 1, 5)
     assert await log.page(0, 0) == ([], 1, 5)
+    assert {m.room for m in (await log.page(0, 10)).messages} == {room or DEFAULT_ROOM}
 
 
 async def test_a_page_says_where_retention_starts(tmp_path):
