@@ -405,6 +405,10 @@ class _Follower:
     and reads the new room from its cursor, so nothing appended meanwhile is missed. A room
     nobody follows any more simply drops out of the next one (no wake-up: what it reads
     meanwhile for that room is not given to anyone).
+
+    Each ``XREAD`` names every stream followed, with its cursor, and one is sent after each
+    reply: its size grows with the rooms followed, and at a low message rate nearly every
+    message costs one (bench/README.md, "Rooms across processes").
     """
 
     def __init__(self, reader: aioredis.Redis, store: _Store, block: float,
