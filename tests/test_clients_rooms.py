@@ -87,7 +87,7 @@ async def test_a_refused_join_raises_and_the_connection_stays(server):
     async with WebSocketClient(server.url, "eve") as eve:
         with pytest.raises(ChatRefused) as refused:
             await eve.join(dm_room("ada", "bob"))
-        assert refused.value.error.startswith("forbidden")
+        assert refused.value.status == 403 and refused.value.error.startswith("forbidden")
         assert dm_room("ada", "bob") not in eve.cursors
         assert (await eve.send("eve is still here")).room == DEFAULT_ROOM
 
