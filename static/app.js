@@ -76,6 +76,7 @@
   const LATENCY_SAMPLES = 200;      // the running median covers the last N messages
   const NICK_KEY = 'chat.nick';          // localStorage: the nick last joined with
   const TAB_NICK_KEY = 'chat.tab-nick';  // sessionStorage: this tab's nick (kept on reload)
+  const TAB_ROOMS_KEY = 'chat.tab-rooms'; // sessionStorage: this tab's rooms, and the one shown
 
   // ---- DOM --------------------------------------------------------------------
   const $ = (id) => document.getElementById(id);
@@ -205,6 +206,32 @@
       }
       return li;
     }));
+    saveRooms();
+  }
+
+  // A reload keeps the tab's rooms and the one on screen (their messages come again, each
+  // room's newest page: a fresh join), but DMs of another nick; a new tab starts in the
+  // default room.
+  function saveRooms() {
+    const rooms = [...state.rooms.values()].map((r) => [r.name, r.label]);
+    try {
+      sessionStorage.setItem(TAB_ROOMS_KEY, JSON.stringify({ rooms, room: state.room }));
+    } catch { /* storage disabled: fine */ }
+  }
+
+  function restoreRooms(nick) {
+    const me = nick.normalize('NFKC');
+    const mine = (name) => !name.startsWith('@') || name.startsWith(`@${me}+`) || name.endsWith(`+${me}`);
+    let saved = null;
+    try { saved = JSON.parse(sessionStorage.getItem(TAB_ROOMS_KEY)); } catch { return; }
+    if (!saved || !Array.isArray(saved.rooms)) return;
+    for (const entry of saved.rooms) {
+      const [name, label] = Array.isArray(entry) ? entry : [];
+      if (typeof name === 'string' && !state.rooms.has(name) && mine(name)) {
+        state.rooms.set(name, newRoom(name, typeof label === 'string' ? label : ''));
+      }
+    }
+    if (typeof saved.room === 'string' && state.rooms.has(saved.room)) switchRoom(saved.room);
   }
 
   // Show room `name` (joining it first if the page is not in it yet). Its rows come back as
@@ -1534,14 +1561,15 @@
     const query = params.toString();
     history.replaceState(null, '', location.pathname + (query ? `?${query}` : '') + location.hash);
   }
-  const startRoom = (params.get('room') || '').trim().normalize('NFKC');
-  if (startRoom && !startRoom.startsWith('@')) switchRoom(startRoom);
-  renderRooms();
   const wanted = params.get('transport');
   if (TRANSPORTS.has(wanted)) els.transportSelect.value = wanted;
   const userParam = params.get('user');
   const tabNick = loadNick('sessionStorage', TAB_NICK_KEY);
   els.nick.value = userParam || tabNick || loadNick('localStorage', NICK_KEY) || randomGuest();
+  restoreRooms(els.nick.value);
+  const startRoom = (params.get('room') || '').trim().normalize('NFKC');
+  if (startRoom && !startRoom.startsWith('@')) switchRoom(startRoom);
+  renderRooms();
   loadLimits();
   if (userParam) join();
   else {

@@ -133,6 +133,21 @@ async def test_a_room_joined_by_name_is_created_and_escaped(server, chromium):
     assert not errors, errors
 
 
+async def test_a_reload_keeps_the_tabs_rooms(server, chromium):
+    ada, errors = await open_page(chromium, f"{server.url}?user=ada&transport=ws")
+    await ada.fill("#room-name", "red")
+    await ada.press("#room-name", "Enter")
+    await say(ada, "red before the reload")
+    await expect(texts(ada)).to_have_text(["red before the reload"], timeout=UI_MS)
+    await ada.reload()
+    await connected(ada)
+    await expect(ada.locator("#rooms li")).to_have_count(2)
+    await expect(room_item(ada, "red").locator("button.room")).to_have_attribute(
+        "aria-current", "true")
+    await expect(texts(ada)).to_have_text(["red before the reload"], timeout=UI_MS)
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("transport", ["ws", "longpoll"])
 async def test_a_dm_between_the_page_and_the_panel_reaches_only_them(transport, server, chromium):
     panel = ChatPanel(server, user="notebook")
