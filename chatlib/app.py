@@ -88,7 +88,7 @@ async def room_list(request: Request) -> Response:
         user = grant.user
     elif rooms.token_mode:
         user = ""  # the shared token: no direct messages
-    mine = rooms.readable(user, grant)
+    mine = rooms.readable(grant)
     listed, dms = [], []
     for room, last_id in sorted((await rooms.log.rooms()).items(),
                                 key=lambda item: (item[0] != DEFAULT_ROOM, item[0])):

@@ -173,8 +173,10 @@ class Hub:
         self._wake = Wake()  # the next publish wakes the long polls parked on it
         self.presence = Presence(limits, self._broadcast)
         """Who is here; its ``presence`` events go out through this hub's fan-out."""
-        self._replays = replays if replays is not None else RateLimits(
+        self.replays = replays if replays is not None else RateLimits(
             limits.replay_rate, limits.replay_burst)
+        """Each client address's budget of history pages (:meth:`history`; one for every
+        room's hub: chatlib.rooms)."""
         self._published = 0  # every message up to this id has been fanned out
         self._fanning: deque[tuple[list[Subscriber], Batch]] = deque()  # see _fan_out
         self._fanned = 0  # subscribers of _fanning[0] done (of each fan-out of the group)
@@ -312,7 +314,7 @@ class Hub:
             await asyncio.sleep(0)
             if address is not None:
                 for _ in range(1 << 30):  # until the address has a token, or the hub closes
-                    if self._replays.allow(address):
+                    if self.replays.allow(address):
                         break
                     if self.closing.is_set():
                         return

@@ -47,7 +47,7 @@ class Rooms:
         self.log = default.log
         self.limits = default.limits
         self.admission = default.admission
-        self.replays: RateLimits = default._replays
+        self.replays: RateLimits = default.replays
         self.private = frozenset(private_rooms)
         """Rooms only the user tokens that list them may join."""
         self.token_mode = token_mode
@@ -69,9 +69,9 @@ class Rooms:
     # -- hubs ----------------------------------------------------------------------------
 
     async def hub(self, room: str) -> Hub:
-        """The hub of ``room``, made and started if this process holds none (ChatError 429
-        when the log holds as many rooms as it may). Use it inside :meth:`using` or keep
-        it by subscribing, or it may be dropped at the next :meth:`release`."""
+        """The hub of ``room``, made and started if this process holds none (StoreUnavailable
+        if the log cannot be read). Use it inside :meth:`using` or keep it by subscribing,
+        or it may be dropped at the next :meth:`release`."""
         hub = self.hubs.get(room)
         if hub is not None:
             return hub
@@ -153,7 +153,7 @@ class Rooms:
         elif room in self.private and (grant is None or room not in grant.rooms):
             raise ChatError(403, f"forbidden: {room} is a private room")
 
-    def readable(self, user: str, grant=None) -> set[str]:
+    def readable(self, grant=None) -> set[str]:
         """The private rooms ``grant`` lets its user into (chatlib.app's room list)."""
         return set(grant.rooms) & self.private if grant is not None else set()
 
