@@ -173,6 +173,10 @@ class Rooms:
             if not connections:
                 del self._users[user]
 
+    def connections(self, user: str) -> int:
+        """How many push connections of ``user`` would be told of a direct message."""
+        return len(self._users.get(user, ()))
+
     def posted(self, message: Message) -> None:
         """``message`` was stored: in a room of direct messages, tell the other user's
         connections (``dm`` ``{"room", "from"}``) that are not in that room, here and

@@ -78,17 +78,17 @@ async def websocket(ws: WebSocket) -> None:
     member = Member(rooms, user, grant_of(ws.scope), ws.send_text,
                     lambda: Outbox(wire.WEBSOCKET, user, limits.max_queue), writer, stuck)
     try:
-        await member.join(room, after, announce=False)
-    except StoreUnavailable:
-        await ws.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
-        return
-    except ChatError as exc:  # the log holds as many rooms as it may
-        await ws.send_text(wire.ws_event("error", {"error": exc.error}))
-        await ws.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
-        return
-    budget: SendBudget = ws.app.state.budget
-    rate = budget.connection()
-    try:
+        try:
+            await member.join(room, after, announce=False)
+        except StoreUnavailable:
+            await ws.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
+            return
+        except ChatError as exc:  # no room at all for it (rooms_per_client)
+            await ws.send_text(wire.ws_event("error", {"error": exc.error}))
+            await ws.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
+            return
+        budget: SendBudget = ws.app.state.budget
+        rate = budget.connection()
         while True:
             event = await ws.receive()
             if event["type"] == "websocket.disconnect":

@@ -220,6 +220,18 @@ async def test_websocket_join_resumes_after_that_rooms_cursor(chat, kind):
             await ws.close()
 
 
+async def test_a_refused_hello_leaves_nothing_behind(chat):
+    server = await chat("memory", limits=Limits(rooms_per_client=0))
+    ws = await hello(server, "ada")
+    try:
+        assert "too many rooms" in json.loads(await ws.recv())["error"]
+        await asyncio.wait_for(ws.wait_closed(), T)
+        assert ws.close_code == 1008
+    finally:
+        await ws.close()
+    await wait_until(lambda: not server.rooms.connections("ada"))
+
+
 async def test_stats_count_a_connection_in_two_rooms_once(chat):
     server = await chat("memory")
     ws = await hello(server, "ada")
