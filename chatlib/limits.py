@@ -158,8 +158,9 @@ class Limits:
     """Rooms a log made by the server holds at most (the default room included); a new one
     beyond is refused (429). A log given to the server keeps its own bound."""
     rooms_per_client: int = 20
-    """Rooms one WebSocket or WebTransport connection may be in at once (429 beyond): each
-    room it is in is one more subscription, one more queue of its own."""
+    """Rooms one WebSocket or WebTransport connection may be in at once, and one polling
+    user present in (``POST /api/presence``); 429 beyond: each room it is in is one more
+    subscription, one more queue or presence entry of its own."""
     allowed_origins: set[str] = field(default_factory=set)
     """Extra browser origins allowed besides the server's own (e.g. a JupyterLab origin)."""
     allowed_hosts: set[str] = field(default_factory=set)

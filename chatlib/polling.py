@@ -224,6 +224,10 @@ async def presence(request: Request) -> Response:
     async with in_room(request, room) as hub:
         if request.method == "POST":
             if not hub.presence.refresh(user):  # a new polling session (a name here is not)
+                rooms: Rooms = request.app.state.rooms
+                if rooms.polled_in(user) >= limits.rooms_per_client:
+                    raise ChatError(429, "too many rooms for one polling user"
+                                         f" (at most {limits.rooms_per_client})")
                 wait = hub.admission.admit()
                 if wait is not None:
                     raise ChatError(503, BUSY_ERROR, wait)

@@ -124,6 +124,11 @@ class Rooms:
             hub.presence.changed()
             self.release(hub)
 
+    def polled_in(self, user: str) -> int:
+        """In how many rooms HTTP user ``user`` is present (``POST /api/presence``), at
+        most ``rooms_per_client``, as a push connection's rooms."""
+        return sum(hub.presence.last_seen(user) is not None for hub in self.hubs.values())
+
     @property
     def subscribers(self) -> list[Subscriber]:
         """Every push client of every room (a connection in two rooms counts twice)."""

@@ -220,6 +220,19 @@ async def test_websocket_join_resumes_after_that_rooms_cursor(chat, kind):
             await ws.close()
 
 
+async def test_a_polling_user_is_present_in_a_bounded_number_of_rooms(chat):
+    server = await chat("memory", limits=Limits(rooms_per_client=2))
+    async with httpx.AsyncClient(timeout=T) as http:
+        for room, status in (("a", 200), ("b", 200), ("a", 200), ("c", 429)):
+            answer = await http.post(server.url + "api/presence", params={"room": room},
+                                     json={"user": "ada"})
+            assert answer.status_code == status, answer.text
+        assert "too many rooms" in answer.json()["error"]
+        answer = await http.post(server.url + "api/presence", params={"room": "c"},
+                                 json={"user": "bob"})
+        assert answer.status_code == 200  # another user's own bound
+
+
 async def test_a_refused_hello_leaves_nothing_behind(chat):
     server = await chat("memory", limits=Limits(rooms_per_client=0))
     ws = await hello(server, "ada")
