@@ -216,6 +216,7 @@ class ChatPanel(anywidget.AnyWidget):
         self._loop = asyncio.get_running_loop()  # the kernel's: everything runs on it
         self._changed = asyncio.Event()
         self._switched = asyncio.Event()  # HTTP transports: the room on screen changed
+        self._joins: dict[str, asyncio.Task] = {}  # ws, webtransport: a join on its way
         self._outbox: dict[str, Outgoing] = {}  # insertion order is sending order
         self._wake_sender = asyncio.Event()
         self._typing_timer: asyncio.TimerHandle | None = None
@@ -256,7 +257,7 @@ class ChatPanel(anywidget.AnyWidget):
             if self.transport not in MULTI_ROOM:
                 self._switched.set()  # a connection of this room replaces the current one
         if new and self.transport in MULTI_ROOM and self._client is not None:
-            self._spawn(self._join(self._client, name))
+            self._joins[name] = self._spawn(self._join(self._client, name))
         self._sync_rooms()
 
     def dm(self, user: str) -> None:
@@ -495,7 +496,7 @@ class ChatPanel(anywidget.AnyWidget):
             return
         self._rooms[room] = Room(room, sender if isinstance(sender, str) else "")
         if self.transport in MULTI_ROOM and self._client is not None:
-            self._spawn(self._join(self._client, room))
+            self._joins[room] = self._spawn(self._join(self._client, room))
         self._sync_rooms()
 
     def _clear_typing(self) -> None:
@@ -621,6 +622,12 @@ class ChatPanel(anywidget.AnyWidget):
                 self._wake_sender.clear()
                 await self._wake_sender.wait()
                 continue
+            joining = self._joins.get(entry.room)
+            if joining is not None and not joining.done():
+                # Its room's join first: a message the server reads before it is refused
+                # (not in that room), and the join runs in a task of its own.
+                await asyncio.shield(joining)
+                continue  # (the room may have been refused: its messages failed)
             try:
                 # Returns once the server has stored it (a WebSocket waits for the ack).
                 message = await client.send(entry.text, client_id=entry.client_id,
@@ -688,10 +695,11 @@ class ChatPanel(anywidget.AnyWidget):
         """Texts of own messages the server has not confirmed yet, oldest first."""
         return [e.text for e in self._outbox.values() if e.state == "pending"]
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine) -> asyncio.Task:
         task = self._loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)

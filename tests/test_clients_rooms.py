@@ -138,6 +138,14 @@ async def test_the_panel_starts_in_its_room_and_switches(transport, server, pane
         assert [m.text for m in await server.log.after(0)] == []
 
 
+async def test_a_panel_message_right_after_a_switch_goes_to_the_new_room(server, panels):
+    panel = panels(server, "notebook")
+    await panel.wait_connected()
+    panel.switch("lab-9")
+    sent = await panel.send("right away")  # its join is on its way in a task
+    assert sent.room == "lab-9" and panel.room == "lab-9" and not panel.error
+
+
 @pytest.mark.parametrize("transport", ["ws", "poll"])
 async def test_the_panel_opens_a_dm_and_is_told_of_one(transport, server, panels):
     panel = panels(server, "notebook", transport=transport)
@@ -174,3 +182,4 @@ async def test_the_panel_shows_a_refused_room_and_goes_back(transport, server, p
     assert [r["room"] for r in panel.rooms] == [DEFAULT_ROOM]
     assert "forbidden" in panel.error
     await panel.send("still connected")
+
