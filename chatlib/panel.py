@@ -155,7 +155,9 @@ class ChatPanel(anywidget.AnyWidget):
     ``webtransport`` (a server started with ``webtransport=True``, on this machine).
     ``shown`` bounds what the view gets (the newest messages); ``keep`` bounds
     :attr:`messages` (per room). ``room`` is the room to start in (default: the server's
-    default room).
+    default room). ``token`` is for a server in token mode (default: a server's own shared
+    token): a user token (``server.user_token(user, rooms=[...])``) lets the panel into its
+    user's DMs and the private rooms it lists, which the shared token does not.
     """
 
     _esm = HERE / "panel.js"
@@ -191,8 +193,8 @@ class ChatPanel(anywidget.AnyWidget):
     view counts characters as the text nears it."""
 
     def __init__(self, target, user: str = "notebook", *, room: str | None = None,
-                 transport: str = "ws", shown: int = 200, keep: int = 10_000,
-                 max_reconnects: int = 10_000) -> None:
+                 transport: str = "ws", token: str | None = None, shown: int = 200,
+                 keep: int = 10_000, max_reconnects: int = 10_000) -> None:
         if transport not in CLIENTS:
             raise ValueError(f"transport must be one of {', '.join(CLIENTS)}, not {transport!r}")
         limits = getattr(target, "limits", None)
@@ -206,7 +208,8 @@ class ChatPanel(anywidget.AnyWidget):
                          rooms=[{"room": home, "label": home, "unread": 0}],
                          max_text=limits.max_text if isinstance(limits, Limits)
                          else Limits().max_text)
-        self._token = None if isinstance(target, str) else getattr(target, "token", None)
+        self._token = token or (None if isinstance(target, str)
+                                else getattr(target, "token", None))
         self.shown = shown
         self.keep = keep
         self.max_reconnects = max_reconnects

@@ -183,3 +183,17 @@ async def test_the_panel_shows_a_refused_room_and_goes_back(transport, server, p
     assert "forbidden" in panel.error
     await panel.send("still connected")
 
+
+async def test_a_panel_with_a_user_token_reads_its_private_room(start_chat, panels):
+    server = await start_chat(token=True, private_rooms={"staff"})
+    shared = panels(server, "guest")
+    await shared.wait_connected()
+    shared.switch("staff")  # the shared token opens no private room
+    await shared.wait_for(lambda p: "forbidden" in p.error and p.room == DEFAULT_ROOM,
+                          timeout=20)
+    staff = panels(server, "ada", token=server.user_token("ada", rooms=["staff"]))
+    await staff.wait_connected()
+    staff.switch("staff")
+    sent = await staff.send("staff only")
+    assert sent.room == "staff"
+    assert [m.text for m in await server.log.room("staff").after(0)] == ["staff only"]
