@@ -393,10 +393,16 @@ class Client:
             self.errors.append(data["error"])
             self._refused(data.get("client_id"), ChatRefused(data.get("status", 0), data["error"]))
             if data.get("client_id") is None and data.get("room", self.room) != self.room:
-                self.cursors.pop(data["room"], None)  # a refused join: not in that room
+                # A refused join, or a frame about a room this connection is not in (the
+                # server names the room, not the message): not in that room.
+                refused = ChatRefused(data.get("status", 0), data["error"])
+                self.cursors.pop(data["room"], None)
                 waiting = self._joining.get(data["room"])
                 if waiting is not None and not waiting.done():
-                    waiting.set_exception(ChatRefused(data.get("status", 0), data["error"]))
+                    waiting.set_exception(refused)
+                for client_id, room in list(self._pending_rooms.items()):
+                    if room == data["room"]:
+                        self._refused(client_id, refused)
         elif kind == "joined":
             waiting = self._joining.get(data.get("room"))
             if waiting is not None and not waiting.done():

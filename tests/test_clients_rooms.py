@@ -92,6 +92,14 @@ async def test_a_refused_join_raises_and_the_connection_stays(server):
         assert (await eve.send("eve is still here")).room == DEFAULT_ROOM
 
 
+async def test_a_message_to_a_room_not_joined_is_refused_at_once(server):
+    async with WebSocketClient(server.url, "ada", ack_timeout=30) as ada:
+        async with asyncio.timeout(10):  # not after ack_timeout
+            with pytest.raises(ChatRefused) as refused:
+                await ada.send("nobody joined", room="elsewhere")
+        assert refused.value.status == 409 and not ada.pending
+
+
 async def test_an_http_client_cannot_join_a_second_room(server):
     async with client("poll", server, "ada") as ada:
         with pytest.raises(TypeError, match="one client per room"):
