@@ -71,6 +71,11 @@ class Admission:
     bucket forgets both: its tokens overflow while the refused wait, and the refused
     return to find the latecomers took the rest.)
 
+    What it promises: over time, ``admit_rate`` sessions per second plus the burst; in any
+    one second, at most the slots due in ``1 + LATE`` seconds plus the burst (a catch-up
+    after the loop could not take arrivals for a while: they waited in the kernel, and
+    their slots for them).
+
     One per hub (``hub.admission``): every transport calls :meth:`admit` once per new
     session, before it does any work for it.
     """

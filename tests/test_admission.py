@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from chatlib import Limits
-from chatlib.admission import Admission
+from chatlib.admission import LATE, Admission
 from chatlib.clients import (
     Backoff,
     LongPollClient,
@@ -245,8 +245,9 @@ async def follow(client: CountingClient, want: int) -> None:
 
 async def test_a_reconnect_storm_is_admitted_at_the_configured_rate(start_chat, admissions):
     """300 WebSocket clients reconnect at once (a naive restart) to a server admitting 100
-    new sessions per second: admissions in any 1 s window stay within rate + 10 % +
-    burst, every client is back, and each got every message once, in order."""
+    new sessions per second: admissions in any 1 s window stay within the rate (+ 10 %)
+    over 1 + LATE seconds plus the burst, every client is back, and each got every
+    message once, in order."""
     rate, burst, clients_n = 100, 30, 300
     server = await start_chat(limits=Limits(admit_rate=0, rate=1000, burst=1000))
     clients = [CountingClient(server.url, f"c{i}") for i in range(clients_n)]
@@ -272,7 +273,10 @@ async def test_a_reconnect_storm_is_admitted_at_the_configured_rate(start_chat, 
         refused = sum(answer is not None for _, answer in admissions)
         assert len(admitted) == clients_n  # each came back once, and stayed
         worst = max(sum(1 for u in admitted[i:] if u < t + 1.0) for i, t in enumerate(admitted))
-        assert worst <= rate * 1.1 + burst, worst
+        # a slot waits up to LATE for its client: after a loop stall (this process also
+        # runs the 300 clients) the server catches up, so one second may take the slots of
+        # up to 1 + LATE seconds, never more (everyone at once would be 300)
+        assert worst <= rate * (1 + LATE) * 1.1 + burst, worst
         span = admitted[-1] - admitted[0]
         # the hints waste little time (generous: the clients share this process and a
         # loaded machine's cores with the server; bench/storm.py measures it)
