@@ -17,7 +17,8 @@ clients' process keeps, per message id, how many clients got it and when the las
 500 ms* when all N got it and the last one no later than 500 ms after it was posted.
 
 Per step: ``within_share`` (the share of broadcasts that did), ``p50_all_ms`` / ``p95_all_ms``
-(time until the last client had it), ``server_cpu_s`` and ``clients_cpu_share`` (the clients'
+(time until the last client had it; ``to_all_ms``: each broadcast's, None if not every
+client got it), ``server_cpu_s`` and ``clients_cpu_share`` (the clients'
 process's CPU time over the step's wall time: near 1.0, the load generator was the limit,
 and the step measures it, not the server).
 
@@ -245,6 +246,7 @@ async def measure(n: int, broadcasts: int = 20, *, interval: float = INTERVAL,
                 p50_all_ms=storm.percentile(to_all, 50) * 1000,
                 p95_all_ms=storm.percentile(to_all, 95) * 1000,
                 incomplete=sum(t == float("inf") for t in to_all),
+                to_all_ms=[round(t * 1000, 1) if t < float("inf") else None for t in to_all],
                 server_cpu_s=server_cpu, clients_cpu_share=report["clients_cpu_share"])
 
 
