@@ -1,7 +1,9 @@
 """``python -m chatlib serve --port 8765``: the same server, outside Jupyter.
 
-``python -m chatlib user-token --token T ada --room staff``: a token for user ada only,
-letting her into the private room staff too (``serve --token T --private-room staff``).
+``python -m chatlib user-token --user-secret S ada --room staff``: a token for user ada
+only, letting her into the private room staff too, on a server started with
+``serve --token T --user-secret S --private-room staff`` (S may instead come from the
+environment, ``CHATLIB_USER_SECRET``; never give out S: it mints tokens for anyone).
 
 ``python -m chatlib netem --listen 9000 --target 127.0.0.1:8765 --delay 50ms``: a proxy in
 front of it that makes loopback feel like a real network (see chatlib/netem.py).
@@ -11,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 
 from . import collector
-from .auth import USER_TOKEN_TTL, checked_token, page_link, user_token
+from .auth import USER_SECRET_ENV, USER_TOKEN_TTL, page_link, user_token
 from .closecode import CloseCode
 from .limits import RETAIN_BYTES, RETAIN_MESSAGES, Limits
 from .server import ChatServer
@@ -40,7 +43,8 @@ async def serve(args: argparse.Namespace) -> None:
     server = ChatServer(args.host, args.port, log=log, limits=limits,
                         compression=args.compression, token=args.token,
                         forwarded_allow_ips=args.forwarded_allow_ips,
-                        webtransport=args.webtransport, private_rooms=args.private_room)
+                        webtransport=args.webtransport, private_rooms=args.private_room,
+                        user_secret=args.user_secret)
     await server.start()
     collector.settle()  # no full collection of the cyclic GC in the middle of a join storm
     link = page_link(server.url, server.token)
@@ -119,12 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-rooms", type=int, default=defaults.max_rooms, metavar="N",
                    help="rooms the log holds at most, the default room included"
                         f" (default {defaults.max_rooms})")
+    p.add_argument("--user-secret", metavar="S", default=os.environ.get(USER_SECRET_ENV),
+                   help="what signs user tokens (token mode; default: $"
+                        f"{USER_SECRET_ENV}, else a random one that only this process knows)")
     p.add_argument("--private-room", action="append", default=[], metavar="NAME",
                    help="a room only the user tokens that list it may join (token mode;"
                         " repeat for more; tokens: python -m chatlib user-token)")
     u = sub.add_parser("user-token", help="print a token for one user (token mode)")
     u.add_argument("user")
-    u.add_argument("--token", required=True, help="the server's token (--token of serve)")
+    u.add_argument("--user-secret", metavar="S", default=os.environ.get(USER_SECRET_ENV),
+                   help=f"the server's --user-secret (default: ${USER_SECRET_ENV})")
     u.add_argument("--room", action="append", default=[], metavar="NAME",
                    help="a private room it may join (repeat for more)")
     u.add_argument("--ttl", type=float, default=USER_TOKEN_TTL, metavar="S",
@@ -133,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
                                        "a bandwidth cap and cuts in front of the chat server"))
     args = parser.parse_args(argv)
     if args.command == "user-token":
-        print(user_token(checked_token(args.token), args.user, args.room, args.ttl))
+        if not args.user_secret:
+            parser.error(f"user-token needs --user-secret (or ${USER_SECRET_ENV})")
+        print(user_token(args.user_secret, args.user, args.room, args.ttl))
         return
     asyncio.run(serve(args) if args.command == "serve" else netem.run(args))
 

@@ -216,9 +216,10 @@ class ChatApp(Starlette):
 
 
 def create_app(hub: Hub, hosts: HostPolicy | None = None,
-               token: str | None = None) -> Starlette:
+               token: str | None = None, user_secret: str | None = None) -> Starlette:
     """The chat app for ``hub``; ``hosts`` is the Host allowlist (chatlib.guard); with a
-    ``token`` every request needs it (chatlib.auth)."""
+    ``token`` every request needs it, or a user token signed with ``user_secret``
+    (chatlib.auth)."""
     routes = [
         Route("/", index),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
@@ -237,7 +238,8 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
         exception_handlers={ChatError: chat_error, HTTPException: http_error,
                             StoreUnavailable: store_unavailable},
         middleware=[Middleware(Guard, limits=hub.limits, hosts=hosts),
-                    *([Middleware(TokenGate, token=token)] if token else [])],
+                    *([Middleware(TokenGate, token=token, user_secret=user_secret)]
+                      if token else [])],
     )
     app.state.hub = hub
     app.state.rooms = Rooms.of(hub)  # the server made it (private rooms); else open rooms

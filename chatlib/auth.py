@@ -42,11 +42,16 @@ takes does not tell how much of a guess was right.
 User tokens (rooms and direct messages, chatlib.rooms): the shared token lets its holder
 in as anyone, into every open room. ``ChatServer.user_token(user, rooms)`` mints a token
 for one user, :func:`user_token`: its user, the private rooms it may join and its expiry,
-signed with an HMAC keyed by the shared token (so only this server, or one with the same
-token, makes or accepts it). It is carried exactly as the shared token (header, query,
-cookie) and lets in as that user only: :class:`TokenGate` puts its :class:`Grant` in the
-request's scope (:data:`GRANT`) and the transports refuse (403) a nickname other than
-its user, and let it into its direct messages and the private rooms it lists.
+signed with an HMAC keyed by the server's *user secret*. That secret is not the shared
+token, nor derived from it: everyone in the class holds the shared token (it is in the
+link), so a key made from it would let any of them mint a token for anyone else and read
+their direct messages. The user secret never leaves the server: ``ChatServer`` makes a
+random one (``user_secret=``, or ``serve --user-secret`` / ``CHATLIB_USER_SECRET``, to
+give several processes, or ``chatlib user-token``, the same one). A user token is carried
+exactly as the shared token (header, query, cookie) and lets in as that user only:
+:class:`TokenGate` puts its :class:`Grant` in the request's scope (:data:`GRANT`) and the
+transports refuse (403) a nickname other than its user, and let it into its direct
+messages and the private rooms it lists.
 """
 
 from __future__ import annotations
@@ -112,29 +117,39 @@ def _nfkc(name: str) -> str:
     return unicodedata.normalize("NFKC", name).strip()
 
 
-def _user_key(token: str) -> bytes:
-    return hmac.new(token.encode(), b"chatlib user tokens", "sha256").digest()
+USER_SECRET_ENV = "CHATLIB_USER_SECRET"
+"""The environment variable ``chatlib serve`` and ``chatlib user-token`` read it from."""
 
 
-def user_token(token: str, user: str, rooms=(), ttl: float = USER_TOKEN_TTL) -> str:
+def new_user_secret() -> str:
+    """A random secret that signs user tokens (256 bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def _user_key(secret: str) -> bytes:
+    return hmac.new(secret.encode(), b"chatlib user tokens", "sha256").digest()
+
+
+def user_token(secret: str, user: str, rooms=(), ttl: float = USER_TOKEN_TTL) -> str:
     """A token for ``user`` only, letting it into the private ``rooms`` too, valid ``ttl``
-    seconds, signed with a key derived from the server's shared ``token``:
+    seconds, signed with a key derived from the server's user ``secret`` (never the shared
+    token: see the module docstring):
     ``u.PAYLOAD.SIGNATURE`` (URL-safe base64 of its JSON and of its HMAC-SHA256)."""
     user, rooms = _nfkc(user), [_nfkc(room) for room in rooms]  # as the server reads names
     payload = _b64(json.dumps({"u": user, "r": sorted(rooms), "exp": int(time.time() + ttl)},
                               separators=(",", ":")).encode())
-    signature = _b64(hmac.new(_user_key(token), payload.encode(), "sha256").digest())
+    signature = _b64(hmac.new(_user_key(secret), payload.encode(), "sha256").digest())
     return f"u.{payload}.{signature}"
 
 
-def read_user_token(token: str, value: str) -> Grant | None:
-    """The grant of a user token made with :func:`user_token` for this ``token``; None if
+def read_user_token(secret: str, value: str) -> Grant | None:
+    """The grant of a user token made with :func:`user_token` with this ``secret``; None if
     ``value`` is no such token, is forged or has expired."""
     prefix, _, rest = value.partition(".")
     payload, _, signature = rest.partition(".")
     if prefix != "u" or not payload or not signature or len(value) > 4096:
         return None
-    expected = _b64(hmac.new(_user_key(token), payload.encode(), "sha256").digest())
+    expected = _b64(hmac.new(_user_key(secret), payload.encode(), "sha256").digest())
     if not hmac.compare_digest(signature.encode(), expected.encode()):
         return None
     try:
@@ -168,9 +183,10 @@ class TokenGate:
     untouched (nothing per message). See the module docstring for where the token may be.
     """
 
-    def __init__(self, app, token: str) -> None:
+    def __init__(self, app, token: str, user_secret: str | None = None) -> None:
         self.app = app
-        self.secret = token
+        self.user_secret = user_secret
+        """What signs user tokens (None: none is accepted)."""
         self.token = token.encode()
         self.page = page_path(token)
 
@@ -189,7 +205,7 @@ class TokenGate:
         path, root = scope["path"], scope.get("root_path", "")
         under = root + self.page
         if value is not None:  # a user token: the routes see who it lets in
-            scope = {**scope, GRANT: read_user_token(self.secret, value)}
+            scope = {**scope, GRANT: self.grant(value)}
         if path == under or path.startswith(under + "/"):
             # The routes see the path below the page's (ASGI: path includes root_path).
             scope = {**scope, "root_path": under}
@@ -205,8 +221,14 @@ class TokenGate:
         if isinstance(value, bytes):
             value = value.decode("latin-1")
         if value[:2] == "u.":
-            return value if read_user_token(self.secret, value) is not None else False
+            return value if self.grant(value) is not None else False
         return hmac.compare_digest(value.encode("utf-8", "replace"), self.token)
+
+    def grant(self, value: str) -> Grant | None:
+        """What the user token ``value`` lets in, None if it is not a valid one."""
+        if self.user_secret is None:
+            return None
+        return read_user_token(self.user_secret, value)
 
     def presented(self, scope, cookie: str) -> str | None:
         """Where the request carries a valid token ("header", "query", "cookie") or None."""

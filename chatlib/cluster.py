@@ -31,6 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .auth import new_user_secret, user_token
+
 NGINX_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
 NGINX_FAIL_TIMEOUT = 10.0
 """nginx's ``fail_timeout`` (its default; deploy/nginx.conf keeps it): how long a chat process
@@ -246,10 +248,13 @@ class Cluster:
                  read_timeout: str = "60s", args: tuple[str, ...] = (),
                  token: str | None = None, private_rooms: tuple[str, ...] = ()) -> None:
         self.token = token
-        """Token mode: every process checks this one token, so a user token minted for one
+        """Token mode: every process checks this one token."""
+        self.user_secret = new_user_secret() if token else None
+        """Every process signs and checks user tokens with this one secret, so a user token
         (:meth:`user_token`) is good on all of them."""
         rooms = [arg for room in private_rooms for arg in ("--private-room", room)]
-        args = (*args, *(("--token", token) if token else ()), *rooms)
+        secret = ("--token", token, "--user-secret", self.user_secret) if token else ()
+        args = (*args, *secret, *rooms)
         self.directory = Path(tempfile.mkdtemp(prefix="chatlib-cluster-"))
         self.redis = RedisProcess(self.directory / "redis")
         self.servers = [ChatProcess(self.redis.url, args=args) for _ in range(processes)]
@@ -265,9 +270,7 @@ class Cluster:
         accepted by every process (chatlib.auth.user_token)."""
         if not self.token:
             raise ValueError("user tokens need token mode: Cluster(token=...)")
-        from .auth import user_token
-
-        return user_token(self.token, user, rooms)
+        return user_token(self.user_secret, user, rooms)
 
     async def start(self) -> Cluster:
         try:

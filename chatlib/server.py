@@ -34,7 +34,7 @@ import uvicorn
 
 from . import protocols
 from .app import create_app, server_stats
-from .auth import USER_TOKEN_TTL, checked_token, user_token
+from .auth import USER_TOKEN_TTL, checked_token, new_user_secret, user_token
 from .closecode import CloseCode
 from .colab import PAGE_UNREACHABLE, in_colab
 from .guard import Guard, host_policy
@@ -210,6 +210,7 @@ class ChatServer:
         forwarded_allow_ips: str | list[str] | None = None,
         webtransport: bool = False,
         private_rooms=(),
+        user_secret: str | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
@@ -232,6 +233,9 @@ class ChatServer:
         self.private_rooms = frozenset(private_rooms)
         """Rooms only the user tokens that list them may join (token mode only:
         :meth:`user_token`; chatlib.rooms)."""
+        self.user_secret = user_secret or (new_user_secret() if self.token else None)
+        """What signs :meth:`user_token`'s tokens: random unless given (to share it with
+        other processes); never the shared token, which every learner holds (chatlib.auth)."""
         if self.private_rooms and self.token is None:
             raise ValueError("private rooms need token mode (token=...): in open mode "
                              "anyone may join any room")
@@ -289,13 +293,13 @@ class ChatServer:
             raise
         self.port = self._socket.getsockname()[1]
         hosts = host_policy(self.host, self.port, self.limits, public_url(self))
-        app = self._app = create_app(self.hub, hosts, self.token)
+        app = self._app = create_app(self.hub, hosts, self.token, self.user_secret)
         if self._udp:
             from .webtransport import WebTransportServer  # aioquic loads only when asked for
 
             self._webtransport = app.state.webtransport = WebTransportServer(
                 self.hub, app.state.budget, Guard(None, self.limits, hosts), app.state.stuck,
-                self.token)
+                self.token, self.user_secret)
             await self._webtransport.start(self._udp)
         config = uvicorn.Config(
             app,
@@ -431,7 +435,7 @@ class ChatServer:
         token (``Authorization: Bearer``, ``?token=``, the cookie)."""
         if self.token is None:
             raise ValueError("user tokens need token mode (token=...)")
-        return user_token(self.token, user, rooms, ttl)
+        return user_token(self.user_secret, user, rooms, ttl)
 
     def stats(self) -> dict:
         """Backpressure and admission now (chatlib.app.server_stats; ``GET /api/stats``)."""
@@ -523,6 +527,8 @@ async def start_server(port: int = 0, host: str = "127.0.0.1", **options) -> Cha
         options.setdefault("log", previous.log)
         if options.get("token") is True and previous.token:
             options["token"] = previous.token
+        if previous.user_secret:  # the user tokens handed out stay good too
+            options.setdefault("user_secret", previous.user_secret)
     # Same URL for open browser tabs when the port is still free: the previous server's
     # (a re-run), or this notebook's last one (a kernel restart).
     reused = port == 0 and ((previous.port if previous else 0) or notebook_port(host))

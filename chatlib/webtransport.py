@@ -101,7 +101,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import quicpath, wire
-from .auth import GRANT, Grant, TokenGate, cookie_name, read_user_token
+from .auth import GRANT, Grant, TokenGate, cookie_name
 from .closecode import BUSY, CloseCode, close_reason
 from .guard import Guard
 from .hub import Batch, Hub, Resume
@@ -686,14 +686,14 @@ class WebTransportServer:
     ``host:port`` (and ``::1`` beside ``127.0.0.1``), sessions into ``hub``."""
 
     def __init__(self, hub: Hub, budget: SendBudget, guard: Guard, stuck: StuckWatch,
-                 token: str | None = None) -> None:
+                 token: str | None = None, user_secret: str | None = None) -> None:
         if quicpath.MISSING:
             raise RuntimeError("this aioquic lacks what chatlib.quicpath reads: "
                                + ", ".join(quicpath.MISSING))
         self.hub, self.budget, self.guard = hub, budget, guard
         self.rooms = Rooms.of(hub)
         self.limits: Limits = hub.limits
-        self.token_gate = TokenGate(None, token) if token else None
+        self.token_gate = TokenGate(None, token, user_secret) if token else None
         self.stuck = stuck
         """The server's stuck-client watch: its counts (``closes``, ``resets``) include
         WebTransport sessions (``GET /api/stats``)."""
@@ -800,8 +800,7 @@ class WebTransportServer:
         if self.token_gate is not None:
             source, value = self.token_gate.presented_value(scope, cookie_name(self.port))
             if source is not None:
-                self.granted = None if value is None else read_user_token(
-                    self.token_gate.secret, value)
+                self.granted = None if value is None else self.token_gate.grant(value)
             else:
                 tickets = [v for k, v in parse_qsl(query.decode("latin-1")) if k == "ticket"]
                 for ticket in tickets:

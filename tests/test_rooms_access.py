@@ -19,6 +19,7 @@ from test_webtransport import Probe
 from websockets.asyncio.client import connect as ws_connect
 
 from chatlib import ChatServer, Limits
+from chatlib.auth import user_token
 from chatlib.wire import SSEParser
 
 T = 15.0
@@ -228,6 +229,20 @@ async def test_open_mode_direct_messages_go_by_nickname(start_chat):
         assert rooms == {"rooms": [{"room": "lobby", "last_id": 0}], "dms": []}
 
 
+async def test_the_shared_token_cannot_mint_user_tokens(tokens, http):
+    """Everyone in the class holds the shared token (it is in the link): a user token
+    signed with it, or with anything derived from it, is refused; only the server's own
+    user secret signs one it accepts."""
+    server, token = tokens
+    forged = user_token(server.token, "bob")
+    answer = await http.get(server.url + "api/rooms", headers=bearer(forged))
+    assert answer.status_code == 401
+    assert server.user_secret and server.user_secret != server.token
+    genuine = user_token(server.user_secret, "bob")
+    answer = await http.get(server.url + "api/rooms", headers=bearer(genuine))
+    assert answer.status_code == 200
+
+
 async def test_user_tokens_are_checked(tokens, http):
     server, token = tokens
     forged = token["eve"][:-4] + ("AAAA" if not token["eve"].endswith("AAAA") else "BBBB")
@@ -245,9 +260,10 @@ def test_cli_private_rooms_and_user_tokens(capsys):
     """``chatlib user-token`` mints what ``serve --token T --private-room R`` accepts."""
     from chatlib.__main__ import main
 
-    main(["user-token", "--token", "s3cret", "ａｄａ", "--room", "staff"])
+    main(["user-token", "--user-secret", "k3y", "ａｄａ", "--room", "staff"])
     minted = capsys.readouterr().out.strip()
-    with serve_cli("--token", "s3cret", "--private-room", "staff", "--max-rooms", "5") as line:
+    with serve_cli("--token", "s3cret", "--user-secret", "k3y", "--private-room", "staff",
+                   "--max-rooms", "5") as line:
         match = re.search(r"serving on (http://\S+/)", line)
         assert match, line
         base = match.group(1).rsplit("/t/", 1)[0] + "/"
