@@ -228,7 +228,7 @@ async def handle_frame(member: Member, client: str, rate: RateLimit, budget: Sen
     """One frame after the hello, from ``member``'s connection at address ``client``:
     handled, or answered with an error frame (the connection stays)."""
     limits = member.limits
-    room = None
+    room = kind = None
     named = False  # the frame named its room (join, leave)
     try:
         kind, data = wire.read_client_frame(frame, limits)
@@ -255,7 +255,11 @@ async def handle_frame(member: Member, client: str, rate: RateLimit, budget: Sen
         named = True  # not in it (the one error left here): say which room, even the default
         hub, outbox = member.room(room)
     except ChatError as exc:
-        member.error(exc, room, named=named)
+        cid = None
+        if kind == "message":  # name the refused message, so its sender stops waiting
+            with contextlib.suppress(ChatError):
+                cid = client_id(data.get("client_id"))
+        member.error(exc, room, cid, named=named)
         return
     user = member.user
     if kind == "typing":

@@ -273,10 +273,12 @@ async def test_websocket_leave_stops_the_room(chat):
             got = await frames_until(ws, text_is("lobby"))
             assert [f["text"] for f in got] == ["lobby"]
             # posting in a room it is not in is refused, and the connection stays
-            await ws.send(json.dumps({"type": "message", "text": "x", "room": "a"}))
+            await ws.send(json.dumps({"type": "message", "text": "x", "room": "a",
+                                      "client_id": "c9"}))
             got = await frames_until(ws, lambda f: f["type"] == "error", ("error",))
             assert got[0]["room"] == "a" and "join it first" in got[0]["error"]
-            assert got[0]["status"] == 409
+            # the error names the refused message: its sender stops waiting for an ack
+            assert (got[0]["status"], got[0]["client_id"]) == (409, "c9")
             await ws.send(json.dumps({"type": "message", "text": "still here"}))
             await frames_until(ws, text_is("still here"))
         finally:
