@@ -1,50 +1,59 @@
-"""Reconnect storm: N WebSocket clients come back at once after a server restart.
+"""Reconnect storm: N WebSocket clients come back at once to a server, each with history
+to catch up on, while a bystander chats on it.
 
 ``python bench/storm.py [-n 2000] [--catch-up 500] [--repeats 3] [--modes naive,jitter]
 [--json results.json]`` runs every mode once per repeat, modes alternating, and prints (and
-saves) each trial and the medians per mode. ``storm.trial(...)`` runs one trial from a
-notebook (chapter 12).
+saves) each trial, the medians per mode, and issue 20's "Done when" figures per mode
+(:func:`done_when`). ``storm.trial(...)`` runs one trial from a notebook (chapter 12).
 
 One trial, three processes:
 
-* **server**: a :class:`chatlib.ChatServer` in this process (127.0.0.1, an ephemeral port, a
-  ``MemoryLog``), so ``time.process_time()`` here is the server's CPU. Every client comes
-  from 127.0.0.1, so the per-address budgets (sending, replay pages) are lifted: in real life
-  2,000 clients come from 2,000 addresses, and here they would share one address's budget.
+* **servers**: two :class:`chatlib.ChatServer` in this process (127.0.0.1, ephemeral ports,
+  one ``MemoryLog``): the *old* one, which goes away, and the *measured* one, which takes
+  its clients over (a failover; a restart is the same storm, and the bystander's would
+  be cut too). ``time.process_time()`` here is the servers' CPU (the old one's only its
+  1012 closes). Every client comes from 127.0.0.1, so the per-address budgets (sending,
+  replay pages) are lifted: in real life 2,000 clients come from 2,000 addresses, and here
+  they would share one address's budget.
 * **the storm** (``storm.py clients``, one process): N raw WebSocket clients. Each checks
   that ids arrive one after the other (chatlib's ids count 1, 2, 3...): an id above
   ``last_id + 1`` counts the ids between as lost, one at or below ``last_id`` as duplicated.
-* **a bystander** (``storm.py bystander``, one process): one WebSocket client that posts a
-  live message every ``1 / live_rate`` s, on a fixed schedule, and measures when it gets
-  each one back: latency = received - scheduled send time (so a late send counts).
+* **a bystander** (``storm.py bystander``, one process): one WebSocket client of the
+  measured server, connected before the storm and through it, that posts a live message
+  every ``1 / live_rate`` s on a fixed schedule and measures when it gets each one back:
+  latency = received - scheduled send time (so a late send counts). Its window is the
+  storm's, t0 until every client is back, whatever the policy.
 
-1. **Join** (not measured): the storm's clients connect, 1 ms apart, resuming after the
-   newest id; a ``sync`` message reaches all of them.
-2. **Restart**: the server stops with 1012 (service restart); ``catch_up`` messages are
-   appended to the log while it is down; a new server starts on the same port with the same
-   log (``t0``: it accepts). Every client now has ``catch_up`` messages to catch up on.
-3. **Storm**: each client reconnects by its mode's policy (:func:`next_delay`) and sends its
-   cursor; it is *back* once it has every message up to the newest at ``t0``. The bystander
-   reconnects at once and posts live messages until every client is back.
+1. **Join** (not measured): the storm's clients connect to the old server, 1 ms apart; a
+   ``sync`` message reaches all of them. The bystander joins the measured server.
+2. **Missed**: ``catch_up`` messages are appended to the log (the measured server has
+   them, the old one's clients do not).
+3. **Storm** (``t0``): the old server stops with 1012 (service restart); each client
+   reconnects, to the measured server, by its mode's policy (:func:`next_delay`) and
+   sends its cursor; it is *back* once it has every message up to the newest at ``t0``.
+   The bystander posts live messages until every client is back.
 4. **Settle**: one last message; every client must reach it; then the counts.
 
 Modes: ``naive`` reconnects at once, then retries every ``naive_delay`` s (the same instants
 for everyone); ``jitter`` waits ``uniform(0, min(cap, base * 2**attempt))`` before every
-attempt, the first included ("full jitter"); ``admission`` is ``jitter`` against a server
-with admission control (``Limits.admit_rate``, chatlib.admission: at most ``admit_rate`` new
-sessions per second, the rest closed 1013 ``busy: retry after S s``), and a client told
-"retry after S s" waits exactly S (the server gave each refused client its own slot);
-``spread`` is ``admission`` with a restart that announces each client's own delay in its
-1012 close reason (``ChatServer.restarting()``: ``restart: retry after S s``, S uniform over
-the time the server takes to admit everyone). The ``naive`` and ``jitter`` servers admit
-everyone (``admit_rate=0``). Without admission control in chatlib the last two are left out.
+attempt, the first included ("full jitter"); ``admission``: the clients reconnect at once
+(the server alone shapes the arrivals) to a server with admission control
+(``Limits.admit_rate``, chatlib.admission: at most ``admit_rate`` new sessions per second,
+the rest closed 1013 ``busy: retry after S s``), and a client told "retry after S s" waits
+exactly S (the server handed each refused client its own slot); ``spread`` is
+``admission`` with a 1012 that announces each client's own delay
+(``ChatServer.restarting()``: ``restart: retry after S s``, S uniform over
+``n / admit_rate``, the time the server takes to admit everyone). The ``naive`` and
+``jitter`` servers admit everyone (``admit_rate=0``).
 
 Per trial: ``all_back_s`` (t0 until the last client is back), ``first_history_p50_s`` /
 ``p99`` (t0 until a client's first message), ``server_cpu_s`` (this process, t0 until all
 back), ``lost``, ``duplicated``, ``attempts`` (connection attempts, all clients),
 ``failed`` (attempts refused or cut), ``admitted_per_s`` (from the clients' first messages:
 after the first ``admit_burst``, admitted at once, and before the last 5 %, stragglers),
-``bystander_p99_ms`` / ``max_ms``.
+``server_admitted_per_s`` (the accept rate, timed at the server while refused clients
+waited: :func:`admission_rate`), ``bystander_p50_ms`` / ``p99`` / ``max`` and
+``bystander_received`` (how many samples).
 """
 
 from __future__ import annotations
@@ -120,6 +129,7 @@ class Swarm:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.url = f"ws://127.0.0.1:{a.port}/ws"
+        self.failover_url = f"ws://127.0.0.1:{a.failover_port or a.port}/ws"
         random.seed(a.seed)  # Backoff draws from the module's generator
         n = a.n
         self.last = [a.after] * n
@@ -210,6 +220,7 @@ class Swarm:
                 self.failed += 1
             code = ws.close_code
             self.closed_by_restart = True
+            self.url = self.failover_url  # the server that takes over
             hint = RETRY_AFTER.search(ws.close_reason or "")
             server_delay = float(hint.group(1)) if hint else None
             key = f"{code} {RETRY_AFTER.sub('retry after S s', ws.close_reason or '')}".strip()
@@ -305,8 +316,9 @@ async def run_swarm(a: argparse.Namespace) -> None:
 async def run_bystander(a: argparse.Namespace) -> None:
     """Post a live message every 1/rate s on a fixed schedule; time each one's return.
 
-    Refused or cut (admission control may refuse it too), it reconnects after the server's
-    delay (or 50 ms); the messages it had in flight then are dropped from the count."""
+    It connects before the storm (says "ready"), starts at "go" and stops at "stop". Cut or
+    refused, it reconnects after the server's delay (or 50 ms); the messages it had in
+    flight then are dropped from the count (``reconnects`` and ``dropped`` say how many)."""
     commands = await read_commands()
     url = f"ws://127.0.0.1:{a.port}/ws"
     loop = asyncio.get_running_loop()
@@ -314,14 +326,16 @@ async def run_bystander(a: argparse.Namespace) -> None:
     sent: dict[str, float] = {}  # text -> scheduled send time, until it comes back
     all_back = asyncio.Event()  # set when no live message is in flight
     state = dict(k=0, start=0.0, dropped=0, reconnects=0)
+    waiters: list[asyncio.Task] = []  # reading "stop"
 
-    async def session(stop: asyncio.Event | None) -> None:
+    async def session(stop: asyncio.Event) -> None:
         async with connect(url, ping_interval=None, compression=None, open_timeout=30) as ws:
             await ws.send(json.dumps({"type": "hello", "user": "bystander", "after": a.after}))
-            if stop is None:  # the join: just say we are here
+            if not state["start"]:  # connected before the storm: wait for it
                 print("ready", flush=True)
-                await commands.readline()  # "go": the server restarted
-                return
+                await commands.readline()  # "go"
+                state["start"] = loop.time()
+                waiters.append(asyncio.ensure_future(wait_stop(stop)))
 
             async def reader() -> None:
                 async for raw in ws:
@@ -352,7 +366,11 @@ async def run_bystander(a: argparse.Namespace) -> None:
             finally:
                 reading.cancel()
 
-    async def retrying(stop: asyncio.Event | None) -> None:
+    async def wait_stop(stop: asyncio.Event) -> None:
+        await commands.readline()
+        stop.set()
+
+    async def retrying(stop: asyncio.Event) -> None:
         for _ in range(1000):  # refused, cut, or the server not listening yet: bounded tries
             try:
                 await session(stop)
@@ -365,18 +383,7 @@ async def run_bystander(a: argparse.Namespace) -> None:
                 hint = RETRY_AFTER.search(reason)
                 await asyncio.sleep(float(hint.group(1)) if hint else 0.05)
 
-    await retrying(None)
-    state["reconnects"] = 0
-    stop = asyncio.Event()
-
-    async def wait_stop() -> None:
-        await commands.readline()
-        stop.set()
-
-    waiter = asyncio.ensure_future(wait_stop())
-    state["start"] = loop.time()
-    await retrying(stop)
-    waiter.cancel()
+    await retrying(asyncio.Event())
     print(json.dumps(dict(sent=state["k"] - state["dropped"], received=len(latencies),
                           dropped=state["dropped"], reconnects=state["reconnects"],
                           p50_ms=percentile(latencies, 50) * 1000,
@@ -386,18 +393,14 @@ async def run_bystander(a: argparse.Namespace) -> None:
 
 # -- the controller (the server's process) ---------------------------------------------------
 
+LIVE_RATE = 20.0
+"""The bystander's live messages per second: a storm of 2,000 lasts 10 to 50 s, so its p99
+rests on 200 to 1,000 samples (a p99 of fewer than 100 would be its maximum)."""
+
 ADMIT_RATE = 50.0
 """Sessions per second the ``admission`` and ``spread`` servers admit (``Limits.admit_rate``):
 at 500 messages of history each, what one process can replay on this machine (bench/README.md,
 "Reconnect storm"). Bursts of a tenth of a second's worth."""
-
-
-def has_admission() -> bool:
-    """Whether this chatlib has admission control (``Limits.admit_rate``)."""
-    import dataclasses
-
-    import chatlib
-    return any(f.name == "admit_rate" for f in dataclasses.fields(chatlib.Limits))
 
 
 def admit_burst(admit_rate: float) -> int:
@@ -411,10 +414,8 @@ def bench_limits(mode: str = "naive", admit_rate: float = ADMIT_RATE, **changes)
     options = dict(rate=1000, burst=1000, address_rate=1e6, address_burst=10**6,
                    replay_rate=1e6, replay_burst=10**6)
     if mode in HINTED:
-        if not has_admission():
-            raise RuntimeError("this chatlib has no admission control (Limits.admit_rate)")
         options.update(admit_rate=admit_rate, admit_burst=admit_burst(admit_rate))
-    elif has_admission():
+    else:
         options.update(admit_rate=0)  # no control: the storm as it comes
     options.update(changes)
     return chatlib.Limits(**options)
@@ -456,7 +457,7 @@ class Child:
         await self.process.wait()
 
 
-async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: float = 10.0,
+async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: float = LIVE_RATE,
                 base: float = BASE, cap: float = CAP, naive_delay: float = NAIVE_DELAY,
                 admit_rate: float = ADMIT_RATE, seed: int = 1, timeout: float = 120.0,
                 server_options: dict | None = None, spacing: float = 0.001) -> dict:
@@ -467,12 +468,15 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
     log = chatlib.MemoryLog()
     options = dict(limits=bench_limits(mode, admit_rate), ws_ping_interval=None)
     options.update(server_options or {})
+    old = await chatlib.ChatServer(port=0, log=log, limits=bench_limits("naive"),
+                                   ws_ping_interval=None).start()
     server = await chatlib.ChatServer(port=0, log=log, **options).start()
     port = str(server.port)
     after = str(await log.last_id())
     children: list[Child] = []
     try:
-        swarm = await Child.start("clients", "--port", port, "-n", str(n), "--mode", mode,
+        swarm = await Child.start("clients", "--port", str(old.port), "--failover-port", port,
+                                  "-n", str(n), "--mode", mode,
                                   "--after", after, "--base", str(base), "--cap", str(cap),
                                   "--naive-delay", str(naive_delay), "--seed", str(seed),
                                   "--timeout", str(timeout), "--spacing", str(spacing),
@@ -483,38 +487,42 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
         children.append(bystander)
         assert await swarm.expect(timeout) == "connected"
         assert await bystander.expect(timeout) == "ready"
-        message, _ = await server.hub.post("bench", "sync")
+        message, _ = await old.hub.post("bench", "sync")
         swarm.send(f"sync {message.id}")
         assert await swarm.expect(timeout) == "ready"
 
-        spread = server.restarting(None if mode == "spread" else 0) if has_admission() else 0
-        down = time.monotonic()
-        await server.stop(CloseCode.SERVICE_RESTART)
-        for k in range(catch_up):
+        for k in range(catch_up):  # what the storm's clients will have missed
             await log.append("bench", f"while you were away: {k + 1} of {catch_up}")
         target = await log.last_id()
-        server = chatlib.ChatServer(port=int(port), log=log, **options)
-        cpu0 = time.process_time()
-        await server.start()
-        t0 = time.monotonic()
+        await server.hub.catch_up()  # the server taking over has them (its bystander too)
+        spread = old.restarting(n / admit_rate if mode == "spread" else 0)
         admissions = record_admissions(server)
         bystander.send("go")
+        cpu0 = time.process_time()
+        t0 = time.monotonic()
         swarm.send(f"target {target} {t0}")
-        assert await swarm.expect(timeout + 10) == "back"
+        # The storm. The old server's closes run in this loop too (cheap next to the
+        # replays, but not free): a failover elsewhere would not cost this process them.
+        stopping = asyncio.ensure_future(old.stop(CloseCode.SERVICE_RESTART))
+        # (the clients' process answers after at most `timeout`; on a loaded machine its
+        # loop may be late by many seconds)
+        assert await swarm.expect(timeout * 1.5) == "back"
         cpu_s = time.process_time() - cpu0
         wall_s = time.monotonic() - t0
         bystander.send("stop")
         live = json.loads(await bystander.expect(30))
+        await stopping
         message, _ = await server.hub.post("bench", "the end")
         swarm.send(f"final {message.id}")
-        result = json.loads(await swarm.expect(timeout + 10))
+        result = json.loads(await swarm.expect(timeout * 1.5))
     finally:
         for child in children:
             await child.stop()
+        await old.stop()
         await server.stop()
     result.update(admission_rate(admissions, admit_rate, admit_burst(admit_rate))
                   if mode in HINTED else {})
-    result.update(mode=mode, catch_up=catch_up, downtime_s=t0 - down,
+    result.update(mode=mode, catch_up=catch_up,
                   admit_rate=admit_rate if mode in HINTED else None, restart_spread_s=spread,
                   server_cpu_s=cpu_s, storm_wall_s=wall_s, load_average=os.getloadavg()[0],
                   bystander_p50_ms=live["p50_ms"], bystander_p99_ms=live["p99_ms"],
@@ -524,38 +532,46 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
     return result
 
 
-def record_admissions(server) -> list[float]:
-    """The monotonic times at which ``server`` admits a session, from now on (its
-    ``hub.admission.admit()`` wrapped: the transports call it once per new session)."""
+def record_admissions(server) -> list[tuple[float, bool]]:
+    """Each session ``server`` admits from now on: its monotonic time, and whether refused
+    clients were waiting for a slot then (the server was busy: demand above its rate).
+    (``hub.admission.admit()`` wrapped: the transports call it once per new session.)"""
     admission = server.hub.admission
     admit, times = admission.admit, []
 
     def recorded() -> float | None:
+        busy = admission.stats()["slots"] > 0
         wait = admit()
         if wait is None:
-            times.append(time.monotonic())
+            times.append((time.monotonic(), busy))
         return wait
 
     admission.admit = recorded
     return times
 
 
-def admission_rate(times: list[float], rate: float, burst: int) -> dict:
-    """The server's admission rate once the burst is spent (sessions after the first
-    ``burst``, over their span), and the most admitted in any 1 s window, with its bound
-    ``rate * 1.1 + burst`` (tests/test_admission.py checks the same)."""
-    rest = times[burst:]
-    steady = (len(rest) - 1) / (rest[-1] - rest[0]) if len(rest) > 1 and rest[-1] > rest[0] else 0
+def admission_rate(admissions: list[tuple[float, bool]], rate: float, burst: int) -> dict:
+    """The server's accept rate while it was busy (the sessions admitted while refused
+    clients waited for their slots, over the time since the admission before each: the
+    rate it holds a storm to; 0 if it was never busy), and the most admitted in any 1 s
+    window, with the bound ``rate * 1.1 + burst`` (tests/test_admission.py checks the same)."""
+    times = [t for t, _ in admissions]
+    # the gaps before each admission made while clients waited: their number over their sum
+    gaps = [t - before for (before, _), (t, waiting) in zip(admissions, admissions[1:],
+                                                                   strict=False) if waiting]
+    busy = [t for t, waiting in admissions if waiting]
+    steady = len(gaps) / sum(gaps) if gaps and sum(gaps) > 0 else 0
     worst = max((sum(1 for u in times[i:] if u < t + 1.0) for i, t in enumerate(times)),
                 default=0)
     return dict(server_admitted=len(times), server_admitted_per_s=steady,
+                server_admitted_busy=len(busy),
                 worst_1s=worst, worst_1s_bound=rate * 1.1 + burst)
 
 
 SUMMARY_KEYS = ("all_back_s", "first_history_p50_s", "first_history_p99_s", "server_cpu_s",
-                "attempts", "failed", "admitted_per_s", "bystander_p99_ms", "downtime_s",
-                "clients_cpu_share",
-                "bystander_max_ms", "lost", "duplicated")
+                "attempts", "failed", "admitted_per_s", "bystander_p50_ms",
+                "bystander_p99_ms", "bystander_received", "clients_cpu_share",
+                "bystander_max_ms", "lost", "duplicated", "back")
 
 
 ADMISSION_KEYS = ("server_admitted_per_s", "worst_1s", "worst_1s_bound")
@@ -578,32 +594,65 @@ def readme_table(results: dict) -> str:
     """bench/README.md's table of a saved run (tests/test_bench_storm.py checks that the
     README shows the saved JSON's figures)."""
     rows = ["| policy | storms | all back (s) | p50 / p99 first history (s) | server CPU (s) "
-            "| attempts (failed) | admitted after the burst (/s) | bystander p99 / max (ms) "
-            "| lost | duplicated |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "| clients' CPU share | attempts (failed) | accepted while busy (/s) "
+            "| bystander p50 / p99 / max (ms), n | lost | duplicated |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for mode, r in results["summary"].items():
         admitted = (f"{r['server_admitted_per_s']:.0f}" if "server_admitted_per_s" in r
                     else "-")
         rows.append(f"| {mode} | {r['trials']} | {r['all_back_s']:.1f} "
                     f"| {r['first_history_p50_s']:.1f} / {r['first_history_p99_s']:.1f} "
-                    f"| {r['server_cpu_s']:.1f} | {r['attempts']:.0f} ({r['failed']:.0f}) "
-                    f"| {admitted} | {r['bystander_p99_ms']:.0f} / {r['bystander_max_ms']:.0f} "
+                    f"| {r['server_cpu_s']:.1f} | {r['clients_cpu_share']:.2f} "
+                    f"| {r['attempts']:.0f} ({r['failed']:.0f}) | {admitted} "
+                    f"| {r['bystander_p50_ms']:.0f} / {r['bystander_p99_ms']:.0f} / "
+                    f"{r['bystander_max_ms']:.0f}, {r['bystander_received']:.0f} "
                     f"| {r['lost']} | {r['duplicated']} |")
     return "\n".join(rows)
 
 
+def done_when(results: dict) -> str:
+    """Issue 20's "Done when" figures per policy, one line each: the accept rate past the
+    burst against the configured one (admission control only), clients back of N, lost,
+    duplicated, the bystander's live messages p50 / p99 / max (and how many), and each
+    target met or not (accept rate within 10 %; p99 < 100 ms; max < 500 ms; 0 lost and
+    0 duplicated; every client back)."""
+    lines = [f"{results['n']} clients x {results['catch_up']} messages to catch up, "
+             f"medians of {results['repeats']} (load average {results['load_average']:.1f}):"]
+    for mode, r in results["summary"].items():
+        if "server_admitted_per_s" in r:
+            rate, configured = r["server_admitted_per_s"], results.get("admit_rate", ADMIT_RATE)
+            off = rate / configured - 1
+            accept = (f"accept {rate:.1f}/s vs {configured:g}/s ({off:+.0%}"
+                      f"{', ok' if abs(off) <= 0.1 else ', MISSED'})")
+        else:
+            accept = "accept: no admission control"
+        p99, worst = r["bystander_p99_ms"], r["bystander_max_ms"]
+        whole = r["lost"] == 0 and r["duplicated"] == 0 and r["back"] == results["n"]
+        lines.append(
+            f"  {mode:9} {accept}; back {r['back']:.0f}/{results['n']} in "
+            f"{r['all_back_s']:.1f} s; lost {r['lost']}, duplicated {r['duplicated']}"
+            f"{'' if whole else ' MISSED'}; bystander p50 {r['bystander_p50_ms']:.0f} / "
+            f"p99 {p99:.0f}{'' if p99 < 100 else ' MISSED'} / max {worst:.0f}"
+            f"{'' if worst < 500 else ' MISSED'} ms (n={r['bystander_received']:.0f})")
+    return "\n".join(lines)
+
+
 async def bench(a: argparse.Namespace) -> dict:
+    from chatlib import collector
+
+    # The servers run in this process: set its collector as `python -m chatlib serve` sets
+    # its own (chatlib.collector; a notebook's kernel, storm.trial's other caller, does not)
+    collector.settle()
     trials = []
-    modes = [m for m in a.modes if m not in HINTED or has_admission()]
     for r in range(a.repeats):
-        for mode in modes:
+        for mode in a.modes:
             result = await trial(mode, a.n, a.catch_up, live_rate=a.live_rate, seed=r + 1,
                                  timeout=a.timeout)
             result["repeat"] = r
             print(json.dumps(result), file=sys.stderr, flush=True)
             trials.append(result)
     return dict(n=a.n, catch_up=a.catch_up, live_rate=a.live_rate, repeats=a.repeats,
-                cores=os.cpu_count(),
+                admit_rate=ADMIT_RATE, cores=os.cpu_count(),
                 load_average=statistics.median(t["load_average"] for t in trials),
                 trials=trials, summary=summarize(trials))
 
@@ -632,7 +681,9 @@ def main() -> None:
     parser.add_argument("--naive-delay", type=float, default=NAIVE_DELAY)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--burst", type=int, default=0)
-    parser.add_argument("--live-rate", type=float, default=10.0)
+    parser.add_argument("--failover-port", type=int, help="clients: where to go once closed")
+    parser.add_argument("--live-rate", type=float, default=LIVE_RATE)
+    parser.set_defaults(timeout=300.0)  # 2,000 at 50/s take 40 s at best; a loaded machine more
     a = parser.parse_args()
     if a.role == "clients":
         asyncio.run(run_swarm(a))
@@ -641,6 +692,7 @@ def main() -> None:
     else:
         results = asyncio.run(bench(a))
         print(json.dumps(results["summary"], indent=1))
+        print(done_when(results))
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=1)

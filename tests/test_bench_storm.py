@@ -19,8 +19,7 @@ sys.path.insert(0, BENCH)
 import storm  # noqa: E402
 
 
-@pytest.mark.parametrize("mode", [m for m in storm.MODES
-                                  if m != "admission" or storm.has_admission()])
+@pytest.mark.parametrize("mode", storm.MODES)
 def test_storm_brings_every_client_back_with_nothing_lost(mode) -> None:
     n, catch_up = 20, 30
     result = asyncio.run(storm.trial(mode, n, catch_up, live_rate=20, base=0.2,
@@ -31,7 +30,7 @@ def test_storm_brings_every_client_back_with_nothing_lost(mode) -> None:
     assert result["attempts"] >= n  # every client tried at least once after the restart
     restarts = sum(k for key, k in result["closes"].items() if key.split()[0] == "1012")
     assert restarts == n  # every one was told: service restart
-    assert result["downtime_s"] > 0 and result["clients_cpu_share"] >= 0
+    assert result["clients_cpu_share"] >= 0
     assert len(result["firsts"]) == n
     if mode in storm.HINTED:  # the server never admitted more than its bucket allows
         assert result["server_admitted"] >= n
