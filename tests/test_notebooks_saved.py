@@ -66,7 +66,7 @@ def test_chapter_12_saved_storm_compares_every_policy():
     (path,) = [p for p in NOTEBOOKS if p.name.startswith("12-")]
     tables = [text for cell in load(path)["cells"] for output in cell.get("outputs", [])
               for text in ["".join(output.get("data", {}).get("text/markdown", ""))]
-              if text.startswith("| policy | server down (s) |")]
+              if text.startswith("| policy | live storms |")]
     assert len(tables) == 1, "the live storm's table is missing from the saved outputs"
     for policy in ("naive", "jitter", "admission", "spread"):
         assert f"\n| {policy} |" in tables[0], f"no {policy} row in the saved storm table"
