@@ -176,7 +176,11 @@ class Room:
 
     def on_message(self, c: Client, payload: bytes) -> None:
         now = time.monotonic_ns()
-        frame = json.loads(payload)
+        self.count(c, json.loads(payload), now)
+
+    def count(self, c: Client, frame: dict, now: int) -> None:
+        """One message frame ``c`` received at ``now``: its id must be the previous one + 1;
+        this run's messages are counted (and timed) toward ``target``."""
         if frame["id"] != c.last_id + 1:
             self.order_errors += 1
             if len(self.errors) < 20:

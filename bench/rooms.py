@@ -54,8 +54,9 @@ import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
-from classroom_load import PAD, Client, raise_nofile  # noqa: E402  (after the path)
+from classroom_load import PAD, Client, Room, emit, raise_nofile  # noqa: E402  (after the path)
 from load_client import proc_cpu, system_busy_s  # noqa: E402
+from webtransport import readline  # noqa: E402
 
 PY = sys.executable
 OUT = os.path.join(BENCH, "rooms-results.json")
@@ -78,16 +79,7 @@ def server_cpu(pid: int) -> float:
 
 def read_json_line(proc: subprocess.Popen, timeout: float) -> dict:
     """The load process's next JSON line, or RuntimeError after ``timeout`` seconds."""
-    import selectors  # noqa: PLC0415
-
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        if not selector.select(timeout):
-            raise RuntimeError(f"the load process said nothing within {timeout} s")
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"the load process ended: {proc.stderr.read()[-2000:]}")
-    result = json.loads(line)
+    result = json.loads(readline(proc, timeout))
     if result.get("phase") == "error":
         raise RuntimeError(result["error"])
     return result
@@ -190,24 +182,16 @@ class Member(Client):
         return {"type": "hello", "user": "load", "after": 0, "room": self.room_name}
 
 
-class Load:
-    """U members in rooms of S (the duck type ``classroom_load.Client`` reports to)."""
+class Load(Room):
+    """U members in rooms of S: a classroom_load Room whose clients each see their own room."""
 
     def __init__(self, port: int, users: int, size: int) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.port = port
+        super().__init__(port, users)
         self.rooms = {f"r{j}": [] for j in range(users // size)}
         self.members = [Member(self, i, f"r{i // size}") for i in range(users)]
         for member in self.members:
             self.rooms[member.room_name].append(member)
-        self.errors: list[str] = []
-        self.order_errors = 0
         self.foreign = 0  # frames of another room: must stay 0
-        self.lat_ns: list[int] = []
-        self.target = -1  # messages each member must get, once the chat starts
-        self.done_count = 0
-        self.all_done = asyncio.Event()
-        self.tag = f"m{os.getpid()} "
 
     def on_message(self, c: Member, payload: bytes) -> None:
         now = time.monotonic_ns()
@@ -217,30 +201,7 @@ class Load:
             if len(self.errors) < 20:
                 self.errors.append(f"client {c.i} in {c.room_name} got {payload[:120]!r}")
             return
-        if frame["id"] != c.last_id + 1:
-            self.order_errors += 1
-            if len(self.errors) < 20:
-                self.errors.append(f"client {c.i}: id {frame['id']} after {c.last_id}")
-        c.last_id = frame["id"]
-        text = frame["text"]
-        if text[0] == "s":
-            c.synced = True
-        elif text.startswith(self.tag):
-            self.lat_ns.append(now - int(text.split(" ", 3)[2]))
-            c.got += 1
-            if c.got == self.target:
-                self.done_count += 1
-                if self.done_count == len(self.members):
-                    self.all_done.set()
-
-    def on_lost(self, c: Member) -> None:
-        if self.target < 0 or c.got < self.target:
-            if len(self.errors) < 20:
-                self.errors.append(f"client {c.i} closed early (code {c.close_code})")
-
-
-def emit(obj: dict) -> None:
-    print(json.dumps(obj), flush=True)
+        self.count(c, frame, now)
 
 
 def percentile_ms(values: list[int], p: float) -> float | None:
