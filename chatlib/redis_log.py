@@ -29,11 +29,14 @@ retention and dedupe: ``chat:room:<name>:messages``, ``chat:room:<name>:last_id`
 set ``chat:rooms`` names the rooms that have had a message; the append script adds a room
 to it, or refuses the first message of one room more than ``max_rooms`` (429).
 
-Each process follows the streams with **one blocking** ``XREAD`` on a connection of its own,
-over the streams of the rooms it has clients in (:meth:`RedisLog.follow`, one per room hub,
-multiplexed by :class:`_Follower`): Redis answers the moment an entry arrives in any of
-them, so there is no polling loop, and a process reads only its rooms' messages. Each
-room's cursor makes a reconnect resume exactly where it stopped. When Redis is
+Each process follows the rooms it has clients in (:meth:`RedisLog.follow`, one per room
+hub, multiplexed by :class:`_Follower`): the append script PUBLISHes each new id on the
+room's channel ``chat:new`` (``chat:room:<name>:new``), and the process, SUBSCRIBEd to the
+channels of its rooms on one connection, reads a room's stream after its cursor when its
+notice comes. There is no polling loop, a process reads only its rooms' messages, and what it
+sends per message does not grow with the rooms it follows. The stream is the truth, the
+notice only a wake-up: each room's cursor makes a reconnect resume exactly where it
+stopped. When Redis is
 unreachable, appends and reads raise :class:`~chatlib.store.StoreUnavailable` (the server
 answers 503: the client knows its message was *not* stored) and the follower reconnects
 with exponential backoff.
@@ -77,7 +80,7 @@ if TYPE_CHECKING:
 
 # KEYS: stream, counter, dedupe key (the counter's without client_id), bytes held, room set
 # ARGV: ts, user, text, client_id, max_len, dedupe_ttl, max_bytes, room ('' for the default
-# room), max_rooms
+# room), max_rooms, the room's notice channel (PUBLISHed the new id: the followers' wake-up)
 # Returns {id, ts, user, text, status}: the stored message (status 0), or the original one
 # for a repeat (1; 2: the original has another text, a reused client_id); status 3: the
 # room would be one more than max_rooms, nothing was stored.
@@ -108,6 +111,7 @@ if ARGV[4] ~= '' then
   redis.call('SET', KEYS[3], id, 'EX', ARGV[6])
 end
 redis.call('XADD', KEYS[1], id .. '-0', unpack(fields))
+redis.call('PUBLISH', ARGV[10], id)
 -- Retention: an entry holds 64 + its field values' bytes (the same sum below).
 local held = redis.call('INCRBY', KEYS[4], 64 + #ARGV[1] + #ARGV[2] + #ARGV[3] + #ARGV[4])
 local count = redis.call('XLEN', KEYS[1])
@@ -150,11 +154,9 @@ class _Store:
         self.append = self.redis.register_script(APPEND)
         self.rooms: dict[str, RedisLog] = {}
         self.room_set = f"{key}:rooms"
-        # The follower's blocking reads hold a connection of their own (named, for CLIENT
-        # LIST: one per process, whatever the number of rooms).
-        reader = aioredis.Redis.from_url(url, **{**options, "socket_timeout": block + timeout,
-                                                 "client_name": "chatlib-follower"})
-        self.follower = _Follower(reader, self, block, backoff)
+        # The follower holds two connections of its own, named for CLIENT LIST: one per
+        # process each, whatever the number of rooms.
+        self.follower = _Follower(url, options, self, block, backoff)
 
     async def drop_idle_connections(self) -> None:
         """The pool's other idle connections died with the one that failed (Redis
@@ -174,8 +176,9 @@ class RedisLog:
     ``(user, client_id)`` is remembered. ``heartbeat`` / ``presence_ttl``: how often a
     process refreshes its presence, and how long others keep it if it stops (dies), for
     the :meth:`bus` (chatlib.redis_bus).
-    ``block``: seconds one blocking ``XREAD`` waits before it is re-issued (it returns at
-    once when an entry arrives; the bound only notices a silently dead connection).
+    ``block``: seconds the follower waits for a notice before it checks its rooms' id
+    counters and pings Redis (a notice wakes it at once; the bound only notices a log that
+    went back with nobody appending, or a silently dead connection).
     ``backoff``: first and longest wait (seconds) between reconnection attempts.
     ``timeout``: seconds a command may take before it fails (503). ``max_connections``:
     commands in flight at once; more wait for a connection.
@@ -210,6 +213,7 @@ class RedisLog:
         self._stream = f"{prefix}:messages"
         self._counter = f"{prefix}:last_id"
         self._bytes = f"{prefix}:bytes"
+        self._channel = f"{prefix}:new"  # a pub/sub channel: the append script's notices
         # Not under the room's prefix: a room and a user name, both free to hold colons,
         # could spell another room's key there. The name's length makes it unambiguous
         # (and a user name holds no NUL).
@@ -296,7 +300,8 @@ class RedisLog:
             keys=[self._stream, self._counter, dedupe or self._counter, self._bytes,
                   self._store.room_set],
             args=[repr(time.time()), user, text, client_id or "", self.max_len,
-                  max(1, int(self.dedupe_ttl)), self.max_bytes, room, self.max_rooms]),
+                  max(1, int(self.dedupe_ttl)), self.max_bytes, room, self.max_rooms,
+                  self._channel]),
             writes=True)
         id_, ts, user_, text_, status = reply
         if status == 3:
@@ -361,14 +366,14 @@ class RedisLog:
         """Pages of this room's messages after ``after_id``, in id order, as they are
         appended by any process (this one's too), until cancelled.
 
-        Every room followed in this process is read by one blocking ``XREAD`` over their
-        streams, on one connection (:class:`_Follower`): Redis answers the moment an entry
-        arrives in any of them, so there is no polling loop and no connection per room, and
-        each room's cursor makes a reconnect resume exactly where it stopped. When Redis
-        fails, the read is retried with exponential backoff (:attr:`reconnects` counts it).
-        A read that returned nothing checks the rooms' id counters: one below its cursor
-        was emptied (FLUSHALL) or Redis was replaced, and an empty page says so (the hub
-        resets its clients); that room's cursor starts again from 0.
+        Every room followed in this process is subscribed to on one pub/sub connection and
+        read after its cursor when a notice of a new id comes (:class:`_Follower`): no
+        polling loop and no connection per room, and each room's cursor makes a reconnect
+        resume exactly where it stopped. When Redis fails, the follower reconnects with
+        exponential backoff (:attr:`reconnects` counts it) and reads every room again after
+        its cursor. A room whose id counter is below a cursor was emptied (FLUSHALL) or
+        Redis was replaced: an empty page says so (the hub resets its clients), and that
+        room's cursor starts again from 0.
         """
         return self._store.follower.follow(self, after_id)
 
@@ -395,35 +400,54 @@ class _Subscriber:
 
 
 class _Follower:
-    """The one reader of a :class:`RedisLog` and its rooms in this process: a blocking
-    ``XREAD`` over the streams of every room some :meth:`RedisLog.follow` follows, each
-    from its lowest cursor, on one connection; what comes back goes to each follower of
-    that room (past its own cursor).
+    """The one reader of a :class:`RedisLog` and its rooms in this process.
 
-    A room followed anew must be in the next ``XREAD``: the one blocked in Redis is
-    woken with ``CLIENT UNBLOCK`` (from another connection), re-issued with the new set,
-    and reads the new room from its cursor, so nothing appended meanwhile is missed. A room
-    nobody follows any more simply drops out of the next one (no wake-up: what it reads
-    meanwhile for that room is not given to anyone).
+    The append script PUBLISHes each new id on its room's channel (``KEY:new`` for the
+    default room, ``KEY:room:NAME:new``). The follower SUBSCRIBEs, on one pub/sub connection
+    (named ``chatlib-follower``), to the channels of the rooms some :meth:`RedisLog.follow`
+    follows, and reads a room with ``XRANGE`` after its cursor, on a second connection
+    (``chatlib-follower-reads``), when that room's notice comes; what it reads goes to each
+    follower of that room past its own cursor. A room followed anew costs one ``SUBSCRIBE``,
+    a message one notice and one read: nothing a follower sends grows with the rooms it
+    follows.
 
-    Each ``XREAD`` names every stream followed, with its cursor, and one is sent after each
-    reply: its size grows with the rooms followed, and at a low message rate nearly every
-    message costs one (bench/README.md, "Rooms across processes").
+    The stream is the truth, a notice only a wake-up (pub/sub drops what is published while
+    a connection is away). So a room is read after its cursor when Redis confirms its
+    subscription, which it does again for every new follower of the room, and on every
+    reconnection: subscribed first, then read, nothing appended in between is missed (read
+    first, the notice of an append between the read and the subscription would be lost).
+
+    Every read also gets the room's id counter: one below a cursor means the room's log went
+    back (FLUSHALL, or a new Redis); an empty page says so (the hub resets its clients) and
+    that cursor starts again from 0. With no notice for ``block`` seconds, the follower
+    checks every followed room's counter and pings its pub/sub connection (a silently dead
+    one fails then).
     """
 
-    def __init__(self, reader: aioredis.Redis, store: _Store, block: float,
+    PAGE = 500  # entries per XRANGE; a room further behind is read page after page
+
+    def __init__(self, url: str, options: dict, store: _Store, block: float,
                  backoff: tuple[float, float]) -> None:
-        self._reader = reader
+        self._url, self._options = url, options
         self._store = store
         self._block = block
         self._backoff = Backoff(*backoff)
         self._subscribers: dict[str, list[_Subscriber]] = {}  # stream -> its followers
+        self._streams: dict[str, str] = {}  # channel -> stream, of the rooms followed
         self._task: asyncio.Task | None = None
-        self._waking: asyncio.Task | None = None
-        self._wanted = 0  # bumped when a follower comes: the set to read changed
-        self._armed = 0  # the ``_wanted`` of the XREAD in flight
-        self._client_id: int | None = None  # the reader connection's, for CLIENT UNBLOCK
+        self._unsubscribing: set[asyncio.Task] = set()
+        self._connect()
+        self._sending = asyncio.Lock()  # SUBSCRIBE/UNSUBSCRIBE go out in the order decided
+        self._sent: set[str] = set()  # channels subscribed (or asked) on this connection
         self.reconnects = 0
+
+    def _connect(self) -> None:
+        options = {**self._options, "socket_timeout": None}  # a subscriber waits for notices
+        self._pubsub_client = aioredis.Redis.from_url(
+            self._url, **options, client_name="chatlib-follower")
+        self._pubsub = self._pubsub_client.pubsub()
+        self._reader = aioredis.Redis.from_url(
+            self._url, **self._options, client_name="chatlib-follower-reads")
 
     def followed(self) -> set[str]:
         return set(self._subscribers)
@@ -431,11 +455,11 @@ class _Follower:
     async def follow(self, log: RedisLog, after_id: int) -> AsyncIterator[list[Message]]:
         subscriber = _Subscriber(log, after_id)
         self._subscribers.setdefault(log._stream, []).append(subscriber)
-        self._wanted += 1
+        self._streams[log._channel] = log._stream
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._run())
-        elif self._waking is None or self._waking.done():
-            self._waking = asyncio.ensure_future(self._wake())
+        else:  # its confirmation makes the reader read the room from this cursor
+            await self._sync(again=log._channel)
         try:
             for _ in range(1 << 62):  # ends when cancelled
                 yield await subscriber.pages.get()
@@ -445,73 +469,154 @@ class _Follower:
                 followers.remove(subscriber)
             if not followers:
                 self._subscribers.pop(log._stream, None)
+                self._streams.pop(log._channel, None)
+                if self._task is not None and not self._task.done():
+                    task = asyncio.ensure_future(self._sync())
+                    self._unsubscribing.add(task)
+                    task.add_done_callback(self._unsubscribing.discard)
 
-    async def _wake(self) -> None:
-        """Until the reader has re-issued its ``XREAD`` with every room followed: unblock
-        the one in flight. Redis only unblocks a client that is blocked, so this repeats
-        (backing off) while the reader is between two reads or reconnecting."""
-        delay = 0.002
-        for _ in range(200):  # bounded: the reader re-arms within ``block`` anyway
-            if self._armed >= self._wanted or self._task is None or self._task.done():
-                return
-            if self._client_id is not None:
-                with contextlib.suppress(RedisError, OSError):
-                    await self._store.redis.client_unblock(self._client_id)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+    async def _sync(self, again: str | None = None) -> None:
+        """Subscribe to the channels of the rooms followed, and only those; ``again``:
+        subscribe to it even if it is, so Redis confirms it again (a catch-up read)."""
+        async with self._sending:
+            wanted = set(self._streams)
+            new = wanted - self._sent | ({again} & wanted)
+            gone = self._sent - wanted
+            self._sent = (self._sent | new) - gone
+            try:
+                if new:
+                    await self._pubsub.subscribe(*sorted(new))
+                if gone:
+                    await self._pubsub.unsubscribe(*sorted(gone))
+            except (RedisError, OSError):  # the reader reconnects; the next _sync resends
+                self._sent -= new
 
     async def _run(self) -> None:
-        for _ in range(1 << 62):  # one blocking XREAD per turn; ends when cancelled
+        for _ in range(1 << 62):  # one batch of notices per turn; ends when cancelled
             if not self._subscribers:
                 return
-            self._armed = self._wanted
-            watched = [list(followers) for followers in self._subscribers.values()]
-            cursors = {followers[0].log._stream: min(s.cursor for s in followers)
-                       for followers in watched}
             try:
-                if self._client_id is None:  # a new connection: learn its id
-                    self._client_id = await self._reader.client_id()
-                reply = await self._reader.xread(
-                    {stream: f"{cursor}-0" for stream, cursor in cursors.items()},
-                    count=500, block=int(self._block * 1000))
-                counters = None if reply else await self._reader.mget(
-                    [followers[0].log._counter for followers in watched])
+                await self._turn()
             except (RedisError, OSError):
-                self._client_id = None
                 self.reconnects += 1
+                await self._reset_connections()
                 await self._store.drop_idle_connections()
                 await self._backoff.wait()
+
+    async def _reset_connections(self) -> None:
+        await self._disconnect()
+        self._connect()
+        self._sent = set()
+
+    async def _disconnect(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()
+        for client in (self._pubsub_client, self._reader):
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose(close_connection_pool=True)
+
+    async def _turn(self) -> None:
+        """Subscribe if need be, wait for notices (at most ``block`` s), read the rooms
+        they name; until the connection fails."""
+        await self._sync()
+        if self._pubsub.connection is None:
+            return  # every room was left meanwhile: nothing subscribed
+        due: set[str] = set()  # streams to read after their cursor
+        stale: set[str] = set()  # streams with a notice at or below every cursor
+        checked = time.monotonic()
+        pinged = False
+        for _ in range(1 << 62):
+            message = await self._pubsub.get_message(timeout=self._block)
+            if message is None:
+                if not self._subscribers:
+                    return  # every room was left
+                if pinged:  # not even the PING's answer in ``block`` s: a dead connection
+                    raise RedisConnectionError("no answer from the pub/sub connection")
+                await self._check_counters()
+                await self._pubsub.ping()
+                pinged = True
                 continue
+            pinged = False
             self._backoff.reset()
-            if counters is not None:
-                # Nothing came (timeout, or woken): did a room's log go back? Then its ids
-                # start again below the cursor (FLUSHALL, or a new Redis).
-                for followers, counter in zip(watched, counters, strict=True):
-                    for subscriber in followers:
-                        if subscriber.cursor > int(counter or 0):
-                            subscriber.cursor = 0
-                            subscriber.pages.put_nowait([])
-            for stream, entries in reply:
-                followers = self._subscribers.get(stream, ())
-                if not entries or not followers:
-                    continue
-                room = followers[0].log.name
-                messages = [_entry(entry_id, fields, room) for entry_id, fields in entries]
-                for subscriber in followers:
-                    if subscriber.cursor < cursors.get(stream, 0):
-                        continue  # came during this read, from further back: the next one
-                    new = [m for m in messages if m.id > subscriber.cursor]
-                    if new:
-                        subscriber.cursor = new[-1].id
-                        subscriber.pages.put_nowait(new)
+            for _ in range(10_000):  # take what else has come, to read each room once
+                self._notice(message, due, stale)
+                message = await self._pubsub.get_message(timeout=0)
+                if message is None:
+                    break
+            if stale and time.monotonic() - checked >= self._block:
+                # Mostly notices of entries read already; but after FLUSHALL the new ids
+                # are below the cursors too: read those rooms (and counters) now and then.
+                due |= stale & set(self._subscribers)
+                stale.clear()
+                checked = time.monotonic()
+            for _ in range(1 << 62):
+                if not due:
+                    break
+                due = await self._read(due)
+
+    def _notice(self, message: dict, due: set[str], stale: set[str]) -> None:
+        if message["type"] not in ("message", "subscribe"):
+            return  # pong, unsubscribe
+        stream = self._streams.get(message["channel"])
+        if stream is None:
+            return  # a room nobody follows any more
+        if message["type"] == "message" and str(message["data"]).isdigit() and int(
+                message["data"]) <= min(s.cursor for s in self._subscribers[stream]):
+            stale.add(stream)  # read already (queued behind a read), or the log went back
+            return
+        due.add(stream)
+
+    async def _read(self, due: set[str]) -> set[str]:
+        """Read each stream in ``due`` after its lowest cursor (and its counter), in one
+        round trip; hand each follower what is past its own cursor. The streams with more
+        to read (a full page, or a log that went back) are returned."""
+        watched = [(stream, list(self._subscribers.get(stream, ()))) for stream in sorted(due)]
+        watched = [(stream, followers) for stream, followers in watched if followers]
+        starts = [min(s.cursor for s in followers) for _stream, followers in watched]
+        pipe = self._reader.pipeline(transaction=False)
+        for (stream, followers), start in zip(watched, starts, strict=True):
+            pipe.xrange(stream, min=f"{start + 1}-0", count=self.PAGE)
+            pipe.get(followers[0].log._counter)
+        replies = await pipe.execute()
+        more: set[str] = set()
+        for i, ((stream, followers), start) in enumerate(zip(watched, starts, strict=True)):
+            entries, counter = replies[2 * i], int(replies[2 * i + 1] or 0)
+            room = followers[0].log.name
+            messages = [_entry(entry_id, fields, room) for entry_id, fields in entries]
+            for subscriber in followers:
+                if subscriber.cursor < start:
+                    continue  # came during this read, from further back: its own read
+                new = [m for m in messages if m.id > subscriber.cursor]
+                if new:
+                    subscriber.cursor = new[-1].id
+                    subscriber.pages.put_nowait(new)
+                if subscriber.cursor > counter:  # the room's log went back
+                    subscriber.cursor = 0
+                    subscriber.pages.put_nowait([])
+                    more.add(stream)
+            if len(entries) >= self.PAGE:
+                more.add(stream)
+        return more
+
+    async def _check_counters(self) -> None:
+        """No notice for ``block`` s: did a room's log go back with nobody appending?"""
+        watched = [list(followers) for followers in self._subscribers.values()]
+        if not watched:
+            return
+        counters = await self._reader.mget([followers[0].log._counter
+                                            for followers in watched])
+        for followers, counter in zip(watched, counters, strict=True):
+            for subscriber in followers:
+                if subscriber.cursor > int(counter or 0):
+                    subscriber.cursor = 0
+                    subscriber.pages.put_nowait([])
 
     async def close(self) -> None:
-        for task in (self._waking, self._task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        await self._reader.aclose()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._disconnect()
 
 
 class Backoff:

@@ -62,7 +62,7 @@ async def test_redis_restart_refuses_posts_clearly_then_loses_nothing(
         assert [m.text for m in got] == accepted, client
         assert [m.id for m in got] == list(range(1, 9))
         assert ids == sorted(set(ids)), f"{client} got a message twice: {ids}"
-    # Each follower lost its blocking XREAD and came back by itself.
+    # Each follower lost its connections to Redis and came back by itself.
     assert all(server.log.reconnects >= 1 for server in (one, two))
 
 
