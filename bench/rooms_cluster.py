@@ -5,7 +5,7 @@
     .venv/bin/python bench/rooms_cluster.py --messages 2 --rate 20     # paced: 10 s a run
 
 Each room is a stream of its own (chatlib.redis_log), and a process follows only the rooms
-its clients are in, with one multiplexed XREAD. What that saves depends on where the
+its clients are in, woken by a notice per room. What that saves depends on where the
 clients are, so the same traffic (``--messages`` per room, every room, from one of its
 members, as a burst or at ``--rate`` messages per second) runs under three placements of
 ``--rooms`` rooms of ``--size`` users over 3 processes:
@@ -28,10 +28,13 @@ What a process reads is counted on the wire: each process reaches Redis through 
 in this script that counts the bytes Redis sends it, apart on the follower's connection
 (the one named ``chatlib-follower``) and on the others (append replies, the presence bus),
 the stream entries among them (the ``ts`` field every entry has, ``$2\\r\\nts\\r\\n``;
-no bench user or text is "ts"), and the bytes the follower sends: each XREAD names every
-stream it follows, so its size grows with the rooms followed. Counted from the first
+no bench user or text is "ts"), and the bytes the follower sends. Counted from the first
 message to the last delivery (the joins' history reads happen before). Runs alternate the
 placements; medians over reps.
+
+``--baseline REF`` also runs every placement with chatlib as it was at git ``REF`` (its
+``chatlib/`` extracted to a temporary directory, first on the processes' ``sys.path``),
+alternating with the working tree's: before and after a change, in one run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import contextlib
 import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +60,34 @@ PROCESSES = 3
 RATE = ("--rate", "1000000", "--burst", "1000000", "--admit-rate", "0")
 MARKER = b"$2\r\nts\r\n"
 PLACEMENTS = ("every room everywhere", "users spread", "rooms together")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class VersionedChatProcess(ChatProcess):
+    """A chat process that imports chatlib from ``code`` (a directory holding a
+    ``chatlib/``) when given, else the working tree's."""
+
+    def __init__(self, redis_url: str, code: Path | None, **options) -> None:
+        super().__init__(redis_url, **options)
+        self.code = code
+
+    def command(self) -> list[str]:
+        command = super().command()
+        if self.code is None:
+            return command
+        # Not PYTHONPATH: ``python -m`` puts the working directory (this repository) first.
+        run = (f"import runpy, sys; sys.path.insert(0, {str(self.code)!r}); "
+               "runpy.run_module('chatlib', run_name='__main__', alter_sys=True)")
+        return [command[0], "-c", run, *command[3:]]
+
+
+def extract(ref: str) -> Path:
+    """chatlib/ (and the page it serves, static/) as at git ``ref``, in a new directory."""
+    directory = Path(tempfile.mkdtemp(prefix="rooms-cluster-code-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "chatlib", "static"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
 
 
 class Relay:
@@ -126,11 +158,11 @@ def placement(kind: str, rooms: int, size: int, rng: random.Random) -> list[set[
 
 
 async def run_once(kind: str, rooms: int, size: int, messages: int, rate: float,
-                   seed: int) -> dict:
+                   seed: int, code: Path | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="rooms-cluster-"))
     redis = await RedisProcess(tmp / "redis").start()
     relays = [await Relay(redis.port).start() for _ in range(PROCESSES)]
-    servers = [ChatProcess(relay.url, args=RATE) for relay in relays]
+    servers = [VersionedChatProcess(relay.url, code, args=RATE) for relay in relays]
     try:
         await asyncio.gather(*(server.start() for server in servers))
         where = placement(kind, rooms, size, random.Random(seed))
@@ -212,27 +244,38 @@ def summarise(runs: list[dict]) -> dict:
 
 
 async def main(args: argparse.Namespace) -> dict:
-    results: dict[str, list[dict]] = {kind: [] for kind in PLACEMENTS}
+    versions = {"": None}
+    if args.baseline:
+        versions = {f"{args.baseline}: ": extract(args.baseline), "working tree: ": None}
+    results: dict[str, list[dict]] = {v + kind: [] for v in versions for kind in PLACEMENTS}
     for rep in range(args.reps):
-        for kind in PLACEMENTS:  # alternated: A B C A B C
-            results[kind].append(await run_once(kind, args.rooms, args.size, args.messages,
-                                                args.rate, args.seed + rep))
-            print(f"rep {rep + 1} {kind}: " + ", ".join(
-                f"{p['entries']} entries, {p['follower']} + {p['other']} B" for p in
-                results[kind][-1]["processes"]), file=sys.stderr, flush=True)
-    summary = {kind: summarise(runs) for kind, runs in results.items()}
-    base = summary[PLACEMENTS[0]]
+        for kind in PLACEMENTS:  # alternated: A B C A B C (each version in turn)
+            for version, code in versions.items():
+                results[version + kind].append(await run_once(
+                    kind, args.rooms, args.size, args.messages, args.rate, args.seed + rep,
+                    code))
+                print(f"rep {rep + 1} {version}{kind}: " + ", ".join(
+                    f"{p['entries']} entries, {p['follower']} + {p['other']} B, sent "
+                    f"{p['follower_sent']} B" for p in results[version + kind][-1]["processes"]),
+                    file=sys.stderr, flush=True)
+    summary = {key: summarise(runs) for key, runs in results.items()}
     pace = f"{args.rate:g} messages/s" if args.rate else "as fast as they go"
+    first = summary[next(iter(summary))]
     print(f"\n{args.rooms} rooms of {args.size} users on {PROCESSES} processes, "
-          f"{args.messages} messages per room ({base['messages']} in all, {pace}); per process "
+          f"{args.messages} messages per room ({first['messages']} in all, {pace}); per process "
           f"(mean of the {PROCESSES}), median of {args.reps} runs:\n")
-    print("| placement | rooms followed | messages read (busiest) | follower bytes |"
-          " vs one shared stream | other bytes | follower's XREADs sent |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for kind, row in summary.items():
-        print(f"| {kind} | {row['rooms']:.1f} | {row['entries']:.0f} ({row['max_entries']:.0f})"
-              f" | {row['follower'] / 1e3:.0f} kB | {row['follower'] / base['follower']:.2f}"
-              f" | {row['other'] / 1e3:.0f} kB | {row['follower_sent'] / 1e3:.0f} kB |")
+    print("| placement | rooms followed | messages read (busiest) | follower bytes read |"
+          " vs one shared stream | other bytes | follower bytes sent | sent per message read |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for version in versions:
+        base = summary[version + PLACEMENTS[0]]
+        for kind in PLACEMENTS:
+            row = summary[version + kind]
+            print(f"| {version}{kind} | {row['rooms']:.1f} | {row['entries']:.0f} "
+                  f"({row['max_entries']:.0f}) | {row['follower'] / 1e3:.0f} kB | "
+                  f"{row['follower'] / base['follower']:.2f} | {row['other'] / 1e3:.0f} kB | "
+                  f"{row['follower_sent'] / 1e3:.1f} kB | "
+                  f"{row['follower_sent'] / max(row['entries'], 1):.0f} B |")
     return summary
 
 
@@ -246,6 +289,8 @@ if __name__ == "__main__":
                         help="messages per second over all rooms (default 0: a burst)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also run chatlib as at this git ref (e.g. main), alternated")
     parser.add_argument("--json", help="also write the summary to this file")
     arguments = parser.parse_args()
     outcome = asyncio.run(main(arguments))
