@@ -187,7 +187,7 @@ async def handmade_url():
 @pytest.fixture
 async def chatlib_url(monkeypatch):
     """chatlib's uvicorn configuration as ChatServer.start builds it, serving echo_app."""
-    monkeypatch.setattr(chatlib.server, "create_app", lambda hub, hosts, token: echo_app)
+    monkeypatch.setattr(chatlib.server, "create_app", lambda hub, *config: echo_app)
     server = await chatlib.server.ChatServer().start()
     monkeypatch.undo()
     try:
