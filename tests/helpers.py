@@ -77,11 +77,17 @@ def serve_cli(*args: str) -> Iterator[str]:
                 break
         yield line
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(5)
+        stop_group(process)
         process.stdout.close()
+
+
+def stop_group(process: subprocess.Popen, wait: float = 10) -> None:
+    """End a process started with ``start_new_session=True`` and all it started: SIGTERM
+    to its group, then SIGKILL if it is still there after ``wait`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(wait)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(wait)

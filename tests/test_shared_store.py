@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
+
+from helpers import stop_group
 
 from chatlib import ChatServer, Limits, SQLiteLog
 from chatlib.clients import PollingClient, SSEClient, WebSocketClient
@@ -52,10 +52,5 @@ async def test_a_server_in_another_process_shares_the_history(tmp_path):
                 texts = [m.text for m in await far.receive_many(2, timeout=10)]
                 assert texts == ["from the other process", "and back"]
     finally:
-        os.killpg(other.pid, signal.SIGTERM)
-        try:
-            other.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(other.pid, signal.SIGKILL)
-            other.wait(10)
+        stop_group(other)
         await log.close()
