@@ -12,6 +12,12 @@ queue empty, nothing in flight) ``deliver`` calls the sink instead of queueing, 
 message costs no task wake-up per client; anything that cannot be written at once (the
 transport is paused by flow control, closing, ...) is queued and the writer takes over,
 in order.
+
+A writer need not even exist while idle: with ``stream(..., wake=...)`` the stream ends
+once the history is sent and nothing is queued, and the outbox calls ``wake`` (its
+:attr:`Outbox.on_backlog`) when it next queues something or closes; the transport then
+starts a writer that takes the backlog (:meth:`Outbox.backlog`) and ends again when it is
+written. An idle WebSocket connection thus holds no writer task at all (chatlib.ws).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class Outbox:
     """
 
     __slots__ = ("encoding", "user", "limit", "closed", "close_code", "on_close", "sink",
-                 "direct", "sent", "_items", "_ready")
+                 "direct", "on_backlog", "sent", "_items", "_ready")
 
     def __init__(self, encoding: Encoding, user: str = "", limit: int = 1024) -> None:
         self.encoding = encoding
@@ -52,6 +58,9 @@ class Outbox:
         self.direct: Callable[[tuple[str, ...]], bool] | None = None
         """``sink`` while the writer is idle in :meth:`get` (nothing queued, nothing in
         flight): only then may a payload skip the queue without overtaking older ones."""
+        self.on_backlog: Callable[[], None] | None = None
+        """Set while no writer runs (:meth:`backlog` ended idle): called once, and cleared,
+        when something is queued or the outbox closes; it starts a writer."""
         self.sent = 0
         """Messages up to this id were sent as history: ``direct`` skips them (see push)."""
         # A list and chatlib.leanasync's Event, not a deque and asyncio's: ~1.4 KiB less
@@ -92,6 +101,7 @@ class Outbox:
             # sleeps only when the queue is empty): a burst skips an Event.set() per item.
             self._ready.set()
         queue.extend(items)
+        self._wake()
         return True
 
     def put(self, message_id: int, payload: str) -> None:
@@ -107,6 +117,14 @@ class Outbox:
             self._ready.set()
             if self.on_close is not None:
                 self.on_close(code)
+            self._wake()  # a writer writes the close
+
+    def _wake(self) -> None:
+        """Start a writer if none runs (:attr:`on_backlog`)."""
+        wake = self.on_backlog
+        if wake is not None:
+            self.on_backlog = None
+            wake()
 
     async def get(self, timeout: float | None = None) -> list[tuple[int, str]]:
         """Everything queued (waiting up to ``timeout`` for something); [] on timeout/close."""
@@ -131,7 +149,8 @@ class Outbox:
         return items
 
     async def stream(self, hub: Hub, resume: Resume, heartbeat: float | None = None,
-                     address: str | None = None) -> AsyncIterator[list[str]]:
+                     address: str | None = None,
+                     wake: Callable[[], None] | None = None) -> AsyncIterator[list[str]]:
         """What this client is sent, as batches of encoded payloads.
 
         The events of ``resume`` (reset, gap, history: see Resume.of), the
@@ -140,7 +159,8 @@ class Outbox:
         was read, so nothing falls between the two; paced by ``address``'s replay budget,
         Hub.history). An empty batch means ``heartbeat``
         seconds passed with nothing to send. Ends when the outbox is closed; the transport
-        only writes the batches.
+        only writes the batches. With ``wake`` it also ends once the history is sent and
+        nothing is queued: see :meth:`backlog`.
         """
         encoding = self.encoding
         first = [encoding.reset if name == "reset" and not data else encoding.event(name, data)
@@ -154,6 +174,11 @@ class Outbox:
                 return
             yield [frame(message) for message in page]
             sent = page[-1].id
+        if wake is not None:
+            self.sent = sent
+            async for batch in self.backlog(wake):
+                yield batch
+            return
         while True:
             self.sent = sent  # for deliver's direct writes: history not to send again
             items = await self.get(heartbeat)
@@ -169,4 +194,33 @@ class Outbox:
             for message_id, _ in reversed(items):
                 if message_id:
                     sent = max(sent, message_id)
+                    break
+
+    async def backlog(self, wake: Callable[[], None]) -> AsyncIterator[list[str]]:
+        """What is queued, a batch at a time, skipping messages sent as history (id <=
+        :attr:`sent`), until the queue is empty or the outbox closed.
+
+        Found empty (and open), the outbox is left idle with no writer: ``direct`` writes
+        on, and ``wake`` set as :attr:`on_backlog`, called when something is queued or the
+        outbox closes. The caller's writer then returns at once (in the same loop step, so
+        that nothing is queued between the two) and ``wake`` starts another, which calls
+        this again. Each batch is in flight, nothing may overtake it, until the caller asks
+        for the next.
+        """
+        while not self.closed:  # bounded: each turn takes the whole queue, or returns
+            items = self._items
+            if not items:
+                self.direct = self.sink
+                self.on_backlog = wake
+                return
+            self._items = []
+            sent = self.sent
+            if items[0][0] > sent:
+                yield [payload for _, payload in items]
+            else:
+                yield [payload for message_id, payload in items
+                       if not message_id or message_id > sent]
+            for message_id, _ in reversed(items):
+                if message_id:
+                    self.sent = max(sent, message_id)
                     break

@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from functools import partial
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -69,11 +69,9 @@ async def websocket(ws: WebSocket) -> None:
         return
     stuck: StuckWatch = ws.app.state.stuck
 
-    def writer(hub: Hub, outbox: Outbox, resume: Resume) -> asyncio.Task:
+    def writer(hub: Hub, outbox: Outbox, resume: Resume) -> Writer:
         stuck.watch(ws.scope, outbox)
-        task = asyncio.create_task(write_frames(ws, hub, outbox, resume))
-        task.add_done_callback(partial(writer_done, ws))
-        return task
+        return Writer(ws, hub, outbox, resume)
 
     member = Member(rooms, user, grant_of(ws.scope), ws.send_text,
                     lambda: Outbox(wire.WEBSOCKET, user, limits.max_queue), writer, stuck)
@@ -105,19 +103,20 @@ def grant_of(scope) -> Grant | None:
 
 class Member:
     """One push connection's rooms (WebSocket, WebTransport): for each room it is in, the
-    room's hub, the connection's outbox there (its presence, its queue) and the writer
-    task that streams it. Frames about a room go through that room's outbox, in order
-    with its messages; ``send`` writes a frame at once (``joined``, ``left``, and what a
-    connection in no room is told)."""
+    room's hub, the connection's outbox there (its presence, its queue) and what writes
+    it (a task, or a :class:`Writer`: ``writer`` makes it, ``cancel()`` stops it). Frames
+    about a room go through that room's outbox, in order with its messages; ``send``
+    writes a frame at once (``joined``, ``left``, and what a connection in no room is
+    told)."""
 
     def __init__(self, rooms: Rooms, user: str, grant: Grant | None,
                  send: Callable[[str], Awaitable[None]], outbox: Callable[[], Outbox],
-                 writer: Callable[[Hub, Outbox, Resume], asyncio.Task],
+                 writer: Callable[[Hub, Outbox, Resume], Cancellable],
                  stuck: StuckWatch | None = None) -> None:
         self.registry, self.user, self.grant = rooms, user, grant
         self.limits = rooms.limits
         self.send, self.outbox, self.writer, self.stuck = send, outbox, writer, stuck
-        self.rooms: dict[str, tuple[Hub, Outbox, asyncio.Task]] = {}
+        self.rooms: dict[str, tuple[Hub, Outbox, Cancellable]] = {}
         """The rooms it is in: hub, outbox, writer."""
         self.closed = False
         rooms.connected(user, self, self.notice)
@@ -304,24 +303,71 @@ async def handle_frame(member: Member, client: str, rate: RateLimit, budget: Sen
         hub.tell(outbox, wire.ws_event("ack", message.to_dict()))
 
 
-async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume):
-    """This connection's writer: one text frame per payload of :meth:`Outbox.stream`.
+class Cancellable(Protocol):
+    """What writes a room's outbox for a :class:`Member`: a task, or a :class:`Writer`."""
 
-    Once the history is sent and the queue is empty the writer sleeps, and the hub writes
-    live frames itself through ``outbox.sink`` (chatlib.fastpath.websocket_sink) while the
-    connection can take them; the writer wakes only for a backlog, and writes it the same
-    way, a batch per write, once flow control lets it (chatlib.fastpath.websocket_writer).
-    On the public path (and when websockets has a write of its own pending) frames go to
-    the server's own ASGI send, past Starlette's per-frame layers
-    (chatlib.fastpath.server_send). It stops at the first sign that the connection is
-    gone (its transport closing), without writing another frame.
+    def cancel(self) -> object: ...
+
+
+class Writer:
+    """One room's writer on one WebSocket: a :func:`write_frames` task while there is
+    something to write, and no task at all while the connection is idle.
+
+    The first task writes the resume events and the history, then what was queued
+    meanwhile, and ends once the queue is empty (:meth:`Outbox.stream` with ``wake``).
+    From then on the hub writes live frames itself through ``outbox.sink``
+    (chatlib.fastpath.websocket_sink) while the connection can take them; when the outbox
+    queues something instead (flow control, a frame behind a queued one) or closes, it
+    calls :meth:`wake` (its ``on_backlog``), which starts a task for that backlog
+    (:meth:`Outbox.backlog`), ending again once it is written. At most one task runs at a
+    time. :meth:`cancel` (the room is left) stops it for good: nothing more is written.
+    """
+
+    __slots__ = ("ws", "hub", "outbox", "task")
+
+    def __init__(self, ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume) -> None:
+        self.ws, self.hub, self.outbox = ws, hub, outbox
+        self.task: asyncio.Task | None = None
+        outbox.sink = websocket_sink(ws.scope)
+        self._start(outbox.stream(hub, resume, address=address(ws.scope), wake=self.wake))
+
+    def wake(self) -> None:
+        """The outbox queued something, or closed, while no task ran: start one."""
+        self._start(self.outbox.backlog(self.wake))
+
+    def cancel(self) -> None:
+        self.outbox.on_backlog = None  # (and no cycle outbox -> self -> outbox left behind)
+        if self.task is not None:
+            self.task.cancel()
+
+    def _start(self, batches: AsyncIterator[list[str]]) -> None:
+        task = self.task = asyncio.create_task(
+            write_frames(self.ws, self.hub, self.outbox, batches))
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        if self.task is task:
+            self.task = None
+        writer_done(self.ws, task)
+
+
+async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox,
+                       batches: AsyncIterator[list[str]]) -> None:
+    """Write ``batches`` (of :class:`Writer`'s outbox), one text frame per payload, and
+    the close frame if the outbox closed.
+
+    A backlog is written the way the hub writes live frames, a batch per write, once flow
+    control lets it (chatlib.fastpath.websocket_writer). On the public path (and when
+    websockets has a write of its own pending) frames go to the server's own ASGI send,
+    past Starlette's per-frame layers (chatlib.fastpath.server_send). It stops at the
+    first sign that the connection is gone (its transport closing), without writing
+    another frame.
     """
     send = server_send(ws.scope, ws.send)
-    outbox.sink = websocket_sink(ws.scope)
     write = websocket_writer(ws.scope)  # None on the public path
     transport = transport_of(ws.scope)
     try:
-        async for batch in outbox.stream(hub, resume, address=address(ws.scope)):
+        async for batch in batches:
             if write is not None and await write(tuple(batch)):
                 continue  # the same encoder as the hub's direct writes, one write
             for payload in batch:
@@ -332,7 +378,10 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume):
                 if transport is not None and transport.is_closing():
                     return  # the reader sees the disconnect and cleans up
                 await send({"type": "websocket.send", "text": payload})
-        await ws.close(outbox.close_code, hub.admission.closing(outbox.close_code))
+        # Not closed: the outbox is idle, and a new writer starts when it is not. (Decided
+        # in the step that ended ``batches``: nothing was queued or closed in between.)
+        if outbox.closed:
+            await ws.close(outbox.close_code, hub.admission.closing(outbox.close_code))
     except (WebSocketDisconnect, OSError):  # uvicorn's ClientDisconnected is an OSError
         pass  # the client is gone; the reader sees the disconnect and cleans up
     except StoreUnavailable:  # history unreadable now: the client resumes when it reconnects

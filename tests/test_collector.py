@@ -13,6 +13,8 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from chatlib import collector, protocols
+from chatlib.outbox import Outbox
+from chatlib.ws import Writer
 
 
 def server_side(cls: type, port: int) -> list:
@@ -47,6 +49,10 @@ async def test_a_closed_websocket_is_freed_without_the_cyclic_gc(server):
             await asyncio.sleep(0.01)
         assert {name: ref() is None for name, ref in gone.items()} == {
             "protocol": True, "transport": True, "websockets": True}
+        # ... and chatlib's own: its outbox and writer (no weak references: by type)
+        assert [type(obj).__name__ for obj in gc.get_objects()
+                if isinstance(obj, (Outbox, Writer)) and getattr(obj, "user", "ada") == "ada"
+                ] == []
     finally:
         gc.enable()
 

@@ -155,17 +155,26 @@ async def test_slow_outbox_is_closed_and_others_get_everything():
 class FakeConnection:
     """A push client's connection as the hub sees it: ``sink`` writes at once while
     ``writable`` (flow control), the writer's writes wait for ``gate`` (a slow socket).
-    ``wire`` is what the client receives, in order; ``direct`` the payloads the sink wrote."""
+    ``wire`` is what the client receives, in order; ``direct`` the payloads the sink wrote.
+    With ``wake`` its writer ends while idle and the outbox starts another for a backlog
+    (``on_backlog``, as chatlib.ws.Writer); ``started`` counts those."""
 
-    def __init__(self, hub: Hub, outbox: Outbox, cursor: int = 0) -> None:
+    def __init__(self, hub: Hub, outbox: Outbox, cursor: int = 0, wake: bool = False) -> None:
         self.outbox, self.wire, self.direct = outbox, [], []
         self.writable = True
         self.gate = asyncio.Event()
         self.gate.set()
         self.in_flight: list[str] = []
         self.writes = 0  # sink calls
+        self.started = 0
         outbox.sink = self.sink
-        self.writer = asyncio.create_task(self.write(outbox.stream(hub, Resume(cursor))))
+        self.writer = asyncio.create_task(self.write(
+            outbox.stream(hub, Resume(cursor), wake=self.wake if wake else None)))
+
+    def wake(self) -> None:
+        assert self.writer.done(), "two writers at once"
+        self.started += 1
+        self.writer = asyncio.create_task(self.write(self.outbox.backlog(self.wake)))
 
     def sink(self, payloads: tuple[str, ...]) -> bool:
         if not self.writable:
@@ -199,9 +208,10 @@ async def idle(*clients: FakeConnection) -> None:
                             for c in clients))
 
 
-async def test_direct_writes_happen_only_while_the_writer_is_idle_and_keep_order(log):
+@pytest.mark.parametrize("wake", [False, True], ids=["writer-sleeps", "writer-ends"])
+async def test_direct_writes_happen_only_while_the_writer_is_idle_and_keep_order(log, wake):
     hub = Hub(log, Limits(presence_interval=0, max_queue=100))
-    client = FakeConnection(hub, join(hub, WEBSOCKET, ""))
+    client = FakeConnection(hub, join(hub, WEBSOCKET, ""), wake=wake)
     await idle(client)
     await hub.post("ada", "1")  # idle writer, writable: written at once, no wake-up
     assert client.texts() == ["1"] and len(client.direct) == 1
@@ -222,17 +232,45 @@ async def test_direct_writes_happen_only_while_the_writer_is_idle_and_keep_order
     await hub.post("ada", "5")  # idle again: direct again
     assert client.texts() == ["1", "2", "3", "4", "5"]
     assert [json.loads(p)["text"] for p in client.direct] == ["1", "5"]
+    if wake:  # one writer for the history, one for the backlog "2" began; none now
+        await until(lambda: client.writer.done())
+        assert client.started == 1 and client.outbox.on_backlog is not None
     client.writer.cancel()
 
 
-async def test_direct_writes_never_repeat_what_the_history_sent(log):
+async def test_an_ended_writer_is_started_again_for_a_backlog_and_for_a_close(log):
+    hub = Hub(log, Limits(presence_interval=0, max_queue=100))
+    client = FakeConnection(hub, join(hub, WEBSOCKET, ""), wake=True)
+    await idle(client)
+    await until(lambda: client.writer.done())  # history sent, nothing queued: it ended
+    await hub.post("ada", "1")
+    assert client.started == 0 and client.texts() == ["1"]  # written directly: no task
+    client.writable = False  # flow control: "2" is queued, and a writer started for it
+    client.gate.clear()  # ... whose write waits
+    await hub.post("ada", "2")
+    await until(lambda: client.in_flight)
+    await hub.post("ada", "3")  # queued behind it: no second writer
+    assert client.started == 1 and client.texts() == ["1"]
+    client.writable = True
+    client.gate.set()
+    await until(lambda: client.writer.done())
+    assert client.texts() == ["1", "2", "3"] and client.outbox.on_backlog is not None
+    client.outbox.close(1013)
+    assert client.started == 2 and client.outbox.on_backlog is None  # it sees the close
+    await until(lambda: client.writer.done())
+    client.outbox.put(0, "late")  # closed: nothing queued, no writer
+    assert client.started == 2 and client.outbox.queued == 0
+
+
+@pytest.mark.parametrize("wake", [False, True], ids=["writer-sleeps", "writer-ends"])
+async def test_direct_writes_never_repeat_what_the_history_sent(log, wake):
     hub = Hub(log, Limits(presence_interval=0))
     await hub.start()
     outbox = join(hub, WEBSOCKET, "")
     # Appended but not yet fanned out when the history is read (a post in progress, or
     # another process's message): the history sends it, the fan-out must not send it again.
     await log.append("ada", "in the log first")
-    client = FakeConnection(hub, outbox)
+    client = FakeConnection(hub, outbox, wake=wake)
     await idle(client)
     assert client.texts() == ["in the log first"]
     await hub.catch_up()  # now the hub fans it out: queued, for the writer to skip
@@ -244,10 +282,11 @@ async def test_direct_writes_never_repeat_what_the_history_sent(log):
     client.writer.cancel()
 
 
-async def test_a_client_that_cannot_take_writes_still_overflows_with_1013(log):
+@pytest.mark.parametrize("wake", [False, True], ids=["writer-sleeps", "writer-ends"])
+async def test_a_client_that_cannot_take_writes_still_overflows_with_1013(log, wake):
     hub = Hub(log, Limits(presence_interval=0, max_queue=5))
-    stuck = FakeConnection(hub, join(hub, WEBSOCKET, ""))
-    fine = FakeConnection(hub, join(hub, WEBSOCKET, ""))
+    stuck = FakeConnection(hub, join(hub, WEBSOCKET, ""), wake=wake)
+    fine = FakeConnection(hub, join(hub, WEBSOCKET, ""), wake=wake)
     await idle(stuck, fine)
     stuck.writable = False
     stuck.gate.clear()
@@ -276,14 +315,15 @@ async def test_an_ack_never_overtakes_its_message_in_a_sliced_fan_out(monkeypatc
     hub.close()
 
 
-async def test_a_burst_to_a_sliced_room_goes_out_client_by_client(monkeypatch):
+@pytest.mark.parametrize("wake", [False, True], ids=["writer-sleeps", "writer-ends"])
+async def test_a_burst_to_a_sliced_room_goes_out_client_by_client(monkeypatch, wake):
     """Messages published while a sliced fan-out is still going out go out together
     (as one batch): each idle client gets them in one write, in order; a stuck client
     still overflows (1013) without holding the others; an ack still comes after them."""
     monkeypatch.setattr(hub_module, "FANOUT_SLICE", 3)
     hub = Hub(MemoryLog(), Limits(presence_interval=0, max_queue=3))
     await hub.start()
-    room = [FakeConnection(hub, join(hub, WEBSOCKET, "")) for _ in range(10)]
+    room = [FakeConnection(hub, join(hub, WEBSOCKET, ""), wake=wake) for _ in range(10)]
     await idle(*room)
     stuck = room[4]
     stuck.writable = False
