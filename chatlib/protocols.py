@@ -23,6 +23,10 @@ are, with three additions, each measured with raw sockets (tests/test_edge.py, b
 A request uvicorn cannot parse already gets ``400`` at once; here the answer says why
 (h11's reason), and a request cut off by the client's EOF gets ``400`` too.
 
+One more path: with a chatlib.pollpath.PollPath, a plain ``GET /api/messages`` that
+arrives whole on an idle connection is answered by it, without h11 and ASGI (that module
+says why, and what it takes); everything else goes through h11 as above.
+
 **Checked once, at import**, as chatlib.fastpath is: the subclasses override and call
 uvicorn's methods and read its protocols' state (:data:`EXPECTED`, pinned by
 tests/test_fastpath.py). If an upgrade moved any of it, :data:`MISSING` says what, a
@@ -56,10 +60,12 @@ _HTTP = "uvicorn.protocols.http.h11_impl"
 _WS = "uvicorn.protocols.websockets.websockets_sansio_impl"
 EXPECTED: Expected = {
     f"{_HTTP}:H11Protocol": (
-        ("config", "loop", "conn", "transport", "cycle"),
+        ("config", "loop", "conn", "transport", "cycle", "flow", "server", "client", "scheme",
+         "server_state", "tasks", "root_path"),
         ("connection_made", "connection_lost", "data_received", "eof_received",
          "on_response_complete", "handle_websocket_upgrade", "send_400_response", "shutdown",
-         "pause_writing", "resume_writing")),
+         "pause_writing", "resume_writing", "_unset_keepalive_if_required")),
+    "uvicorn.protocols.http.flow_control:FlowControl": ((), ("pause_reading", "resume_reading")),
     f"{_HTTP}:RequestResponseCycle": (
         ("disconnected", "message_event", "response_started", "response_complete"), ()),
     f"{_WS}:WebSocketsSansIOProtocol": (
@@ -69,6 +75,7 @@ EXPECTED: Expected = {
          "pause_writing", "resume_writing", "start_keepalive", "on_task_complete")),
     "websockets.protocol:Protocol": (("parser",), ()),
     "uvicorn.config:Config": (("h11_max_incomplete_event_size",), ()),
+    "uvicorn.server:ServerState": (("default_headers",), ()),
 }
 """What the subclasses below override, call and read of uvicorn's protocols."""
 
@@ -84,12 +91,13 @@ else:
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 
-def http_protocol(limits: Limits):
-    """uvicorn's ``http`` option: :class:`BoundedH11Protocol` with ``limits``, or uvicorn's
+def http_protocol(limits: Limits, poll_path=None):
+    """uvicorn's ``http`` option: :class:`BoundedH11Protocol` with ``limits`` (and
+    ``poll_path``, a chatlib.pollpath.PollPath, to answer plain long polls), or uvicorn's
     own ``"h11"`` when :data:`MISSING` (read when a server starts)."""
     if MISSING:
         return "h11"
-    return functools.partial(BoundedH11Protocol, limits=limits)
+    return functools.partial(BoundedH11Protocol, limits=limits, poll_path=poll_path)
 
 
 def websocket_protocol():
@@ -188,12 +196,24 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
     in a FIN stuck behind it in FIN-WAIT-1: issue 18.) A slow reader that makes progress
     is left alone, and a close waits until it has taken what we wrote (:meth:`linger`).
 
+    With a ``poll_path`` (chatlib.pollpath.PollPath), a read that is one plain
+    ``GET /api/messages`` on an idle connection is answered by it instead (:meth:`_poll`).
+    Unless uvicorn rewrites scopes itself (``root_path``, proxy headers): then it would not
+    see what the app sees, and everything goes through h11.
+
     Make one per server with ``functools.partial(BoundedH11Protocol, limits=...)``.
     """
 
-    def __init__(self, *args, limits: Limits, **kwargs) -> None:
+    def __init__(self, *args, limits: Limits, poll_path=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        plain = not self.root_path and not self.config.proxy_headers
+        self.poll_path = poll_path if plain else None
+        self.polling: asyncio.Task | None = None
+        """The long poll the poll path answers now, if any."""
+        self._piped = b""  # what came while it waited (pipelined): read after its answer
+        self._hung_up: asyncio.Future | None = None
+        self._close_after_poll = False
         self.conn = ChunkCountingConnection(
             limits.max_body_chunks,
             self.config.h11_max_incomplete_event_size or H11_MAX_INCOMPLETE_EVENT_SIZE)
@@ -214,6 +234,9 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         self.stop_lingering()
         self._cancel_timers()
         self._stop_output_timer()
+        self.poll_path = None  # nothing more to answer
+        if self._hung_up is not None and not self._hung_up.done():
+            self._hung_up.set_result(None)
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -253,8 +276,60 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         if self.lingering:
             self.drain(self.raw_transport, data)
             return
+        if self.polling is not None:  # pipelined behind a long poll: read after its answer
+            self._piped += data
+            self.flow.pause_reading()
+            return
+        if self.poll_path is not None and self._idle():
+            scope = self.poll_path.take(data, self.server, self.client, self.scheme)
+            if scope is not None:
+                self._poll(scope)
+                return
         super().data_received(data)
         self._watch()
+
+    def _idle(self) -> bool:
+        """Between requests: h11 waits for a new one with nothing buffered, no response
+        is being written, and the connection is open."""
+        return (self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+                and not self.conn.trailing_data[0] and not self.upgraded
+                and (self.cycle is None or self.cycle.response_complete)
+                and not self.raw_transport.is_closing())
+
+    def _poll(self, scope) -> None:
+        """Answer ``scope`` (a long poll) through the poll path, in a task of its own as
+        uvicorn runs a request (the server's graceful shutdown waits for it)."""
+        self._unset_keepalive_if_required()
+        self._cancel_timers()  # the head is complete; there is no body
+        self.polling = task = self.loop.create_task(self._answer_poll(scope))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _answer_poll(self, scope) -> None:
+        try:
+            answer = await self.poll_path.answer(
+                scope, self._until_hung_up, self.server_state.default_headers)
+        finally:
+            self.polling = None
+        if answer is None or self.raw_transport.is_closing():  # nobody to answer
+            return
+        data, keep_alive = answer
+        self.raw_transport.write(data)
+        if not keep_alive or self._close_after_poll:
+            self.transport.close()  # lingering, if need be
+        self.on_response_complete()  # keep-alive timer, header timer, stuck-client watch
+        if self._piped and not self.raw_transport.is_closing():
+            data, self._piped = self._piped, b""
+            self.data_received(data)
+
+    async def _until_hung_up(self) -> dict:
+        """The ASGI ``receive`` of a long poll on the poll path: returns when the client
+        hangs up (a poll has no body to read)."""
+        if self.poll_path is None:  # the connection is lost already
+            return {"type": "http.disconnect"}
+        self._hung_up = self.loop.create_future()
+        await self._hung_up
+        return {"type": "http.disconnect"}
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start a pipelined request
@@ -295,7 +370,9 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
 
     def shutdown(self) -> None:
         """The server is stopping: nobody waits for a lingering or idle connection."""
-        if self.lingering or self.cycle is None or self.cycle.response_complete:
+        if self.polling is not None:  # answered as the hub closes, then closed
+            self._close_after_poll = True
+        elif self.lingering or self.cycle is None or self.cycle.response_complete:
             self._cancel_timers()
             self.raw_transport.close()
         else:
@@ -345,6 +422,9 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
     def _watch(self) -> None:
         """Arm or cancel the header and body timers for the state h11 is in now."""
         if self.lingering or self.upgraded or self.transport.is_closing():
+            return
+        if self.polling is not None:  # a request is being answered: no timer runs
+            self._cancel_timers()
             return
         state = self.conn.their_state
         if state is h11.IDLE and self._header_timer is None:

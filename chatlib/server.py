@@ -40,6 +40,7 @@ from .colab import PAGE_UNREACHABLE, in_colab
 from .guard import Guard, host_policy
 from .hub import Hub
 from .limits import FD_LIMIT_WANTED, Limits
+from .pollpath import PollPath
 from .proxy import public_url
 from .rooms import Rooms
 from .store import MemoryLog, MessageLog
@@ -305,7 +306,8 @@ class ChatServer:
             app,
             # h11 (pure Python) pinned, not "auto": httptools is not a dependency, and the
             # header timeout, body budget and lingering close are written for h11.
-            http=protocols.http_protocol(self.limits),
+            http=protocols.http_protocol(
+                self.limits, PollPath(app, hosts, self.token, self.user_secret)),
             ws=protocols.websocket_protocol(),  # websockets-sansio, closing without a reset
             # permessage-deflate roughly doubles memory per connection for ~100-byte chat
             # messages that barely compress: off by default (see bench/README.md).

@@ -1,0 +1,271 @@
+"""The long poll's own HTTP path (chatlib.pollpath): which requests it takes, and that what
+it answers, and how the connection goes on, is what the general path (h11 and the app)
+would do. Raw sockets where the exact bytes matter; every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from chatlib import Limits
+from chatlib.app import create_app
+from chatlib.auth import page_path
+from chatlib.hub import Hub
+from chatlib.pollpath import PollPath
+from chatlib.store import MemoryLog
+
+T = 10.0  # hang guard for one exchange
+HEAD = "GET /api/messages?after=0 HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
+
+
+@pytest.fixture
+def path() -> PollPath:
+    hub = Hub(MemoryLog(), Limits())
+    return PollPath(create_app(hub), None)
+
+
+def take(path: PollPath, data: str) -> dict | None:
+    return path.take(data.encode("latin-1"), ("127.0.0.1", 8000), ("127.0.0.1", 5000), "http")
+
+
+@pytest.mark.parametrize("extra", [
+    "", "Connection: keep-alive\r\n", "Content-Length: 0\r\n", "Accept:  */* \r\n",
+    "Origin: http://127.0.0.1:8000\r\n", "X-Empty:\r\n", "User-Agent: a\tb c\xe9\r\n"])
+def test_a_plain_long_poll_is_taken(path, extra):
+    scope = take(path, HEAD + extra + "\r\n")
+    assert scope is not None
+    assert (scope["method"], scope["path"], scope["query_string"]) == (
+        "GET", "/api/messages", b"after=0")
+
+
+@pytest.mark.parametrize("data", [
+    HEAD,  # the head is not complete
+    HEAD + "\r\n" + HEAD + "\r\n",  # two requests in one read
+    HEAD + "\r\nx",  # a body after a GET
+    HEAD.replace("GET", "POST", 1) + "Content-Length: 0\r\n\r\n",
+    HEAD.replace("GET", "HEAD", 1) + "\r\n",
+    HEAD.replace("/api/messages", "/api/presence") + "\r\n",
+    HEAD.replace("/api/messages", "/api/messagesx") + "\r\n",
+    HEAD.replace("/api/messages", "/api/%6dessages") + "\r\n",
+    HEAD.replace("HTTP/1.1", "HTTP/1.0") + "\r\n",
+    HEAD.replace("?after=0", "?after=0 x") + "\r\n",
+    HEAD + "Connection: close\r\n\r\n",
+    HEAD + "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    HEAD + "Content-Length: 5\r\n\r\n",
+    HEAD + "Content-Length: 0\r\nContent-Length: 0\r\n\r\n",
+    HEAD + "Transfer-Encoding: chunked\r\n\r\n",
+    HEAD + "Expect: 100-continue\r\n\r\n",
+    "GET /api/messages HTTP/1.1\r\n\r\n",  # no Host
+    HEAD + "Host: 127.0.0.1\r\n\r\n",  # two
+    HEAD + "Bad Name: x\r\n\r\n",
+    HEAD + "X-A: x\r\n continued\r\n\r\n",  # obsolete line folding
+    HEAD + "X-A: a\x00b\r\n\r\n",
+    HEAD + "X-A: a\rb\r\n\r\n",
+    HEAD + "NoColon\r\n\r\n",
+    HEAD.replace("127.0.0.1:8000", "evil.example:8000") + "\r\n",  # the Guard refuses it
+    HEAD + "X-Long: " + "a" * 20000 + "\r\n\r\n",
+])
+def test_anything_else_goes_the_general_way(path, data):
+    assert take(path, data) is None
+
+
+def test_token_mode_takes_only_what_carries_the_token():
+    hub = Hub(MemoryLog(), Limits())
+    path = PollPath(create_app(hub, token="s3cret"), None, "s3cret")
+    assert take(path, HEAD + "\r\n") is None  # 401 is the general path's
+    assert take(path, HEAD + "Authorization: Bearer nope\r\n\r\n") is None
+    assert take(path, HEAD + "Authorization: Bearer s3cret\r\n\r\n") is not None
+    page = HEAD.replace("/api/messages", page_path("s3cret") + "/api/messages")
+    assert take(path, page + "Cookie: chatlib-token-8000=s3cret\r\n\r\n") is not None
+    assert take(path, page + "Cookie: chatlib-token-8001=s3cret\r\n\r\n") is None
+
+
+# -- on a live server -----------------------------------------------------------------------
+
+
+class Connection:
+    """One raw keep-alive HTTP/1.1 connection: write requests, read responses in order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def send(self, data: str | bytes) -> None:
+        self.writer.write(data.encode() if isinstance(data, str) else data)
+
+    async def response(self) -> tuple[int | None, dict[str, str], bytes]:
+        """The next response; ``(None, {}, b"")`` if the server closed instead."""
+        async with asyncio.timeout(T):
+            try:
+                head = await self.reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                return None, {}, b""
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict((name.lower(), value.strip()) for name, _, value in
+                           (line.partition(":") for line in lines[1:] if line))
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        return int(lines[0].split()[1]), headers, body
+
+    async def closed(self) -> bool:
+        async with asyncio.timeout(T):
+            return await self.reader.read() == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.fixture
+async def connections():
+    opened: list[Connection] = []
+
+    async def open_one(port: int) -> Connection:
+        opened.append(await Connection.open(port))
+        return opened[-1]
+
+    try:
+        yield open_one
+    finally:
+        for connection in opened:
+            connection.close()
+
+
+@pytest.fixture
+def taken(monkeypatch) -> list[bytes]:
+    """The query strings of the requests the poll path took, in order."""
+    seen = []
+    original = PollPath.take
+
+    def spy(self, data, *args):
+        scope = original(self, data, *args)
+        if scope is not None:
+            seen.append(scope["query_string"])
+        return scope
+
+    monkeypatch.setattr(PollPath, "take", spy)
+    return seen
+
+
+def poll(port: int, query: str, *extra: str) -> str:
+    return (f"GET /api/messages?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            + "".join(line + "\r\n" for line in extra) + "\r\n")
+
+
+def post(port: int, text: str) -> str:
+    body = json.dumps({"user": "ann", "text": text})
+    return (f"POST /api/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}")
+
+
+async def until(condition, what: str) -> None:
+    """Wait (bounded) until ``condition()`` holds."""
+    async with asyncio.timeout(T):
+        while not condition():  # bounded by the timeout
+            await asyncio.sleep(0.01)
+
+
+async def parked(server, count: int) -> None:
+    await until(lambda: server.stats()["connections"]["long_poll"] == count,
+                f"{count} long polls parked")
+
+
+async def test_the_same_answers_as_the_general_path(start_chat, connections, taken):
+    """Each answer (a page, an empty poll, a bad cursor's 400, a room's answer) is the
+    general path's, header for header (a server behind a proxy runs only that path)."""
+    fast = await start_chat()
+    general = await start_chat(forwarded_allow_ips="127.0.0.2")
+    queries = ["after=0", "after=1", "after=x", "after=0&room=den", "after=0&room=%40"]
+    answers = {}
+    for server in (fast, general):
+        connection = await connections(server.port)
+        connection.send(post(server.port, "hi"))
+        assert (await connection.response())[0] == 201
+        for query in queries:
+            connection.send(poll(server.port, query))
+            status, headers, body = await connection.response()
+            headers.pop("date")
+            data = json.loads(body)
+            for message in data.get("messages", []):
+                message.pop("ts")  # the two servers stored "hi" at different times
+            answers.setdefault(query, []).append((status, headers, data))
+    for query in queries:
+        assert answers[query][0] == answers[query][1], query
+    assert taken == [query.encode() for query in queries]
+    assert [answers[query][0][0] for query in queries] == [200, 200, 400, 200, 400]
+
+
+async def test_keep_alive_and_pipelining(server, connections, taken):
+    """A request pipelined behind a parked long poll waits for its answer, then is read;
+    the connection then serves the general path (a POST) and the poll path again."""
+    port = server.port
+    poller = await connections(port)
+    poller.send(poll(port, "after=0&wait=5"))
+    await parked(server, 1)
+    poller.send(poll(port, "after=0") + post(port, "piped"))  # two in one read: h11's
+    other = await connections(port)
+    other.send(post(port, "hello"))
+    assert (await other.response())[0] == 201
+    first = await poller.response()
+    second = await poller.response()
+    third = await poller.response()
+    assert first[0] == second[0] == 200
+    assert [m["text"] for m in json.loads(first[2])["messages"]] == ["hello"]
+    assert [m["text"] for m in json.loads(second[2])["messages"]] == ["hello"]
+    assert third[0] == 201 and json.loads(third[2])["text"] == "piped"
+    poller.send(poll(port, "after=2"))
+    status, _, body = await poller.response()
+    assert status == 200 and json.loads(body)["last_id"] == 2
+    assert taken == [b"after=0&wait=5", b"after=2"]
+
+
+async def test_a_client_that_hangs_up_frees_its_poll(server, connections):
+    connection = await connections(server.port)
+    connection.send(poll(server.port, "after=0&wait=20"))
+    await parked(server, 1)
+    connection.close()
+    await parked(server, 0)
+
+
+@pytest.mark.parametrize("limits", [Limits(header_timeout=0.5)])
+async def test_the_header_timeout_runs_after_an_answer(server, connections, taken):
+    connection = await connections(server.port)
+    connection.send(poll(server.port, "after=0"))
+    assert (await connection.response())[0] == 200
+    connection.send("GET /api/mess")  # and nothing more
+    status, _, body = await connection.response()
+    assert status == 408 and b"headers not complete" in body
+    assert await connection.closed()
+    assert taken == [b"after=0"]
+
+
+async def test_bad_bytes_after_an_answer_get_400_for_that_client_only(server, connections):
+    bad = await connections(server.port)
+    good = await connections(server.port)
+    bad.send(poll(server.port, "after=0"))
+    assert (await bad.response())[0] == 200
+    good.send(poll(server.port, "after=0&wait=5"))
+    await parked(server, 1)
+    bad.send("GET /api/messages?after=0 HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")
+    assert (await bad.response())[0] == 400
+    assert await bad.closed()
+    other = await connections(server.port)
+    other.send(post(server.port, "still here"))
+    assert (await other.response())[0] == 201
+    status, _, body = await good.response()
+    assert status == 200 and json.loads(body)["messages"][0]["text"] == "still here"
+
+
+async def test_a_stopping_server_answers_a_parked_poll_then_closes(start_chat, connections):
+    server = await start_chat()
+    connection = await connections(server.port)
+    connection.send(poll(server.port, "after=0&wait=20"))
+    await parked(server, 1)
+    stopping = asyncio.ensure_future(server.stop())
+    status, _, body = await connection.response()
+    assert status == 200 and json.loads(body)["messages"] == []
+    assert await connection.closed()
+    await asyncio.wait_for(stopping, T)
