@@ -203,11 +203,11 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
 class ChatApp(Starlette):
     """Starlette, with the server's own ASGI ``send`` kept in the scope.
 
-    Between ``ws.send_text(...)`` and the server's ``send`` Starlette has four coroutine
-    layers (``send_text``, ``WebSocket.send`` and two exception-handling wrappers that only
-    matter for HTTP). Fanning out one message to N clients runs them N times; the
-    transports' writers use this ``send`` directly instead (chatlib.fastpath.server_send).
-    Everything else (accept, receive, close, errors) still goes through Starlette.
+    Between an endpoint and the server's ``send`` Starlette has exception-handling
+    wrappers that only matter for HTTP (and a ``Response`` or ``WebSocket`` layer on top).
+    Fanning out one message to N clients would run them N times; the transports' writers
+    and the raw endpoints (``/ws``, ``GET /api/messages``) use this ``send`` directly
+    instead (chatlib.fastpath.server_send).
     """
 
     async def __call__(self, scope, receive, send) -> None:
@@ -231,7 +231,7 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
         Route("/api/webtransport", webtransport_info),  # chatlib.webtransport
         Route("/api/stats", stats),
         Route("/api/rooms", room_list),
-        WebSocketRoute("/ws", websocket),  # chatlib.ws
+        WebSocketRoute("/ws", websocket),  # chatlib.ws: a raw ASGI endpoint
     ]
     app = ChatApp(
         routes=routes,

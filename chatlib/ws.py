@@ -8,9 +8,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Protocol
-
-from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from . import wire
 from .auth import GRANT, Grant
@@ -30,7 +29,7 @@ from .rooms import Rooms
 from .store import DEFAULT_ROOM, StoreUnavailable
 from .stuck import StuckWatch
 from .validation import ChatError, client_id, cursor, message_text, room_name
-from .web import JSONBody, address
+from .web import address, refuse
 
 log = logging.getLogger("chatlib")
 
@@ -39,61 +38,108 @@ STORE_DOWN = close_reason(STORE)
 1013, which says that this client fell behind (chatlib.closecode)."""
 
 
-async def websocket(ws: WebSocket) -> None:
-    hub: Hub = ws.app.state.hub
-    limits = hub.limits
-    if hub.closing.is_set():
-        await ws.send_denial_response(JSONBody({"error": "server is stopping"}, 503))
-        return
-    await ws.accept()
-    wait = hub.admission.admit()  # after the handshake: a browser reads only a close code
-    if wait is not None:
-        await ws.close(CloseCode.TRY_AGAIN_LATER, close_reason(BUSY, wait))
-        return
-    rooms: Rooms = ws.app.state.rooms
-    try:
-        user, after, room = await receive_hello(ws, limits)
-        rooms.check(room, user, grant_of(ws.scope))
-    except ChatError as exc:
-        await ws.send_text(wire.ws_event("error", {"error": exc.error}))
-        await ws.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
-        return
-    except TimeoutError:  # say why before hanging up (a bare TCP close tells nothing) ...
-        transport = transport_of(ws.scope)
-        if transport is not None and unsent_bytes(transport):
-            reset_connection(transport)  # ... unless it reads nothing (pongs waiting): abort
+class WebSocketChat:
+    """``/ws``, as a raw ASGI endpoint: hello, history, then live events and the client's
+    frames, until it hangs up.
+
+    Raw for the idle connections' sake (as ``GET /api/messages`` is, chatlib.polling):
+    Starlette's ``websocket_session`` would hold two more coroutines, an exception
+    wrapper with its closures and a ``WebSocket`` for the life of every connection, and
+    none of them is used. Everything before the route (Host, Origin, token:
+    chatlib.guard, chatlib.auth) runs as before; what Starlette's ``WebSocket`` did here
+    is spelled out: ``accept`` reads ``websocket.connect`` first, frames and closes go
+    to the server's own send (chatlib.fastpath.server_send), a client gone makes it raise
+    OSError (uvicorn's ``ClientDisconnected``) or RuntimeError (after a close).
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        state = scope["app"].state
+        hub: Hub = state.hub
+        limits = hub.limits
+        send = server_send(scope, send)
+        if hub.closing.is_set():
+            await refuse("websocket", send, 503, "server is stopping")
             return
-        await ws.close(CloseCode.POLICY_VIOLATION, f"no hello within {limits.hello_timeout:g} s")
-        return
-    except WebSocketDisconnect:
-        return
-    stuck: StuckWatch = ws.app.state.stuck
-
-    def writer(hub: Hub, outbox: Outbox, resume: Resume) -> Writer:
-        stuck.watch(ws.scope, outbox)
-        return Writer(ws, hub, outbox, resume)
-
-    member = Member(rooms, user, grant_of(ws.scope), ws.send_text,
-                    lambda: Outbox(wire.WEBSOCKET, user, limits.max_queue), writer, stuck)
-    try:
+        if (await receive())["type"] != "websocket.connect":
+            return  # gone before the handshake was answered
+        await send({"type": "websocket.accept"})
+        wait = hub.admission.admit()  # after the handshake: a browser reads only a close code
+        if wait is not None:
+            with contextlib.suppress(RuntimeError, OSError):
+                await close(send, CloseCode.TRY_AGAIN_LATER, close_reason(BUSY, wait))
+            return
+        rooms: Rooms = state.rooms
+        grant = grant_of(scope)
         try:
-            await member.join(room, after, announce=False)
-        except StoreUnavailable:
-            await ws.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
+            user, after, room = await receive_hello(receive, limits)
+            rooms.check(room, user, grant)
+        except ChatError as exc:
+            await refuse_hello(send, exc)
             return
-        except ChatError as exc:  # no room at all for it (rooms_per_client)
-            await ws.send_text(wire.ws_event("error", {"error": exc.error}))
-            await ws.close(CloseCode.POLICY_VIOLATION, exc.error[:120])
+        except TimeoutError:  # say why before hanging up (a bare TCP close tells nothing) ...
+            transport = transport_of(scope)
+            if transport is not None and unsent_bytes(transport):
+                reset_connection(transport)  # ... unless it reads nothing (pongs waiting): abort
+                return
+            with contextlib.suppress(RuntimeError, OSError):
+                await close(send, CloseCode.POLICY_VIOLATION,
+                            f"no hello within {limits.hello_timeout:g} s")
             return
-        budget: SendBudget = ws.app.state.budget
-        rate = budget.connection()
-        while True:
-            event = await ws.receive()
-            if event["type"] == "websocket.disconnect":
-                break
-            await handle_frame(member, address(ws.scope), rate, budget, event.get("text"))
-    finally:
-        member.leave_all()
+        except Disconnected:
+            return
+        stuck: StuckWatch = state.stuck
+
+        def writer(hub: Hub, outbox: Outbox, resume: Resume) -> Writer:
+            stuck.watch(scope, outbox)
+            return Writer(scope, send, hub, outbox, resume)
+
+        member = Member(rooms, user, grant, partial(send_text, send),
+                        lambda: Outbox(wire.WEBSOCKET, user, limits.max_queue), writer, stuck)
+        try:
+            try:
+                await member.join(room, after, announce=False)
+            except StoreUnavailable:
+                with contextlib.suppress(RuntimeError, OSError):
+                    await close(send, CloseCode.INTERNAL_ERROR, STORE_DOWN)
+                return
+            except ChatError as exc:  # no room at all for it (rooms_per_client)
+                await refuse_hello(send, exc)
+                return
+            budget: SendBudget = state.budget
+            rate = budget.connection()
+            client = address(scope)
+            while True:
+                event = await receive()
+                if event["type"] == "websocket.disconnect":
+                    break
+                await handle_frame(member, client, rate, budget, event.get("text"))
+        finally:
+            member.leave_all()
+
+
+websocket = WebSocketChat()
+"""The ``/ws`` endpoint (chatlib.app's route table)."""
+
+
+class Disconnected(Exception):
+    """The client hung up (``websocket.disconnect``) before its hello."""
+
+
+async def send_text(send, payload: str) -> None:
+    """One text frame through the ASGI ``send``."""
+    await send({"type": "websocket.send", "text": payload})
+
+
+async def close(send, code: int, reason: str = "") -> None:
+    """The close frame (``code``, ``reason``) through the ASGI ``send``."""
+    await send({"type": "websocket.close", "code": code, "reason": reason})
+
+
+async def refuse_hello(send, exc: ChatError) -> None:
+    """An error frame for ``exc``, then a close with 1008 (unless the client is gone)."""
+    with contextlib.suppress(RuntimeError, OSError):
+        await send_text(send, wire.ws_event("error", {"error": exc.error}))
+        await close(send, CloseCode.POLICY_VIOLATION, exc.error[:120])
 
 
 def grant_of(scope) -> Grant | None:
@@ -138,7 +184,7 @@ class Member:
             if announce:
                 try:
                     await self.send(wire.ws_event("joined", {"room": room}))
-                except (WebSocketDisconnect, RuntimeError, OSError):
+                except (RuntimeError, OSError):
                     return  # gone: the reader sees the disconnect and cleans up
             outbox = hub.subscribe(self.outbox())
             self.rooms[room] = (hub, outbox, self.writer(hub, outbox, resume))
@@ -215,10 +261,12 @@ def error_data(exc: ChatError, client_id: str | None = None) -> dict:
     return data
 
 
-async def receive_hello(ws: WebSocket, limits: Limits) -> tuple[str, int, str]:
-    event = await asyncio.wait_for(ws.receive(), limits.hello_timeout)
+async def receive_hello(receive, limits: Limits) -> tuple[str, int, str]:
+    """The hello's nickname, cursor and room. ChatError: not a valid hello; TimeoutError:
+    none within ``limits.hello_timeout``; Disconnected: the client hung up."""
+    event = await asyncio.wait_for(receive(), limits.hello_timeout)
     if event["type"] == "websocket.disconnect":
-        raise WebSocketDisconnect(event.get("code", CloseCode.NORMAL))
+        raise Disconnected
     return wire.read_hello(event.get("text"), limits)
 
 
@@ -323,13 +371,13 @@ class Writer:
     time. :meth:`cancel` (the room is left) stops it for good: nothing more is written.
     """
 
-    __slots__ = ("ws", "hub", "outbox", "task")
+    __slots__ = ("scope", "send", "hub", "outbox", "task")
 
-    def __init__(self, ws: WebSocket, hub: Hub, outbox: Outbox, resume: Resume) -> None:
-        self.ws, self.hub, self.outbox = ws, hub, outbox
+    def __init__(self, scope, send, hub: Hub, outbox: Outbox, resume: Resume) -> None:
+        self.scope, self.send, self.hub, self.outbox = scope, send, hub, outbox
         self.task: asyncio.Task | None = None
-        outbox.sink = websocket_sink(ws.scope)
-        self._start(outbox.stream(hub, resume, address=address(ws.scope), wake=self.wake))
+        outbox.sink = websocket_sink(scope)
+        self._start(outbox.stream(hub, resume, address=address(scope), wake=self.wake))
 
     def wake(self) -> None:
         """The outbox queued something, or closed, while no task ran: start one."""
@@ -342,30 +390,28 @@ class Writer:
 
     def _start(self, batches: AsyncIterator[list[str]]) -> None:
         task = self.task = asyncio.create_task(
-            write_frames(self.ws, self.hub, self.outbox, batches))
+            write_frames(self.scope, self.send, self.hub, self.outbox, batches))
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
         if self.task is task:
             self.task = None
-        writer_done(self.ws, task)
+        writer_done(self.send, task)
 
 
-async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox,
+async def write_frames(scope, send, hub: Hub, outbox: Outbox,
                        batches: AsyncIterator[list[str]]) -> None:
     """Write ``batches`` (of :class:`Writer`'s outbox), one text frame per payload, and
     the close frame if the outbox closed.
 
     A backlog is written the way the hub writes live frames, a batch per write, once flow
     control lets it (chatlib.fastpath.websocket_writer). On the public path (and when
-    websockets has a write of its own pending) frames go to the server's own ASGI send,
-    past Starlette's per-frame layers (chatlib.fastpath.server_send). It stops at the
-    first sign that the connection is gone (its transport closing), without writing
-    another frame.
+    websockets has a write of its own pending) frames go to ``send``, the connection's
+    ASGI send. It stops at the first sign that the connection is gone (its transport
+    closing), without writing another frame.
     """
-    send = server_send(ws.scope, ws.send)
-    write = websocket_writer(ws.scope)  # None on the public path
-    transport = transport_of(ws.scope)
+    write = websocket_writer(scope)  # None on the public path
+    transport = transport_of(scope)
     try:
         async for batch in batches:
             if write is not None and await write(tuple(batch)):
@@ -381,20 +427,20 @@ async def write_frames(ws: WebSocket, hub: Hub, outbox: Outbox,
         # Not closed: the outbox is idle, and a new writer starts when it is not. (Decided
         # in the step that ended ``batches``: nothing was queued or closed in between.)
         if outbox.closed:
-            await ws.close(outbox.close_code, hub.admission.closing(outbox.close_code))
-    except (WebSocketDisconnect, OSError):  # uvicorn's ClientDisconnected is an OSError
+            await close(send, outbox.close_code, hub.admission.closing(outbox.close_code))
+    except OSError:  # uvicorn's ClientDisconnected
         pass  # the client is gone; the reader sees the disconnect and cleans up
     except StoreUnavailable:  # history unreadable now: the client resumes when it reconnects
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
-            await ws.close(CloseCode.INTERNAL_ERROR, STORE_DOWN)
+        with contextlib.suppress(RuntimeError, OSError):
+            await close(send, CloseCode.INTERNAL_ERROR, STORE_DOWN)
 
 
-def writer_done(ws: WebSocket, writer: asyncio.Task) -> None:
+def writer_done(send, writer: asyncio.Task) -> None:
     """A writer that failed is a bug: log it, and close with 1011 rather than fall silent."""
     if writer.cancelled() or writer.exception() is None:
         return
     log.error("WebSocket writer failed", exc_info=writer.exception())
-    keep(asyncio.ensure_future(ws.close(CloseCode.INTERNAL_ERROR)))
+    keep(asyncio.ensure_future(close(send, CloseCode.INTERNAL_ERROR)))
 
 
 _closing: set[asyncio.Task] = set()

@@ -1,0 +1,85 @@
+"""``/ws`` refuses what it refused when it was a Starlette WebSocket route (it is a raw
+ASGI endpoint now, chatlib.ws.WebSocketChat): the front door's checks before the
+handshake (an HTTP answer instead of 101), then the hello's, with close codes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
+
+from chatlib import Limits, wire
+
+pytestmark = pytest.mark.timeout(60)
+T = 10
+
+
+async def handshake(port: int, **headers: str) -> tuple[int, dict]:
+    """A raw WebSocket handshake on ``/ws`` with ``headers`` (``host`` given or ours):
+    the answer's status and, if it is not 101, its JSON body."""
+    fields = {"host": f"127.0.0.1:{port}", **headers}
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(("GET /ws HTTP/1.1\r\n"
+                      + "".join(f"{name}: {value}\r\n" for name, value in fields.items())
+                      + "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), T)
+        status = int(head.split()[1])
+        if status == 101:
+            return status, {}
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        return status, json.loads(await asyncio.wait_for(reader.readexactly(length), T))
+    finally:
+        writer.close()
+
+
+async def test_an_ordinary_handshake_is_accepted(server):
+    assert await handshake(server.port, origin=f"http://127.0.0.1:{server.port}") == (101, {})
+
+
+@pytest.mark.parametrize("headers, error", [
+    ({"origin": "http://evil.example"}, "origin not allowed"),
+    ({"host": "evil.example:1234", "origin": "http://evil.example:1234"}, "host not allowed"),
+])
+async def test_the_front_door_refuses_before_the_handshake(server, headers, error):
+    status, body = await handshake(server.port, **headers)
+    assert status == 403 and body["error"].startswith(error)
+
+
+async def test_a_stopping_server_answers_503(server):
+    server.hub.closing.set()
+    try:
+        assert await handshake(server.port) == (503, {"error": "server is stopping"})
+    finally:
+        server.hub.closing.clear()
+
+
+@pytest.mark.parametrize("hello", [
+    "not json",
+    json.dumps({"type": "hello", "user": ""}),
+    json.dumps({"type": "hello", "user": "x" * 1000}),
+])
+async def test_a_bad_hello_gets_an_error_frame_and_1008(server, hello):
+    async with ws_connect(server.ws_url) as ws:
+        await ws.send(hello)
+        frame = wire.loads(await asyncio.wait_for(ws.recv(), T))
+        assert frame["type"] == "error"
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), T)
+    assert ws.close_code == 1008 and ws.close_reason == frame["error"][:120]
+
+
+async def test_no_hello_in_time_is_closed_with_1008(start_chat):
+    server = await start_chat(limits=Limits(hello_timeout=0.3))
+    async with ws_connect(server.ws_url) as ws:
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), T)
+    assert ws.close_code == 1008 and ws.close_reason == "no hello within 0.3 s"
