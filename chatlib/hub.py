@@ -347,17 +347,15 @@ class Hub:
             page = await self.log.page(resume.start, history)
         if page.messages or timeout <= 0 or self.closing.is_set():
             return Answer(resume, page.messages, page.last_id)
-        closing = asyncio.ensure_future(self.closing.wait())
-        arrived = asyncio.ensure_future(wake.event.wait())
         self.parked += 1
-        try:
-            await asyncio.wait({closing, arrived}, timeout=timeout,
-                               return_when=asyncio.FIRST_COMPLETED)
+        try:  # in this task: no task per wait (close() sets the wake-up too)
+            async with asyncio.timeout(timeout):
+                await wake.event.wait()
+        except TimeoutError:
+            pass
         finally:
             self.parked -= 1
-            closing.cancel()
-            arrived.cancel()
-        if not wake.event.is_set():  # timed out, or the hub is closing: nothing new
+        if not wake.event.is_set() or self.closing.is_set():  # timed out, or closing
             return Answer(resume, [], page.last_id)
         published = wake.messages
         if published and published[0].id == resume.start + 1:
@@ -497,6 +495,7 @@ class Hub:
     def close(self, code: int = CloseCode.GOING_AWAY) -> None:
         """The server is stopping: end long polls and SSE streams, close WebSockets (``code``)."""
         self.closing.set()
+        self._wake.event.set()  # parked long polls answer (Hub.poll)
         for task in self._tasks:
             task.cancel()
         self.presence.close()

@@ -7,8 +7,8 @@ it. A room the client may not join is refused (403) before anything is read or s
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import parse_qsl
 
-from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import request_response
@@ -49,12 +49,17 @@ def room_of(params, limits, user: str, scope) -> str:
     return room
 
 
-async def poll(state, scope, receive) -> bytes | None:
+async def poll(state, scope, receive=None) -> bytes | None:
     """``GET /api/messages``: the JSON body of the 200 answer, or None if the client hung up
-    while its long poll waited (499). Raises ChatError (4xx) and StoreUnavailable (503)."""
+    while its long poll waited (499). Raises ChatError (4xx) and StoreUnavailable (503).
+
+    ``receive``: the request's ASGI ``receive``, watched for a hang-up while a long poll
+    waits (:func:`until_disconnected`); None: the caller cancels this itself when its
+    client hangs up (chatlib.pollpath)."""
     hub: Hub = state.hub
     limits = hub.limits
-    params = QueryParams(scope["query_string"])
+    # What Starlette's QueryParams holds (the last value of a repeated name), as a dict.
+    params = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
     after = int_param(params, "after", 0)
     wait = min(max(float_param(params, "wait", 0.0), 0.0), limits.max_wait)
     user = optional_user(params, limits)
@@ -83,7 +88,8 @@ async def poll_room(state, hub: Hub, receive, params, after: int, wait: float,
     if wait > 0:
         state.long_polls += 1  # parked now: ChatServer.stats
         try:
-            answer = await until_disconnected(receive, hub.poll(after, wait))
+            waiting = hub.poll(after, wait)
+            answer = await (waiting if receive is None else until_disconnected(receive, waiting))
         finally:
             state.long_polls -= 1
         if answer is None:

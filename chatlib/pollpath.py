@@ -26,8 +26,9 @@ left in h11's buffer):
   route runs: 200 with its JSON body and the same headers; a ChatError or
   StoreUnavailable through the app's own exception handlers (the same status, body and
   ``Retry-After``); nothing at all if the client hung up while its poll waited (the ASGI
-  route's 499, which no client ever reads). An unexpected exception is logged and
-  answered 500, and the connection closed.
+  route's 499, which no client ever reads): the protocol cancels the poll when its
+  connection is lost, so that no task watches for the hang-up. An unexpected exception
+  is logged and answered 500, and the connection closed.
 * **Keep-alive and pipelining.** The connection stays open after the answer, as h11's
   would; bytes that arrive while a poll waits (a pipelined request) are kept, reading is
   paused, and they are read once the answer is written, the general way or this one.
@@ -73,6 +74,7 @@ class PollPath:
         self.gate = TokenGate(None, token, user_secret) if token else None
         self.paths = {PATH} | ({self.gate.page.encode() + PATH} if self.gate else set())
         self.max_head = max_head
+        self._last = (None, None, b"")  # the last 200: its default headers, body, bytes
 
     def take(self, data: bytes, server, client, scheme: str) -> dict | None:
         """The ASGI scope of the request ``data`` is, if this path answers it; else None
@@ -121,11 +123,11 @@ class PollPath:
                 scope[GRANT] = self.gate.grant(value)
         return scope
 
-    async def answer(self, scope, receive, default_headers) -> tuple[bytes, bool] | None:
+    async def answer(self, scope, default_headers) -> tuple[bytes, bool]:
         """The response to the request ``scope`` (status line, headers, body) and whether
-        the connection stays open; None if the client hung up (``receive`` said so)."""
+        the connection stays open. The caller cancels it if the client hangs up."""
         try:
-            body = await poll(self.state, scope, receive)
+            body = await poll(self.state, scope)
         except Exception as exc:  # noqa: BLE001 - as the app's error middleware
             handler = next((self.handlers[kind] for kind in type(exc).__mro__
                             if kind in self.handlers), None)
@@ -137,10 +139,18 @@ class PollPath:
             refusal = await handler(None, exc)
             return response(refusal.status_code, refusal.raw_headers, refusal.body,
                             default_headers), True
-        if body is None:
-            return None
-        return response(200, [*POLL_HEADERS, (b"content-length", b"%d" % len(body))], body,
-                        default_headers), True
+        return self.ok(body, default_headers), True
+
+    def ok(self, body: bytes, default_headers) -> bytes:
+        """The 200 response with ``body``. The polls that one message wakes get the same
+        body (chatlib.polling.poll_answer) with the same default headers (uvicorn makes a
+        new list when its ``date`` changes): the last response is kept and sent to each."""
+        last_headers, last_body, data = self._last
+        if body is not last_body or default_headers is not last_headers:
+            data = response(200, [*POLL_HEADERS, (b"content-length", b"%d" % len(body))],
+                            body, default_headers)
+            self._last = (default_headers, body, data)
+        return data
 
 
 def response(status: int, headers, body: bytes, default_headers) -> bytes:

@@ -61,7 +61,7 @@ _WS = "uvicorn.protocols.websockets.websockets_sansio_impl"
 EXPECTED: Expected = {
     f"{_HTTP}:H11Protocol": (
         ("config", "loop", "conn", "transport", "cycle", "flow", "server", "client", "scheme",
-         "server_state", "tasks", "root_path"),
+         "server_state", "tasks", "root_path", "timeout_keep_alive_task", "timeout_keep_alive"),
         ("connection_made", "connection_lost", "data_received", "eof_received",
          "on_response_complete", "handle_websocket_upgrade", "send_400_response", "shutdown",
          "pause_writing", "resume_writing", "_unset_keepalive_if_required")),
@@ -212,7 +212,6 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         self.polling: asyncio.Task | None = None
         """The long poll the poll path answers now, if any."""
         self._piped = b""  # what came while it waited (pipelined): read after its answer
-        self._hung_up: asyncio.Future | None = None
         self._close_after_poll = False
         self.conn = ChunkCountingConnection(
             limits.max_body_chunks,
@@ -234,9 +233,8 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         self.stop_lingering()
         self._cancel_timers()
         self._stop_output_timer()
-        self.poll_path = None  # nothing more to answer
-        if self._hung_up is not None and not self._hung_up.done():
-            self._hung_up.set_result(None)
+        if self.polling is not None:  # the client hung up: nobody to answer
+            self.polling.cancel()
         super().connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -289,12 +287,11 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         self._watch()
 
     def _idle(self) -> bool:
-        """Between requests: h11 waits for a new one with nothing buffered, no response
-        is being written, and the connection is open."""
-        return (self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
-                and not self.conn.trailing_data[0] and not self.upgraded
-                and (self.cycle is None or self.cycle.response_complete)
-                and not self.raw_transport.is_closing())
+        """Between requests: no response is being written, h11 waits for a new request
+        (so it has sent nothing either) with nothing buffered, the connection is open."""
+        return ((self.cycle is None or self.cycle.response_complete)
+                and not self.conn.trailing_data[0] and self.conn.their_state is h11.IDLE
+                and not self.upgraded and not self.raw_transport.is_closing())
 
     def _poll(self, scope) -> None:
         """Answer ``scope`` (a long poll) through the poll path, in a task of its own as
@@ -307,13 +304,14 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
 
     async def _answer_poll(self, scope) -> None:
         try:
-            answer = await self.poll_path.answer(
-                scope, self._until_hung_up, self.server_state.default_headers)
+            data, keep_alive = await self.poll_path.answer(
+                scope, self.server_state.default_headers)
+        except asyncio.CancelledError:  # the connection was lost (or the server stopped)
+            return
         finally:
             self.polling = None
-        if answer is None or self.raw_transport.is_closing():  # nobody to answer
+        if self.raw_transport.is_closing():  # nobody to answer
             return
-        data, keep_alive = answer
         self.raw_transport.write(data)
         if not keep_alive or self._close_after_poll:
             self.transport.close()  # lingering, if need be
@@ -321,15 +319,6 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         if self._piped and not self.raw_transport.is_closing():
             data, self._piped = self._piped, b""
             self.data_received(data)
-
-    async def _until_hung_up(self) -> dict:
-        """The ASGI ``receive`` of a long poll on the poll path: returns when the client
-        hangs up (a poll has no body to read)."""
-        if self.poll_path is None:  # the connection is lost already
-            return {"type": "http.disconnect"}
-        self._hung_up = self.loop.create_future()
-        await self._hung_up
-        return {"type": "http.disconnect"}
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start a pipelined request
@@ -427,7 +416,7 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
             self._cancel_timers()
             return
         state = self.conn.their_state
-        if state is h11.IDLE and self._header_timer is None:
+        if state is h11.IDLE and self._header_timer is None and not self._keep_alive_first():
             self._header_timer = self.loop.call_later(
                 self.limits.header_timeout, self._headers_too_slow)
         elif state is not h11.IDLE and self._header_timer is not None:
@@ -439,6 +428,13 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         elif state is not h11.SEND_BODY and self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+
+    def _keep_alive_first(self) -> bool:
+        """Between requests, with nothing received: uvicorn's keep-alive timer closes the
+        connection no later than the header timer would (and is cancelled by the first
+        byte that comes, after which the header timer runs)."""
+        return (self.timeout_keep_alive_task is not None and not self.conn.trailing_data[0]
+                and self.timeout_keep_alive <= self.limits.header_timeout)
 
     def _cancel_timers(self) -> None:
         for timer in (self._header_timer, self._body_timer):
