@@ -29,7 +29,14 @@ from typing import NamedTuple, Protocol
 
 from .admission import Admission
 from .closecode import CloseCode
-from .limits import FANOUT_GROUP, FANOUT_SLICE, Limits, RateLimits
+from .limits import (
+    FANOUT_GROUP,
+    FANOUT_SLICE,
+    LIVE_FIRST_STEPS,
+    REPLAY_SLICE,
+    Limits,
+    RateLimits,
+)
 from .presence import Presence
 from .store import DEFAULT_ROOM, Bus, Message, MessageLog
 
@@ -299,19 +306,29 @@ class Hub:
         Paced: the event loop runs everything else between two pages (a log in memory
         answers without yielding), so a client replaying a long history never makes live
         delivery to the others wait behind more than one page. With the client's
-        ``address``, every page after the first also takes a token of that address's
-        replay budget (``limits.replay_rate``), waiting for one when it is spent.
+        ``address`` (a replay to a client, not the hub's own catch-up), pages come in
+        slices of at most :data:`~chatlib.limits.REPLAY_SLICE` messages, and before each
+        slice the replay lets the fan-outs going out end first (:meth:`_live_first`): a
+        live message waits behind one slice, not a page, nor a storm of pages; and every
+        page after the first also takes a token of that address's replay budget
+        (``limits.replay_rate``), waiting for one when it is spent.
         """
         size = self.limits.history
         for _ in range(1 << 62):  # ends at the log's end; every page moves the cursor on
             page = await self.log.after(cursor, size)
             if not page:
                 return
-            yield page
+            if address is None:
+                yield page
+            else:
+                for start in range(0, len(page), REPLAY_SLICE):
+                    await self._live_first()
+                    yield page[start:start + REPLAY_SLICE]
             cursor = page[-1].id
             if len(page) < size:
                 return
-            await asyncio.sleep(0)
+            if address is None:
+                await asyncio.sleep(0)  # (a replay's next slice waits in _live_first)
             if address is not None:
                 for _ in range(1 << 30):  # until the address has a token, or the hub closes
                     if self.replays.allow(address):
@@ -319,6 +336,14 @@ class Hub:
                     if self.closing.is_set():
                         return
                     await asyncio.sleep(min(1 / max(self.limits.replay_rate, 1e-3), 0.25))
+
+    async def _live_first(self) -> None:
+        """Let the event loop run one step, then more until no fan-out is going out in
+        slices, :data:`~chatlib.limits.LIVE_FIRST_STEPS` steps at most."""
+        for _ in range(LIVE_FIRST_STEPS):  # bounded: a replay moves on even in a busy room
+            await asyncio.sleep(0)
+            if not self._fanning:
+                return
 
     async def resolve_cursor(self, after: int) -> Resume:
         """Where a client that says ``after`` starts (:meth:`Resume.of`; one read of the

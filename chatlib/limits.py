@@ -54,6 +54,16 @@ milliseconds, and a cell waiting behind it as long (bench/classroom.py). Bigger 
 go in slices of this many clients, one per loop step, all of one message's before the
 next message's (chatlib.hub)."""
 
+REPLAY_SLICE = 100
+"""Messages of history written to one client per event-loop step (chatlib.hub.Hub.history):
+a page of ``Limits.history`` messages encoded and written in one step holds the loop that
+long, and a reconnect storm replays a page to every client it admits (bench/README.md,
+"Reconnect storm")."""
+
+LIVE_FIRST_STEPS = 64
+"""Event-loop steps a replay waits at most, between two slices, for the fan-outs going out
+then to end: live messages before catch-up, yet every replay moves on (chatlib.hub)."""
+
 FANOUT_GROUP = 32
 """At most this many fan-outs waiting for the same clients go out together, client by
 client: a burst's frames to one client in one write (chatlib.hub)."""
