@@ -23,6 +23,10 @@ One trial, three processes:
   every ``1 / live_rate`` s on a fixed schedule and measures when it gets each one back:
   latency = received - scheduled send time (so a late send counts). Its window is the
   storm's, t0 until every client is back, whatever the policy.
+* **pinned** (``--no-pin`` to leave them to the OS; :func:`pins`): the servers and the
+  bystander on one CPU, the storm's clients on the others, so that the load generator,
+  which uses most of a core, does not take the servers' CPU from them (every policy
+  alike; a notebook's ``trial`` pins nothing unless asked).
 
 1. **Join** (not measured): the storm's clients connect to the old server, 1 ms apart; a
    ``sync`` message reaches all of them. The bystander joins the measured server.
@@ -460,11 +464,19 @@ class Child:
 async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: float = LIVE_RATE,
                 base: float = BASE, cap: float = CAP, naive_delay: float = NAIVE_DELAY,
                 admit_rate: float = ADMIT_RATE, seed: int = 1, timeout: float = 120.0,
-                server_options: dict | None = None, spacing: float = 0.001) -> dict:
-    """One storm, in the running event loop (this process serves); returns its results."""
+                server_options: dict | None = None, spacing: float = 0.001,
+                pin: bool = False) -> dict:
+    """One storm, in the running event loop (this process serves); returns its results.
+
+    ``pin``: run this process and the bystander on one CPU, the storm's clients on the
+    others (:func:`pins`), for the trial; without it, wherever the OS puts them."""
     import chatlib
     from chatlib.closecode import CloseCode
 
+    cpus = pins() if pin else None
+    affinity = os.sched_getaffinity(0) if cpus else None
+    if cpus:
+        set_affinity(0, cpus["server"])
     log = chatlib.MemoryLog()
     options = dict(limits=bench_limits(mode, admit_rate), ws_ping_interval=None)
     options.update(server_options or {})
@@ -485,6 +497,9 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
         bystander = await Child.start("bystander", "--port", port, "--after", after,
                                       "--live-rate", str(live_rate))
         children.append(bystander)
+        if cpus:
+            set_affinity(swarm.process.pid, cpus["clients"])
+            set_affinity(bystander.process.pid, cpus["bystander"])
         assert await swarm.expect(timeout) == "connected"
         assert await bystander.expect(timeout) == "ready"
         message, _ = await old.hub.post("bench", "sync")
@@ -520,6 +535,8 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
             await child.stop()
         await old.stop()
         await server.stop()
+        if affinity:
+            set_affinity(0, affinity)
     result.update(admission_rate(admissions, admit_rate, admit_burst(admit_rate))
                   if mode in HINTED else {})
     result.update(mode=mode, catch_up=catch_up,
@@ -528,8 +545,29 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
                   bystander_p50_ms=live["p50_ms"], bystander_p99_ms=live["p99_ms"],
                   bystander_max_ms=live["max_ms"], bystander_sent=live["sent"],
                   bystander_reconnects=live["reconnects"],
-                  bystander_received=live["received"])
+                  bystander_received=live["received"],
+                  pinned={role: sorted(c) for role, c in cpus.items()} if cpus else None)
     return result
+
+
+def pins() -> dict[str, set[int]] | None:
+    """The CPUs of a pinned trial, or None where there are fewer than two (or the OS pins
+    nothing): the servers (this process) on the first CPU this process may use, the
+    storm's clients on the others (they are the load, and it must not take the servers'
+    CPU); the bystander with the servers, the CPU with the more idle time of the two, so
+    that its own process waits least for a CPU when its echo comes back."""
+    try:
+        mine = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return None
+    if len(mine) < 2:
+        return None
+    return dict(server={mine[0]}, clients=set(mine[1:]), bystander={mine[0]})
+
+
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Run process ``pid`` (0: this one) on ``cpus`` only."""
+    os.sched_setaffinity(pid, cpus)
 
 
 def record_admissions(server) -> list[tuple[float, bool]]:
@@ -647,12 +685,12 @@ async def bench(a: argparse.Namespace) -> dict:
     for r in range(a.repeats):
         for mode in a.modes:
             result = await trial(mode, a.n, a.catch_up, live_rate=a.live_rate, seed=r + 1,
-                                 timeout=a.timeout)
+                                 timeout=a.timeout, pin=a.pin)
             result["repeat"] = r
             print(json.dumps(result), file=sys.stderr, flush=True)
             trials.append(result)
     return dict(n=a.n, catch_up=a.catch_up, live_rate=a.live_rate, repeats=a.repeats,
-                admit_rate=ADMIT_RATE, cores=os.cpu_count(),
+                admit_rate=ADMIT_RATE, cores=os.cpu_count(), pinned=trials[0]["pinned"],
                 load_average=statistics.median(t["load_average"] for t in trials),
                 trials=trials, summary=summarize(trials))
 
@@ -683,6 +721,9 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=0)
     parser.add_argument("--failover-port", type=int, help="clients: where to go once closed")
     parser.add_argument("--live-rate", type=float, default=LIVE_RATE)
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="leave the processes where the OS puts them (default: pinned; "
+                             "see trial)")
     parser.set_defaults(timeout=300.0)  # 2,000 at 50/s take 40 s at best; a loaded machine more
     a = parser.parse_args()
     if a.role == "clients":

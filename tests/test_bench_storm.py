@@ -45,6 +45,23 @@ def test_storm_brings_every_client_back_with_nothing_lost(mode) -> None:
     assert result["server_cpu_s"] > 0
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="pinning needs Linux and two CPUs this process may use")
+def test_a_pinned_storm_replays_pages_in_slices_and_gives_the_cpus_back() -> None:
+    """``--catch-up`` above a replay slice (chatlib.limits.REPLAY_SLICE): nothing lost or
+    duplicated; the trial says where it ran, and leaves this process where it was."""
+    from chatlib.limits import REPLAY_SLICE
+
+    before = os.sched_getaffinity(0)
+    n, catch_up = 20, 2 * REPLAY_SLICE + 17
+    result = asyncio.run(storm.trial("admission", n, catch_up, live_rate=20, admit_rate=50,
+                                     timeout=60, pin=True))
+    assert result["back"] == n and result["lost"] == 0 and result["duplicated"] == 0, result
+    mine = sorted(before)
+    assert result["pinned"] == dict(server=mine[:1], clients=mine[1:], bystander=mine[:1])
+    assert os.sched_getaffinity(0) == before
+
+
 def test_next_delay_policies() -> None:
     assert storm.next_delay("naive", 0) == 0.0
     assert storm.next_delay("naive", 3, naive_delay=0.25) == 0.25
