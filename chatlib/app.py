@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Match, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from . import wire
@@ -201,18 +201,58 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
 
 
 class ChatApp(Starlette):
-    """Starlette, with the server's own ASGI ``send`` kept in the scope.
+    """Starlette, with the server's own ASGI ``send`` kept in the scope, and fewer layers
+    above a WebSocket's endpoint.
 
     Between an endpoint and the server's ``send`` Starlette has exception-handling
     wrappers that only matter for HTTP (and a ``Response`` or ``WebSocket`` layer on top).
     Fanning out one message to N clients would run them N times; the transports' writers
     and the raw endpoints (``/ws``, ``GET /api/messages``) use this ``send`` directly
     instead (chatlib.fastpath.server_send).
+
+    A WebSocket's ASGI call lasts as long as its connection, and so does every coroutine
+    between the server and its endpoint: an idle connection held eight of Starlette's
+    (the app, the error and exception middleware with its wrapper and closures, the
+    router twice, the route). A WebSocket handshake goes through the app's own middleware
+    (chatlib.guard, chatlib.auth: the same instances' checks) to :class:`WebSocketRoutes`
+    instead. Starlette's error middleware only handles HTTP, and its exception handlers
+    answer HTTP requests; an endpoint that raises is handled by the server (1011, or a
+    500 before the handshake), as it was.
     """
+
+    websocket_stack = None
 
     async def __call__(self, scope, receive, send) -> None:
         scope[RAW_SEND] = send
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "websocket":
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        if self.websocket_stack is None:
+            routes = [route for route in self.routes if isinstance(route, WebSocketRoute)]
+            stack = WebSocketRoutes(routes, self.router)
+            for cls, args, kwargs in reversed(self.user_middleware):
+                stack = cls(stack, *args, **kwargs)
+            self.websocket_stack = stack
+        await self.websocket_stack(scope, receive, send)
+
+
+class WebSocketRoutes:
+    """ASGI: a WebSocket whose path one of ``routes`` matches goes straight to the
+    route's app; anything else to ``app`` (the router: it refuses the handshake, 403).
+
+    ``__call__`` is not a coroutine function: it returns the route's coroutine, which the
+    caller awaits, so no frame of its own stays for the connection's life. The endpoint
+    is not given ``path_params`` (``/ws`` has none)."""
+
+    def __init__(self, routes: list[WebSocketRoute], app) -> None:
+        self.routes, self.app = routes, app
+
+    def __call__(self, scope, receive, send):
+        for route in self.routes:
+            if route.matches(scope)[0] is Match.FULL:
+                return route.app(scope, receive, send)
+        return self.app(scope, receive, send)
 
 
 def create_app(hub: Hub, hosts: HostPolicy | None = None,

@@ -52,6 +52,30 @@ async def test_an_idle_websocket_has_no_writer_task_until_it_must_write(server):
     await until(lambda: not writers())
 
 
+def awaiting(task: asyncio.Task) -> list[str]:
+    """The coroutines ``task`` is suspended in, outermost first, by qualified name."""
+    chain, coro = [], task.get_coro()
+    for _ in range(100):  # bounded: a chain of awaits ends
+        if coro is None or not hasattr(coro, "cr_code"):
+            break
+        chain.append(coro.cr_code.co_qualname)
+        coro = coro.cr_await
+    return chain
+
+
+async def test_an_idle_websocket_waits_under_few_coroutines(server):
+    """Every coroutine between the server and the endpoint lasts as long as the
+    connection: only the app's own middleware (chatlib.guard) stays, none of Starlette's."""
+    async with ws_connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"type": "hello", "user": "ada"}))
+        await receive_until(ws, "presence")
+        [task] = [task for task in asyncio.all_tasks()
+                  if any(name.endswith("WebSocketChat.__call__") for name in awaiting(task))]
+        assert awaiting(task) == [
+            "WebSocketsSansIOProtocol.run_asgi", "ChatApp.__call__", "Guard.__call__",
+            "WebSocketChat.__call__", "WebSocketsSansIOProtocol.receive", "LeanQueue.get"]
+
+
 async def test_leaving_a_room_while_idle_closes_nothing(server):
     async with ws_connect(server.ws_url) as ws:
         await ws.send(json.dumps({"type": "hello", "user": "ada"}))

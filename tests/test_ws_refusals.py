@@ -19,14 +19,14 @@ pytestmark = pytest.mark.timeout(60)
 T = 10
 
 
-async def handshake(port: int, **headers: str) -> tuple[int, dict]:
-    """A raw WebSocket handshake on ``/ws`` with ``headers`` (``host`` given or ours):
-    the answer's status and, if it is not 101, its JSON body."""
+async def handshake(port: int, path: str = "/ws", **headers: str) -> tuple[int, dict]:
+    """A raw WebSocket handshake on ``path`` with ``headers`` (``host`` given or ours):
+    the answer's status and, if it is not 101, its JSON body (if any)."""
     fields = {"host": f"127.0.0.1:{port}", **headers}
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         key = base64.b64encode(os.urandom(16)).decode()
-        writer.write(("GET /ws HTTP/1.1\r\n"
+        writer.write((f"GET {path} HTTP/1.1\r\n"
                       + "".join(f"{name}: {value}\r\n" for name, value in fields.items())
                       + "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                       f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
@@ -36,7 +36,8 @@ async def handshake(port: int, **headers: str) -> tuple[int, dict]:
             return status, {}
         length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length:"))
-        return status, json.loads(await asyncio.wait_for(reader.readexactly(length), T))
+        body = await asyncio.wait_for(reader.readexactly(length), T)
+        return status, json.loads(body) if body.startswith(b"{") else {}
     finally:
         writer.close()
 
@@ -52,6 +53,11 @@ async def test_an_ordinary_handshake_is_accepted(server):
 async def test_the_front_door_refuses_before_the_handshake(server, headers, error):
     status, body = await handshake(server.port, **headers)
     assert status == 403 and body["error"].startswith(error)
+
+
+async def test_a_websocket_elsewhere_than_ws_is_refused(server):
+    assert (await handshake(server.port, "/api/messages"))[0] == 403
+    assert (await handshake(server.port, "/ws/more"))[0] == 403
 
 
 async def test_a_stopping_server_answers_503(server):
