@@ -24,9 +24,7 @@ A message in a room of direct messages is also told, as a ``dm`` event ``{"room"
 
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from .closecode import CloseCode
 from .hub import Hub, Subscriber
@@ -53,7 +51,8 @@ class Rooms:
         self.token_mode = token_mode
         self.hubs: dict[str, Hub] = {DEFAULT_ROOM: default}
         """The hubs held now, by room."""
-        self._busy: Counter[str] = Counter()  # requests using a room's hub now (using())
+        self._busy: dict[str, int] = {}  # requests using a room's hub now (using())
+        self._default_use = _Held(default)
         self._users: dict[str, dict[object, Callable[[str, dict], None]]] = {}
         default.rooms = self
         bus = default.bus
@@ -80,11 +79,11 @@ class Rooms:
                   bus=bus.room(room) if bus is not None and hasattr(bus, "room") else None,
                   admission=self.admission, replays=self.replays)
         hub.rooms = self
-        self._busy[room] += 1  # no one drops it while it starts
+        self._enter(room)  # no one drops it while it starts
         try:
             await hub.start()
         finally:
-            self._busy[room] -= 1
+            self._leave(room)
         held = self.hubs.get(room)
         if held is not None:  # another request made one meanwhile: use that one
             hub.close()
@@ -92,27 +91,32 @@ class Rooms:
         self.hubs[room] = hub
         return hub
 
-    @contextlib.asynccontextmanager
-    async def using(self, room: str) -> AsyncIterator[Hub]:
-        """The hub of ``room`` for the time of a request (it is not dropped meanwhile);
-        :meth:`release` after."""
-        self._busy[room] += 1
-        try:
-            yield await self.hub(room)
-        finally:
-            self._busy[room] -= 1
-            if not self._busy[room]:
-                del self._busy[room]
-            hub = self.hubs.get(room)
-            if hub is not None:
-                self.release(hub)
+    def using(self, room: str) -> _Using:
+        """``async with rooms.using(room) as hub``: the hub of ``room`` for the time of a
+        request (it is not dropped meanwhile); :meth:`release` after. Every request and
+        every join goes through this, so it is a small class, not an async generator
+        (contextlib's costs a generator, its registration with the loop and a dozen calls
+        more per request); the default room's hub is never dropped: nothing to count."""
+        return self._default_use if room == DEFAULT_ROOM else _Using(self, room)
+
+    def _enter(self, room: str) -> None:
+        busy = self._busy
+        busy[room] = busy.get(room, 0) + 1
+
+    def _leave(self, room: str) -> None:
+        busy = self._busy
+        left = busy[room] - 1
+        if left:
+            busy[room] = left
+        else:
+            del busy[room]
 
     def release(self, hub: Hub) -> None:
         """Drop ``hub`` if nobody is in its room any more (not the default room's): no
         subscriber, no long poll, no polling presence, no request using it."""
         room = hub.room
         if (room == DEFAULT_ROOM or self.hubs.get(room) is not hub or hub.subscribed
-                or hub.parked or self._busy[room] or hub.presence.here()):
+                or hub.parked or room in self._busy or hub.presence.here()):
             return
         del self.hubs[room]
         hub.close()
@@ -201,3 +205,46 @@ class Rooms:
         data = {"room": room, "from": sender}
         for tell in list(self._users.get(other, {}).values()):
             tell("dm", data)
+
+
+class _Using:
+    """:meth:`Rooms.using` for a room other than the default one."""
+
+    __slots__ = ("rooms", "room")
+
+    def __init__(self, rooms: Rooms, room: str) -> None:
+        self.rooms, self.room = rooms, room
+
+    async def __aenter__(self) -> Hub:
+        rooms, room = self.rooms, self.room
+        rooms._enter(room)
+        try:
+            return await rooms.hub(room)
+        except BaseException:
+            self._done()
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self._done()
+
+    def _done(self) -> None:
+        rooms, room = self.rooms, self.room
+        rooms._leave(room)
+        hub = rooms.hubs.get(room)
+        if hub is not None:
+            rooms.release(hub)
+
+
+class _Held:
+    """:meth:`Rooms.using` for the default room, whose hub is never dropped."""
+
+    __slots__ = ("hub",)
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def __aenter__(self) -> Hub:
+        return self.hub
+
+    async def __aexit__(self, *exc) -> None:
+        return None

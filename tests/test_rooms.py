@@ -167,6 +167,41 @@ async def test_reading_a_room_makes_nothing_that_stays():
     assert await log.rooms() == {DEFAULT_ROOM: 0, "a": 1}
 
 
+async def test_a_room_is_held_while_a_request_uses_it():
+    """Rooms.using: a room's hub stays while any request uses it, goes with the last one,
+    also when the request fails or its hub could not start; the default room's stays."""
+    from chatlib.hub import Hub
+    from chatlib.rooms import Rooms
+
+    log = MemoryLog()
+    default = Hub(log, LIMITS)
+    rooms = Rooms(default)
+    async with rooms.using(DEFAULT_ROOM) as hub:
+        assert hub is default
+    async with rooms.using("a") as first:
+        async with rooms.using("a") as second:
+            assert second is first and rooms.hubs["a"] is first
+        assert rooms.hubs["a"] is first  # the outer request still uses it
+    assert set(rooms.hubs) == {DEFAULT_ROOM}
+    with pytest.raises(RuntimeError):
+        async with rooms.using("b"):
+            raise RuntimeError("the request failed")
+    assert set(rooms.hubs) == {DEFAULT_ROOM}
+
+    async def broken_start(self) -> None:
+        raise OSError("the log cannot be read")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Hub, "start", broken_start)
+        with pytest.raises(OSError):
+            async with rooms.using("c"):
+                pass
+    assert set(rooms.hubs) == {DEFAULT_ROOM}
+    async with rooms.using("c") as hub:  # nothing of the failed start is left in the way
+        assert rooms.hubs["c"] is hub
+    assert set(rooms.hubs) == {DEFAULT_ROOM}
+
+
 # -- WebSocket -------------------------------------------------------------------------
 
 
