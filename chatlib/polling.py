@@ -40,6 +40,15 @@ def rate_check(request: Request, user: str) -> None:
                         budget.retry_after(address(request.scope), user=user))
 
 
+NO_QUERY = QueryParams()
+
+
+def query_of(request: Request) -> QueryParams:
+    """``request.query_params``, without parsing an empty query string (a ``POST``'s,
+    usually: every post reads its room from it)."""
+    return request.query_params if request.scope.get("query_string") else NO_QUERY
+
+
 def room_of(params, limits, user: str, scope) -> str:
     """The request's room (``?room=``, the default room without it), checked: ChatError
     400 for a bad name, 403 for a room this client may not join (chatlib.rooms)."""
@@ -180,7 +189,7 @@ async def post_message(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     data = await read_json(request, hub.limits)
     user = nickname(data, hub.limits)
-    room = room_of(request.query_params, hub.limits, user, request.scope)
+    room = room_of(query_of(request), hub.limits, user, request.scope)
     text = message_text(data, hub.limits)
     cid = client_id(data.get("client_id"))
     key = client_id(request.headers.get("idempotency-key"), "Idempotency-Key")
@@ -201,7 +210,7 @@ def in_room(request: Request, room: str):
 async def typing(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     user = nickname(await read_json(request, hub.limits), hub.limits)
-    room = room_of(request.query_params, hub.limits, user, request.scope)
+    room = room_of(query_of(request), hub.limits, user, request.scope)
     rate_check(request, user)
     async with in_room(request, room) as hub:
         hub.typing(user)
@@ -225,8 +234,8 @@ async def presence(request: Request) -> Response:
     if request.method == "POST":
         user = nickname(await read_json(request, limits), limits)
     else:
-        user = optional_user(request.query_params, limits)
-    room = room_of(request.query_params, limits, user, request.scope)
+        user = optional_user(query_of(request), limits)
+    room = room_of(query_of(request), limits, user, request.scope)
     async with in_room(request, room) as hub:
         if request.method == "POST":
             if not hub.presence.refresh(user):  # a new polling session (a name here is not)
