@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import parse_qsl
 
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import request_response
