@@ -64,9 +64,10 @@ class Outbox:
         self.sent = 0
         """Messages up to this id were sent as history: ``direct`` skips them (see push)."""
         # A list and chatlib.leanasync's Event, not a deque and asyncio's: ~1.4 KiB less
-        # per connection, and the writer takes the whole list at once (get).
+        # per connection, and the writer takes the whole list at once (get). The Event is
+        # made by the first get() that waits: a WebSocket's writers never do (backlog).
         self._items: list[tuple[int, str]] = []
-        self._ready = LeanEvent()
+        self._ready: LeanEvent | None = None
 
     @property
     def queued(self) -> int:
@@ -99,7 +100,8 @@ class Outbox:
         if not queue:
             # Only a batch that finds the queue empty can find the writer asleep (it
             # sleeps only when the queue is empty): a burst skips an Event.set() per item.
-            self._ready.set()
+            if self._ready is not None:
+                self._ready.set()
         queue.extend(items)
         self._wake()
         return True
@@ -114,7 +116,8 @@ class Outbox:
             self.closed, self.close_code = True, code
             self.direct = None
             self._items.clear()
-            self._ready.set()
+            if self._ready is not None:
+                self._ready.set()
             if self.on_close is not None:
                 self.on_close(code)
             self._wake()  # a writer writes the close
@@ -129,16 +132,20 @@ class Outbox:
     async def get(self, timeout: float | None = None) -> list[tuple[int, str]]:
         """Everything queued (waiting up to ``timeout`` for something); [] on timeout/close."""
         if not self._items and not self.closed:
-            self._ready.clear()
+            ready = self._ready
+            if ready is None:
+                ready = self._ready = LeanEvent()
+            else:
+                ready.clear()
             # Idle: from now until we wake, deliver() may write straight to the sink (what
             # the caller took before has all been written: it called us again).
             self.direct = self.sink
             try:
-                if timeout is None:  # the WebSocket writer's case: no wait_for() per wake-up
-                    await self._ready.wait()
+                if timeout is None:  # no wait_for() per wake-up
+                    await ready.wait()
                 else:
                     try:
-                        await asyncio.wait_for(self._ready.wait(), timeout)
+                        await asyncio.wait_for(ready.wait(), timeout)
                     except TimeoutError:
                         return []
             finally:
