@@ -83,6 +83,30 @@ def message(data: dict) -> Message:
 # -- WebSocket ----------------------------------------------------------------------------
 
 
+def recent(encode: Callable[[Message], str]) -> Callable[[Message], str]:
+    """``encode``, remembering the payloads of the last :data:`RECENT` messages it
+    encoded (by identity: a log in memory hands out the same :class:`Message` each time).
+    Every client that joins is sent the same newest page of history: it is encoded once,
+    not once per join."""
+    made: dict[int, tuple[Message, str]] = {}
+
+    def cached(message: Message) -> str:
+        hit = made.get(id(message))
+        if hit is not None and hit[0] is message:
+            return hit[1]
+        if len(made) >= RECENT:
+            made.clear()
+        payload = made[id(message)] = message, encode(message)
+        return payload[1]
+
+    return cached
+
+
+RECENT = 256
+"""Messages whose payloads :func:`recent` keeps, per encoding."""
+
+
+@recent
 def ws_frame(message: Message) -> str:
     """The WebSocket text frame for a message: ``{"type": "message", ...message}``."""
     return dumps({"type": "message", **message.to_dict()})
@@ -197,6 +221,7 @@ def read_client_frame(frame: str | None, limits: Limits) -> tuple[str, dict]:
 # -- Server-Sent Events -------------------------------------------------------------------
 
 
+@recent
 def sse_message(message: Message) -> str:
     """The SSE event for a message; its ``id:`` is what ``Last-Event-ID`` resumes from."""
     return f"id: {message.id}\nevent: message\ndata: {_sse_encoder.encode(message.to_dict())}\n\n"

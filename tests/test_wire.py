@@ -151,3 +151,17 @@ def test_ws_frame_round_trip():
                                       '"text":"x\u2028y"}')
     kind, data = wire.parse_ws(wire.ws_frame(message))
     assert kind == "message" and wire.message(data) == message
+
+
+def test_a_message_is_encoded_once_for_every_client_that_joins():
+    """The newest page of history goes to every client that joins: its payloads are made
+    once (wire.recent), and a message that is not the same object, even with the same id
+    (a replaced log, another room), is encoded anew."""
+    first = Message(1, 1.5, "ada", "hello")
+    for encode in (wire.ws_frame, wire.sse_message):
+        assert encode(first) is encode(first)
+        again = Message(1, 1.5, "ada", "hello, again")  # same id, another message
+        assert "again" in encode(again) and "again" not in encode(first)
+    for i in range(2 * wire.RECENT):  # bounded: what it keeps does not grow
+        wire.ws_frame(Message(i, 1.0, "bob", f"m{i}"))
+    assert '"text":"hello"' in wire.ws_frame(first)
