@@ -39,6 +39,7 @@ class Presence:
         self._new_names = RateLimits(limits.new_names_rate, limits.new_names_burst)
         self._elsewhere: frozenset[str] = frozenset()  # users of other processes (bus)
         self._sent: list[str] = []
+        self._told: frozenset[str] = frozenset()  # the names of _sent: told() per join
         self._sent_at = float("-inf")  # loop time of the last presence broadcast
         self._due: asyncio.TimerHandle | None = None
         self.data: dict = {"users": [], "count": 0}
@@ -49,7 +50,7 @@ class Presence:
     def told(self, user: str) -> bool:
         """Whether the last ``presence`` event listed ``user`` (a second tab of a name that
         is here already changes nothing: it is told :attr:`data` on its own)."""
-        return user in self._sent
+        return user in self._told
 
     def connected(self, user: str) -> None:
         """A push client named ``user`` subscribed."""
@@ -168,7 +169,7 @@ class Presence:
         self._due = None
         users = self.users()
         if users != self._sent:
-            self._sent = users
+            self._sent, self._told = users, frozenset(users)
             self.data = self.event(users)
             self._sent_at = asyncio.get_running_loop().time()
             self._broadcast("presence", self.data)
