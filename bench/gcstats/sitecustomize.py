@@ -19,9 +19,14 @@ if _out:
     _runs: list[tuple[int, float, float]] = []
     _start = [0.0, 0.0]
 
+    _frozen = [False]
+
     def _record(phase: str, info: dict) -> None:
-        if not gc.get_freeze_count():  # still starting (chatlib serve freezes once up)
-            return
+        if not _frozen[0]:  # still starting (chatlib serve freezes once up)? Asked until
+            # it has: get_freeze_count() walks every frozen object, ~2 ms a collection.
+            if not gc.get_freeze_count():
+                return
+            _frozen[0] = True
         if phase == "start":
             _start[:] = time.perf_counter(), time.process_time()
         else:
