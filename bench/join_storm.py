@@ -4,6 +4,12 @@
 [--seed 5] [--history]`` prints one JSON line of results (bench/fanout.py, section
 ``join-storm``, runs it against chatlib and the baselines).
 
+``python bench/join_storm.py --kernel --history [--reps 3]`` storms a server in a real
+ipykernel instead, as a notebook starts it (``await chatlib.start_server(...)`` in a cell;
+bench/classroom.py's kernel harness, the kernel on CPU 0, this process on CPU 1): one JSON
+line per storm, a new kernel each. A kernel's collector is the learner's: chatlib leaves it
+at Python's defaults there (chatlib.collector is the CLI server's).
+
 1. **Seed.** A client ``seeder`` says hello and sends ``--seed`` messages, waits for each to come
    back, and leaves; so chatlib's log is not empty and every joining client is sent a history
    of ``--seed`` messages (the baselines keep no log and send none).
@@ -232,7 +238,7 @@ async def run(a: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int)
     p.add_argument("-n", type=int, default=1000, help="clients (default 1000)")
     p.add_argument("--spacing-ms", type=float, default=1.0,
                    help="connection i starts at i x this (default 1 ms)")
@@ -243,10 +249,42 @@ def main() -> None:
     p.add_argument("--users", choices=["distinct", "shared"], default="distinct",
                    help="nicknames load1..loadN (default), or all 'load': presence then "
                         "never changes (to measure what presence costs)")
-    p.add_argument("--server-pid", type=int, required=True, help="for CPU and RSS from /proc")
+    p.add_argument("--server-pid", type=int, help="for CPU and RSS from /proc")
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--kernel", action="store_true",
+                   help="start the server in a real ipykernel (no --port, --server-pid)")
+    p.add_argument("--reps", type=int, default=1, help="--kernel: storms, a kernel each")
     a = p.parse_args()
+    if a.kernel:
+        for _ in range(a.reps):
+            print(json.dumps(in_kernel(a)), flush=True)
+        return
+    if a.port is None or a.server_pid is None:
+        p.error("--port and --server-pid are required (or --kernel)")
     print(json.dumps(asyncio.run(run(a))), flush=True)
+
+
+KERNEL_CELL = ("import chatlib\nserver = await chatlib.start_server(limits=chatlib.Limits("
+               "admit_rate=0, rate=1e6, burst=1_000_000))\nserver.port")
+"""The cell that starts the server: admission control and the send rate limit off, as
+bench/compare.py starts the CLI server (``fanout.RATE_ARGS``)."""
+
+
+def in_kernel(a: argparse.Namespace) -> dict:
+    """One storm against a server started in a fresh ipykernel (bench/classroom.py's)."""
+    import os
+
+    import classroom
+
+    kernel = classroom.Kernel()
+    try:
+        kernel.cells(1.0, 0.1)  # warm-up: the first cells import things
+        a.port = int(kernel.run(KERNEL_CELL)["result"])
+        a.server_pid = kernel.pid
+        os.sched_setaffinity(0, {1})  # the load on the other core (the kernel is on CPU 0)
+        return {"where": "kernel", **asyncio.run(run(a))}
+    finally:
+        kernel.close()
 
 
 if __name__ == "__main__":
