@@ -4,12 +4,15 @@ its frames directly, and a writer is started only for a backlog or a close."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import sys
 
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
+from chatlib import protocols
 from chatlib.closecode import CloseCode
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,3 +89,15 @@ async def test_leaving_a_room_while_idle_closes_nothing(server):
         assert (await receive_until(ws, "left"))["room"] == "side"
         await ws.send(json.dumps({"type": "message", "text": "still here", "client_id": "c"}))
         assert (await receive_until(ws, "ack"))["client_id"] == "c"
+
+
+@pytest.mark.skipif(protocols.MISSING is not None, reason="uvicorn's own protocols in use")
+async def test_the_protocol_keeps_a_compact_attribute_dict(server):
+    async with ws_connect(server.ws_url) as ws:
+        await ws.send(json.dumps({"type": "hello", "user": "ada"}))
+        await receive_until(ws, "presence")  # a writer made its sink: the last attribute
+        [protocol] = [obj for obj in gc.get_objects()
+                      if type(obj) is protocols.BoundedWebSocketProtocol]
+        attributes = vars(protocol)
+        assert sys.getsizeof(attributes) == sys.getsizeof(dict(attributes))
+        del protocol, attributes
