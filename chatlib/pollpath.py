@@ -15,13 +15,13 @@ left in h11's buffer):
   ``GET /api/messages[?query] HTTP/1.1``, every header line well formed (h11's grammar for
   names and values), exactly one ``Host``, no body (no ``Transfer-Encoding``, no
   ``Content-Length`` but one ``0``), no ``Connection`` but ``keep-alive``, no ``Upgrade`` or
-  ``Expect``, and it must pass the same front door as every route: chatlib.guard's Host
-  and Origin checks and, in token mode, chatlib.auth's token. Anything else (a partial
-  head, pipelined requests in one read, another route, a request the front door refuses,
-  a malformed one) is not read here at all: it goes the general way, through h11 and the
-  app, which answers it as it answers every request (400 for what h11 cannot parse, 401,
-  403, ...). So there is one way to refuse each thing, and bad bytes are never parsed
-  by this module.
+  ``Expect``, and it must pass the same front door as every route: chatlib.guard's
+  checks (for a GET: the Host) and, in token mode, chatlib.auth's token. Anything else (a
+  partial head, pipelined requests in one read, another route, a request the front door
+  refuses, a malformed one) is left as it came: it goes the general way, through h11 and
+  the app, which answers it as it answers every request (400 for what h11 cannot parse,
+  401, 403, ...). So there is one way to refuse each thing, and this module refuses
+  nothing.
 * **The same answer.** The request runs :func:`chatlib.polling.poll`, the code the ASGI
   route runs: 200 with its JSON body and the same headers; a ChatError or
   StoreUnavailable through the app's own exception handlers (the same status, body and
