@@ -327,6 +327,7 @@ async def run_bystander(a: argparse.Namespace) -> None:
     url = f"ws://127.0.0.1:{a.port}/ws"
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
+    series: list[tuple[float, float]] = []  # (scheduled send - go, latency ms), each one back
     sent: dict[str, float] = {}  # text -> scheduled send time, until it comes back
     all_back = asyncio.Event()  # set when no live message is in flight
     state = dict(k=0, start=0.0, dropped=0, reconnects=0)
@@ -346,7 +347,10 @@ async def run_bystander(a: argparse.Namespace) -> None:
                     if raw.startswith('{"type":"message"'):
                         data = json.loads(raw)
                         if data["user"] == "bystander" and data["text"] in sent:
-                            latencies.append(loop.time() - sent.pop(data["text"]))
+                            due = sent.pop(data["text"])
+                            latencies.append(loop.time() - due)
+                            series.append((round(due - state["start"], 3),
+                                           round(latencies[-1] * 1000, 1)))
                             if not sent:
                                 all_back.set()
 
@@ -390,7 +394,7 @@ async def run_bystander(a: argparse.Namespace) -> None:
     await retrying(asyncio.Event())
     print(json.dumps(dict(sent=state["k"] - state["dropped"], received=len(latencies),
                           dropped=state["dropped"], reconnects=state["reconnects"],
-                          p50_ms=percentile(latencies, 50) * 1000,
+                          series=series, p50_ms=percentile(latencies, 50) * 1000,
                           p99_ms=percentile(latencies, 99) * 1000,
                           max_ms=max(latencies, default=float("nan")) * 1000)), flush=True)
 
@@ -545,7 +549,7 @@ async def trial(mode: str, n: int = 2000, catch_up: int = 500, *, live_rate: flo
                   bystander_p50_ms=live["p50_ms"], bystander_p99_ms=live["p99_ms"],
                   bystander_max_ms=live["max_ms"], bystander_sent=live["sent"],
                   bystander_reconnects=live["reconnects"],
-                  bystander_received=live["received"],
+                  bystander_received=live["received"], bystander_series=live["series"],
                   pinned={role: sorted(c) for role, c in cpus.items()} if cpus else None)
     return result
 
