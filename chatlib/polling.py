@@ -7,9 +7,10 @@ it. A room the client may not join is refused (403) before anything is read or s
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from types import MappingProxyType
 from urllib.parse import parse_qsl
 
-from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import request_response
@@ -41,13 +42,17 @@ def rate_check(request: Request, user: str) -> None:
                         budget.retry_after(address(request.scope), user=user))
 
 
-NO_QUERY = QueryParams()
+NO_QUERY: Mapping[str, str] = MappingProxyType({})
 
 
-def query_of(request: Request) -> QueryParams:
-    """``request.query_params``, without parsing an empty query string (a ``POST``'s,
-    usually: every post reads its room from it)."""
-    return request.query_params if request.scope.get("query_string") else NO_QUERY
+def query_params(scope) -> Mapping[str, str]:
+    """The request's query parameters, as Starlette's ``QueryParams`` reads them (the last
+    value of a repeated name) in a plain dict, and an empty query string not parsed at
+    all (a ``POST``'s, usually: every post reads its room from it)."""
+    query = scope.get("query_string")
+    if not query:
+        return NO_QUERY
+    return dict(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
 
 
 def room_of(params, limits, user: str, scope) -> str:
@@ -68,8 +73,7 @@ async def poll(state, scope, receive=None) -> bytes | None:
     client hangs up (chatlib.pollpath)."""
     hub: Hub = state.hub
     limits = hub.limits
-    # What Starlette's QueryParams holds (the last value of a repeated name), as a dict.
-    params = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+    params = query_params(scope)
     after = int_param(params, "after", 0)
     wait = min(max(float_param(params, "wait", 0.0), 0.0), limits.max_wait)
     user = optional_user(params, limits)
@@ -190,7 +194,7 @@ async def post_message(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     data = await read_json(request, hub.limits)
     user = nickname(data, hub.limits)
-    room = room_of(query_of(request), hub.limits, user, request.scope)
+    room = room_of(query_params(request.scope), hub.limits, user, request.scope)
     text = message_text(data, hub.limits)
     cid = client_id(data.get("client_id"))
     key = client_id(request.headers.get("idempotency-key"), "Idempotency-Key")
@@ -211,7 +215,7 @@ def in_room(request: Request, room: str):
 async def typing(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     user = nickname(await read_json(request, hub.limits), hub.limits)
-    room = room_of(query_of(request), hub.limits, user, request.scope)
+    room = room_of(query_params(request.scope), hub.limits, user, request.scope)
     rate_check(request, user)
     async with in_room(request, room) as hub:
         hub.typing(user)
@@ -232,11 +236,12 @@ async def presence(request: Request) -> Response:
     """
     hub: Hub = request.app.state.hub
     limits = hub.limits
+    params = query_params(request.scope)
     if request.method == "POST":
         user = nickname(await read_json(request, limits), limits)
     else:
-        user = optional_user(query_of(request), limits)
-    room = room_of(query_of(request), limits, user, request.scope)
+        user = optional_user(params, limits)
+    room = room_of(params, limits, user, request.scope)
     async with in_room(request, room) as hub:
         if request.method == "POST":
             if not hub.presence.refresh(user):  # a new polling session (a name here is not)
