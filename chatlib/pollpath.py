@@ -32,6 +32,13 @@ left in h11's buffer):
 * **Keep-alive and pipelining.** The connection stays open after the answer, as h11's
   would; bytes that arrive while a poll waits (a pipelined request) are kept, reading is
   paused, and they are read once the answer is written, the general way or this one.
+* **The same front door, re-implemented.** This path checks what chatlib.app's middleware
+  (chatlib.guard.Guard, chatlib.auth.TokenGate) checks, and runs what its
+  ``/api/messages`` route runs, without running them. So it answers only for the app
+  :func:`chatlib.app.create_app` makes: :meth:`PollPath.of` gives no path for any other
+  app (another middleware stack, another endpoint for the route, another ASGI app), and
+  everything goes the general way. A new middleware must be added here too, or it turns
+  this path off.
 * **The edge bounds hold**: the head is complete in the read that carried it, so it has no
   header timeout to run (a partial head goes to h11, with the protocol's header timer
   running); a request with a body goes the general way (body budget); answers are written
@@ -45,9 +52,12 @@ import logging
 import re
 from http import HTTPStatus
 
+from starlette.routing import Match
+
+from .app import ChatApp
 from .auth import GRANT, TokenGate, cookie_name
 from .guard import Guard, HostPolicy
-from .polling import POLL_HEADERS, poll
+from .polling import POLL_HEADERS, Messages, poll
 
 PATH = b"/api/messages"
 
@@ -75,6 +85,18 @@ class PollPath:
         self.paths = {PATH} | ({self.gate.page.encode() + PATH} if self.gate else set())
         self.max_head = max_head
         self._last = (None, None, b"")  # the last 200: its default headers, body, bytes
+
+    @classmethod
+    def of(cls, app, hosts: HostPolicy | None, token: str | None = None,
+           user_secret: str | None = None) -> PollPath | None:
+        """The poll path for ``app`` if it is chatlib's app as chatlib.app.create_app makes
+        it (this path re-implements its front door: the module docstring); else None, and
+        every request goes the general way."""
+        if fronts(app, token):
+            return cls(app, hosts, token, user_secret)
+        logging.getLogger("chatlib").info(
+            "GET /api/messages goes the general way: not the app this path answers for")
+        return None
 
     def take(self, data: bytes, server, client, scheme: str) -> dict | None:
         """The ASGI scope of the request ``data`` is, if this path answers it; else None
@@ -151,6 +173,19 @@ class PollPath:
                             body, default_headers)
             self._last = (default_headers, body, data)
         return data
+
+
+def fronts(app, token: str | None) -> bool:
+    """Whether ``app`` is chatlib's app with the front door this path re-implements: its
+    middleware is Guard (then TokenGate, with a ``token``) and nothing else, and a
+    ``GET /api/messages`` is routed to chatlib.polling.Messages."""
+    if type(app) is not ChatApp:
+        return False
+    if [m.cls for m in app.user_middleware] != [Guard] + ([TokenGate] if token else []):
+        return False
+    scope = {"type": "http", "method": "GET", "path": PATH.decode(), "root_path": ""}
+    route = next((r for r in app.routes if r.matches(scope)[0] is not Match.NONE), None)
+    return route is not None and isinstance(getattr(route, "endpoint", None), Messages)
 
 
 def response(status: int, headers, body: bytes, default_headers) -> bytes:

@@ -82,6 +82,33 @@ def test_token_mode_takes_only_what_carries_the_token():
     assert take(path, page + "Cookie: chatlib-token-8001=s3cret\r\n\r\n") is None
 
 
+def test_only_chatlibs_app_gets_a_poll_path():
+    """This path re-implements the app's front door: for any other app (another ASGI app,
+    another middleware, another endpoint for the route) every request goes the general
+    way."""
+    from starlette.middleware import Middleware
+    from starlette.routing import Route
+
+    from chatlib.app import ChatApp
+    from chatlib.guard import Guard
+
+    hub = Hub(MemoryLog(), Limits())
+    assert PollPath.of(create_app(hub), None) is not None
+    assert PollPath.of(create_app(hub, token="s3cret"), None, "s3cret") is not None
+
+    async def bare(scope, receive, send):
+        pass
+
+    assert PollPath.of(bare, None) is None
+    assert PollPath.of(create_app(hub), None, "s3cret") is None  # no TokenGate
+    extra = create_app(hub)
+    extra.user_middleware.append(Middleware(Guard, limits=hub.limits))
+    assert PollPath.of(extra, None) is None
+    other = ChatApp(routes=[Route("/api/messages", bare)],
+                    middleware=[Middleware(Guard, limits=hub.limits)])
+    assert PollPath.of(other, None) is None
+
+
 # -- on a live server -----------------------------------------------------------------------
 
 
