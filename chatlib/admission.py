@@ -34,10 +34,12 @@ ChatPanel (chatlib/panel.py).
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import math
 import random
 import time
+from collections.abc import Callable
 
 from .closecode import BEHIND, RESTART, CloseCode, close_reason
 from .limits import Limits
@@ -149,3 +151,66 @@ class Admission:
 BUSY_ERROR = "server busy: too many new sessions; come back after retry_after seconds"
 """The error of a refused HTTP session (503): ``retry_after`` is in the body and, in
 whole seconds, in ``Retry-After``."""
+
+
+FIRST_BYTES_PER_STEP = 8
+"""New connections whose first bytes are handled per event-loop step (:class:`FirstBytes`;
+read when a server starts)."""
+
+
+class FirstBytes:
+    """New connections' first bytes: at most ``per_step`` of them handled per event-loop
+    step, the others on the next steps, in the order they came.
+
+    When a restart sends every client back at once, most are refused (1013, after the
+    handshake: a browser reads nothing else). One refusal costs little, but asyncio runs
+    the callback of every readable socket in one step: a crowd's handshakes, arriving
+    together, made steps of thousands of callbacks, and each step that a live message
+    for the clients already connected needs (its read, its post, its fan-out) waited
+    behind one (bench/README.md, "Reconnect storm"; bench/handshake_burst.py). A
+    connection whose first bytes wait has its reading paused till its turn (the kernel
+    holds what follows), so its bytes stay in order.
+
+    One per server: chatlib.protocols.http_protocol gives it to every HTTP connection.
+    """
+
+    def __init__(self, per_step: int | None = None) -> None:
+        self.per_step = FIRST_BYTES_PER_STEP if per_step is None else per_step
+        """0: no gate (every connection's first bytes at once, as asyncio runs them)."""
+        self._waiting: collections.deque[
+            tuple[asyncio.Transport, Callable[[bytes], None], bytes]] = collections.deque()
+        self._taken = 0  # first bytes handled in this step
+        self._step: asyncio.Handle | None = None  # the next step's turn, once scheduled
+
+    def hold(self, transport: asyncio.Transport, handle: Callable[[bytes], None],
+             data: bytes) -> bool:
+        """A new connection's first bytes ``data``: False, handle them now; True, they
+        wait (``transport``'s reading paused) and ``handle(data)`` is called on a later
+        step."""
+        if self.per_step <= 0:
+            return False
+        if self._step is None:  # the count starts anew on the next step
+            self._step = asyncio.get_running_loop().call_soon(self._next_step)
+        if not self._waiting and self._taken < self.per_step:
+            self._taken += 1
+            return False
+        transport.pause_reading()
+        self._waiting.append((transport, handle, data))
+        return True
+
+    @property
+    def waiting(self) -> int:
+        """Connections whose first bytes wait for a step."""
+        return len(self._waiting)
+
+    def _next_step(self) -> None:
+        self._taken = 0
+        self._step = (asyncio.get_running_loop().call_soon(self._next_step)
+                      if self._waiting else None)
+        while self._waiting and self._taken < self.per_step:  # bounded: per_step
+            transport, handle, data = self._waiting.popleft()
+            if transport.is_closing():
+                continue  # gone while it waited
+            self._taken += 1
+            transport.resume_reading()
+            handle(data)

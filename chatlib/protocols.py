@@ -44,6 +44,7 @@ from http import HTTPStatus
 
 import h11
 
+from .admission import FirstBytes
 from .fastpath import (
     H11_MAX_INCOMPLETE_EVENT_SIZE,
     RAW_SEND,
@@ -97,7 +98,8 @@ def http_protocol(limits: Limits, poll_path=None):
     own ``"h11"`` when :data:`MISSING` (read when a server starts)."""
     if MISSING:
         return "h11"
-    return functools.partial(BoundedH11Protocol, limits=limits, poll_path=poll_path)
+    return functools.partial(BoundedH11Protocol, limits=limits, poll_path=poll_path,
+                             first_bytes=FirstBytes())
 
 
 def websocket_protocol():
@@ -204,9 +206,13 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
     Make one per server with ``functools.partial(BoundedH11Protocol, limits=...)``.
     """
 
-    def __init__(self, *args, limits: Limits, poll_path=None, **kwargs) -> None:
+    def __init__(self, *args, limits: Limits, poll_path=None,
+                 first_bytes: FirstBytes | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
+        self.first_bytes = first_bytes
+        """The server's gate for new connections' first bytes (chatlib.admission), until
+        this connection's have come."""
         plain = not self.root_path and not self.config.proxy_headers
         self.poll_path = poll_path if plain else None
         self.polling: asyncio.Task | None = None
@@ -271,6 +277,10 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         reset_connection(self.raw_transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.first_bytes is not None:
+            gate, self.first_bytes = self.first_bytes, None
+            if gate.hold(self.raw_transport, self.data_received, data):
+                return  # on a later step (a crowd arrived)
         if self.lingering:
             self.drain(self.raw_transport, data)
             return
