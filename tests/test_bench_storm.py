@@ -102,3 +102,15 @@ def test_readme_shows_the_saved_storms() -> None:
         readme = f.read()
     assert storm.readme_table(saved) in readme
     assert all(r["lost"] == 0 and r["duplicated"] == 0 for r in saved["summary"].values())
+
+
+def test_handshake_burst_refuses_the_crowd_while_the_bystander_chats() -> None:
+    """bench/handshake_burst.py, unpatched (no gate, no step timing): the crowd is refused
+    with 1013 past the admission burst, and the bystander's messages all came back."""
+    import handshake_burst
+
+    result = asyncio.run(handshake_burst.burst(30, admit_rate=1.0))
+    codes = result["crowd"]  # {close code: clients}
+    assert sum(codes.values()) == 30 and codes.get("1013", 0) >= 25, codes
+    assert result["bystander_received"] > 0 and result["server_cpu_s"] > 0
+    assert result["long_steps"] == 0  # not timed here
