@@ -316,13 +316,19 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         try:
             data, keep_alive = await self.poll_path.answer(
                 scope, self.server_state.default_headers)
+            if self.raw_transport.is_closing():  # nobody to answer
+                return
+            self.raw_transport.write(data)
+            if keep_alive and not self._close_after_poll and self.flow.write_paused:
+                # As uvicorn's send(): one answer waits for a client that does not read,
+                # no more (issue 18). Until it is taken, what comes is piped, unread.
+                await self.flow.drain()  # connection_lost resumes writing
+                if self.raw_transport.is_closing():
+                    return
         except asyncio.CancelledError:  # the connection was lost (or the server stopped)
             return
         finally:
             self.polling = None
-        if self.raw_transport.is_closing():  # nobody to answer
-            return
-        self.raw_transport.write(data)
         if not keep_alive or self._close_after_poll:
             self.transport.close()  # lingering, if need be
         self.on_response_complete()  # keep-alive timer, header timer, stuck-client watch

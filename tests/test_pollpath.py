@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
@@ -248,6 +249,43 @@ async def test_keep_alive_and_pipelining(server, connections, taken):
     status, _, body = await poller.response()
     assert status == 200 and json.loads(body)["last_id"] == 2
     assert taken == [b"after=0&wait=5", b"after=2"]
+
+
+async def test_a_client_that_does_not_read_gets_one_answer_buffered(server, connections,
+                                                                    taken):
+    """Write backpressure, as on the general path (issue 18): while an answer waits in the
+    server's buffer for a client that reads nothing, its next requests are not read."""
+    for i in range(server.limits.history):
+        await server.hub.post("ann", f"{i} " + "y" * 1000)
+    port = server.port
+    connection = await connections(port)
+    (protocol,) = server._server.server_state.connections
+    sock = connection.writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    connection.reader._transport.pause_reading()  # and the kernel's buffer fills
+    for sent in range(1, 41):  # one head per read, so that each is the poll path's
+        connection.send(poll(port, "after=0"))
+        await until(lambda: len(taken) == sent and (  # noqa: B023 - called in this iteration
+            protocol.polling is None or protocol.flow.write_paused), "the head answered")
+        if protocol.polling is not None:  # its answer waits for the client to take some
+            break
+    assert protocol.polling is not None, "every answer was buffered"
+    connection.send(poll(port, "after=0"))
+    await until(lambda: protocol._piped, "the next head kept unread")
+    assert len(taken) == sent
+    assert protocol.raw_transport.get_write_buffer_size() < 2 * len(await ok_page(server))
+
+
+async def ok_page(server) -> bytes:
+    """A poll's answer, as the poll path writes it."""
+    connection = await Connection.open(server.port)
+    try:
+        connection.send(poll(server.port, "after=0"))
+        status, _, body = await connection.response()
+        assert status == 200
+        return body
+    finally:
+        connection.close()
 
 
 async def test_a_client_that_hangs_up_frees_its_poll(server, connections):
