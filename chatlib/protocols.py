@@ -325,8 +325,12 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
                 await self.flow.drain()  # connection_lost resumes writing
                 if self.raw_transport.is_closing():
                     return
-        except asyncio.CancelledError:  # the connection was lost (or the server stopped)
-            return
+        except BaseException:  # cancelled (the connection was lost, or the server stopped
+            # waiting for it: uvicorn's graceful shutdown timed out), or a bug: no answer
+            # follows, so nothing may keep the connection open
+            if not self.raw_transport.is_closing():
+                self.transport.close()
+            raise
         finally:
             self.polling = None
         if not keep_alive or self._close_after_poll:

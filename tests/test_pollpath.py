@@ -335,3 +335,19 @@ async def test_a_stopping_server_answers_a_parked_poll_then_closes(start_chat, c
     assert status == 200 and json.loads(body)["messages"] == []
     assert await connection.closed()
     await asyncio.wait_for(stopping, T)
+
+
+async def test_a_poll_cancelled_at_shutdown_closes_its_connection(start_chat, connections,
+                                                                  taken, monkeypatch):
+    """uvicorn cancels what still runs when its graceful shutdown times out: a poll that
+    the hub's close did not wake (here: one that never ends) then closes its connection."""
+    async def forever(state, scope):
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr("chatlib.pollpath.poll", forever)
+    server = await start_chat(shutdown_timeout=0.5)
+    connection = await connections(server.port)
+    connection.send(poll(server.port, "after=0&wait=20"))
+    await until(lambda: taken, "the poll taken")
+    await asyncio.wait_for(server.stop(), T)
+    assert await connection.closed()
