@@ -288,10 +288,11 @@ async def ok_page(server) -> bytes:
         connection.close()
 
 
-async def test_a_client_that_hangs_up_frees_its_poll(server, connections):
+async def test_a_client_that_hangs_up_frees_its_poll(server, connections, taken):
     connection = await connections(server.port)
     connection.send(poll(server.port, "after=0&wait=20"))
     await parked(server, 1)
+    assert taken == [b"after=0&wait=20"]
     connection.close()
     await parked(server, 0)
 
@@ -308,7 +309,8 @@ async def test_the_header_timeout_runs_after_an_answer(server, connections, take
     assert taken == [b"after=0"]
 
 
-async def test_bad_bytes_after_an_answer_get_400_for_that_client_only(server, connections):
+async def test_bad_bytes_after_an_answer_get_400_for_that_client_only(server, connections,
+                                                                     taken):
     bad = await connections(server.port)
     good = await connections(server.port)
     bad.send(poll(server.port, "after=0"))
@@ -323,9 +325,11 @@ async def test_bad_bytes_after_an_answer_get_400_for_that_client_only(server, co
     assert (await other.response())[0] == 201
     status, _, body = await good.response()
     assert status == 200 and json.loads(body)["messages"][0]["text"] == "still here"
+    assert taken == [b"after=0", b"after=0&wait=5"]
 
 
-async def test_a_stopping_server_answers_a_parked_poll_then_closes(start_chat, connections):
+async def test_a_stopping_server_answers_a_parked_poll_then_closes(start_chat, connections,
+                                                                   taken):
     server = await start_chat()
     connection = await connections(server.port)
     connection.send(poll(server.port, "after=0&wait=20"))
@@ -335,6 +339,7 @@ async def test_a_stopping_server_answers_a_parked_poll_then_closes(start_chat, c
     assert status == 200 and json.loads(body)["messages"] == []
     assert await connection.closed()
     await asyncio.wait_for(stopping, T)
+    assert taken == [b"after=0&wait=20"]
 
 
 async def test_a_poll_cancelled_at_shutdown_closes_its_connection(start_chat, connections,
@@ -351,3 +356,56 @@ async def test_a_poll_cancelled_at_shutdown_closes_its_connection(start_chat, co
     await until(lambda: taken, "the poll taken")
     await asyncio.wait_for(server.stop(), T)
     assert await connection.closed()
+
+
+@pytest.mark.parametrize("limits", [Limits(header_timeout=0.5)])
+async def test_a_parked_poll_outlives_the_header_timeout(server, connections, taken):
+    """The head is complete: no header timer runs while its poll waits."""
+    connection = await connections(server.port)
+    connection.send(poll(server.port, "after=0&wait=1.5"))
+    status, _, body = await connection.response()
+    assert status == 200 and json.loads(body)["messages"] == []
+    assert taken == [b"after=0&wait=1.5"]
+
+
+async def test_bytes_behind_a_parked_poll_wait_unread(server, connections, taken):
+    connection = await connections(server.port)
+    connection.send(poll(server.port, "after=0&wait=5"))
+    await parked(server, 1)
+    (protocol,) = server._server.server_state.connections
+    connection.send(poll(server.port, "after=0"))
+    await until(lambda: protocol._piped, "the next head kept")
+    assert protocol.flow.read_paused
+    await server.hub.post("ann", "wake")
+    for _ in range(2):
+        status, _, body = await connection.response()
+        assert status == 200 and json.loads(body)["messages"][0]["text"] == "wake"
+    assert taken == [b"after=0&wait=5", b"after=0"]
+
+
+async def test_a_poll_running_when_the_server_stops_is_answered_then_closed(
+        start_chat, connections, taken, monkeypatch):
+    """The protocol's shutdown, while a poll runs (one the hub's close did not answer
+    yet): the poll's answer is written, then the connection closed."""
+    release = asyncio.Event()
+
+    async def held(state, scope):
+        await release.wait()
+        return b'{"messages":[]}'
+
+    monkeypatch.setattr("chatlib.pollpath.poll", held)
+    server = await start_chat()
+    connection = await connections(server.port)
+    connection.send(poll(server.port, "after=0&wait=20"))
+    await until(lambda: taken, "the poll taken")
+    (protocol,) = server._server.server_state.connections
+    stopping = asyncio.ensure_future(server.stop())
+    try:
+        await until(lambda: protocol._close_after_poll, "the server stopping")
+        release.set()
+        status, _, body = await connection.response()
+        assert status == 200 and body == b'{"messages":[]}'
+        assert await connection.closed()
+    finally:
+        release.set()
+        await asyncio.wait_for(stopping, T)
