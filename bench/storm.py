@@ -57,7 +57,9 @@ back), ``lost``, ``duplicated``, ``attempts`` (connection attempts, all clients)
 after the first ``admit_burst``, admitted at once, and before the last 5 %, stragglers),
 ``server_admitted_per_s`` (the accept rate, timed at the server while refused clients
 waited: :func:`admission_rate`), ``bystander_p50_ms`` / ``p99`` / ``max`` and
-``bystander_received`` (how many samples).
+``bystander_received`` (how many samples), ``bystander_series`` (each sample: its scheduled
+send time since the storm began, s, and its latency, ms) and ``pinned`` (the CPUs of each
+process, or None).
 """
 
 from __future__ import annotations
