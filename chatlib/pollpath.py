@@ -52,6 +52,7 @@ import logging
 import re
 from http import HTTPStatus
 
+from starlette.requests import Request
 from starlette.routing import Match
 
 from .app import ChatApp
@@ -158,7 +159,7 @@ class PollPath:
                 return response(500, [(b"content-type", b"text/plain; charset=utf-8"),
                                       (b"connection", b"close")],
                                 b"Internal Server Error", default_headers), False
-            refusal = await handler(None, exc)
+            refusal = await handler(Request(scope), exc)  # the request, as the app's
             return response(refusal.status_code, refusal.raw_headers, refusal.body,
                             default_headers), True
         return self.ok(body, default_headers), True
