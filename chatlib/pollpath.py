@@ -27,8 +27,10 @@ left in h11's buffer):
   StoreUnavailable through the app's own exception handlers (the same status, body and
   ``Retry-After``); nothing at all if the client hung up while its poll waited (the ASGI
   route's 499, which no client ever reads): the protocol cancels the poll when its
-  connection is lost, so that no task watches for the hang-up. An unexpected exception
-  is logged and answered 500, and the connection closed.
+  connection is lost, so that no task watches for the hang-up. An unexpected Exception
+  from the poll is logged and answered 500, and the connection closed; a poll cancelled
+  otherwise (uvicorn's graceful shutdown timed out) or anything raised past that gets
+  no answer, and its connection is closed.
 * **Keep-alive and pipelining.** The connection stays open after the answer, as h11's
   would; bytes that arrive while a poll waits (a pipelined request) are kept, reading is
   paused, and they are read once the answer is written, the general way or this one.
@@ -41,7 +43,9 @@ left in h11's buffer):
   this path off.
 * **The edge bounds hold**: the head is complete in the read that carried it, so it has no
   header timeout to run (a partial head goes to h11, with the protocol's header timer
-  running); a request with a body goes the general way (body budget); answers are written
+  running); a request with a body goes the general way (body budget); an answer the
+  client has not taken holds back its next request, as uvicorn's ``send`` does (write
+  backpressure: at most one answer waits in the server's buffer); answers are written
   by the protocol, whose closes linger (lingering close) and whose stuck-client watch
   covers them; malformed input is h11's to refuse (400, never a 5xx).
 """

@@ -313,6 +313,11 @@ class BoundedH11Protocol(LingeringClose, H11Protocol):
         self.tasks.add(task)
 
     async def _answer_poll(self, scope) -> None:
+        """The poll's task: write the poll path's answer to ``scope``, wait until the client
+        takes it if asyncio's buffer is full, then close (if the answer or a stopping server
+        says so) or go on as after any response (timers, stuck-client watch) and read what
+        was piped meanwhile. While it runs, :attr:`polling` is set: reads are piped, reading
+        is paused, no timer runs. Cancelled (or on any error), it closes the connection."""
         try:
             data, keep_alive = await self.poll_path.answer(
                 scope, self.server_state.default_headers)
