@@ -109,6 +109,20 @@ def test_the_refused_get_in_when_they_come_back_at_their_slot(monkeypatch):
     assert worst <= rate * 1.1 + burst, worst
 
 
+def test_a_client_seconds_late_for_its_slot_still_gets_in(monkeypatch):
+    """A saturated client process wakes its clients late: one back 2.5 s after its slot
+    takes it instead of being refused again (at a 1 s wait, 2-7 % of a 2,000-client
+    storm's slots were given up, and the server took 41-47 sessions/s against 50)."""
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    admission = Admission(Limits(admit_rate=10, admit_burst=1))
+    assert [admission.admit() for _ in range(2)] == [None, 0.1]
+    now[0] += 0.1 + 2.5
+    assert admission.admit() is None
+    assert (admission.admitted, admission.refused) == (2, 1)
+    assert 2.5 < LATE
+
+
 def test_a_slot_nobody_takes_is_not_saved_up(monkeypatch):
     now = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
