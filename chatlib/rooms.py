@@ -88,6 +88,8 @@ class Rooms:
         if held is not None:  # another request made one meanwhile: use that one
             hub.close()
             return held
+        if self.default.closing.is_set():  # the server is stopping: closed like the rest
+            hub.close()  # (a long poll answers at once instead of parking for its wait)
         self.hubs[room] = hub
         return hub
 

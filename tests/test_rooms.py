@@ -167,6 +167,23 @@ async def test_reading_a_room_makes_nothing_that_stays():
     assert await log.rooms() == {DEFAULT_ROOM: 0, "a": 1}
 
 
+async def test_a_room_first_used_while_the_server_stops_is_closed_too():
+    """Rooms.close closes the hubs held then; a room first asked for after it (a late
+    long poll during stop()) gets a hub as closed as the rest, so the poll answers at
+    once instead of parking until the server's shutdown timeout cancels it."""
+    from chatlib.hub import Hub
+    from chatlib.rooms import Rooms
+
+    default = Hub(MemoryLog(), LIMITS)
+    rooms = Rooms(default)
+    await default.start()
+    rooms.close()
+    late = await rooms.hub("late")
+    assert late.closing.is_set()
+    page = await asyncio.wait_for(late.poll(0, timeout=30), 5)
+    assert page.messages == []
+
+
 async def test_a_room_is_held_while_a_request_uses_it():
     """Rooms.using: a room's hub stays while any request uses it, goes with the last one,
     also when the request fails or its hub could not start; the default room's stays."""
