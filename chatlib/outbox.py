@@ -31,6 +31,22 @@ from .leanasync import LeanEvent
 from .wire import Encoding
 
 
+def unsent(items: list[tuple[int, str]], sent: int) -> tuple[list[str], int]:
+    """The payloads of queued ``items`` (``(message id or 0, payload)``) that were not sent
+    as history (id > ``sent``; 0: not a message), and the newest id sent once they are."""
+    if not items or items[0][0] > sent:
+        # The usual case: a message's id is > sent, and so are the rest (ids only grow in
+        # an outbox); one test per batch, not one per item.
+        batch = [payload for _, payload in items]
+    else:
+        batch = [payload for message_id, payload in items
+                 if not message_id or message_id > sent]
+    for message_id, _ in reversed(items):
+        if message_id:
+            return batch, max(sent, message_id)
+    return batch, sent
+
+
 class Outbox:
     """A bounded queue of ``(message_id, payload)`` for one push client.
 
@@ -191,17 +207,9 @@ class Outbox:
             items = await self.get(heartbeat)
             if self.closed:
                 return
-            if not items or items[0][0] > sent:
-                # The usual case: a message's id is > sent, and so are the rest (ids only
-                # grow in an outbox); one test per batch, not one per item.
-                yield [payload for _, payload in items]
-            else:
-                yield [payload for message_id, payload in items
-                       if not message_id or message_id > sent]
-            for message_id, _ in reversed(items):
-                if message_id:
-                    sent = max(sent, message_id)
-                    break
+            batch, newest = unsent(items, sent)
+            yield batch
+            sent = newest
 
     async def backlog(self, wake: Callable[[], None]) -> AsyncIterator[list[str]]:
         """What is queued, a batch at a time, skipping messages sent as history (id <=
@@ -221,13 +229,6 @@ class Outbox:
                 self.on_backlog = wake
                 return
             self._items = []
-            sent = self.sent
-            if items[0][0] > sent:
-                yield [payload for _, payload in items]
-            else:
-                yield [payload for message_id, payload in items
-                       if not message_id or message_id > sent]
-            for message_id, _ in reversed(items):
-                if message_id:
-                    self.sent = max(sent, message_id)
-                    break
+            batch, newest = unsent(items, self.sent)
+            yield batch
+            self.sent = newest
