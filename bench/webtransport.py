@@ -131,6 +131,11 @@ def run_once(kind: str, n: int, m: int, profile_to: str | None = None) -> dict:
             result = json.loads(readline(load, 60 + n * m * 0.01))
             cpu = cpu_seconds(server.pid) - before
             wall = time.perf_counter() - started
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                # Let its clients close their sessions: a QUIC peer killed mid-session
+                # sends nothing (no FIN over UDP), and the server, stopped next, may still
+                # hold its session.
+                load.wait(30)
         finally:
             load.kill()
             load.wait(10)
