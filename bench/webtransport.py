@@ -266,6 +266,9 @@ def main() -> None:
     args = parser.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
     if args.serve:
+        # SIGINT is how this server is stopped; a shell runs background jobs with SIGINT
+        # ignored, and children inherit that (CI started that way never stopped it).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(args.port))
         return
