@@ -66,7 +66,7 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
-from .web import refuse
+from .web import Refusal, latin1, refuse
 
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,256}")
 """A token goes unescaped into a URL, a header and a cookie: URL "unreserved" characters."""
@@ -176,11 +176,25 @@ def page_link(base: str, token: str | None) -> str:
     return f"{base}{page_path(token)[1:]}/?token={token}" if token else base
 
 
+@dataclass(frozen=True)
+class Pass:
+    """A request that carries a valid token (:meth:`TokenGate.verdict`)."""
+
+    source: str
+    """Where it carries it: "header" (``Authorization: Bearer``), "query" or "cookie"."""
+    token: str
+    """The token itself: the shared one or a user token."""
+    grant: Grant | None = None
+    """What a user token lets in; None: the shared token."""
+
+
 class TokenGate:
     """ASGI middleware: refuse (401) every HTTP request and handshake without ``token``.
 
     Only the connection's ``scope`` is looked at; WebSocket frames and bodies pass through
     untouched (nothing per message). See the module docstring for where the token may be.
+    The check is :meth:`verdict`'s, which the paths that bypass the middleware run too
+    (chatlib.pollpath, chatlib.webtransport).
     """
 
     def __init__(self, app, token: str, user_secret: str | None = None) -> None:
@@ -196,33 +210,54 @@ class TokenGate:
             await self.app(scope, receive, send)
             return
         port = scope["server"][1] if scope.get("server") else 0
-        source, value = self.presented_value(scope, cookie_name(port))
-        if source is None:
-            # RFC 9110 15.5.2: a 401 names the scheme that would work.
-            await refuse(kind, send, 401, ERROR,
-                         headers=[(b"www-authenticate", b'Bearer realm="chatlib"')])
+        headers = dict(scope["headers"])  # the last of a repeated header; fine for these
+        verdict = self.verdict(latin1(headers.get(b"authorization")),
+                               scope.get("query_string", b"").decode("latin-1"),
+                               latin1(headers.get(b"cookie")), port)
+        if isinstance(verdict, Refusal):
+            await refuse(kind, send, *verdict)
             return
         path, root = scope["path"], scope.get("root_path", "")
         under = root + self.page
-        if value is not None:  # a user token: the routes see who it lets in
-            scope = {**scope, GRANT: self.grant(value)}
+        if verdict.grant is not None:  # a user token: the routes see who it lets in
+            scope = {**scope, GRANT: verdict.grant}
         if path == under or path.startswith(under + "/"):
             # The routes see the path below the page's (ASGI: path includes root_path).
             scope = {**scope, "root_path": under}
-            if source == "query" and kind == "http" and path == under + "/":
-                send = self._setting_cookie(send, cookie_name(port), value)
-        elif source == "query" and kind == "http" and path == root + "/":
+            if verdict.source == "query" and kind == "http" and path == under + "/":
+                send = self._setting_cookie(send, cookie_name(port), verdict.token)
+        elif verdict.source == "query" and kind == "http" and path == root + "/":
             await see_other(send, self.page[1:] + "/?" + scope["query_string"].decode("latin-1"))
             return
         await self.app(scope, receive, send)
 
-    def _valid(self, value: str | bytes) -> str | bool:
-        """True for the shared token, the token itself (str) for a valid user token."""
-        if isinstance(value, bytes):
-            value = value.decode("latin-1")
-        if value[:2] == "u.":
-            return value if self.grant(value) is not None else False
-        return hmac.compare_digest(value.encode("utf-8", "replace"), self.token)
+    def verdict(self, authorization: str | None, query: str, cookies: str | None,
+                port: int) -> Pass | Refusal:
+        """The check, on a request's plain values: the :class:`Pass` of the first valid
+        token it carries, or :data:`REFUSED` (401).
+
+        ``authorization`` and ``cookies``: the ``Authorization`` and ``Cookie`` headers
+        (None: absent); ``query``: the query string; ``port``: the server's, which names
+        its cookie (:func:`cookie_name`). Where a token may be, and in which order: the
+        module docstring."""
+        found = []
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer":
+            found.append(("header", credentials.strip(_ASCII_SPACE)))
+        found += [("query", value) for name, value in parse_qsl(query) if name == "token"]
+        cookie = cookie_name(port)
+        for part in (cookies or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == cookie:
+                found.append(("cookie", value))
+        for source, value in found:
+            if value[:2] == "u.":
+                grant = self.grant(value)
+                if grant is not None:
+                    return Pass(source, value, grant)
+            elif hmac.compare_digest(value.encode("utf-8", "replace"), self.token):
+                return Pass(source, value)
+        return REFUSED
 
     def grant(self, value: str) -> Grant | None:
         """What the user token ``value`` lets in, None if it is not a valid one."""
@@ -230,34 +265,7 @@ class TokenGate:
             return None
         return read_user_token(self.user_secret, value)
 
-    def presented(self, scope, cookie: str) -> str | None:
-        """Where the request carries a valid token ("header", "query", "cookie") or None."""
-        return self.presented_value(scope, cookie)[0]
-
-    def presented_value(self, scope, cookie: str) -> tuple[str | None, str | None]:
-        """Where the request carries a valid token ("header", "query", "cookie"; None: it
-        does not), and the user token it is (None: the shared one)."""
-        headers = dict(scope["headers"])  # the last of a repeated header; fine for these
-        authorization = headers.get(b"authorization", b"")
-        scheme, _, credentials = authorization.partition(b" ")
-        found = []
-        if scheme.lower() == b"bearer":
-            found.append(("header", credentials.strip().decode("latin-1")))
-        found += [("query", value) for name, value in
-                  parse_qsl(scope.get("query_string", b"").decode("latin-1"))
-                  if name == "token"]
-        for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == cookie:
-                found.append(("cookie", value))
-        for source, value in found:
-            valid = self._valid(value)
-            if valid:
-                return source, valid if isinstance(valid, str) else None
-        return None, None
-
-    def _setting_cookie(self, send, name: str, value: str | None = None):
-        value = value if value is not None else self.token.decode()
+    def _setting_cookie(self, send, name: str, value: str):
         header = (f"{name}={value}; HttpOnly; SameSite=Strict").encode()
 
         async def send_with_cookie(message) -> None:
@@ -269,6 +277,10 @@ class TokenGate:
         return send_with_cookie
 
 
+_ASCII_SPACE = " \t\n\r\x0b\x0c"
+"""What ``bytes.strip`` strips (``str.strip`` would strip more of latin-1)."""
+
+
 async def see_other(send, location: str) -> None:
     """303 to ``location`` (relative, so that it holds behind a proxy's path too)."""
     await send({"type": "http.response.start", "status": 303,
@@ -278,3 +290,7 @@ async def see_other(send, location: str) -> None:
 
 
 ERROR = "a token is required: open the link the server printed (it ends in ?token=...)"
+
+REFUSED = Refusal(401, ERROR, ((b"www-authenticate", b'Bearer realm="chatlib"'),))
+"""The answer to a request without a valid token (RFC 9110 15.5.2: a 401 names the
+scheme that would work)."""

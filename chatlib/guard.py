@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .limits import Limits
-from .web import refuse
+from .web import Refusal, refuse
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOCAL_NAMES = frozenset({"localhost"})
@@ -114,25 +114,25 @@ def host_policy(bound_host: str, port: int | None, limits: Limits,
     return HostPolicy(frozenset(names), port, relayed_ok)
 
 
-def origin_allowed(headers, limits: Limits) -> bool:
-    """Is a browser on ``Origin`` allowed to use this server?
+def origin_allowed(origin: str | None, host: str | None, forwarded_host: str | None,
+                   limits: Limits) -> bool:
+    """Is a browser on ``origin`` allowed to use this server?
 
     Browsers send ``Origin`` with every WebSocket handshake and POST. Checking it stops
     cross-site WebSocket hijacking: a page on another site could otherwise open a
     WebSocket to 127.0.0.1 from the learner's own browser. Clients that are not browsers
-    send no ``Origin`` and are allowed. Same origin means the Origin's host:port is the
-    ``Host`` the browser asked for (or, behind a proxy, ``X-Forwarded-Host``, which a page
-    cannot set on a WebSocket handshake nor on a cross-site POST without a CORS preflight).
-    ``headers`` maps lower-case names to values.
+    send no ``Origin`` (None) and are allowed. Same origin means the Origin's host:port is
+    the ``host`` the browser asked for (or, behind a proxy, one of ``forwarded_host``'s,
+    ``X-Forwarded-Host``, which a page cannot set on a WebSocket handshake nor on a
+    cross-site POST without a CORS preflight).
     """
-    origin = headers.get("origin")
     if origin is None:
         return True
     if origin in limits.allowed_origins or "*" in limits.allowed_origins:
         return True
     netloc = urlsplit(origin).netloc
-    hosts = {headers.get("host")}
-    hosts.update(h.strip() for h in headers.get("x-forwarded-host", "").split(",") if h.strip())
+    hosts = {host}
+    hosts.update(h.strip() for h in (forwarded_host or "").split(",") if h.strip())
     return bool(netloc) and netloc in hosts
 
 
@@ -143,12 +143,18 @@ def json_content_type(content_type: str | None) -> bool:
     return content_type.partition(";")[0].strip().lower() == "application/json"
 
 
+GUARDED = (b"host", b"origin", b"x-forwarded-host", b"content-type")
+"""The request headers :meth:`Guard.verdict` reads (the first of a repeated one)."""
+
+
 class Guard:
     """ASGI middleware: the Host, Origin and Content-Type checks of this module's docstring.
 
     ``Guard(app, limits, hosts)``. A refused HTTP request gets the status and
     ``{"error": ...}``; a refused WebSocket handshake gets the same as an HTTP response
-    (the browser's ``WebSocket`` fires ``error`` then ``close`` with 1006).
+    (the browser's ``WebSocket`` fires ``error`` then ``close`` with 1006). The checks
+    are :meth:`verdict`'s, which the paths that bypass the middleware run too
+    (chatlib.pollpath, chatlib.webtransport).
     """
 
     def __init__(self, app, limits: Limits, hosts: HostPolicy | None = None) -> None:
@@ -159,27 +165,38 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
         if kind == "http" or kind == "websocket":
-            refusal = self.check(scope)
+            headers = {}
+            for name, value in scope["headers"]:
+                if name in GUARDED and name not in headers:
+                    headers[name] = value.decode("latin-1")
+            refusal = self.verdict(
+                scope.get("method", "GET"), headers.get(b"host"), headers.get(b"origin"),
+                forwarded_host=headers.get(b"x-forwarded-host"),
+                content_type=headers.get(b"content-type"), scheme=scope.get("scheme", "http"),
+                handshake=kind == "websocket")
             if refusal is not None:
                 # The body of a refused POST is not read: tell the client this connection ends.
-                await refuse(kind, send, *refusal,
+                await refuse(kind, send, refusal.status, refusal.error,
                              headers=[(b"connection", b"close")] if kind == "http" else [])
                 return
         await self.app(scope, receive, send)
 
-    def check(self, scope) -> tuple[int, str] | None:
-        """``(status, error)`` if the request must be refused, else ``None``."""
-        headers = {}
-        for name, value in scope["headers"]:
-            if name in (b"host", b"origin", b"x-forwarded-host", b"content-type"):
-                headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-        host = headers.get("host")
-        if not self.hosts.allows(host, scope.get("scheme", "http")):
-            return 403, self.hosts.hint(host)
-        if scope["type"] == "websocket" or scope["method"] not in SAFE_METHODS:
-            if not origin_allowed(headers, self.limits):
-                return 403, "origin not allowed"
-        if scope["type"] == "http" and scope["method"] == "POST":
-            if not json_content_type(headers.get("content-type")):
-                return 415, "Content-Type must be application/json"
+    def verdict(self, method: str, host: str | None, origin: str | None = None, *,
+                forwarded_host: str | None = None, content_type: str | None = None,
+                scheme: str = "http", handshake: bool = False) -> Refusal | None:
+        """The checks, on a request's plain values: None if it may go on, else the
+        :class:`~chatlib.web.Refusal` that answers it (403 or 415, ``{"error": ...}``).
+
+        ``method``: the HTTP method; ``host``, ``origin``, ``forwarded_host``,
+        ``content_type``: the ``Host``, ``Origin``, ``X-Forwarded-Host`` and ``Content-Type``
+        headers (None: absent); ``scheme``: the URL's (``http``, ``https``, ``ws``, ...);
+        ``handshake``: a WebSocket handshake, whose Origin is checked although it is a GET.
+        """
+        if not self.hosts.allows(host, scheme):
+            return Refusal(403, self.hosts.hint(host))
+        if handshake or method not in SAFE_METHODS:
+            if not origin_allowed(origin, host, forwarded_host, self.limits):
+                return Refusal(403, "origin not allowed")
+        if method == "POST" and not json_content_type(content_type):
+            return Refusal(415, "Content-Type must be application/json")
         return None

@@ -15,8 +15,10 @@ left in h11's buffer):
   ``GET /api/messages[?query] HTTP/1.1``, every header line well formed (h11's grammar for
   names and values), exactly one ``Host``, no body (no ``Transfer-Encoding``, no
   ``Content-Length`` but one ``0``), no ``Connection`` but ``keep-alive``, no ``Upgrade`` or
-  ``Expect``, and it must pass the same front door as every route: chatlib.guard's
-  checks (for a GET: the Host) and, in token mode, chatlib.auth's token. Anything else (a
+  ``Expect``, and it must pass the same front door as every route: the checks of
+  chatlib.guard (:meth:`~chatlib.guard.Guard.verdict`; for a GET: the Host) and, in token
+  mode, chatlib.auth (:meth:`~chatlib.auth.TokenGate.verdict`), the very functions the
+  app's middleware runs, on the same header values. Anything else (a
   partial head, pipelined requests in one read, another route, a request the front door
   refuses, a malformed one) is left as it came: it goes the general way, through h11 and
   the app, which answers it as it answers every request (400 for what h11 cannot parse,
@@ -34,11 +36,11 @@ left in h11's buffer):
 * **Keep-alive and pipelining.** The connection stays open after the answer, as h11's
   would; bytes that arrive while a poll waits (a pipelined request) are kept, reading is
   paused, and they are read once the answer is written, the general way or this one.
-* **The same front door, re-implemented.** This path checks what chatlib.app's middleware
-  (chatlib.guard.Guard, chatlib.auth.TokenGate) checks, and runs what its
-  ``/api/messages`` route runs, without running them. So it answers only for the app
+* **Only for chatlib's app.** This path runs the checks of chatlib.app's middleware
+  (Guard, TokenGate) and what its ``/api/messages`` route runs, without running the
+  middleware and the route themselves. So it answers only for the app
   :func:`chatlib.app.create_app` makes: :meth:`PollPath.of` gives no path for any other
-  app (another middleware stack, another endpoint for the route, another ASGI app), and
+  app (another front door, another endpoint for the route, another ASGI app), and
   everything goes the general way. A new middleware must be added here too, or it turns
   this path off.
 * **The edge bounds hold**: the head is complete in the read that carried it, so it has no
@@ -60,9 +62,10 @@ from starlette.requests import Request
 from starlette.routing import Match
 
 from .app import ChatApp
-from .auth import GRANT, TokenGate, cookie_name
-from .guard import Guard, HostPolicy
+from .auth import GRANT, Pass, TokenGate
+from .guard import GUARDED, Guard, HostPolicy
 from .polling import POLL_HEADERS, Messages, poll
+from .web import latin1
 
 PATH = b"/api/messages"
 
@@ -119,6 +122,7 @@ class PollPath:
         if path not in self.paths:
             return None
         headers = []
+        guarded = {}  # what Guard.verdict reads: the first of each
         hosts = lengths = 0
         for line in lines[1:]:
             header = _HEADER_LINE.fullmatch(line)
@@ -127,27 +131,34 @@ class PollPath:
             name, value = header[1].lower(), header[2]
             if name in _GENERAL_WAY or (name == b"connection" and value.lower() != b"keep-alive"):
                 return None
-            hosts += name == b"host"
-            if name == b"content-length":
+            if name in GUARDED:
+                hosts += name == b"host"
+                guarded.setdefault(name, value)
+            elif name == b"content-length":
                 lengths += 1
                 if value != b"0":
                     return None
             headers.append((name, value))
         if hosts != 1 or lengths > 1:
             return None
+        if self.guard.verdict(
+                "GET", guarded[b"host"].decode("latin-1"), latin1(guarded.get(b"origin")),
+                forwarded_host=latin1(guarded.get(b"x-forwarded-host")),
+                content_type=latin1(guarded.get(b"content-type")), scheme=scheme) is not None:
+            return None  # the general way refuses it
         scope = {"type": "http", "http_version": "1.1", "method": "GET", "scheme": scheme,
                  "server": server, "client": client, "root_path": "",
                  "path": path.decode("ascii"), "raw_path": path, "query_string": query,
                  "headers": headers, "app": self.app}
-        if self.guard.check(scope) is not None:
-            return None
         if self.gate is not None:
-            source, value = self.gate.presented_value(
-                scope, cookie_name(server[1] if server else 0))
-            if source is None:
-                return None
-            if value is not None:
-                scope[GRANT] = self.gate.grant(value)
+            last = dict(headers)  # what TokenGate.verdict reads: the last of each
+            verdict = self.gate.verdict(
+                latin1(last.get(b"authorization")), query.decode("latin-1"),
+                latin1(last.get(b"cookie")), server[1] if server else 0)
+            if not isinstance(verdict, Pass):
+                return None  # the general way refuses it
+            if verdict.grant is not None:
+                scope[GRANT] = verdict.grant
         return scope
 
     async def answer(self, scope, default_headers) -> tuple[bytes, bool]:

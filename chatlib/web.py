@@ -7,6 +7,8 @@ with its status code, for that request only.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -31,6 +33,11 @@ async def read_json(request: Request, limits: Limits) -> dict:
     return json_object(bytes(body))
 
 
+def latin1(value: bytes | None) -> str | None:
+    """A header's value as a str (ASGI headers are bytes), None for an absent header."""
+    return None if value is None else value.decode("latin-1")
+
+
 def address(scope) -> str:
     """The client's IP address, "" if the server does not know it (an ASGI scope's ``client``)."""
     client = scope.get("client")
@@ -42,6 +49,15 @@ class JSONBody(JSONResponse):
 
     def render(self, content) -> bytes:
         return wire.dumps(content).encode()
+
+
+class Refusal(NamedTuple):
+    """A request refused before any route (chatlib.guard, chatlib.auth): its ``status``,
+    ``{"error": error}`` and the extra ``headers`` that answer it (:func:`refuse`)."""
+
+    status: int
+    error: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
 
 async def refuse(kind: str, send, status: int, error: str,

@@ -101,7 +101,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from . import quicpath, wire
-from .auth import GRANT, Grant, TokenGate, cookie_name
+from .auth import GRANT, Grant, Pass, TokenGate
 from .closecode import BUSY, CloseCode, close_reason
 from .guard import Guard
 from .hub import Batch, Hub, Resume
@@ -111,7 +111,7 @@ from .rooms import Rooms
 from .store import StoreUnavailable
 from .stuck import StuckWatch
 from .validation import ChatError, room_name
-from .web import JSONBody
+from .web import JSONBody, latin1
 from .ws import STORE_DOWN, Member, handle_frame
 
 log = logging.getLogger("chatlib")
@@ -789,18 +789,20 @@ class WebTransportServer:
             return 429, "one session per connection"
         if self.hub.closing.is_set():
             return 503, "server is stopping"
-        scope = {"type": "websocket", "scheme": "https", "query_string": query,
-                 "headers": [(b"host", headers.get(b":authority", b""))] + [
-                     (name, value) for name, value in headers.items()
-                     if name in (b"origin", b"authorization", b"cookie")]}
-        refusal = self.guard.check(scope)
+
+        # The front door's checks (chatlib.guard, chatlib.auth), as for a WebSocket handshake.
+        refusal = self.guard.verdict("CONNECT", latin1(headers.get(b":authority", b"")),
+                                     latin1(headers.get(b"origin")), scheme="https",
+                                     handshake=True)
         if refusal is not None:
-            return refusal
+            return refusal.status, refusal.error
         self.granted = None
         if self.token_gate is not None:
-            source, value = self.token_gate.presented_value(scope, cookie_name(self.port))
-            if source is not None:
-                self.granted = None if value is None else self.token_gate.grant(value)
+            verdict = self.token_gate.verdict(latin1(headers.get(b"authorization")),
+                                              query.decode("latin-1"),
+                                              latin1(headers.get(b"cookie")), self.port)
+            if isinstance(verdict, Pass):
+                self.granted = verdict.grant
             else:
                 tickets = [v for k, v in parse_qsl(query.decode("latin-1")) if k == "ticket"]
                 for ticket in tickets:

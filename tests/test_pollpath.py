@@ -428,3 +428,55 @@ async def test_an_error_handler_gets_the_request(server, connections, taken):
     status, headers, _ = await connection.response()
     assert (status, headers["x-path"]) == (400, "/api/messages")
     assert taken == [b"after=x"]
+
+
+FRONT_DOOR_CASES = {  # request lines beyond the request line -> the expected status
+    None: [
+        (["Host: evil.example:{port}"], 403),  # DNS rebinding: chatlib.guard
+        (["Host: 127.0.0.1:{port}", "Origin: http://evil.example"], 200),  # a GET's Origin
+        (["Host: 127.0.0.1:{port}"], 200),
+    ],
+    "s3cret": [
+        (["Host: 127.0.0.1:{port}"], 401),  # no token: chatlib.auth
+        (["Host: 127.0.0.1:{port}", "Authorization: Bearer nope"], 401),
+        (["Host: 127.0.0.1:{port}", "Cookie: chatlib-token-{port}=nope"], 401),
+        (["Host: 127.0.0.1:{port}", "Cookie: chatlib-token-1=s3cret"], 401),  # another port's
+        (["Host: 127.0.0.1:{port}", "Authorization: Bearer s3cret",
+          "Authorization: Bearer nope"], 401),  # the last of a repeated header counts
+        (["Host: evil.example:{port}", "Authorization: Bearer s3cret"], 403),
+        (["Host: 127.0.0.1:{port}", "Authorization: Bearer nope",
+          "Authorization: Bearer s3cret"], 200),
+        (["Host: 127.0.0.1:{port}", "Cookie: a=b; chatlib-token-{port}=s3cret"], 200),
+        (["Host: 127.0.0.1:{port}", "Origin: http://evil.example",
+          "Authorization: Bearer s3cret"], 200),
+    ],
+}
+
+
+@pytest.mark.parametrize("token", FRONT_DOOR_CASES)
+async def test_the_front_doors_answers_are_the_same_on_both_paths(start_chat, connections,
+                                                                   taken, token):
+    """The poll path runs the checks of the app's middleware (Guard.verdict,
+    TokenGate.verdict) and takes only what they let in: every request the front door
+    refuses (bad Host, missing or bad token; a GET's Origin is not checked) gets the
+    general path's answer, header for header, on a server with the poll path and one
+    without, and what it lets in is the poll path's. A change to either path's check alone
+    makes the answers, or what the poll path took, differ."""
+    fast = await start_chat(token=token)
+    general = await start_chat(token=token, forwarded_allow_ips="127.0.0.2")
+    cases = FRONT_DOOR_CASES[token]
+    answers = []
+    for server in (fast, general):
+        for case, (lines, _) in enumerate(cases):
+            connection = await connections(server.port)
+            connection.send(f"GET /api/messages?after=0&case={case} HTTP/1.1\r\n"
+                            + "".join(line.format(port=server.port) + "\r\n" for line in lines)
+                            + "\r\n")
+            status, headers, body = await connection.response()
+            headers.pop("date")
+            assert int(headers.pop("content-length")) == len(body)
+            answers.append((status, headers, body.replace(b"%d" % server.port, b"PORT")))
+    assert answers[:len(cases)] == answers[len(cases):]
+    assert [status for status, _, _ in answers[:len(cases)]] == [status for _, status in cases]
+    assert taken == [f"after=0&case={case}".encode()
+                     for case, (_, status) in enumerate(cases) if status == 200]
