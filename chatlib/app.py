@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Match, Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import wire
@@ -200,9 +200,25 @@ async def http_error(request: Request, exc: HTTPException) -> Response:
     return JSONBody({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
+MESSAGES_PATH = "/api/messages"
+"""Where chatlib.polling.Messages is (:attr:`ChatApp.messages`)."""
+
+
 class ChatApp(Starlette):
-    """Starlette, with the server's own ASGI ``send`` kept in the scope, and fewer layers
-    above a WebSocket's endpoint.
+    """Starlette, with the server's own ASGI ``send`` kept in the scope, fewer layers above
+    a WebSocket's endpoint, and what chatlib's other paths need to know kept as its own.
+
+    ``ChatApp(routes, messages=..., websockets=..., front_door=..., exception_handlers=...)``:
+
+    * ``routes``: the HTTP routes, which Starlette routes (and answers errors of);
+    * ``messages``: the ``/api/messages`` endpoint (chatlib.polling.Messages), routed by
+      Starlette too; chatlib.pollpath answers its plain long polls itself;
+    * ``websockets``: the endpoint of each WebSocket path, which this class routes itself
+      (see below);
+    * ``front_door``: the ASGI middleware every request and handshake goes through, as
+      ``(class, options)`` pairs: chatlib.guard.Guard, then chatlib.auth.TokenGate in
+      token mode. Kept as given (:attr:`front_door`): chatlib.pollpath runs the checks of
+      this front door only, and its WebSocket stack is built from it.
 
     Between an endpoint and the server's ``send`` Starlette has exception-handling
     wrappers that only matter for HTTP (and a ``Response`` or ``WebSocket`` layer on top).
@@ -213,14 +229,23 @@ class ChatApp(Starlette):
     A WebSocket's ASGI call lasts as long as its connection, and so does every coroutine
     between the server and its endpoint: an idle connection held eight of Starlette's
     (the app, the error and exception middleware with its wrapper and closures, the
-    router twice, the route). A WebSocket handshake goes through the app's own middleware
-    (chatlib.guard, chatlib.auth: the same instances' checks) to :class:`WebSocketRoutes`
-    instead. Starlette's error middleware only handles HTTP, and its exception handlers
-    answer HTTP requests; an endpoint that raises is handled by the server (1011, or a
-    500 before the handshake), as it was.
+    router twice, the route). A WebSocket handshake goes through the front door (the
+    same classes and options as HTTP's) to :meth:`route_websocket` instead. Starlette's
+    error middleware only handles HTTP, and its exception handlers answer HTTP requests;
+    an endpoint that raises is handled by the server (1011, or a 500 before the
+    handshake), as it was.
     """
 
-    websocket_stack = None
+    def __init__(self, routes, *, messages, websockets, front_door, exception_handlers) -> None:
+        self.messages = messages
+        self.websockets = dict(websockets)
+        self.front_door = tuple(front_door)
+        self.websocket_stack = None
+        super().__init__(
+            routes=[Route(MESSAGES_PATH, messages, methods=["GET", "POST"]), *routes],
+            exception_handlers=exception_handlers,
+            # Starlette's documented way to add middleware: Middleware(cls, **options).
+            middleware=[Middleware(cls, **options) for cls, options in self.front_door])
 
     async def __call__(self, scope, receive, send) -> None:
         scope[RAW_SEND] = send
@@ -229,41 +254,38 @@ class ChatApp(Starlette):
             return
         scope["app"] = self
         if self.websocket_stack is None:
-            routes = [route for route in self.routes if isinstance(route, WebSocketRoute)]
-            stack = WebSocketRoutes(routes, self.router)
-            for cls, args, kwargs in reversed(self.user_middleware):
-                stack = cls(stack, *args, **kwargs)
+            stack = self.route_websocket
+            for cls, options in reversed(self.front_door):
+                stack = cls(stack, **options)
             self.websocket_stack = stack
         await self.websocket_stack(scope, receive, send)
 
+    def route_websocket(self, scope, receive, send):
+        """ASGI, behind the front door: a WebSocket handshake goes straight to the endpoint
+        of its path (below ``root_path``: TokenGate serves every route under the page's
+        path too), and one to any other path is refused (ASGI: a close before the accept
+        is answered 403).
 
-class WebSocketRoutes:
-    """ASGI: a WebSocket whose path one of ``routes`` matches goes straight to the
-    route's app; anything else to ``app`` (the router: it refuses the handshake, 403).
-
-    ``__call__`` is not a coroutine function: it returns the route's coroutine, which the
-    caller awaits, so no frame of its own stays for the connection's life. The endpoint
-    is not given ``path_params`` (``/ws`` has none)."""
-
-    def __init__(self, routes: list[WebSocketRoute], app) -> None:
-        self.routes, self.app = routes, app
-
-    def __call__(self, scope, receive, send):
-        for route in self.routes:
-            if route.matches(scope)[0] is Match.FULL:
-                return route.app(scope, receive, send)
-        return self.app(scope, receive, send)
+        Not a coroutine function: it returns the endpoint's coroutine, which the caller
+        awaits, so no frame of its own stays for the connection's life. The endpoint is
+        not given ``path_params`` (``/ws`` has none)."""
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root + "/"):
+            path = path[len(root):]
+        endpoint = self.websockets.get(path)
+        if endpoint is None:
+            return send({"type": "websocket.close"})
+        return endpoint(scope, receive, send)
 
 
 def create_app(hub: Hub, hosts: HostPolicy | None = None,
-               token: str | None = None, user_secret: str | None = None) -> Starlette:
+               token: str | None = None, user_secret: str | None = None) -> ChatApp:
     """The chat app for ``hub``; ``hosts`` is the Host allowlist (chatlib.guard); with a
     ``token`` every request needs it, or a user token signed with ``user_secret``
     (chatlib.auth)."""
     routes = [
         Route("/", index),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-        Route("/api/messages", Messages(), methods=["GET", "POST"]),  # chatlib.polling
         Route("/api/typing", typing, methods=["POST"]),
         Route("/api/events", events),  # chatlib.sse
         Route("/api/presence", presence, methods=["GET", "POST"]),
@@ -271,15 +293,17 @@ def create_app(hub: Hub, hosts: HostPolicy | None = None,
         Route("/api/webtransport", webtransport_info),  # chatlib.webtransport
         Route("/api/stats", stats),
         Route("/api/rooms", room_list),
-        WebSocketRoute("/ws", websocket),  # chatlib.ws: a raw ASGI endpoint
     ]
+    front_door = [(Guard, {"limits": hub.limits, "hosts": hosts})]
+    if token:
+        front_door.append((TokenGate, {"token": token, "user_secret": user_secret}))
     app = ChatApp(
-        routes=routes,
+        routes,
+        messages=Messages(),  # MESSAGES_PATH, GET and POST: chatlib.polling
+        websockets={"/ws": websocket},  # chatlib.ws: a raw ASGI endpoint
+        front_door=front_door,
         exception_handlers={ChatError: chat_error, HTTPException: http_error,
                             StoreUnavailable: store_unavailable},
-        middleware=[Middleware(Guard, limits=hub.limits, hosts=hosts),
-                    *([Middleware(TokenGate, token=token, user_secret=user_secret)]
-                      if token else [])],
     )
     app.state.hub = hub
     app.state.rooms = Rooms.of(hub)  # the server made it (private rooms); else open rooms

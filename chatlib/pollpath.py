@@ -59,15 +59,14 @@ import re
 from http import HTTPStatus
 
 from starlette.requests import Request
-from starlette.routing import Match
 
-from .app import ChatApp
+from .app import MESSAGES_PATH, ChatApp
 from .auth import GRANT, Pass, TokenGate
-from .guard import GUARDED, Guard, HostPolicy
+from .guard import GUARDED, Guard
 from .polling import POLL_HEADERS, Messages, poll
 from .web import latin1
 
-PATH = b"/api/messages"
+PATH = MESSAGES_PATH.encode()
 
 _REQUEST_LINE = re.compile(rb"GET (/[\x21-\x7e]*) HTTP/1\.1")
 # h11's grammar (RFC 9110 5.1, 5.5): a token, a colon, optional whitespace, a value of
@@ -83,25 +82,25 @@ _GENERAL_WAY = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 class PollPath:
     """``GET /api/messages`` for one app (see the module docstring)."""
 
-    def __init__(self, app, hosts: HostPolicy | None, token: str | None = None,
-                 user_secret: str | None = None, max_head: int = 16384) -> None:
+    def __init__(self, app: ChatApp, max_head: int = 16384) -> None:
         self.app = app
         self.state = app.state
         self.handlers = app.exception_handlers
-        self.guard = Guard(None, app.state.hub.limits, hosts)
-        self.gate = TokenGate(None, token, user_secret) if token else None
+        options = dict(app.front_door)  # the app's own checks, with its options
+        self.guard = Guard(None, **options[Guard])
+        self.gate = TokenGate(None, **options[TokenGate]) if TokenGate in options else None
         self.paths = {PATH} | ({self.gate.page.encode() + PATH} if self.gate else set())
         self.max_head = max_head
         self._last = (None, None, b"")  # the last 200: its default headers, body, bytes
 
     @classmethod
-    def of(cls, app, hosts: HostPolicy | None, token: str | None = None,
-           user_secret: str | None = None) -> PollPath | None:
+    def of(cls, app) -> PollPath | None:
         """The poll path for ``app`` if it is chatlib's app as chatlib.app.create_app makes
-        it (this path re-implements its front door: the module docstring); else None, and
-        every request goes the general way."""
-        if fronts(app, token):
-            return cls(app, hosts, token, user_secret)
+        it (this path runs its front door's checks and its route's poll, without the
+        middleware and the route: the module docstring); else None, and every request goes
+        the general way."""
+        if fronts(app):
+            return cls(app)
         logging.getLogger("chatlib").info(
             "GET /api/messages goes the general way: not the app this path answers for")
         return None
@@ -191,17 +190,12 @@ class PollPath:
         return data
 
 
-def fronts(app, token: str | None) -> bool:
-    """Whether ``app`` is chatlib's app with the front door this path re-implements: its
-    middleware is Guard (then TokenGate, with a ``token``) and nothing else, and a
-    ``GET /api/messages`` is routed to chatlib.polling.Messages."""
-    if type(app) is not ChatApp:
-        return False
-    if [m.cls for m in app.user_middleware] != [Guard] + ([TokenGate] if token else []):
-        return False
-    scope = {"type": "http", "method": "GET", "path": PATH.decode(), "root_path": ""}
-    route = next((r for r in app.routes if r.matches(scope)[0] is not Match.NONE), None)
-    return route is not None and isinstance(getattr(route, "endpoint", None), Messages)
+def fronts(app) -> bool:
+    """Whether ``app`` is chatlib's app with the front door whose checks this path runs:
+    Guard, then TokenGate or nothing (chatlib.app.ChatApp.front_door), and with
+    chatlib.polling.Messages at ``/api/messages``."""
+    return (type(app) is ChatApp and isinstance(app.messages, Messages)
+            and [cls for cls, _ in app.front_door] in ([Guard], [Guard, TokenGate]))
 
 
 def response(status: int, headers, body: bytes, default_headers) -> bytes:

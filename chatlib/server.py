@@ -307,7 +307,7 @@ class ChatServer:
             # h11 (pure Python) pinned, not "auto": httptools is not a dependency, and the
             # header timeout, body budget and lingering close are written for h11.
             http=protocols.http_protocol(
-                self.limits, PollPath.of(app, hosts, self.token, self.user_secret)),
+                self.limits, PollPath.of(app)),
             ws=protocols.websocket_protocol(),  # websockets-sansio, closing without a reset
             # permessage-deflate roughly doubles memory per connection for ~100-byte chat
             # messages that barely compress: off by default (see bench/README.md).

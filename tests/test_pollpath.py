@@ -25,7 +25,7 @@ HEAD = "GET /api/messages?after=0 HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
 @pytest.fixture
 def path() -> PollPath:
     hub = Hub(MemoryLog(), Limits())
-    return PollPath(create_app(hub), None)
+    return PollPath(create_app(hub))
 
 
 def take(path: PollPath, data: str) -> dict | None:
@@ -75,7 +75,7 @@ def test_anything_else_goes_the_general_way(path, data):
 
 def test_token_mode_takes_only_what_carries_the_token():
     hub = Hub(MemoryLog(), Limits())
-    path = PollPath(create_app(hub, token="s3cret"), None, "s3cret")
+    path = PollPath(create_app(hub, token="s3cret"))
     assert take(path, HEAD + "\r\n") is None  # 401 is the general path's
     assert take(path, HEAD + "Authorization: Bearer nope\r\n\r\n") is None
     assert take(path, HEAD + "Authorization: Bearer s3cret\r\n\r\n") is not None
@@ -85,30 +85,31 @@ def test_token_mode_takes_only_what_carries_the_token():
 
 
 def test_only_chatlibs_app_gets_a_poll_path():
-    """This path re-implements the app's front door: for any other app (another ASGI app,
-    another middleware, another endpoint for the route) every request goes the general
-    way."""
-    from starlette.middleware import Middleware
-    from starlette.routing import Route
-
+    """This path runs the checks of the app's front door and its route's poll without
+    them: for any other app (another ASGI app, another front door, another endpoint for
+    the route) every request goes the general way."""
     from chatlib.app import ChatApp
+    from chatlib.auth import TokenGate
     from chatlib.guard import Guard
+    from chatlib.polling import Messages
 
     hub = Hub(MemoryLog(), Limits())
-    assert PollPath.of(create_app(hub), None) is not None
-    assert PollPath.of(create_app(hub, token="s3cret"), None, "s3cret") is not None
+    assert PollPath.of(create_app(hub)) is not None
+    assert PollPath.of(create_app(hub, token="s3cret")) is not None
 
     async def bare(scope, receive, send):
         pass
 
-    assert PollPath.of(bare, None) is None
-    assert PollPath.of(create_app(hub), None, "s3cret") is None  # no TokenGate
-    extra = create_app(hub)
-    extra.user_middleware.append(Middleware(Guard, limits=hub.limits))
-    assert PollPath.of(extra, None) is None
-    other = ChatApp(routes=[Route("/api/messages", bare)],
-                    middleware=[Middleware(Guard, limits=hub.limits)])
-    assert PollPath.of(other, None) is None
+    def app(messages, *front_door):
+        return ChatApp([], messages=messages, websockets={}, front_door=front_door,
+                       exception_handlers={})
+
+    guard = (Guard, {"limits": hub.limits})
+    assert PollPath.of(app(Messages(), guard)) is not None
+    assert PollPath.of(bare) is None
+    assert PollPath.of(app(Messages(), guard, guard)) is None
+    assert PollPath.of(app(Messages(), (TokenGate, {"token": "s3cret"}))) is None
+    assert PollPath.of(app(bare, guard)) is None
 
 
 # -- on a live server -----------------------------------------------------------------------

@@ -60,6 +60,20 @@ async def test_a_websocket_elsewhere_than_ws_is_refused(server):
     assert (await handshake(server.port, "/ws/more"))[0] == 403
 
 
+async def test_in_token_mode_ws_is_also_under_the_page_path(start_chat):
+    """TokenGate serves every route under the page's path too (its ``root_path``): the
+    app routes a handshake by the path below it."""
+    from chatlib.auth import page_path
+
+    server = await start_chat(token="s3cret")
+    page, bearer = page_path("s3cret"), {"authorization": "Bearer s3cret"}
+    assert (await handshake(server.port, "/ws", **bearer))[0] == 101
+    assert (await handshake(server.port, page + "/ws", **bearer))[0] == 101
+    assert (await handshake(server.port, page + "/ws/more", **bearer))[0] == 403
+    assert (await handshake(server.port, page + "ws", **bearer))[0] == 403
+    assert (await handshake(server.port, page + "/ws"))[0] == 401
+
+
 async def test_a_stopping_server_answers_503(server):
     server.hub.closing.set()
     try:
