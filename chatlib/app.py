@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -218,7 +219,9 @@ class ChatApp(Starlette):
     * ``front_door``: the ASGI middleware every request and handshake goes through, as
       ``(class, options)`` pairs: chatlib.guard.Guard, then chatlib.auth.TokenGate in
       token mode. Kept as given (:attr:`front_door`): chatlib.pollpath runs the checks of
-      this front door only, and its WebSocket stack is built from it.
+      this front door only, and its WebSocket stack is built from it;
+    * ``exception_handlers``: the error answers, by exception class (Starlette's); kept,
+      read-only, as :attr:`error_handlers`, which chatlib.pollpath answers with too.
 
     Between an endpoint and the server's ``send`` Starlette has exception-handling
     wrappers that only matter for HTTP (and a ``Response`` or ``WebSocket`` layer on top).
@@ -240,10 +243,11 @@ class ChatApp(Starlette):
         self.messages = messages
         self.websockets = dict(websockets)
         self.front_door = tuple(front_door)
+        self.error_handlers = MappingProxyType(dict(exception_handlers))
         self.websocket_stack = None
         super().__init__(
             routes=[Route(MESSAGES_PATH, messages, methods=["GET", "POST"]), *routes],
-            exception_handlers=exception_handlers,
+            exception_handlers=self.error_handlers,
             # Starlette's documented way to add middleware: Middleware(cls, **options).
             middleware=[Middleware(cls, **options) for cls, options in self.front_door])
 

@@ -85,7 +85,7 @@ class PollPath:
     def __init__(self, app: ChatApp, max_head: int = 16384) -> None:
         self.app = app
         self.state = app.state
-        self.handlers = app.exception_handlers
+        self.handlers = app.error_handlers
         options = dict(app.front_door)  # the app's own checks, with its options
         self.guard = Guard(None, **options[Guard])
         self.gate = TokenGate(None, **options[TokenGate]) if TokenGate in options else None

@@ -16,7 +16,6 @@ from chatlib.auth import page_path
 from chatlib.hub import Hub
 from chatlib.pollpath import PollPath
 from chatlib.store import MemoryLog
-from chatlib.validation import ChatError
 
 T = 10.0  # hang guard for one exchange
 HEAD = "GET /api/messages?after=0 HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"
@@ -413,17 +412,20 @@ async def test_a_poll_running_when_the_server_stops_is_answered_then_closed(
         await asyncio.wait_for(stopping, T)
 
 
-async def test_an_error_handler_gets_the_request(server, connections, taken):
+async def test_an_error_handler_gets_the_request(start_chat, connections, taken,
+                                                monkeypatch):
     """The app's exception handlers are called as the app calls them: with the request."""
-    handlers = server._app.exception_handlers
-    chat_error = handlers[ChatError]
+    import chatlib.app
+
+    chat_error = chatlib.app.chat_error
 
     async def with_path(request, exc):
         refusal = await chat_error(request, exc)
         refusal.headers["x-path"] = request.url.path
         return refusal
 
-    handlers[ChatError] = with_path
+    monkeypatch.setattr(chatlib.app, "chat_error", with_path)  # before create_app reads it
+    server = await start_chat()
     connection = await connections(server.port)
     connection.send(poll(server.port, "after=x"))
     status, headers, _ = await connection.response()
