@@ -64,6 +64,7 @@ import secrets
 import time
 import unicodedata
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 from .web import Refusal, latin1, refuse
@@ -176,8 +177,7 @@ def page_link(base: str, token: str | None) -> str:
     return f"{base}{page_path(token)[1:]}/?token={token}" if token else base
 
 
-@dataclass(frozen=True)
-class Pass:
+class Pass(NamedTuple):
     """A request that carries a valid token (:meth:`TokenGate.verdict`)."""
 
     source: str
