@@ -187,6 +187,7 @@ class Hub:
         self._published = 0  # every message up to this id has been fanned out
         self._fanning: deque[tuple[list[Subscriber], Batch]] = deque()  # see _fan_out
         self._fanned = 0  # subscribers of _fanning[0] done (of each fan-out of the group)
+        self._live = 0  # fan-outs in _fanning that carry a message (see _live_first)
         self._group: Batch | None = None  # the items of _fanning's first fan-outs, together
         self._group_size = 0  # how many fan-outs _group holds
         self._roster = 0  # changes of _subscribers (subscribe, unsubscribe)
@@ -308,12 +309,13 @@ class Hub:
         delivery to the others wait behind more than one page. With the client's
         ``address`` (a replay to a client, not the hub's own catch-up), pages come in
         slices of at most :data:`~chatlib.limits.REPLAY_SLICE` messages, and before each
-        slice the replay lets the fan-outs going out end first (:meth:`_live_first`): a
-        live message waits behind one slice, not a page, nor a storm of pages; and every
-        page after the first also takes a token of that address's replay budget
-        (``limits.replay_rate``), waiting for one when it is spent.
+        slice the replay lets the fan-outs of messages going out end first
+        (:meth:`_live_first`): a live message waits behind one slice, not a page, nor a
+        storm of pages; and every page after the first also takes a token of that
+        address's replay budget (``limits.replay_rate``), waiting for one when it is spent.
         """
         size = self.limits.history
+        first_cursor = cursor
         for _ in range(1 << 62):  # ends at the log's end; every page moves the cursor on
             page = await self.log.after(cursor, size)
             if not page:
@@ -322,7 +324,7 @@ class Hub:
                 yield page
             else:
                 for start in range(0, len(page), REPLAY_SLICE):
-                    await self._live_first()
+                    await self._live_first(first=start == 0 and cursor == first_cursor)
                     yield page[start:start + REPLAY_SLICE]
             cursor = page[-1].id
             if len(page) < size:
@@ -337,12 +339,19 @@ class Hub:
                         return
                     await asyncio.sleep(min(1 / max(self.limits.replay_rate, 1e-3), 0.25))
 
-    async def _live_first(self) -> None:
-        """Let the event loop run one step, then more until no fan-out is going out in
-        slices, :data:`~chatlib.limits.LIVE_FIRST_STEPS` steps at most."""
+    async def _live_first(self, first: bool = False) -> None:
+        """Let the event loop run one step, then more until no fan-out of a message is
+        going out in slices, :data:`~chatlib.limits.LIVE_FIRST_STEPS` steps at most.
+
+        Only messages go first: a replay does not wait for events (presence, typing, a
+        client's ack), which go to other clients. A replay's ``first`` slice with no
+        message going out does not wait at all: a client that joins is sent its history
+        in the step that started its writer."""
+        if first and not self._live:
+            return
         for _ in range(LIVE_FIRST_STEPS):  # bounded: a replay moves on even in a busy room
             await asyncio.sleep(0)
-            if not self._fanning:
+            if not self._live:
                 return
 
     async def resolve_cursor(self, after: int) -> Resume:
@@ -422,6 +431,8 @@ class Hub:
             snapshot = list(subscribers)
             self._snapshot = (subscribers, self._roster, snapshot)
         self._fanning.append((snapshot, batch))
+        if batch.first_id:
+            self._live += 1
         if len(self._fanning) == 1:  # else a step is already scheduled
             self._fan_out_step()
 
@@ -456,7 +467,8 @@ class Hub:
             budget -= len(chunk) * size
             if start + len(chunk) >= len(subscribers):
                 for _ in range(size):
-                    self._fanning.popleft()
+                    if self._fanning.popleft()[1].first_id:
+                        self._live -= 1
                 self._fanned = 0
             else:
                 self._fanned = start + len(chunk)
@@ -525,6 +537,6 @@ class Hub:
             task.cancel()
         self.presence.close()
         self._fanning.clear()
-        self._fanned = 0
+        self._fanned = self._live = 0
         for subscriber in self.subscribers:
             subscriber.close(code)

@@ -83,3 +83,31 @@ async def test_a_replay_waits_a_bounded_number_of_loop_steps(monkeypatch):
     assert hub.fanning_out, "a busy room does not hold a replay back for ever"
     await replay.aclose()
     hub.close()
+
+
+async def test_a_replay_does_not_wait_for_events_going_out(monkeypatch):
+    monkeypatch.setattr(hub_module, "FANOUT_SLICE", 3)
+    hub = await filled_hub(10)
+    for _ in range(12):
+        hub.subscribe(Outbox(WEBSOCKET, ""))
+    hub.typing("someone")  # an event to all 12: 4 slices, no message among them
+    assert hub.fanning_out
+    replay = hub.history(0, CLIENT)
+    await anext(replay)
+    assert hub.fanning_out, "the replay waited for an event that is not a message"
+    await replay.aclose()
+    hub.close()
+
+
+async def test_a_replays_first_slice_comes_in_the_same_step_when_nothing_is_live():
+    hub = await filled_hub(2 * REPLAY_SLICE)
+    ran = []
+    asyncio.get_running_loop().call_soon(ran.append, True)
+    replay = hub.history(0, CLIENT)
+    first = await anext(replay)
+    assert len(first) == REPLAY_SLICE
+    assert not ran, "the first slice waited for a loop step with nothing to let go first"
+    await anext(replay)
+    assert ran, "the next slice lets the loop run"
+    await replay.aclose()
+    hub.close()
