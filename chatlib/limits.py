@@ -162,6 +162,11 @@ class Limits:
     """At most one presence broadcast per this many seconds: when a classroom joins at once,
     N joins would otherwise send N presence lists to up to N clients (N² frames; bench/
     README.md, "Join storm")."""
+    presence_audience: int = 250
+    """Push clients one ``presence_interval`` is for: with N more, broadcasts are at least
+    ``presence_interval × N / presence_audience`` seconds apart. A broadcast is one write
+    per client, so presence costs at most ~``presence_audience / presence_interval``
+    writes a second (1,000 by default) however many listen. 0: no such bound."""
     hello_timeout: float = 10.0
     """Seconds a new WebSocket has to say hello before it is closed."""
     max_rooms: int = MAX_ROOMS

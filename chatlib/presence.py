@@ -11,7 +11,8 @@ Three kinds of users are here:
   :meth:`Presence.set_elsewhere`).
 
 A change is told to everyone as one ``presence`` event (``{"users": [...], "count": N}``),
-at most every ``presence_interval`` seconds: the changes in between go out together. The
+at most every ``presence_interval`` seconds (longer with many push clients:
+:meth:`Presence.interval`): the changes in between go out together. The
 event goes out through the function :class:`Presence` is given (the hub's broadcast, which
 fans it out to every push client); pull clients ask ``GET /api/presence``
 (:meth:`Presence.event`).
@@ -34,6 +35,7 @@ class Presence:
         self.limits = limits
         self._broadcast = broadcast  # (event name, data) to every push client
         self._connected: Counter[str] = Counter()  # WebSocket and SSE users
+        self._push = 0  # push clients with a nickname (the sum of _connected)
         self._polled: dict[str, tuple[float, str]] = {}  # HTTP user -> (last seen, address)
         self._polled_per_address: Counter[str] = Counter()
         self._new_names = RateLimits(limits.new_names_rate, limits.new_names_burst)
@@ -55,11 +57,13 @@ class Presence:
     def connected(self, user: str) -> None:
         """A push client named ``user`` subscribed."""
         self._connected[user] += 1
+        self._push += 1
         self.changed()
 
     def disconnected(self, user: str) -> None:
         """A push client named ``user`` unsubscribed."""
         self._connected[user] -= 1
+        self._push -= 1
         if self._connected[user] <= 0:
             del self._connected[user]
         self.changed()
@@ -152,18 +156,28 @@ class Presence:
     def changed(self) -> None:
         """Tell everyone who is here, if that changed: now, or with the next broadcast.
 
-        Broadcasts are at least ``presence_interval`` apart; changes in between are told
+        Broadcasts are at least :meth:`interval` apart; changes in between are told
         together when it has passed. (The server also calls this every few seconds, for
         HTTP users whose ``presence_ttl`` ran out.)
         """
         if self._due is not None:
             return  # a broadcast is already scheduled: it will say what is true then
         loop = asyncio.get_running_loop()
-        wait = self._sent_at + self.limits.presence_interval - loop.time()
+        wait = self._sent_at + self.interval() - loop.time()
         if wait > 0:
             self._due = loop.call_later(wait, self._tell)
         else:
             self._tell()
+
+    def interval(self) -> float:
+        """Seconds from one broadcast to the next at least: ``presence_interval``, longer
+        in proportion with more than ``presence_audience`` push clients with a nickname
+        (chatlib.limits.Limits.presence_audience)."""
+        limits = self.limits
+        audience = limits.presence_audience
+        if audience <= 0 or self._push <= audience:
+            return limits.presence_interval
+        return limits.presence_interval * self._push / audience
 
     def _tell(self) -> None:
         self._due = None

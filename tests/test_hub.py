@@ -11,6 +11,7 @@ from chatlib import Limits, MemoryLog, Message, wire
 from chatlib import hub as hub_module
 from chatlib.hub import Hub, Resume
 from chatlib.outbox import Outbox
+from chatlib.presence import Presence
 from chatlib.wire import SSE, WEBSOCKET, SSEParser
 
 pytestmark = pytest.mark.timeout(60)
@@ -623,3 +624,28 @@ async def test_a_second_tab_of_a_present_user_is_told_who_is_here(hub):
     [(_, payload)] = await drain(second)
     assert json.loads(sse_fields(payload)["data"]) == {"users": ["ada"], "count": 1}
     assert await drain(first) == []
+
+
+async def test_presence_broadcasts_space_out_in_proportion_with_many_listeners():
+    loop = asyncio.get_running_loop()
+    told: list[tuple[float, int]] = []  # (loop time, count) of each broadcast
+    third = asyncio.Event()
+
+    def broadcast(event: str, data: dict) -> None:
+        told.append((loop.time(), data["count"]))
+        if len(told) == 3:
+            third.set()
+
+    presence = Presence(Limits(presence_interval=0.05, presence_audience=2), broadcast)
+    for k in range(8):  # told at once (1), then the other 7 together one interval later
+        presence.connected(f"user{k}")
+    assert presence.interval() == pytest.approx(0.05 * 8 / 2)
+    async with asyncio.timeout(5):
+        while len(told) < 2:  # bounded by the timeout
+            await asyncio.sleep(0.01)
+        presence.connected("user8")  # 9 listeners: 4.5 intervals after the last broadcast
+        await third.wait()
+    assert [count for _, count in told] == [1, 8, 9]
+    assert told[2][0] - told[1][0] >= 0.05 * 9 / 2 - 0.01
+    assert Presence(Limits(presence_interval=0.05, presence_audience=0), broadcast
+                    ).interval() == 0.05
