@@ -19,6 +19,7 @@ import sys
 import time
 
 import fanout
+import join_storm
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,6 +56,16 @@ def gc_line(r: dict) -> str:
             f"CPU, longest {gc['longest_cpu_ms']:.1f} ms CPU ({gc['longest_wall_ms']:.1f} wall)")
 
 
+def split_line(r: dict) -> str:
+    """--join-trace: the first history's p99, the server's part and the load's."""
+    sp = r.get("split")
+    if not sp:
+        return ""
+    return (f" | server p99 {sp['server_p99_ms']:.1f} (101 {sp['server_101_p99_ms']:.1f}, "
+            f"join {sp['server_join_p99_ms']:.1f}, mean {sp['server_join_mean_ms']:.2f}) "
+            f"load p99 {sp['load_p99_ms']:.1f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stacks", nargs="+", help="chatlib checkout directories, or 'baseline'")
@@ -69,6 +80,9 @@ def main() -> None:
     p.add_argument("--port", type=int, default=19100)
     p.add_argument("--gc-stats", action="store_true",
                    help="record the server's cyclic-GC collections (bench/gcstats)")
+    p.add_argument("--join-trace", action="store_true",
+                   help="join: split each client's first history into the server's part and "
+                        "the load's (bench/gcstats/jointrace.py, join_storm.split)")
     p.add_argument("--jsonl", help="append every run's record (with its 'stack') to this file")
     a = p.parse_args()
     stacks = [s if s == "baseline" else os.path.abspath(s) for s in a.stacks]
@@ -82,20 +96,27 @@ def main() -> None:
         for where in stacks if rep % 2 == 0 else stacks[::-1]:
             port = fanout.free_port(port + 1)
             gc_file = f"/tmp/compare-gc-{os.getpid()}-{port}.jsonl"
+            trace = a.join_trace and a.transport == "join"
+            trace_file, clients_file = (f"/tmp/compare-{kind}-{os.getpid()}-{port}.json"
+                                        for kind in ("trace", "clients"))
             if a.gc_stats:  # for the server only: its environment is copied at start
                 os.environ["CHATLIB_GC_STATS"] = gc_file
+            if trace:
+                os.environ["CHATLIB_JOIN_TRACE"] = trace_file
+            if a.gc_stats or trace:
                 os.environ["PYTHONPATH"] = os.path.join(BENCH, "gcstats")
             try:
                 proc = start(where, port)
             finally:
-                os.environ.pop("CHATLIB_GC_STATS", None)
-                os.environ.pop("PYTHONPATH", None)
+                for name in ("CHATLIB_GC_STATS", "CHATLIB_JOIN_TRACE", "PYTHONPATH"):
+                    os.environ.pop(name, None)
             try:
                 time.sleep(0.3)
                 done = subprocess.run(
                     fanout.taskset(1) + [fanout.PY, *load, "--port", str(port),
                                          "-n", str(a.n), "--server-pid", str(proc.pid)]
-                    + ([] if a.transport == "join" else ["-m", str(a.m)]),
+                    + ([] if a.transport == "join" else ["-m", str(a.m)])
+                    + (["--clients", clients_file] if trace else []),
                     cwd=BENCH, capture_output=True, text=True, timeout=300)
             finally:
                 fanout.stop_server(proc)
@@ -107,6 +128,10 @@ def main() -> None:
                 with open(gc_file) as f:
                     r["gc"] = json.loads(f.read().splitlines()[-1])
                 os.unlink(gc_file)
+            if trace and os.path.exists(trace_file) and os.path.exists(clients_file):
+                r["split"] = join_storm.split(clients_file, trace_file)
+                os.unlink(trace_file)
+                os.unlink(clients_file)
             results[where].append(r)
             if a.jsonl:
                 with open(a.jsonl, "a") as f:
@@ -115,7 +140,7 @@ def main() -> None:
                 print(f"rep {rep} {where[-32:]:>32}: {r['connected']}/{r['N']} first history "
                       f"p50 {r['first_history_p50_ms']:.1f} p99 {r['first_history_p99_ms']:.1f} "
                       f"ms {r['server_cpu_us_per_join']:.0f} µs/join "
-                      f"other_cpu={r['other_cpu_s']:.2f}s {gc_line(r)}", flush=True)
+                      f"other_cpu={r['other_cpu_s']:.2f}s {gc_line(r)}{split_line(r)}", flush=True)
                 continue
             print(f"rep {rep} {where[-32:]:>32}: {r['deliveries_per_s']:>9,.0f} del/s "
                   f"p50 {r['lat_p50_ms']:.2f} p99 {r['lat_p99_ms']:.2f} ms "
@@ -137,6 +162,18 @@ def main() -> None:
                       f"| {med([r['server_cpu_us_per_join'] for r in rr]):.0f} "
                       + (f"| {med([g['gc_cpu_ms'] for g in gcs]):.0f} "
                          f"| {med([g['longest_cpu_ms'] for g in gcs]):.1f} |" if gcs else "| | |"))
+        splits = {where: [r["split"] for r in rr if "split" in r] for where, rr in results.items()}
+        if any(splits.values()):
+            print("\nwhere the first history went (--join-trace), medians of the runs' ms:\n"
+                  "| server | server p99 | accept → 101 p99 | hello → history mean / p99 "
+                  "| load p99 |\n|---|---:|---:|---:|---:|")
+            for where, sps in splits.items():
+                if sps:
+                    print(f"| {where} | {med([x['server_p99_ms'] for x in sps]):.1f} "
+                          f"| {med([x['server_101_p99_ms'] for x in sps]):.1f} "
+                          f"| {med([x['server_join_mean_ms'] for x in sps]):.2f} / "
+                          f"{med([x['server_join_p99_ms'] for x in sps]):.1f} "
+                          f"| {med([x['load_p99_ms'] for x in sps]):.1f} |")
         return
     last = results[stacks[-1]]
     base_cpu = med([r["server_cpu_us_per_delivery"] for r in last]) if last else float("nan")

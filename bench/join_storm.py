@@ -55,7 +55,7 @@ from websockets.exceptions import ConnectionClosed
 
 class Client:
     __slots__ = ("i", "t_start", "t_open", "t_first", "presence", "presence_bytes",
-                 "last_count", "synced", "error", "ws", "other")
+                 "last_count", "synced", "error", "ws", "other", "port")
 
     def __init__(self, i: int) -> None:
         self.i = i
@@ -65,6 +65,7 @@ class Client:
         self.synced = False
         self.error = ""
         self.ws = None
+        self.port = 0  # its own port: the server's trace names it (split)
 
 
 @contextlib.contextmanager
@@ -77,6 +78,38 @@ def collector_off():
         yield
     finally:
         gc.enable()
+
+
+def split(clients_file: str, trace_file: str) -> dict:
+    """Each client's first history (``--clients``) split at what the server saw of it
+    (bench/gcstats/jointrace.py), in ms: ``server_101`` accept → 101 written (first
+    bytes, upgrade), ``server_join`` hello read → history written, ``load`` 101 written
+    → hello read plus history written → read by this process (the load's own delay and
+    loopback), ``accept`` connect start → accepted. Mean and p99 of each; the p99 of
+    the server's two parts together and of the load's."""
+    with open(trace_file) as f:
+        server = {t["port"]: t for t in json.load(f) if t.get("port")}
+    with open(clients_file) as f:
+        clients = json.load(f)
+    parts: dict[str, list[float]] = {k: [] for k in (
+        "accept", "server_101", "server_join", "load", "server", "total")}
+    for port, start, _, first in clients:
+        t = server.get(port)
+        if not first or t is None or "hist" not in t or "hello" not in t:
+            continue
+        parts["accept"].append((t["accept"] - start) / 1e6)
+        parts["server_101"].append((t["w101"] - t["accept"]) / 1e6)
+        parts["server_join"].append((t["hist"] - t["hello"]) / 1e6)
+        parts["load"].append((t["hello"] - t["w101"] + first - t["hist"]) / 1e6)
+        parts["server"].append(parts["server_101"][-1] + parts["server_join"][-1])
+        parts["total"].append((first - start) / 1e6)
+    out: dict = {"clients": len(parts["total"])}
+    for name, values in parts.items():
+        values.sort()
+        if values:
+            out[f"{name}_mean_ms"] = sum(values) / len(values)
+            out[f"{name}_p99_ms"] = percentile(values, 99)
+    return out
 
 
 def presence_count(raw: str) -> int:
@@ -139,6 +172,7 @@ async def storm(a: argparse.Namespace, url: str, deadline: float) -> dict:
                                       close_timeout=5, max_size=2**22, compression=None,
                                       proxy=None)
             c.t_open = mono()
+            c.port = ws.local_address[1]
             user = f"load{c.i + 1}" if a.users == "distinct" else "load"
             await ws.send(json.dumps({"type": "hello", "user": user, "after": 0}))
         except Exception as exc:  # noqa: BLE001 -- every failure is counted with its reason
@@ -258,6 +292,9 @@ async def storm(a: argparse.Namespace, url: str, deadline: float) -> dict:
         client_cpu_s=my1 - my0, client_busy=(my1 - my0) / max(end_s, 1e-3),
         other_cpu_s=max(0.0, (sys1 - sys0) - server_cpu - (my1 - my0)),
     )
+    if a.clients:  # for split(): when each client started, opened, got its history
+        with open(a.clients, "w") as f:
+            json.dump([(c.port, c.t_start, c.t_open, c.t_first) for c in clients], f)
     for task in tasks:
         task.cancel()
 
@@ -287,6 +324,8 @@ def main() -> None:
                         "never changes (to measure what presence costs)")
     p.add_argument("--server-pid", type=int, help="for CPU and RSS from /proc")
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--clients", help="write each client's port, start, open and first "
+                                     "history times (monotonic ns) to this JSON file")
     p.add_argument("--kernel", action="store_true",
                    help="start the server in a real ipykernel (no --port, --server-pid)")
     p.add_argument("--reps", type=int, default=1, help="--kernel: storms, a kernel each")

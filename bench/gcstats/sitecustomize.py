@@ -5,7 +5,9 @@ Python imports this module at start-up (``sitecustomize``). Each collection afte
 froze its start-up objects (``gc.freeze()``): its generation,
 wall time and CPU time (``time.process_time``: not inflated when another process takes
 the core meanwhile) are kept; at exit one JSON line goes to the file named by
-``CHATLIB_GC_STATS``.
+``CHATLIB_GC_STATS``. With ``CHATLIB_JOIN_TRACE`` (``compare.py --join-trace``) it also
+imports ``jointrace`` (this directory): when each connection's handshake, hello and first
+history passed the server.
 """
 
 import atexit
@@ -47,3 +49,6 @@ if _out:
                 "longest_cpu_ms": max((r[2] for r in _runs), default=0) * 1e3,
                 "full_cpu_ms": [round(r[2] * 1e3, 1) for r in by_gen[2]],
             }) + "\n")
+
+if os.environ.get("CHATLIB_JOIN_TRACE"):  # compare.py --join-trace: bench/gcstats/jointrace.py
+    import jointrace  # noqa: F401
