@@ -8,7 +8,8 @@
 ipykernel instead, as a notebook starts it (``await chatlib.start_server(...)`` in a cell;
 bench/classroom.py's kernel harness, the kernel on CPU 0, this process on CPU 1): one JSON
 line per storm, a new kernel each. A kernel's collector is the learner's: chatlib leaves it
-at Python's defaults there (chatlib.collector is the CLI server's).
+at Python's defaults there (chatlib.collector is the CLI server's); ``--settle`` has a cell
+set it as the CLI server does first, to show what the defaults cost.
 
 1. **Seed.** A client ``seeder`` says hello and sends ``--seed`` messages, waits for each to come
    back, and leaves; so chatlib's log is not empty and every joining client is sent a history
@@ -329,6 +330,9 @@ def main() -> None:
     p.add_argument("--kernel", action="store_true",
                    help="start the server in a real ipykernel (no --port, --server-pid)")
     p.add_argument("--reps", type=int, default=1, help="--kernel: storms, a kernel each")
+    p.add_argument("--settle", action="store_true",
+                   help="--kernel: a cell first sets the kernel's collector as the CLI server "
+                        "does (chatlib.collector.settle)")
     a = p.parse_args()
     if a.kernel:
         for _ in range(a.reps):
@@ -344,6 +348,10 @@ KERNEL_CELL = ("import chatlib\nserver = await chatlib.start_server(limits=chatl
 """The cell that starts the server: admission control and the send rate limit off, as
 bench/compare.py starts the CLI server (``fanout.RATE_ARGS``)."""
 
+SETTLE_CELL = "import chatlib.collector\nchatlib.collector.settle()"
+"""``--settle``: the collector set as ``python -m chatlib serve`` sets it (chatlib.collector),
+by the notebook itself (chatlib leaves a kernel's collector to the learner)."""
+
 
 def in_kernel(a: argparse.Namespace) -> dict:
     """One storm against a server started in a fresh ipykernel (bench/classroom.py's)."""
@@ -354,10 +362,12 @@ def in_kernel(a: argparse.Namespace) -> dict:
     kernel = classroom.Kernel()
     try:
         kernel.cells(1.0, 0.1)  # warm-up: the first cells import things
+        if a.settle:
+            kernel.run(SETTLE_CELL)
         a.port = int(kernel.run(KERNEL_CELL)["result"])
         a.server_pid = kernel.pid
         os.sched_setaffinity(0, {1})  # the load on the other core (the kernel is on CPU 0)
-        return {"where": "kernel", **asyncio.run(run(a))}
+        return {"where": "kernel", "settled": a.settle, **asyncio.run(run(a))}
     finally:
         kernel.close()
 
