@@ -167,6 +167,9 @@ class Limits:
     ``presence_interval × N / presence_audience`` seconds apart. A broadcast is one write
     per client, so presence costs at most ~``presence_audience / presence_interval``
     writes a second (1,000 by default) however many listen. 0: no such bound."""
+    presence_interval_max: float = 5.0
+    """... but never more than this many seconds apart: a list of who is here that is older
+    than that is one users stop trusting (at 20,000 push clients: 4,000 writes a second)."""
     hello_timeout: float = 10.0
     """Seconds a new WebSocket has to say hello before it is closed."""
     max_rooms: int = MAX_ROOMS

@@ -171,13 +171,14 @@ class Presence:
 
     def interval(self) -> float:
         """Seconds from one broadcast to the next at least: ``presence_interval``, longer
-        in proportion with more than ``presence_audience`` push clients with a nickname
-        (chatlib.limits.Limits.presence_audience)."""
+        in proportion with more than ``presence_audience`` push clients with a nickname,
+        up to ``presence_interval_max`` (chatlib.limits.Limits.presence_audience)."""
         limits = self.limits
         audience = limits.presence_audience
         if audience <= 0 or self._push <= audience:
             return limits.presence_interval
-        return limits.presence_interval * self._push / audience
+        return max(limits.presence_interval, min(limits.presence_interval * self._push / audience,
+                                                 limits.presence_interval_max))
 
     def _tell(self) -> None:
         self._due = None

@@ -649,3 +649,8 @@ async def test_presence_broadcasts_space_out_in_proportion_with_many_listeners()
     assert told[2][0] - told[1][0] >= 0.05 * 9 / 2 - 0.01
     assert Presence(Limits(presence_interval=0.05, presence_audience=0), broadcast
                     ).interval() == 0.05
+    capped = Presence(Limits(presence_interval=0.05, presence_audience=2,
+                             presence_interval_max=0.1), broadcast)
+    for k in range(100):
+        capped.connected(f"user{k}")
+    assert capped.interval() == 0.1  # not 2.5 s: a list that old is not one users trust
