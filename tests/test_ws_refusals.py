@@ -58,6 +58,9 @@ async def test_the_front_door_refuses_before_the_handshake(server, headers, erro
 async def test_a_websocket_elsewhere_than_ws_is_refused(server):
     assert (await handshake(server.port, "/api/messages"))[0] == 403
     assert (await handshake(server.port, "/ws/more"))[0] == 403
+    # uvicorn decodes %0A into the path: "/ws\n" is not "/ws" (Starlette's "^/ws$" took it)
+    assert (await handshake(server.port, "/ws%0A"))[0] == 403
+    assert (await handshake(server.port, "/ws%0a?x=1"))[0] == 403
 
 
 async def asgi_handshake(app, path: str, root_path: str = "", query: bytes = b"") -> list[str]:
@@ -78,6 +81,32 @@ async def asgi_handshake(app, path: str, root_path: str = "", query: bytes = b""
              "client": ("127.0.0.1", 5000), "subprotocols": []}
     await asyncio.wait_for(app(scope, receive, send), T)
     return sent
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+async def test_ws_with_a_newline_is_not_ws(token):
+    """The raw path ``/ws\n`` too: ``/ws`` is compared exactly, in both modes."""
+    from chatlib.app import create_app
+    from chatlib.auth import page_path
+    from chatlib.hub import Hub
+    from chatlib.store import MemoryLog
+
+    app = create_app(Hub(MemoryLog(), Limits()), token=token)
+    query = b"token=s3cret" if token else b""  # as a browser's first handshake has it
+    assert await asgi_handshake(app, "/ws\n", query=query) == ["websocket.close"]
+    if token:
+        page = page_path(token)
+        assert await asgi_handshake(app, page + "/ws\n", query=query) == ["websocket.close"]
+        assert (await asgi_handshake(app, page + "/ws", query=query))[0] == "websocket.accept"
+
+
+async def test_in_token_mode_ws_with_a_newline_is_refused(start_chat):
+    from chatlib.auth import page_path
+
+    server = await start_chat(token="s3cret")
+    bearer = {"authorization": "Bearer s3cret"}
+    assert (await handshake(server.port, "/ws%0A", **bearer))[0] == 403
+    assert (await handshake(server.port, page_path("s3cret") + "/ws%0A", **bearer))[0] == 403
 
 
 async def test_a_middleware_added_after_build_runs_on_the_handshake():
