@@ -237,9 +237,10 @@ class TokenGate:
         token it carries, or :data:`REFUSED` (401).
 
         ``authorization`` and ``cookies``: the ``Authorization`` and ``Cookie`` headers
-        (None: absent); ``query``: the query string; ``port``: the server's, which names
-        its cookie (:func:`cookie_name`). Where a token may be, and in which order: the
-        module docstring."""
+        (None: absent), the *last* of a repeated one (the middleware passes that, as
+        ``dict(scope["headers"])`` keeps it); ``query``: the query string; ``port``: the
+        server's, which names its cookie (:func:`cookie_name`). Where a token may be, and
+        in which order: the module docstring."""
         found = []
         scheme, _, credentials = (authorization or "").partition(" ")
         if scheme.lower() == "bearer":

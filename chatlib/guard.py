@@ -189,7 +189,8 @@ class Guard:
 
         ``method``: the HTTP method; ``host``, ``origin``, ``forwarded_host``,
         ``content_type``: the ``Host``, ``Origin``, ``X-Forwarded-Host`` and ``Content-Type``
-        headers (None: absent); ``scheme``: the URL's (``http``, ``https``, ``ws``, ...);
+        headers (None: absent), the *first* of a repeated one (:data:`GUARDED`; the
+        middleware passes that); ``scheme``: the URL's (``http``, ``https``, ``ws``, ...);
         ``handshake``: a WebSocket handshake, whose Origin is checked although it is a GET.
         """
         if not self.hosts.allows(host, scheme):
