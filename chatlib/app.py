@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Match, Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from . import wire
@@ -205,29 +205,6 @@ MESSAGES_PATH = "/api/messages"
 """Where chatlib.polling.Messages is (:attr:`ChatApp.messages`)."""
 
 
-class Changes(list):
-    """A list that counts the calls that change it (:attr:`count`): whether it is still as
-    it was is one comparison, however long it is."""
-
-    count = 0
-
-
-def _counted(name: str):
-    change = getattr(list, name)
-
-    def counted(self, *args, **kwargs):
-        self.count += 1
-        return change(self, *args, **kwargs)
-
-    counted.__name__ = name
-    return counted
-
-
-for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
-              "__setitem__", "__delitem__", "__iadd__", "__imul__"):
-    setattr(Changes, _name, _counted(_name))
-
-
 class ChatApp(Starlette):
     """Starlette, with the server's own ASGI ``send`` kept in the scope, fewer layers above
     a WebSocket's endpoint, and what chatlib's other paths need to know kept as its own.
@@ -241,23 +218,10 @@ class ChatApp(Starlette):
       (see below);
     * ``front_door``: the ASGI middleware every request and handshake goes through, as
       ``(class, options)`` pairs: chatlib.guard.Guard, then chatlib.auth.TokenGate in
-      token mode. They become Starlette's ``user_middleware``, and :attr:`front_door` is
-      read from that list: a middleware added with Starlette's ``add_middleware`` is in
-      it too (and, being outermost, first), so every HTTP request *and* every handshake
-      goes through it, and chatlib.pollpath, which runs the checks of exactly Guard and
-      TokenGate, turns itself off;
-    * ``exception_handlers``: the error answers, by exception class (Starlette's
-      ``exception_handlers``); :attr:`error_handlers` is a read-only view of that same
-      dict, which chatlib.pollpath answers with: ``add_exception_handler`` changes both
-      paths' answers.
-
-    Changed after it is built, the app stays one app on every path: ``add_middleware``
-    and ``add_exception_handler`` work until the app has started (its first HTTP
-    request or handshake), and raise RuntimeError after (Starlette would ignore the
-    handler silently then); a ``WebSocketRoute`` put in the route table is routed
-    (:meth:`route_websocket`); and any change to the route table or the middleware list
-    (:attr:`changed`) turns chatlib.pollpath off, so that ``GET /api/messages`` goes
-    where Starlette routes it, through what Starlette runs.
+      token mode. Kept as given (:attr:`front_door`): chatlib.pollpath runs the checks of
+      this front door only, and its WebSocket stack is built from it;
+    * ``exception_handlers``: the error answers, by exception class (Starlette's); kept,
+      read-only, as :attr:`error_handlers`, which chatlib.pollpath answers with too.
 
     Between an endpoint and the server's ``send`` Starlette has exception-handling
     wrappers that only matter for HTTP (and a ``Response`` or ``WebSocket`` layer on top).
@@ -269,60 +233,36 @@ class ChatApp(Starlette):
     between the server and its endpoint: an idle connection held eight of Starlette's
     (the app, the error and exception middleware with its wrapper and closures, the
     router twice, the route). A WebSocket handshake goes through the front door (the
-    same middleware, with the same options, as HTTP's) to :meth:`route_websocket`
-    instead. Starlette's error middleware only handles HTTP, and its exception handlers
-    answer HTTP requests; an endpoint that raises is handled by the server (1011, or a
-    500 before the handshake), as it was.
+    same classes and options as HTTP's) to :meth:`route_websocket` instead. Starlette's
+    error middleware only handles HTTP, and its exception handlers answer HTTP requests;
+    an endpoint that raises is handled by the server (1011, or a 500 before the
+    handshake), as it was.
+
+    The app is complete when :func:`create_app` returns it: its paths are built from what
+    it was given, so Starlette's ``add_middleware``, ``add_exception_handler``,
+    ``add_route``, ``add_websocket_route``, ``mount`` and ``host`` raise TypeError rather
+    than change one path and not the others. To put a middleware in front, wrap the app
+    (``Mine(app)``): it sees every request and handshake, and chatlib.pollpath turns
+    itself off for an app that is not chatlib's.
     """
 
     def __init__(self, routes, *, messages, websockets, front_door, exception_handlers) -> None:
         self.messages = messages
         self.websockets = dict(websockets)
+        self.front_door = tuple(front_door)
+        self.error_handlers = MappingProxyType(dict(exception_handlers))
         self.websocket_stack = None
         super().__init__(
             routes=[Route(MESSAGES_PATH, messages, methods=["GET", "POST"]), *routes],
-            exception_handlers=exception_handlers,
+            exception_handlers=self.error_handlers,
             # Starlette's documented way to add middleware: Middleware(cls, **options).
-            middleware=[Middleware(cls, **options) for cls, options in front_door])
-        # Counted, so that chatlib.pollpath can tell on each request, in O(1), that they
-        # are still the ones it answers for (changed).
-        self.router.routes = self._routes = Changes(self.router.routes)
-        self.user_middleware = self._middleware = Changes(self.user_middleware)
+            middleware=[Middleware(cls, **options) for cls, options in self.front_door])
 
-    @property
-    def front_door(self) -> tuple:
-        """The middleware every request and handshake goes through, outermost first, as
-        ``(class, options)`` pairs (Starlette's ``user_middleware``)."""
-        return tuple((layer.cls, layer.kwargs) for layer in self.user_middleware)
+    def add_middleware(self, *args, **kwargs):
+        raise TypeError("chatlib's app is complete as create_app() returns it: wrap it "
+                        "instead (app = YourMiddleware(app))")
 
-    @property
-    def error_handlers(self) -> MappingProxyType:
-        """The error answers, by exception class: Starlette's ``exception_handlers``,
-        read-only."""
-        return MappingProxyType(self.exception_handlers)
-
-    @property
-    def changed(self) -> bool:
-        """Whether the route table or the middleware list has been changed (or replaced)
-        since the app was built."""
-        routes, middleware = self.router.routes, self.user_middleware
-        return (routes is not self._routes or middleware is not self._middleware
-                or routes.count + middleware.count > 0)
-
-    def add_middleware(self, middleware_class, *args, **kwargs) -> None:
-        """Starlette's: ``middleware_class`` wraps every HTTP request and handshake from
-        now on; RuntimeError once the app has started."""
-        if self.websocket_stack is not None:
-            raise RuntimeError("Cannot add middleware after an application has started")
-        super().add_middleware(middleware_class, *args, **kwargs)
-
-    def add_exception_handler(self, exc_class_or_status_code, handler) -> None:
-        """Starlette's, on both paths; RuntimeError once the app has started (Starlette
-        has copied its handlers then, and would not use it)."""
-        if self.middleware_stack is not None:
-            raise RuntimeError("Cannot add an exception handler after an application "
-                               "has started")
-        super().add_exception_handler(exc_class_or_status_code, handler)
+    add_exception_handler = add_route = add_websocket_route = mount = host = add_middleware
 
     async def __call__(self, scope, receive, send) -> None:
         scope[RAW_SEND] = send
@@ -332,17 +272,16 @@ class ChatApp(Starlette):
         scope["app"] = self
         if self.websocket_stack is None:
             stack = self.route_websocket
-            for cls, args, kwargs in reversed(self.user_middleware):
-                stack = cls(stack, *args, **kwargs)
+            for cls, options in reversed(self.front_door):
+                stack = cls(stack, **options)
             self.websocket_stack = stack
         await self.websocket_stack(scope, receive, send)
 
     def route_websocket(self, scope, receive, send):
         """ASGI, behind the front door: a WebSocket handshake goes straight to the endpoint
         of its path (below ``root_path``: TokenGate serves every route under the page's
-        path too), compared exactly (``/ws`` only, not ``/ws%0A``); else to the first
-        ``WebSocketRoute`` of the route table that matches it, as Starlette routes it; one
-        to any other path is refused (ASGI: a close before the accept is answered 403).
+        path too), and one to any other path is refused (ASGI: a close before the accept
+        is answered 403).
 
         Not a coroutine function: it returns the endpoint's coroutine, which the caller
         awaits, so no frame of its own stays for the connection's life. The endpoint is
@@ -351,15 +290,9 @@ class ChatApp(Starlette):
         if root and path.startswith(root + "/"):
             path = path[len(root):]
         endpoint = self.websockets.get(path)
-        if endpoint is not None:
-            return endpoint(scope, receive, send)
-        for route in self.router.routes:
-            if isinstance(route, WebSocketRoute):
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:
-                    scope.update(child_scope)
-                    return route.handle(scope, receive, send)
-        return send({"type": "websocket.close"})
+        if endpoint is None:
+            return send({"type": "websocket.close"})
+        return endpoint(scope, receive, send)
 
 
 def create_app(hub: Hub, hosts: HostPolicy | None = None,

@@ -41,11 +41,8 @@ left in h11's buffer):
   middleware and the route themselves. So it answers only for the app
   :func:`chatlib.app.create_app` makes: :meth:`PollPath.of` gives no path for any other
   app (another front door, another endpoint for the route, another ASGI app), and
-  everything goes the general way. A middleware added to the app (Starlette's
-  ``add_middleware``, which puts it in :attr:`~chatlib.app.ChatApp.front_door`) turns this
-  path off, and so does any change to the app's route table or middleware list after it
-  was built (:attr:`~chatlib.app.ChatApp.changed`, checked on each request in O(1)); an
-  exception handler added with ``add_exception_handler`` answers here too.
+  everything goes the general way. The app takes no change after it is built (chatlib.app.
+  ChatApp): a middleware put in front wraps it, and this path is then off too.
 * **The edge bounds hold**: the head is complete in the read that carried it, so it has no
   header timeout to run (a partial head goes to h11, with the protocol's header timer
   running); a request with a body goes the general way (body budget); an answer the
@@ -121,7 +118,7 @@ class PollPath:
         if request is None:
             return None
         path, _, query = request[1].partition(b"?")
-        if path not in self.paths or self.app.changed:
+        if path not in self.paths:
             return None
         headers = []
         guarded = {}  # what Guard.verdict reads: the first of each
@@ -196,9 +193,8 @@ class PollPath:
 def fronts(app) -> bool:
     """Whether ``app`` is chatlib's app with the front door whose checks this path runs:
     Guard, then TokenGate or nothing (chatlib.app.ChatApp.front_door), and with
-    chatlib.polling.Messages at ``/api/messages``, its route table and middleware list as
-    it built them."""
-    return (type(app) is ChatApp and isinstance(app.messages, Messages) and not app.changed
+    chatlib.polling.Messages at ``/api/messages``."""
+    return (type(app) is ChatApp and isinstance(app.messages, Messages)
             and [cls for cls, _ in app.front_door] in ([Guard], [Guard, TokenGate]))
 
 

@@ -109,45 +109,6 @@ async def test_in_token_mode_ws_with_a_newline_is_refused(start_chat):
     assert (await handshake(server.port, page_path("s3cret") + "/ws%0A", **bearer))[0] == 403
 
 
-async def test_a_middleware_added_after_build_runs_on_the_handshake():
-    """Starlette's ``add_middleware`` wraps the handshake as it wraps HTTP requests."""
-    from chatlib.app import create_app
-    from chatlib.hub import Hub
-    from chatlib.store import MemoryLog
-
-    class Deny:
-        def __init__(self, app) -> None:
-            self.app = app
-
-        async def __call__(self, scope, receive, send) -> None:
-            await send({"type": "websocket.close", "code": 4418})
-
-    app = create_app(Hub(MemoryLog(), Limits()))
-    app.add_middleware(Deny)
-    assert await asgi_handshake(app, "/ws") == ["websocket.close/4418"]
-
-
-async def test_a_websocket_route_in_the_route_table_is_routed():
-    """Starlette's route table is routed too (after ``/ws``, by Starlette's match)."""
-    from starlette.routing import WebSocketRoute
-
-    from chatlib.app import create_app
-    from chatlib.hub import Hub
-    from chatlib.store import MemoryLog
-
-    async def echo(websocket):
-        await websocket.accept()
-        await websocket.close(4000)
-
-    app = create_app(Hub(MemoryLog(), Limits()))
-    assert await asgi_handshake(app, "/echo") == ["websocket.close"]
-    app.routes.append(WebSocketRoute("/echo", echo))
-    assert await asgi_handshake(app, "/echo") == ["websocket.accept", "websocket.close/4000"]
-    assert await asgi_handshake(app, "/pre/echo", "/pre") == [
-        "websocket.accept", "websocket.close/4000"]
-    assert await asgi_handshake(app, "/static/x") == ["websocket.close"]  # a Mount: not routed
-
-
 async def test_in_token_mode_ws_is_also_under_the_page_path(start_chat):
     """TokenGate serves every route under the page's path too (its ``root_path``): the
     app routes a handshake by the path below it."""
