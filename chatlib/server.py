@@ -37,7 +37,7 @@ from .app import create_app, server_stats
 from .auth import USER_TOKEN_TTL, checked_token, new_user_secret, user_token
 from .closecode import CloseCode
 from .colab import PAGE_UNREACHABLE, in_colab
-from .guard import Guard, host_policy
+from .guard import host_policy
 from .hub import Hub
 from .limits import FD_LIMIT_WANTED, Limits
 from .pollpath import PollPath
@@ -299,8 +299,7 @@ class ChatServer:
             from .webtransport import WebTransportServer  # aioquic loads only when asked for
 
             self._webtransport = app.state.webtransport = WebTransportServer(
-                self.hub, app.state.budget, Guard(None, self.limits, hosts), app.state.stuck,
-                self.token, self.user_secret)
+                self.hub, app.state.budget, app.state.stuck, app.front_door)
             await self._webtransport.start(self._udp)
         config = uvicorn.Config(
             app,

@@ -685,15 +685,19 @@ class WebTransportServer:
     """The UDP side of a :class:`~chatlib.server.ChatServer`: aioquic's server on
     ``host:port`` (and ``::1`` beside ``127.0.0.1``), sessions into ``hub``."""
 
-    def __init__(self, hub: Hub, budget: SendBudget, guard: Guard, stuck: StuckWatch,
-                 token: str | None = None, user_secret: str | None = None) -> None:
+    def __init__(self, hub: Hub, budget: SendBudget, stuck: StuckWatch,
+                 front_door: tuple) -> None:
+        """``front_door``: the app's (chatlib.app.ChatApp.front_door), whose checks a
+        session's CONNECT passes, with the same options."""
         if quicpath.MISSING:
             raise RuntimeError("this aioquic lacks what chatlib.quicpath reads: "
                                + ", ".join(quicpath.MISSING))
-        self.hub, self.budget, self.guard = hub, budget, guard
+        self.hub, self.budget = hub, budget
         self.rooms = Rooms.of(hub)
         self.limits: Limits = hub.limits
-        self.token_gate = TokenGate(None, token, user_secret) if token else None
+        options = dict(front_door)
+        self.guard = Guard(None, **options[Guard])
+        self.token_gate = TokenGate(None, **options[TokenGate]) if TokenGate in options else None
         self.stuck = stuck
         """The server's stuck-client watch: its counts (``closes``, ``resets``) include
         WebTransport sessions (``GET /api/stats``)."""
