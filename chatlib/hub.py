@@ -315,7 +315,7 @@ class Hub:
         address's replay budget (``limits.replay_rate``), waiting for one when it is spent.
         """
         size = self.limits.history
-        first_cursor = cursor
+        first = True  # the replay's first slice (see _live_first)
         for _ in range(1 << 62):  # ends at the log's end; every page moves the cursor on
             page = await self.log.after(cursor, size)
             if not page:
@@ -324,7 +324,8 @@ class Hub:
                 yield page
             else:
                 for start in range(0, len(page), REPLAY_SLICE):
-                    await self._live_first(first=start == 0 and cursor == first_cursor)
+                    await self._live_first(first)
+                    first = False
                     yield page[start:start + REPLAY_SLICE]
             cursor = page[-1].id
             if len(page) < size:
